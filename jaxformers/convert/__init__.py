@@ -1,0 +1,12 @@
+"""Official PyTorch checkpoints -> jaxformers variables.
+
+``read_checkpoint`` loads tensors without unpickling code (``torch.load(weights_only=True)``,
+safetensors, npz). A converter is ``fn(sd: StateDict, model, expected) -> {"params/a/b": array}``
+(registered as ``ModelInfo.converter``); ``load_pretrained`` checks every key and shape.
+"""
+from jaxformers.convert.common import (StateDict, conv2d, fit_pos_embed, heads_in, heads_out, linear, qkv_fused,
+                                       read_checkpoint)
+from jaxformers.convert.pretrained import load_pretrained
+
+__all__ = ["StateDict", "conv2d", "fit_pos_embed", "heads_in", "heads_out", "linear", "qkv_fused", "read_checkpoint",
+           "load_pretrained"]

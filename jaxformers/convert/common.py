@@ -1,0 +1,126 @@
+"""Checkpoint readers and the tensor layout helpers every converter shares."""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from jaxformers.layers.pos_embed import resample_abs_pos_embed
+
+_NESTED_KEYS = ("model", "state_dict", "model_state", "module")
+
+
+def _to_numpy(t) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
+    import torch
+
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Tensors of a checkpoint as ``{key: numpy array}``; never unpickles code.
+
+    ``.pth`` / ``.pt`` / ``.bin``: ``torch.load(weights_only=True)``; ``.safetensors``; ``.npz``.
+    A state dict nested under ``model`` / ``state_dict`` is unwrapped and a ``module.`` prefix dropped.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors.numpy import load_file
+
+        sd = load_file(path)
+    elif ext == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            sd = {k: z[k] for k in z.files}
+    elif ext in (".pth", ".pt", ".bin", ".ckpt"):
+        import torch
+
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"unsupported checkpoint type {ext!r} ({path}); expected .pth, .pt, .bin, "
+                         f".safetensors or .npz")
+    for key in _NESTED_KEYS:
+        if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+            break
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    out = {}
+    for k, v in sd.items():
+        if not hasattr(v, "shape"):
+            continue  # e.g. an epoch counter
+        out[k[len("module."):] if k.startswith("module.") else k] = _to_numpy(v)
+    return out
+
+
+class StateDict:
+    """A checkpoint's tensors that remembers which keys a converter used, so that unused
+    (unexpected) keys can be reported by name."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self._tensors = dict(tensors)
+        self._used: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._tensors:
+            close = difflib.get_close_matches(key, list(self._tensors), n=3)
+            raise KeyError(f"checkpoint has no key {key!r}" + (f"; close: {close}" if close else ""))
+        self._used.add(key)
+        return self._tensors[key]
+
+    def keys(self) -> Iterable[str]:
+        return self._tensors.keys()
+
+    def skip(self, *keys: str) -> None:
+        """Mark keys as deliberately unused (e.g. buffers we recompute)."""
+        self._used.update(k for k in keys if k in self._tensors)
+
+    def unused(self) -> list[str]:
+        return sorted(set(self._tensors) - self._used)
+
+
+def linear(w: np.ndarray) -> np.ndarray:
+    """torch Linear weight (out, in) -> Flax Dense kernel (in, out)."""
+    return np.ascontiguousarray(w.T)
+
+
+def conv2d(w: np.ndarray) -> np.ndarray:
+    """torch Conv2d weight (out, in/groups, kh, kw) -> Flax Conv kernel (kh, kw, in/groups, out)."""
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def qkv_fused(w: np.ndarray, num_heads: int, parts: int = 3) -> np.ndarray:
+    """A fused torch projection (parts*H*D, E) [or bias (parts*H*D,)] -> (E, parts, H, D) [(parts, H, D)]."""
+    if w.ndim == 1:
+        return w.reshape(parts, num_heads, -1)
+    return np.ascontiguousarray(w.reshape(parts, num_heads, -1, w.shape[1]).transpose(3, 0, 1, 2))
+
+
+def heads_in(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """torch Linear (H*D, E) [bias (H*D,)] -> DenseGeneral kernel (E, H, D) [bias (H, D)]."""
+    if w.ndim == 1:
+        return w.reshape(num_heads, -1)
+    return np.ascontiguousarray(w.reshape(num_heads, -1, w.shape[1]).transpose(2, 0, 1))
+
+
+def heads_out(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """torch Linear (E, H*D) -> DenseGeneral kernel over (heads, head_dim): (H, D, E)."""
+    return np.ascontiguousarray(w.T.reshape(num_heads, -1, w.shape[0]))
+
+
+def fit_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int], num_prefix_tokens: int,
+                  old_grid: tuple[int, int] | None = None) -> np.ndarray:
+    """A (1, prefix + h*w, D) table resampled to ``new_grid`` when its grid differs."""
+    if pos_embed.shape[1] == num_prefix_tokens + new_grid[0] * new_grid[1] and old_grid in (None, new_grid):
+        return pos_embed
+    return np.asarray(resample_abs_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens))

@@ -1,0 +1,18 @@
+"""Reusable Linen building blocks; every model is assembled from these."""
+from jaxformers.layers.attention import MultiHeadAttention, dot_product_attention, segment_mask
+from jaxformers.layers.block import TransformerBlock, maybe_remat
+from jaxformers.layers.checks import check_image, check_token_ids
+from jaxformers.layers.drop import DropPath, LayerScale
+from jaxformers.layers.linear import Conv, Dense, logical, trunc_normal
+from jaxformers.layers.mlp import Mlp, gelu
+from jaxformers.layers.norm import BatchNorm, LayerNorm, RMSNorm
+from jaxformers.layers.patch_embed import ConvStem, PatchEmbed, to_2tuple
+from jaxformers.layers.pos_embed import (LePE, apply_rope, resample_abs_pos_embed, rope_frequencies,
+                                         sincos_1d, sincos_2d)
+
+__all__ = [
+    "MultiHeadAttention", "TransformerBlock", "maybe_remat", "dot_product_attention", "segment_mask", "check_image", "check_token_ids",
+    "DropPath", "LayerScale", "Conv", "Dense", "logical", "trunc_normal", "Mlp", "gelu", "BatchNorm",
+    "LayerNorm", "RMSNorm", "ConvStem", "PatchEmbed", "to_2tuple", "LePE", "apply_rope",
+    "resample_abs_pos_embed", "rope_frequencies", "sincos_1d", "sincos_2d",
+]

@@ -1,0 +1,169 @@
+"""Vision Transformer (ViT) and its DeiT-sized variants.
+
+Papers: "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale",
+Dosovitskiy et al., ICLR 2021, arXiv 2010.11929; "Training data-efficient image transformers &
+distillation through attention" (DeiT), Touvron et al., ICML 2021, arXiv 2012.12877 (the Tiny and
+Small sizes). Official code: google-research/vision_transformer (JAX), facebookresearch/deit.
+Parameter names follow timm's ``vision_transformer.py`` so its checkpoints convert one to one.
+
+Deviations: none in the forward computation. Position tables are resampled with
+``jax.image.resize`` (bicubic), whose kernel differs slightly from torch's bicubic.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformers.convert.common import StateDict, conv2d, fit_pos_embed, heads_out, linear, qkv_fused
+from jaxformers.layers import Dense, LayerNorm, PatchEmbed, TransformerBlock, logical, maybe_remat, to_2tuple
+from jaxformers.layers.attention import AttentionImpl
+from jaxformers.registry import ModelInfo, register_model
+from jaxformers.sharding import constrain
+
+
+class VisionTransformer(nn.Module):
+    """ViT: patch embedding, [CLS] + learned positions, pre-norm blocks, final norm, linear head."""
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    class_token: bool = True
+    global_pool: Literal["token", "avg"] = "token"
+    layer_scale_init: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    attention_impl: AttentionImpl = "xla"
+    remat: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = to_2tuple(self.img_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+        """Logits (B, num_classes), or with ``return_features`` a dict of ``tokens`` (after the final
+        norm), ``pre_logits`` (pooled), ``feature_map`` (patch tokens as (B, h, w, D)) and ``logits``."""
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = PatchEmbed(self.embed_dim, self.patch_size, self.in_chans, img_size=self.img_size, name="patch_embed",
+                       **kw)(x)
+        b = x.shape[0]
+        if self.class_token:
+            cls = self.param("cls_token", logical(nn.initializers.normal(1e-6), (None, None, "embed")),
+                             (1, 1, self.embed_dim), self.param_dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.embed_dim)), x], axis=1)
+        pos = self.param("pos_embed", logical(nn.initializers.normal(0.02), (None, None, "embed")),
+                         (1, x.shape[1], self.embed_dim), self.param_dtype)
+        x = x + pos.astype(x.dtype)
+        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        block = maybe_remat(TransformerBlock, self.remat)
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        for i in range(self.depth):
+            x = block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]), self.attn_drop_rate,
+                      self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
+                      name=f"blocks_{i}", **kw)(x, train)
+        x = LayerNorm(1e-6, name="norm", **kw)(x)
+        patches = x[:, self.num_prefix_tokens:]
+        pooled = x[:, 0] if self.global_pool == "token" else patches.mean(axis=1)
+        logits = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
+        if self.num_classes:
+            logits = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
+                           name="head", **kw)(logits)
+        if not return_features:
+            return logits
+        gh, gw = self.grid_size
+        return {"tokens": x, "pre_logits": pooled, "feature_map": patches.reshape(b, gh, gw, -1), "logits": logits}
+
+    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+        """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
+        return self(x, train=train, return_features=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm checkpoint converter
+
+
+def convert_timm_vit(sd: StateDict, model: VisionTransformer, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """timm ``VisionTransformer`` state dict -> our flat ``params/...`` variables."""
+    h = model.num_heads
+    out = {
+        "params/patch_embed/proj/kernel": conv2d(sd["patch_embed.proj.weight"]),
+        "params/patch_embed/proj/bias": sd["patch_embed.proj.bias"],
+        "params/pos_embed": fit_pos_embed(sd["pos_embed"], model.grid_size, model.num_prefix_tokens),
+        "params/norm/scale": sd["norm.weight"],
+        "params/norm/bias": sd["norm.bias"],
+    }
+    if model.class_token:
+        out["params/cls_token"] = sd["cls_token"]
+    if model.num_classes and "head.weight" in sd:
+        out["params/head/kernel"] = linear(sd["head.weight"])
+        out["params/head/bias"] = sd["head.bias"]
+    sd.skip("head.weight", "head.bias")
+    for i in range(model.depth):
+        t, o = f"blocks.{i}.", f"params/blocks_{i}/"
+        out.update({
+            o + "norm1/scale": sd[t + "norm1.weight"], o + "norm1/bias": sd[t + "norm1.bias"],
+            o + "attn/qkv/kernel": qkv_fused(sd[t + "attn.qkv.weight"], h),
+            o + "attn/proj/kernel": heads_out(sd[t + "attn.proj.weight"], h),
+            o + "attn/proj/bias": sd[t + "attn.proj.bias"],
+            o + "norm2/scale": sd[t + "norm2.weight"], o + "norm2/bias": sd[t + "norm2.bias"],
+            o + "mlp/fc1/kernel": linear(sd[t + "mlp.fc1.weight"]), o + "mlp/fc1/bias": sd[t + "mlp.fc1.bias"],
+            o + "mlp/fc2/kernel": linear(sd[t + "mlp.fc2.weight"]), o + "mlp/fc2/bias": sd[t + "mlp.fc2.bias"],
+        })
+        if model.qkv_bias:
+            out[o + "attn/qkv/bias"] = qkv_fused(sd[t + "attn.qkv.bias"], h)
+        if model.layer_scale_init is not None:
+            out[o + "ls1/gamma"] = sd[t + "ls1.gamma"]
+            out[o + "ls2/gamma"] = sd[t + "ls2.gamma"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants (timm names). Params: timm's count; FLOPs and top-1: DeiT paper Table 1 (no distillation).
+
+VARIANTS = {
+    "vit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _info(params_m, flops_g, top1):
+    return ModelInfo(paper="An Image is Worth 16x16 Words (ViT) / DeiT", arxiv="2010.11929",
+                     repo="google-research/vision_transformer", input_size=(224, 224, 3), params_m=params_m,
+                     flops_g=flops_g, top1=top1, converter=convert_timm_vit)
+
+
+@register_model(_info(5.72, 1.3, 72.2))
+def vit_tiny_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_tiny_patch16_224"], **overrides})
+
+
+@register_model(_info(22.05, 4.6, 79.8))
+def vit_small_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_small_patch16_224"], **overrides})
+
+
+@register_model(_info(86.57, 17.6, 81.8))
+def vit_base_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_base_patch16_224"], **overrides})
