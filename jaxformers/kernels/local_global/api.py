@@ -1,0 +1,100 @@
+"""``local_global_attention``: sliding windows + global tokens + groups + packed segments, one call.
+
+The mask semantics are defined once in ``jaxformers.kernels.local_global.mask`` (see its docstring).
+Implementations:
+
+- ``"xla"``: ``reference.py`` (plain jnp, full mask; O(L²) memory).
+- ``"pallas"``: the flash-style block-sparse kernel (``pallas_kernel.py``), forward and backward,
+  skipping key blocks that hold no allowed pair; on CPU it runs in Pallas interpret mode (slow,
+  for tests).
+- ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxformers.kernels.local_global.mask import MaskSpec
+from jaxformers.kernels.local_global.reference import local_global_attention_reference
+
+Implementation = Literal["auto", "pallas", "xla"]
+IMPLEMENTATIONS = ("auto", "pallas", "xla")
+
+
+def _check_inputs(q, k, v, segment_ids, spec: MaskSpec) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        shape = getattr(t, "shape", None)
+        if shape is None or len(shape) != 4:
+            raise ValueError(f"{name} must have shape (batch, length, heads, head_dim) like "
+                             f"jax.nn.dot_product_attention; got shape {shape}")
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point (float32/bfloat16/float16); got {t.dtype}")
+    if q.shape[0] != k.shape[0] or v.shape[0] != k.shape[0]:
+        raise ValueError(f"q, k, v must share the batch size; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must share (batch, length, heads); got {k.shape} and {v.shape}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must share head_dim; got {q.shape[3]} and {k.shape[3]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]}) "
+                         "(grouped-query attention)")
+    if q.shape[1] != k.shape[1] and (not spec.is_dense or segment_ids is not None):
+        raise ValueError(f"window, group_size, causal and segment_ids need self-attention lengths "
+                         f"(q length == k length); got q length {q.shape[1]}, k length {k.shape[1]}")
+    if segment_ids is not None:
+        shape = getattr(segment_ids, "shape", None)
+        if shape != q.shape[:2]:
+            raise ValueError(f"segment_ids must be (batch, length) = {q.shape[:2]}; got shape {shape}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise TypeError(f"segment_ids must be integers (0 = padding); got dtype {segment_ids.dtype}")
+
+
+def local_global_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    window: tuple[int | None, int | None] | None = None,
+    global_tokens: int = 0,
+    group_size: int | None = None,
+    segment_ids: jax.Array | None = None,
+    causal: bool = False,
+    chunk_size: int | None = None,
+    scale: float | None = None,
+    implementation: Implementation = "auto",
+) -> jax.Array:
+    """Masked softmax attention; q (B, Lq, H, D), k and v (B, Lk, Hkv, D) -> (B, Lq, H, D) in q's dtype.
+
+    Args:
+      window: ``(left, right)``: query i sees keys i-left .. i+right (bidirectional sliding window;
+        a side may be None = unlimited). None = no window.
+      global_tokens: the first n positions of each row attend to everything and are attended by
+        everything (Longformer-style global attention; still causal and within segments).
+      group_size: block-diagonal groups of g consecutive positions (FIT's local layers).
+      segment_ids: (B, L) ints; tokens attend only within their segment, 0 marks padding (padding
+        queries return zeros).
+      causal: key j is visible to query i only if j <= i.
+      chunk_size: with causal, chunk-causal: i sees every key of its own and earlier chunks of
+        ``chunk_size`` positions (FIT's autoregressive global layers).
+      scale: logit scale, default head_dim ** -0.5.
+      implementation: ``"auto"`` (Pallas on GPU/TPU, else XLA), ``"pallas"`` or ``"xla"``.
+
+    All restrictions combine by AND; global tokens lift window and group limits only. With no
+    option this is dense attention (and with ``segment_ids`` packed variable-length attention).
+    Hq may be a multiple of Hkv (grouped-query attention).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+    spec = MaskSpec(window=tuple(window) if isinstance(window, list) else window,
+                    global_tokens=global_tokens, group_size=group_size, causal=causal, chunk_size=chunk_size)
+    _check_inputs(q, k, v, segment_ids, spec)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if implementation == "auto":
+        implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    if implementation == "xla":
+        return local_global_attention_reference(q, k, v, spec, segment_ids=segment_ids, scale=scale)
+    from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
+
+    return local_global_attention_pallas(q, k, v, spec, segment_ids=segment_ids, scale=scale)

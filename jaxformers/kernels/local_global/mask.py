@@ -1,0 +1,93 @@
+"""Which query/key pairs may attend: the one definition shared by the reference and the kernels.
+
+A pair (query position i, key position j) of one row is allowed when all of these hold::
+
+    structure(i, j) = (local(i, j) or i < global_tokens or j < global_tokens)
+    local(i, j)     = (i - left <= j <= i + right)  [window=(left, right); None = unlimited side]
+                      and (i // group_size == j // group_size)          [group_size]
+    order(i, j)     = j <= i                                            [causal]
+                      or j // chunk_size <= i // chunk_size             [causal + chunk_size]
+    segments(i, j)  = seg[i] == seg[j] != 0                             [segment_ids; 0 = padding]
+    allowed         = structure and order and segments
+
+Global tokens lift the window and group restrictions, never causality nor segment boundaries.
+Positions are row positions (packed sequences share one position axis).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """The static (shape-independent) part of a local + global attention mask."""
+
+    window: tuple[int | None, int | None] | None = None
+    global_tokens: int = 0
+    group_size: int | None = None
+    causal: bool = False
+    chunk_size: int | None = None
+
+    @property
+    def is_dense(self) -> bool:
+        """True when the spec restricts nothing (plain attention, up to segments/padding)."""
+        return not self.causal and self.group_size is None and (
+            self.window is None or self.window == (None, None))
+
+    def __post_init__(self):
+        w = self.window
+        if w is not None:
+            if not isinstance(w, (tuple, list)) or len(w) != 2:
+                raise ValueError(f"window must be None or a pair (left, right) of ints >= 0 or None; got {w!r}")
+            for side, n in zip(("left", "right"), w):
+                if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+                    raise ValueError(f"window {side} extent must be an int >= 0 or None (unlimited); got {n!r}")
+            object.__setattr__(self, "window", (w[0], w[1]))
+        if not isinstance(self.global_tokens, int) or isinstance(self.global_tokens, bool) or self.global_tokens < 0:
+            raise ValueError(f"global_tokens must be an int >= 0; got {self.global_tokens!r}")
+        for name in ("group_size", "chunk_size"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise ValueError(f"{name} must be None or an int >= 1; got {n!r}")
+        if self.chunk_size is not None and not self.causal:
+            raise ValueError("chunk_size selects chunk-causal attention and needs causal=True; "
+                             f"got chunk_size={self.chunk_size}, causal=False")
+
+
+def allowed(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """Boolean structure-and-order mask for broadcastable int position arrays (no segments)."""
+    local = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+    if spec.window is not None:
+        left, right = spec.window
+        if left is not None:
+            local &= k_pos >= q_pos - left
+        if right is not None:
+            local &= k_pos <= q_pos + right
+    if spec.group_size is not None:
+        local &= (q_pos // spec.group_size) == (k_pos // spec.group_size)
+    if spec.global_tokens:
+        local |= (q_pos < spec.global_tokens) | (k_pos < spec.global_tokens)
+    if spec.causal:
+        if spec.chunk_size is None:
+            local &= k_pos <= q_pos
+        else:
+            local &= (k_pos // spec.chunk_size) <= (q_pos // spec.chunk_size)
+    return local
+
+
+def segments_allowed(q_seg: jax.Array, k_seg: jax.Array) -> jax.Array:
+    """Same non-zero segment (0 marks padding, which attends to nothing and is never attended)."""
+    return (q_seg == k_seg) & (k_seg != 0)
+
+
+def dense_mask(spec: MaskSpec, q_len: int, k_len: int, segment_ids: jax.Array | None = None) -> jax.Array:
+    """The full (B or 1, Lq, Lk) boolean mask; readable, O(L²) memory: for the reference and tests."""
+    q_pos = jnp.arange(q_len)[:, None]
+    k_pos = jnp.arange(k_len)[None, :]
+    mask = allowed(spec, q_pos, k_pos)[None]
+    if segment_ids is not None:
+        mask = mask & segments_allowed(segment_ids[:, :, None], segment_ids[:, None, :])
+    return mask
