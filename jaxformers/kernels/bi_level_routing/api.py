@@ -1,0 +1,190 @@
+"""Public entry point of bi-level routing attention (BiFormer's BRA, arXiv 2303.08810).
+
+``bi_level_routing_attention(q, k, v, num_heads=..., regions_per_side=S, topk=k)`` cuts the (H, W)
+map into S x S regions, routes every query region to the ``topk`` key regions with the largest
+region-mean affinity (shared by all heads, no gradient through the routing), and lets each query
+token attend to all tokens of its routed regions. See ``reference.py`` for the exact algorithm.
+
+Implementations:
+
+- ``"xla"``: the reference (gather of the routed regions' K/V + dense attention), runs everywhere.
+- ``"pallas"``: the fused kernel (``pallas_kernel.py``): online softmax over the routed regions,
+  K/V read in place by region index (no gathered copies), backward kernels through a custom VJP
+  (dQ by the same routing, dK/dV by inverse routing). On CPU it runs in interpret mode (slow; tests).
+- ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.
+
+Also exported for models, benchmarks and notebooks: :func:`route_regions` (the routing indices),
+:func:`to_regions` / :func:`from_regions` (layout helpers), :func:`attention_cost` (FLOPs and
+least bytes) and :data:`BIFORMER_STAGE_SHAPES` (the benchmark shapes of ``shared/anchors.md``).
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxformers.kernels.bi_level_routing.reference import (
+    bi_level_routing_attention_reference,
+    from_regions,
+    to_regions,
+)
+from jaxformers.kernels.bi_level_routing.reference import route_regions as _route_regions
+
+__all__ = [
+    "bi_level_routing_attention",
+    "route_regions",
+    "resolve_topk",
+    "resolve_scale",
+    "to_regions",
+    "from_regions",
+    "attention_cost",
+    "BraShape",
+    "BIFORMER_STAGE_SHAPES",
+]
+
+Implementation = Literal["auto", "pallas", "xla"]
+IMPLEMENTATIONS = ("auto", "pallas", "xla")
+
+
+class BraShape(NamedTuple):
+    """One benchmark shape: (batch, height, width, channels, num_heads, regions_per_side, topk)."""
+
+    batch: int
+    height: int
+    width: int
+    channels: int
+    num_heads: int
+    regions_per_side: int
+    topk: int
+
+
+# The four BiFormer shapes of shared/anchors.md (head dim 32, q/k/v all `channels` wide).
+BIFORMER_STAGE_SHAPES: tuple[BraShape, ...] = (
+    BraShape(128, 56, 56, 64, 2, 7, 1),
+    BraShape(128, 28, 28, 128, 4, 7, 4),
+    BraShape(128, 14, 14, 256, 8, 7, 16),
+    BraShape(16, 128, 128, 64, 2, 16, 4),
+)
+
+
+def resolve_topk(topk: int, regions_per_side: int) -> int:
+    """``topk`` as a count in 1..S*S (``-1`` means all regions); raises ValueError otherwise."""
+    num_regions = regions_per_side * regions_per_side
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk must be an int (1..{num_regions}, or -1 for all regions); got {topk!r}")
+    if topk == -1:
+        return num_regions
+    if not 1 <= topk <= num_regions:
+        raise ValueError(f"topk must be in 1..{num_regions} (regions_per_side={regions_per_side} gives "
+                         f"{num_regions} regions) or -1 for all regions; got topk={topk}")
+    return topk
+
+
+def resolve_scale(scale: float | None, qk_channels: int, num_heads: int, upstream_compatible: bool) -> float:
+    """The logit scale: ``scale`` if given; else ``qk_channels ** -0.5`` in upstream mode (the
+    official code scales by the FULL qk dim), else ``head_dim ** -0.5``."""
+    if scale is not None:
+        return float(scale)
+    return float(qk_channels if upstream_compatible else qk_channels // num_heads) ** -0.5
+
+
+def _check_inputs(q, k, v, num_heads: int, regions_per_side: int) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) != 4:
+            raise ValueError(f"{name} must be a (batch, height, width, channels) map; got shape {shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point (float32/bfloat16/float16); got {x.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape (batch, height, width, qk_channels); got "
+                         f"q {q.shape} and k {k.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must share (batch, height, width) with q and k; got v {v.shape} and q {q.shape}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
+    if isinstance(regions_per_side, bool) or not isinstance(regions_per_side, int) or regions_per_side < 1:
+        raise ValueError(f"regions_per_side must be a positive int; got {regions_per_side!r}")
+    for name, c in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
+        if c % num_heads:
+            raise ValueError(f"{name} channels ({c}) must be divisible by num_heads ({num_heads})")
+    _, height, width, _ = q.shape
+    if height % regions_per_side or width % regions_per_side:
+        raise ValueError(f"height and width ({height}x{width}) must be divisible by regions_per_side "
+                         f"({regions_per_side}); pad the map first (BiFormer asserts the same)")
+
+
+def route_regions(
+    q: jax.Array,
+    k: jax.Array,
+    regions_per_side: int,
+    topk: int,
+    *,
+    scale: float = 1.0,
+) -> jax.Array:
+    """(B, S*S, topk) int32: for each query region (row-major), the key regions it attends to.
+
+    Exactly the routing :func:`bi_level_routing_attention` uses (region means of q and k, affinity,
+    top-k; no gradient). ``topk=-1`` or ``S*S`` returns every region in order.
+    """
+    if k.shape != q.shape or q.ndim != 4:
+        raise ValueError(f"q and k must be equal (batch, height, width, channels) maps; got {q.shape}, {k.shape}")
+    if q.shape[1] % regions_per_side or q.shape[2] % regions_per_side:
+        raise ValueError(f"height and width ({q.shape[1]}x{q.shape[2]}) must be divisible by "
+                         f"regions_per_side ({regions_per_side})")
+    return _route_regions(q, k, regions_per_side, resolve_topk(topk, regions_per_side), scale)
+
+
+def attention_cost(
+    batch: int, height: int, width: int, qk_channels: int, v_channels: int, regions_per_side: int,
+    topk: int, itemsize: int = 2,
+) -> dict[str, float]:
+    """FLOPs (2 per multiply-add, QK^T and PV) and least bytes (q, k, v read once, out written once)."""
+    topk = resolve_topk(topk, regions_per_side)
+    tokens = height * width
+    keys_per_query = topk * tokens // (regions_per_side * regions_per_side)
+    flops = 2.0 * batch * tokens * keys_per_query * (qk_channels + v_channels)
+    least_bytes = float(batch * tokens * (2 * qk_channels + 2 * v_channels) * itemsize)
+    return {"flops": flops, "bytes": least_bytes}
+
+
+def bi_level_routing_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    num_heads: int,
+    regions_per_side: int,
+    topk: int,
+    scale: float | None = None,
+    upstream_compatible: bool = False,
+    implementation: Implementation = "auto",
+) -> jax.Array:
+    """Bi-level routing attention on NHWC maps: (B, H, W, C_qk) x2, (B, H, W, C_v) -> (B, H, W, C_v).
+
+    Args:
+      q, k: queries and keys, ``C_qk`` channels (``num_heads`` heads of ``C_qk / num_heads``).
+      v: values, ``C_v`` channels (may differ from ``C_qk``, as in BiFormer).
+      num_heads: heads; the routing is shared by all of them.
+      regions_per_side: S (the official ``n_win``); H and W must be divisible by it.
+      topk: routed regions per query region, 1..S*S; ``-1`` (or S*S) is full attention.
+      scale: logit scale; default ``head_dim ** -0.5``, or ``C_qk ** -0.5`` when
+        ``upstream_compatible`` (the official code's scale, needed for checkpoint parity).
+      implementation: ``"auto"`` | ``"pallas"`` | ``"xla"`` (see the module docstring).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+    _check_inputs(q, k, v, num_heads, regions_per_side)
+    topk = resolve_topk(topk, regions_per_side)
+    scale = resolve_scale(scale, q.shape[-1], num_heads, upstream_compatible)
+    if implementation == "auto":
+        implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    if implementation == "xla":
+        return bi_level_routing_attention_reference(
+            q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk, scale=scale
+        )
+    from jaxformers.kernels.bi_level_routing.pallas_kernel import bi_level_routing_attention_pallas
+
+    return bi_level_routing_attention_pallas(
+        q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk, scale=scale
+    )

@@ -1,0 +1,144 @@
+"""Bi-level routing attention: reference vs an independent brute force, Pallas (interpret mode) vs
+reference (forward and gradients), bad-input errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jaxformers.kernels import bi_level_routing_attention
+from jaxformers.kernels.bi_level_routing import api
+
+
+def _inputs(seed, b, height, width, c_qk, c_v, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(kq, (b, height, width, c_qk), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, height, width, c_qk), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, height, width, c_v), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def brute_force(q, k, v, *, num_heads, regions_per_side, topk, scale):
+    """Dense attention over all tokens with a boolean mask built from an independent numpy routing."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, height, width, c_qk = q.shape
+    c_v = v.shape[-1]
+    s = regions_per_side
+    rh, rw = height // s, width // s
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    region_of = ((ys // rh) * s + xs // rw).reshape(-1)  # token (row-major) -> region id
+    num_regions = s * s
+    out = np.zeros((b, height * width, c_v))
+    for n in range(b):
+        qf, kf, vf = q[n].reshape(-1, c_qk), k[n].reshape(-1, c_qk), v[n].reshape(-1, c_v)
+        q_mean = np.stack([qf[region_of == r].mean(0) for r in range(num_regions)])
+        k_mean = np.stack([kf[region_of == r].mean(0) for r in range(num_regions)])
+        affinity = q_mean @ k_mean.T
+        chosen = np.argsort(-affinity, axis=1, kind="stable")[:, :topk]  # (R, topk)
+        allowed = np.zeros((num_regions, num_regions), bool)
+        allowed[np.arange(num_regions)[:, None], chosen] = True
+        mask = allowed[region_of][:, region_of]  # (L, L)
+        dq, dv = c_qk // num_heads, c_v // num_heads
+        for h in range(num_heads):
+            logits = qf[:, h * dq:(h + 1) * dq] @ kf[:, h * dq:(h + 1) * dq].T * scale
+            logits = np.where(mask, logits, -np.inf)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            out[n, :, h * dv:(h + 1) * dv] = p @ vf[:, h * dv:(h + 1) * dv]
+    return out.reshape(b, height, width, c_v)
+
+
+# (batch, H, W, C_qk, C_v, heads, S, topk)
+XLA_CASES = [
+    (2, 8, 8, 8, 8, 2, 2, 2),
+    (1, 9, 6, 12, 6, 3, 3, 4),  # 3x2-token regions, qk dim != v dim, 3 heads
+    (2, 4, 4, 4, 4, 1, 1, 1),  # one region
+    (1, 6, 6, 8, 4, 2, 3, -1),  # full attention
+    (1, 6, 6, 8, 8, 2, 3, 1),  # topk = 1
+    (1, 6, 6, 8, 8, 2, 3, 9),  # topk = S^2 spelled out
+]
+
+
+@pytest.mark.parametrize("case", XLA_CASES)
+def test_reference_matches_brute_force(case):
+    b, height, width, c_qk, c_v, heads, s, topk = case
+    q, k, v = _inputs(0, b, height, width, c_qk, c_v)
+    out = bi_level_routing_attention(q, k, v, num_heads=heads, regions_per_side=s, topk=topk,
+                                     implementation="xla")
+    assert out.shape == (b, height, width, c_v) and out.dtype == v.dtype
+    want = brute_force(q, k, v, num_heads=heads, regions_per_side=s,
+                       topk=api.resolve_topk(topk, s), scale=(c_qk // heads) ** -0.5)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+
+
+def test_upstream_scale_uses_full_qk_dim():
+    q, k, v = _inputs(1, 1, 8, 8, 16, 8)
+    kw = dict(num_heads=4, regions_per_side=2, topk=2, implementation="xla")
+    upstream = bi_level_routing_attention(q, k, v, upstream_compatible=True, **kw)
+    explicit = bi_level_routing_attention(q, k, v, scale=16 ** -0.5, **kw)
+    default = bi_level_routing_attention(q, k, v, **kw)
+    np.testing.assert_array_equal(np.asarray(upstream), np.asarray(explicit))
+    assert not np.allclose(np.asarray(upstream), np.asarray(default))
+    want = brute_force(q, k, v, num_heads=4, regions_per_side=2, topk=2, scale=16 ** -0.5)
+    np.testing.assert_allclose(np.asarray(upstream), want, atol=2e-5, rtol=2e-5)
+
+
+def test_route_regions_matches_numpy_and_has_no_gradient():
+    q, k, _ = _inputs(2, 2, 12, 12, 8, 8)
+    idx = api.route_regions(q, k, 3, 4)
+    assert idx.shape == (2, 9, 4) and idx.dtype == jnp.int32
+    for n in range(2):
+        qm = np.asarray(api.to_regions(q, 3))[n].mean(1)
+        km = np.asarray(api.to_regions(k, 3))[n].mean(1)
+        want = np.argsort(-(qm @ km.T), axis=1, kind="stable")[:, :4]
+        np.testing.assert_array_equal(np.asarray(idx[n]), want)
+    full = api.route_regions(q, k, 3, -1)
+    np.testing.assert_array_equal(np.asarray(full), np.broadcast_to(np.arange(9), (2, 9, 9)))
+    # The routing is detached: q's gradient equals the gradient with the routing held fixed.
+    g = jax.grad(lambda q_: api.route_regions(q_, k, 3, 4).astype(jnp.float32).sum())(q)
+    assert not np.any(np.asarray(g))
+
+
+def test_regions_round_trip():
+    x = jnp.arange(2 * 6 * 9 * 3, dtype=jnp.float32).reshape(2, 6, 9, 3)
+    r = api.to_regions(x, 3)
+    assert r.shape == (2, 9, 6, 3)
+    np.testing.assert_array_equal(np.asarray(r[0, 1, 0]), np.asarray(x[0, 0, 3]))  # region (0, 1)
+    np.testing.assert_array_equal(np.asarray(r[0, 3, 0]), np.asarray(x[0, 2, 0]))  # region (1, 0)
+    np.testing.assert_array_equal(np.asarray(api.from_regions(r, 3, 6, 9)), np.asarray(x))
+
+
+def test_attention_cost():
+    cost = api.attention_cost(128, 56, 56, 64, 64, 7, 1)
+    assert cost["flops"] == 2 * 128 * 3136 * 64 * 128
+    assert cost["bytes"] == 128 * 3136 * 64 * 4 * 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, shapes, match",
+    [
+        (dict(regions_per_side=3), ((1, 8, 9, 4),) * 3, "divisible by regions_per_side"),
+        (dict(topk=5), ((1, 4, 4, 4),) * 3, "topk must be in 1..4"),
+        (dict(topk=0), ((1, 4, 4, 4),) * 3, "topk must be in"),
+        (dict(num_heads=3), ((1, 4, 4, 4),) * 3, "divisible by num_heads"),
+        (dict(num_heads=2), ((1, 4, 4, 4), (1, 4, 4, 4), (1, 4, 4, 3)), r"v channels \(3\)"),
+        ({}, ((1, 4, 4, 4), (1, 4, 4, 8), (1, 4, 4, 4)), "q and k must have the same shape"),
+        ({}, ((1, 4, 4, 4), (1, 4, 4, 4), (1, 4, 2, 4)), "v must share"),
+        ({}, ((4, 4, 4),) * 3, "must be a"),
+        (dict(implementation="cuda"), ((1, 4, 4, 4),) * 3, "implementation must be one of"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, shapes, match):
+    args = dict(num_heads=1, regions_per_side=2, topk=1)
+    args.update(kwargs)
+    q, k, v = (jnp.zeros(s, jnp.float32) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        bi_level_routing_attention(q, k, v, **args)
+
+
+def test_integer_inputs_rejected():
+    x = jnp.zeros((1, 4, 4, 4), jnp.int32)
+    with pytest.raises(TypeError, match="floating point"):
+        bi_level_routing_attention(x, x, x, num_heads=1, regions_per_side=2, topk=1)
