@@ -2,6 +2,8 @@
 reference (forward and gradients), bad-input errors."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxformers.kernels import bi_level_routing_attention
-from jaxformers.kernels.bi_level_routing import api
+from jaxformers.kernels.bi_level_routing import api, pallas_kernel
+from jaxformers.kernels.bi_level_routing.reference import bi_level_routing_attention_reference
 
 
 def _inputs(seed, b, height, width, c_qk, c_v, dtype=jnp.float32):
@@ -142,3 +145,95 @@ def test_integer_inputs_rejected():
     x = jnp.zeros((1, 4, 4, 4), jnp.int32)
     with pytest.raises(TypeError, match="floating point"):
         bi_level_routing_attention(x, x, x, num_heads=1, regions_per_side=2, topk=1)
+
+
+# ----------------------------------------------------------------------------- Pallas kernels
+
+
+def _value_and_grads(fn, q, k, v, seed):
+    """Output and (dq, dk, dv) for a random cotangent, in one jit (one compile per case)."""
+    out_shape = jax.eval_shape(fn, q, k, v)
+    cotangent = jax.random.normal(jax.random.PRNGKey(seed), out_shape.shape, jnp.float32).astype(out_shape.dtype)
+
+    @jax.jit
+    def run(q, k, v):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(cotangent)
+
+    return run(q, k, v)
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+# (batch, H, W, C_qk, C_v, heads, S, topk, block sizes, layout)
+PALLAS_CASES = [
+    pytest.param((2, 9, 9, 8, 4, 2, 3, 2, None, "gpu"), id="3x3-token-regions-qk!=v-gpu-layout"),
+    pytest.param((2, 9, 9, 8, 4, 2, 3, 2, None, "tpu"), id="3x3-token-regions-qk!=v-tpu-layout"),
+    pytest.param((1, 4, 4, 8, 8, 2, 1, 1, None, "gpu"), id="one-region"),
+    pytest.param((1, 6, 6, 8, 8, 1, 3, -1, None, "gpu"), id="topk-all-regions"),
+    pytest.param((1, 6, 6, 8, 8, 2, 3, 1, pallas_kernel.BlockSizes(4, 2), "gpu"), id="topk1-stacked-padded-regions"),
+    pytest.param((1, 3, 3, 4, 4, 1, 3, 3, None, "tpu"), id="1x1-token-regions-tpu-layout"),
+]
+
+
+@pytest.mark.parametrize("case", PALLAS_CASES)
+def test_pallas_matches_reference_float32(case):
+    b, height, width, c_qk, c_v, heads, s, topk, blocks, layout = case
+    q, k, v = _inputs(3, b, height, width, c_qk, c_v)
+    topk = api.resolve_topk(topk, s)
+    scale = (c_qk // heads) ** -0.5
+    kw = dict(num_heads=heads, regions_per_side=s, topk=topk, scale=scale)
+    kernel = functools.partial(pallas_kernel.bi_level_routing_attention_pallas, block_sizes=blocks,
+                               layout=layout, interpret=True, poison=True, **kw)
+    reference = functools.partial(bi_level_routing_attention_reference, **kw)
+    got_out, got_grads = _value_and_grads(kernel, q, k, v, seed=4)
+    want_out, want_grads = _value_and_grads(reference, q, k, v, seed=4)
+    assert not np.isnan(np.asarray(got_out)).any()
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=1e-5, rtol=1e-5)
+    for name, got, want in zip("qkv", got_grads, want_grads):
+        assert not np.isnan(np.asarray(got)).any(), f"d{name} has unwritten (NaN) elements"
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5,
+                                   err_msg=f"d{name}")
+
+
+def test_pallas_matches_reference_bfloat16():
+    q, k, v = _inputs(5, 2, 8, 8, 16, 8, jnp.bfloat16)
+    kw = dict(num_heads=2, regions_per_side=2, topk=2, scale=8 ** -0.5)
+    kernel = functools.partial(pallas_kernel.bi_level_routing_attention_pallas, interpret=True, poison=True, **kw)
+    got_out, got_grads = _value_and_grads(kernel, q, k, v, seed=6)
+    # The truth: the reference in float32 on the same bf16-rounded inputs.
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    want_out, want_grads = _value_and_grads(
+        functools.partial(bi_level_routing_attention_reference, **kw), q32, k32, v32, seed=6)
+    assert got_out.dtype == jnp.bfloat16
+    assert _rel_err(got_out, want_out) < 1e-2
+    for name, got, want in zip("qkv", got_grads, want_grads):
+        assert got.dtype == jnp.bfloat16
+        assert _rel_err(got, want) < 2e-2, f"d{name}"
+
+
+def test_public_api_pallas_path_under_jit():
+    q, k, v = _inputs(7, 1, 8, 8, 8, 4)
+    kw = dict(num_heads=2, regions_per_side=2, topk=3, upstream_compatible=True)
+    got = jax.jit(lambda q, k, v: bi_level_routing_attention(q, k, v, implementation="pallas", **kw))(q, k, v)
+    want = bi_level_routing_attention(q, k, v, implementation="xla", **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_routing_lists_every_consumer_once():
+    index = jnp.array([[[0, 2], [2, 1], [2, 0], [3, 1]]], jnp.int32)  # 4 query regions, topk 2
+    rows, offsets = pallas_kernel.inverse_routing(index, regions_padded=6)
+    rows, offsets = np.asarray(rows[0]), np.asarray(offsets[0])
+    assert offsets.tolist() == [0, 2, 4, 7, 8, 8, 8]
+    consumers = [sorted(rows[offsets[j]:offsets[j + 1]].tolist()) for j in range(6)]
+    assert consumers == [[0, 2], [1, 3], [0, 1, 2], [3], [], []]
+
+
+def test_pallas_rejects_unknown_layout():
+    q, k, v = _inputs(0, 1, 4, 4, 4, 4)
+    with pytest.raises(ValueError, match="layout must be"):
+        pallas_kernel.bi_level_routing_attention_pallas(q, k, v, num_heads=1, regions_per_side=2, topk=1,
+                                                        scale=1.0, layout="cuda")

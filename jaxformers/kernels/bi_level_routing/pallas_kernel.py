@@ -1,0 +1,422 @@
+"""Fused Pallas kernels for bi-level routing attention: forward, dQ and dK/dV, with a custom VJP.
+
+What the naive version does badly: it gathers ``topk`` copies of K and V per query region into HBM
+and runs separate softmax passes. Here nothing is gathered:
+
+- Layout: the wrapper rearranges q/k/v once (one fused XLA copy, the same one the reference needs)
+  into region-major, head-major blocks ``(B, R_pad, heads, T_pad, d_pad)``; R = S*S regions, T =
+  tokens per region. T and the head dims are padded inside (padded keys are masked), so any region
+  size works (3x3 tokens, 1x1, ...).
+- Forward (grid = (batch, query-region groups)): one program owns ``query_regions`` stacked query
+  regions (small regions are stacked so a program has enough work) and ALL their heads. K and V of
+  the whole image are the program's "resident" operand, and each routed region's (T, d) tile is
+  read in place by its index from the routing table inside the kernel (as paged attention reads
+  pages). Online softmax over the ``topk`` routed regions; the log-sum-exp is saved for backward.
+- Backward: dQ by the same routing (recompute p from the saved log-sum-exp); dK/dV by inverse
+  routing: a CSR table (per image: the query regions that chose each key region, sorted by key
+  region, plus offsets) lets each key region's program loop over exactly its consumers. No program
+  writes another's output, so no atomics and no k-fold copies.
+
+Backends:
+
+- TPU (Mosaic): ``PrefetchScalarGridSpec`` prefetches the routing tables into SMEM; the image's
+  K/V block index depends only on the batch index, so Pallas fetches it once per image (HBM reads
+  of K/V = one pass, the memory floor) and the kernel indexes routed regions in VMEM. Batches whose
+  tables would overflow SMEM are split into chunks. T padded to a multiple of 8.
+- GPU (Triton lowering; Mosaic GPU would need a separate warpgroup kernel): no scalar prefetch;
+  the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Triton
+  needs power-of-two tiles: T and head dims are padded to powers of two (head dims to >= 16), and
+  products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``.
+- CPU: the same kernel bodies in interpret mode, with the GPU layout by default (tests also run the
+  TPU layout and grid spec in interpret mode).
+
+Only the interpret-mode paths are tested here (there was no accelerator in this environment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
+
+__all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout"]
+
+_SMEM_TABLE_BUDGET = 256 * 1024  # bytes of prefetched int32 tables per TPU call
+_TARGET_QUERY_TOKENS = 128  # query tokens per program when stacking small regions
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Regions per program; None picks ~128 query tokens per program (a divisor of R if possible)."""
+
+    query_regions: int | None = None  # forward and dQ programs
+    kv_regions: int | None = None  # dK/dV programs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static (hashable) description of one kernel launch."""
+
+    num_heads: int
+    scale: float
+    topk: int
+    num_regions: int  # R (real)
+    regions_padded: int  # R_pad, a multiple of both region block sizes
+    tokens: int  # T (real)
+    tokens_padded: int
+    query_regions: int
+    kv_regions: int
+    layout: str  # "tpu" | "gpu"
+    interpret: bool
+    poison: bool  # debug: outputs start as NaN so unwritten elements show up
+    exact_f32: bool  # float32 inputs: full-precision dots
+
+
+def default_layout() -> str:
+    return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pick_regions_per_program(num_regions: int, tokens_padded: int, requested: int | None) -> int:
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"regions per program must be >= 1; got {requested}")
+        return min(requested, num_regions)
+    cap = max(1, min(num_regions, _TARGET_QUERY_TOKENS // tokens_padded))
+    best_divisor = max(d for d in range(1, cap + 1) if num_regions % d == 0)
+    return best_divisor if 2 * best_divisor >= cap else cap
+
+
+# ----------------------------------------------------------------------------- in-kernel math
+def _dot(a, b, contract_b: int, cfg: _Config):
+    """f32 ``a @ b`` (contract_b=0) or ``a @ b.T`` (contract_b=1) on 2-D tiles.
+
+    Triton's ``tl.dot`` needs every side >= 16; smaller tiles (1x1 .. 2x2 regions) use a broadcast
+    multiply and a reduction instead, which every backend lowers.
+    """
+    m, kdim = a.shape
+    n = b.shape[1 - contract_b]
+    if cfg.layout == "gpu" and min(m, n, kdim) < 16:
+        a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+        if contract_b == 1:
+            return jnp.sum(a32[:, None, :] * b32[None, :, :], axis=2)
+        return jnp.sum(a32[:, :, None] * b32[None, :, :], axis=1)
+    precision = jax.lax.Precision.HIGHEST if cfg.exact_f32 else None
+    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _key_mask(cfg: _Config, shape, axis: int):
+    """True where the key token along ``axis`` is real (not T padding); None when there is none."""
+    if cfg.tokens == cfg.tokens_padded:
+        return None
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis) < cfg.tokens
+
+
+def _batch_of_resident(cfg: _Config):
+    """Index of the current image in a resident (whole-image) ref: blocked on TPU, whole on GPU."""
+    return 0 if cfg.layout == "tpu" else pl.program_id(0)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+    b, group = pl.program_id(0), pl.program_id(1)
+    kv_b = _batch_of_resident(cfg)
+    tp = cfg.tokens_padded
+
+    def one_region_head(i, _):
+        r, h = i // cfg.num_heads, i % cfg.num_heads
+        region = group * cfg.query_regions + r
+        q = q_ref[0, r, h]
+
+        def one_routed_region(t, carry):
+            m, l, acc = carry
+            kv_region = table_ref[b, region, t]
+            k = k_ref[kv_b, kv_region, h]
+            v = v_ref[kv_b, kv_region, h]
+            s = _dot(q, k, 1, cfg) * cfg.scale
+            mask = _key_mask(cfg, s.shape, 1)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            correction = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new)
+            l = l * correction + jnp.sum(p, axis=1, keepdims=True)
+            acc = acc * correction + _dot(p.astype(v.dtype), v, 0, cfg)
+            return m_new, l, acc
+
+        init = (jnp.full((tp, 1), -jnp.inf, jnp.float32), jnp.zeros((tp, 1), jnp.float32),
+                jnp.zeros((tp, v_ref.shape[-1]), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, cfg.topk, one_routed_region, init)
+        o_ref[0, r, h] = (acc / l).astype(o_ref.dtype)
+        lse_ref[0, r, h] = (m + jnp.log(l))[:, 0]
+        return 0
+
+    jax.lax.fori_loop(0, cfg.query_regions * cfg.num_heads, one_region_head, 0)
+
+
+def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+    b, group = pl.program_id(0), pl.program_id(1)
+    kv_b = _batch_of_resident(cfg)
+
+    def one_region_head(i, _):
+        r, h = i // cfg.num_heads, i % cfg.num_heads
+        region = group * cfg.query_regions + r
+        q, do = q_ref[0, r, h], do_ref[0, r, h]
+        lse, delta = lse_ref[0, r, h][:, None], delta_ref[0, r, h][:, None]
+
+        def one_routed_region(t, dq):
+            kv_region = table_ref[b, region, t]
+            k = k_ref[kv_b, kv_region, h]
+            v = v_ref[kv_b, kv_region, h]
+            p = jnp.exp(_dot(q, k, 1, cfg) * cfg.scale - lse)
+            mask = _key_mask(cfg, p.shape, 1)
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+            ds = p * (_dot(do, v, 1, cfg) - delta)
+            return dq + _dot(ds.astype(k.dtype), k, 0, cfg)
+
+        dq = jax.lax.fori_loop(0, cfg.topk, one_routed_region, jnp.zeros(q.shape, jnp.float32))
+        dq_ref[0, r, h] = (dq * cfg.scale).astype(dq_ref.dtype)
+        return 0
+
+    jax.lax.fori_loop(0, cfg.query_regions * cfg.num_heads, one_region_head, 0)
+
+
+def _dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
+                *, cfg: _Config):
+    b, group = pl.program_id(0), pl.program_id(1)
+    q_b = _batch_of_resident(cfg)
+
+    def one_region_head(i, _):
+        r, h = i // cfg.num_heads, i % cfg.num_heads
+        region = group * cfg.kv_regions + r
+        k, v = k_ref[0, r, h], v_ref[0, r, h]
+
+        def one_consumer(e, carry):
+            dk, dv = carry
+            q_region = rows_ref[b, e]
+            q, do = q_ref[q_b, q_region, h], do_ref[q_b, q_region, h]
+            lse, delta = lse_ref[q_b, q_region, h][None, :], delta_ref[q_b, q_region, h][None, :]
+            p_t = jnp.exp(_dot(k, q, 1, cfg) * cfg.scale - lse)  # (keys, queries)
+            mask = _key_mask(cfg, p_t.shape, 0)
+            if mask is not None:
+                p_t = jnp.where(mask, p_t, 0.0)
+            dv = dv + _dot(p_t.astype(do.dtype), do, 0, cfg)
+            ds_t = p_t * (_dot(v, do, 1, cfg) - delta)
+            return dk + _dot(ds_t.astype(q.dtype), q, 0, cfg), dv
+
+        init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        dk, dv = jax.lax.fori_loop(offsets_ref[b, region], offsets_ref[b, region + 1], one_consumer, init)
+        dk_ref[0, r, h] = (dk * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[0, r, h] = dv.astype(dv_ref.dtype)
+        return 0
+
+    jax.lax.fori_loop(0, cfg.kv_regions * cfg.num_heads, one_region_head, 0)
+
+
+# ----------------------------------------------------------------------------- launching
+def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program: int):
+    """Runs ``kernel`` over grid (batch, R_pad / regions_per_program).
+
+    ``tables``: int32 routing tables (scalar-prefetched on TPU, whole-array refs elsewhere).
+    ``operands``: (array, blocked) pairs, arrays (B, R_pad, ...); blocked ones are tiled by region
+    groups, the others are "resident" (the whole image). ``outputs``: blocked ShapeDtypeStructs.
+    """
+    batch = operands[0][0].shape[0]
+    tpu = cfg.layout == "tpu"
+    table_bytes_per_image = sum(4 * math.prod(t.shape[1:]) for t in tables)
+    if tpu and batch * table_bytes_per_image > _SMEM_TABLE_BUDGET:
+        chunk = max(1, _SMEM_TABLE_BUDGET // table_bytes_per_image)
+        parts = [
+            _launch(kernel, cfg, [t[i:i + chunk] for t in tables],
+                    [(x[i:i + chunk], blk) for x, blk in operands],
+                    [jax.ShapeDtypeStruct((min(chunk, batch - i),) + o.shape[1:], o.dtype) for o in outputs],
+                    regions_per_program)
+            for i in range(0, batch, chunk)
+        ]
+        return [jnp.concatenate(p, axis=0) for p in zip(*parts)]
+
+    def blocked_spec(shape):
+        tail = len(shape) - 2
+        return pl.BlockSpec((1, regions_per_program) + tuple(shape[2:]), lambda b, g, *_: (b, g) + (0,) * tail)
+
+    def resident_spec(shape):
+        if tpu:  # the block index depends on the image only: fetched once per image
+            return pl.BlockSpec((1,) + tuple(shape[1:]), lambda b, g, *_: (b,) + (0,) * (len(shape) - 1))
+        return pl.BlockSpec()  # whole array; the kernel indexes the image itself
+
+    in_specs = [blocked_spec(x.shape) if blk else resident_spec(x.shape) for x, blk in operands]
+    out_specs = [blocked_spec(o.shape) for o in outputs]
+    args = [x for x, _ in operands]
+    aliases = {}
+    if cfg.poison:  # outputs start as NaN: anything the kernel fails to write stays NaN
+        first = len(tables) + len(args)
+        aliases = {first + i: i for i in range(len(outputs))}
+        args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in outputs]
+        in_specs += out_specs
+        n_in = len(tables) + len(operands)
+        body = functools.partial(kernel, cfg=cfg)
+
+        def kernel_fn(*refs):
+            return body(*refs[:n_in], *refs[n_in + len(outputs):])
+    else:
+        kernel_fn = functools.partial(kernel, cfg=cfg)
+
+    grid = (batch, cfg.regions_padded // regions_per_program)
+    if tpu:
+        from jax.experimental.pallas import tpu as pltpu
+
+        def block_bytes(shape, dtype, blk):
+            n = math.prod(shape[2:]) * (regions_per_program if blk else shape[1])
+            return 2 * n * jnp.dtype(dtype).itemsize  # double-buffered
+        vmem = sum(block_bytes(x.shape, x.dtype, blk) for x, blk in operands)
+        vmem += sum(block_bytes(o.shape, o.dtype, True) for o in outputs)
+        if vmem > (96 << 20):
+            raise ValueError(f"bi_level_routing_attention(implementation='pallas') needs ~{vmem >> 20} MiB of "
+                             f"VMEM per image for this map; use implementation='xla' for maps this large")
+        grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(tables), grid=grid,
+                                                 in_specs=in_specs, out_specs=out_specs)
+        params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                      vmem_limit_bytes=int(max(32 << 20, vmem * 1.25 + (4 << 20))))
+        call = pl.pallas_call(kernel_fn, out_shape=outputs, grid_spec=grid_spec, compiler_params=params,
+                              input_output_aliases=aliases, interpret=cfg.interpret)
+    else:
+        params = None
+        if not cfg.interpret:
+            from jax.experimental.pallas import triton as pltriton
+
+            params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+        call = pl.pallas_call(kernel_fn, out_shape=outputs, grid=grid,
+                              in_specs=[pl.BlockSpec() for _ in tables] + in_specs, out_specs=out_specs,
+                              compiler_params=params, input_output_aliases=aliases, interpret=cfg.interpret)
+    return call(*tables, *args)
+
+
+def _forward(cfg: _Config, q, k, v, table):
+    b, r_pad, nh, tp, _ = q.shape
+    outputs = [jax.ShapeDtypeStruct(v.shape[:-1] + (v.shape[-1],), v.dtype),
+               jax.ShapeDtypeStruct((b, r_pad, nh, tp), jnp.float32)]
+    o, lse = _launch(_forward_kernel, cfg, [table], [(q, True), (k, False), (v, False)], outputs,
+                     cfg.query_regions)
+    return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(cfg: _Config, q, k, v, table, rows, offsets):
+    return _forward(cfg, q, k, v, table)[0]
+
+
+def _attend_fwd(cfg, q, k, v, table, rows, offsets):
+    o, lse = _forward(cfg, q, k, v, table)
+    return o, (q, k, v, table, rows, offsets, o, lse)
+
+
+def _attend_bwd(cfg, residuals, do):
+    q, k, v, table, rows, offsets, o, lse = residuals
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    (dq,) = _launch(_dq_kernel, cfg, [table],
+                    [(q, True), (k, False), (v, False), (do, True), (lse, True), (delta, True)],
+                    [jax.ShapeDtypeStruct(q.shape, q.dtype)], cfg.query_regions)
+    dk, dv = _launch(_dkv_kernel, cfg, [rows, offsets],
+                     [(q, False), (do, False), (lse, False), (delta, False), (k, True), (v, True)],
+                     [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                     cfg.kv_regions)
+    return dq, dk, dv, None, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def inverse_routing(index: jax.Array, regions_padded: int) -> tuple[jax.Array, jax.Array]:
+    """CSR form of "which query regions chose key region j" from ``index`` (B, R, topk).
+
+    Returns ``rows`` (B, R*topk): query regions sorted by the key region they chose, and
+    ``offsets`` (B, regions_padded + 1): key region j's consumers are ``rows[offsets[j]:offsets[j+1]]``.
+    A query region picks a key region at most once, so each consumer appears once per key region.
+    """
+    b, r, topk = index.shape
+    flat = index.reshape(b, r * topk)
+    order = jnp.argsort(flat, axis=1, stable=True)
+    rows = (order // topk).astype(jnp.int32)
+    counts = jax.vmap(lambda f: jnp.bincount(f, length=regions_padded))(flat)
+    offsets = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(counts, axis=1).astype(jnp.int32)], axis=1)
+    return rows, offsets
+
+
+def _to_blocks(x, s: int, num_heads: int, r_pad: int, t_pad: int, d_pad: int):
+    """(B, H, W, C) -> (B, R_pad, heads, T_pad, d_pad), zero padded."""
+    xr = to_regions(x, s)
+    b, r, t, c = xr.shape
+    xr = xr.reshape(b, r, t, num_heads, c // num_heads).transpose(0, 1, 3, 2, 4)
+    return jnp.pad(xr, ((0, 0), (0, r_pad - r), (0, 0), (0, t_pad - t), (0, d_pad - c // num_heads)))
+
+
+def _from_blocks(xb, s: int, height: int, width: int, r: int, t: int, d: int):
+    b, _, nh = xb.shape[:3]
+    x = xb[:, :r, :, :t, :d].transpose(0, 1, 3, 2, 4).reshape(b, r, t, nh * d)
+    return from_regions(x, s, height, width)
+
+
+def bi_level_routing_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    num_heads: int,
+    regions_per_side: int,
+    topk: int,
+    scale: float,
+    block_sizes: BlockSizes | None = None,
+    layout: str | None = None,
+    interpret: bool | None = None,
+    poison: bool = False,
+) -> jax.Array:
+    """The fused kernel on validated NHWC inputs (``topk`` in 1..S*S, ``scale`` resolved).
+
+    Call it through :func:`jaxformers.kernels.bi_level_routing_attention`. ``layout`` ("gpu" |
+    "tpu") and ``interpret`` default to the current backend (interpret on CPU); ``poison`` makes
+    outputs start as NaN (tests). Differentiable in q, k and v (kernel backward, custom VJP).
+    """
+    block_sizes = block_sizes or BlockSizes()
+    layout = layout or default_layout()
+    if layout not in ("gpu", "tpu"):
+        raise ValueError(f"layout must be 'gpu' or 'tpu'; got {layout!r}")
+    if interpret is None:
+        interpret = jax.default_backend() not in ("gpu", "tpu")
+    s = regions_per_side
+    _, height, width, c_qk = q.shape
+    c_v = v.shape[-1]
+    num_regions, tokens = s * s, (height // s) * (width // s)
+    d_qk, d_v = c_qk // num_heads, c_v // num_heads
+    if layout == "gpu":
+        t_pad, dqk_pad, dv_pad = _next_pow2(tokens), max(16, _next_pow2(d_qk)), max(16, _next_pow2(d_v))
+    else:
+        t_pad, dqk_pad, dv_pad = _round_up(tokens, 8), d_qk, d_v
+    rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions)
+    rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions)
+    r_pad = _round_up(num_regions, math.lcm(rq, rkv))
+    cfg = _Config(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
+                  regions_padded=r_pad, tokens=tokens, tokens_padded=t_pad, query_regions=rq,
+                  kv_regions=rkv, layout=layout, interpret=bool(interpret), poison=poison,
+                  exact_f32=q.dtype == jnp.float32)
+    index = route_regions(q, k, s, topk, scale)
+    table = jnp.pad(index, ((0, 0), (0, r_pad - num_regions), (0, 0)))
+    rows, offsets = inverse_routing(index, r_pad)
+    qb = _to_blocks(q, s, num_heads, r_pad, t_pad, dqk_pad)
+    kb = _to_blocks(k, s, num_heads, r_pad, t_pad, dqk_pad)
+    vb = _to_blocks(v, s, num_heads, r_pad, t_pad, dv_pad)
+    ob = _attend(cfg, qb, kb, vb, table, rows, offsets)
+    return _from_blocks(ob, s, height, width, num_regions, tokens, d_v)
