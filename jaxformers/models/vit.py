@@ -6,8 +6,8 @@ distillation through attention" (DeiT), Touvron et al., ICML 2021, arXiv 2012.12
 Small sizes). Official code: google-research/vision_transformer (JAX), facebookresearch/deit.
 Parameter names follow timm's ``vision_transformer.py`` so its checkpoints convert one to one.
 
-Deviations: none in the forward computation. Position tables are resampled with
-``jax.image.resize`` (bicubic), whose kernel differs slightly from torch's bicubic.
+Deviations: none. Position tables are resampled for other image sizes exactly as timm does
+(antialiased bicubic).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class VisionTransformer(nn.Module):
     qkv_bias: bool = True
     class_token: bool = True
     global_pool: Literal["token", "avg"] = "token"
+    fc_norm: bool | None = None  # norm after pooling instead of before; None = timm's default (avg)
     layer_scale_init: float | None = None
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
@@ -82,9 +83,13 @@ class VisionTransformer(nn.Module):
             x = block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]), self.attn_drop_rate,
                       self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
                       name=f"blocks_{i}", **kw)(x, train)
-        x = LayerNorm(1e-6, name="norm", **kw)(x)
+        use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+        if not use_fc_norm:
+            x = LayerNorm(1e-6, name="norm", **kw)(x)
         patches = x[:, self.num_prefix_tokens:]
         pooled = x[:, 0] if self.global_pool == "token" else patches.mean(axis=1)
+        if use_fc_norm:
+            pooled = LayerNorm(1e-6, name="fc_norm", **kw)(pooled)
         logits = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
         if self.num_classes:
             logits = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
@@ -110,9 +115,10 @@ def convert_timm_vit(sd: StateDict, model: VisionTransformer, expected: dict[str
         "params/patch_embed/proj/kernel": conv2d(sd["patch_embed.proj.weight"]),
         "params/patch_embed/proj/bias": sd["patch_embed.proj.bias"],
         "params/pos_embed": fit_pos_embed(sd["pos_embed"], model.grid_size, model.num_prefix_tokens),
-        "params/norm/scale": sd["norm.weight"],
-        "params/norm/bias": sd["norm.bias"],
     }
+    norm = "fc_norm" if "fc_norm.weight" in sd else "norm"
+    out[f"params/{norm}/scale"] = sd[f"{norm}.weight"]
+    out[f"params/{norm}/bias"] = sd[f"{norm}.bias"]
     if model.class_token:
         out["params/cls_token"] = sd["cls_token"]
     if model.num_classes and "head.weight" in sd:

@@ -1,0 +1,103 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxformers.layers import MultiHeadAttention, dot_product_attention, segment_mask
+
+
+def _naive(q, k, v, mask=None, bias=None, scale=None):
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    if mask is not None:
+        s = np.where(np.asarray(mask), s, -1e30)
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _qkv(seed, b=2, lq=7, lk=9, h=3, d=8, dv=None):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (b, lq, h, d)), jax.random.normal(ks[1], (b, lk, h, d)),
+            jax.random.normal(ks[2], (b, lk, h, dv or d)))
+
+
+def test_xla_matches_naive_with_mask_bias_and_scale():
+    q, k, v = _qkv(0, dv=5)
+    mask = jax.random.bernoulli(jax.random.key(1), 0.7, (2, 1, 7, 9)).at[..., 0].set(True)
+    bias = jax.random.normal(jax.random.key(2), (1, 3, 7, 9))
+    out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=0.3)
+    np.testing.assert_allclose(out, _naive(q, k, v, mask, bias, 0.3), rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, 7, 3, 5)
+
+
+def test_segment_ids_block_cross_segment_attention():
+    q, k, v = _qkv(3, lq=6, lk=6)
+    seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 2, 3, 3, 0, 0]])
+    out = dot_product_attention(q, k, v, segment_ids=seg)
+    ref = _naive(q, k, v, mask=segment_mask(seg, seg))
+    valid = np.asarray(seg != 0)
+    np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    # a sequence alone equals the same sequence inside a packed row
+    alone = dot_product_attention(q[:1, 2:5], k[:1, 2:5], v[:1, 2:5])
+    np.testing.assert_allclose(out[:1, 2:5], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_falls_back_to_xla_on_cpu():
+    q, k, v = _qkv(4)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, implementation="auto"),
+                               dot_product_attention(q, k, v), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(implementation="flash"), "implementation must be one of"),
+    (dict(q=jnp.zeros((2, 7, 3))), "must be \\(batch, length, heads, head_dim\\)"),
+    (dict(k=jnp.zeros((2, 9, 3, 4)), v=jnp.zeros((2, 9, 3, 4))), "share head_dim"),
+    (dict(segment_ids=jnp.zeros((2, 5), jnp.int32)), "segment_ids must be"),
+])
+def test_bad_input_is_named(bad, match):
+    q, k, v = _qkv(5)
+    args = dict(q=q, k=k, v=v)
+    args.update({n: bad.pop(n) for n in list(bad) if n in "qkv"})
+    with pytest.raises(ValueError, match=match):
+        dot_product_attention(args["q"], args["k"], args["v"], **bad)
+
+
+def test_pallas_rejects_arbitrary_mask():
+    q, k, v = _qkv(6)
+    with pytest.raises(ValueError, match="segment_ids, not an arbitrary"):
+        dot_product_attention(q, k, v, mask=jnp.ones((1, 1, 7, 9), bool), implementation="pallas")
+
+
+def test_mha_self_and_cross_attention_match_manual_computation():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+    ctx = jax.random.normal(jax.random.key(1), (2, 4, 12))
+    mha = MultiHeadAttention(num_heads=3)
+    params = nn.unbox(mha.init(jax.random.key(2), x))["params"]
+    assert params["qkv"]["kernel"].shape == (12, 3, 3, 4) and params["proj"]["kernel"].shape == (3, 4, 12)
+    qkv = jnp.einsum("ble,ethd->blthd", x, params["qkv"]["kernel"]) + params["qkv"]["bias"]
+    att = _naive(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    ref = np.einsum("blhd,hde->ble", att, params["proj"]["kernel"]) + params["proj"]["bias"]
+    np.testing.assert_allclose(mha.apply({"params": params}, x), ref, rtol=1e-5, atol=1e-5)
+
+    cross = mha.init(jax.random.key(3), x, ctx)["params"]
+    assert set(cross) == {"q", "kv", "proj"}
+    out = mha.apply({"params": cross}, x, ctx)
+    assert out.shape == x.shape
+
+
+def test_mha_attention_dropout_needs_rng_only_in_training():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    mha = MultiHeadAttention(num_heads=2, attention_dropout=0.5)
+    v = mha.init(jax.random.key(1), x)
+    a = mha.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)})
+    b = mha.apply(v, x, train=True, rngs={"dropout": jax.random.key(3)})
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(mha.apply(v, x), mha.apply(v, x))
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        MultiHeadAttention(num_heads=3).init(jax.random.key(0), x)

@@ -1,0 +1,100 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxformers
+from jaxformers import sharding as S
+
+
+def test_mesh_config_resolves_minus_one():
+    assert S.MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == (2, 2, 2)
+    assert S.MeshConfig().resolve(8) == (8, 1, 1)
+    mesh = S.make_mesh({"fsdp": 4, "data": -1})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(ValueError, match="3 does not divide"):
+        S.MeshConfig(fsdp=3).resolve(8)
+    with pytest.raises(ValueError, match="needs 4 devices, but 8"):
+        S.MeshConfig(data=2, fsdp=2).resolve(8)
+    with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+        S.MeshConfig(data=-1, fsdp=-1).resolve(8)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        S.make_mesh({"model": 2})
+
+
+def test_rules_skip_axes_that_do_not_divide():
+    mesh = S.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    box = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((6, 3, 4), jnp.float32), ("embed", "heads", "kv"))
+    assert S.logical_shardings(box, mesh).spec == jax.sharding.PartitionSpec("fsdp", None, None)
+    box = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((8, 4), jnp.float32), ("embed", "mlp"))
+    assert S.logical_shardings(box, mesh).spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    plain = S.logical_shardings(jax.ShapeDtypeStruct((8,), jnp.float32), mesh)
+    assert plain.is_fully_replicated
+
+
+def _tiny_vit(**kw):
+    return jaxformers.create_model("vit_tiny_patch16_224", depth=2, embed_dim=64, num_heads=4, img_size=32,
+                                   patch_size=8, num_classes=10, **kw)
+
+
+def _perturb(params, key):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("rules", [S.DEFAULT_RULES, S.FSDP_RULES], ids=["default", "fsdp_only"])
+def test_sharded_forward_and_grad_equal_single_device(rules):
+    model = _tiny_vit()
+    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+    labels = jnp.arange(8) % 10
+    mesh = S.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = S.init_sharded(model, jax.random.key(1), x, mesh=mesh, rules=rules)
+    single = nn.unbox(model.init({"params": jax.random.key(1), "dropout": jax.random.fold_in(jax.random.key(1), 1)}, x))
+    for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)  # same init, born sharded
+    assert S.unsharded_params(sharded, mesh, min_size=4096) == []
+    params = _perturb(single["params"], jax.random.key(2))  # the head starts at zero: make logits informative
+    sparams = jax.device_put(params, jax.tree_util.tree_map(lambda a: a.sharding, sharded["params"]))
+
+    def loss(p, x):
+        logits = model.apply({"params": p}, x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)), logits
+
+    (l1, y1), g1 = jax.value_and_grad(loss, has_aux=True)(params, x)
+    with S.activate(mesh, rules):
+        (l2, y2), g2 = jax.jit(jax.value_and_grad(loss, has_aux=True))(sparams, S.shard_batch(x, mesh))
+    assert y2.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_check_sharded_flags_replicated_large_params():
+    mesh = S.make_mesh({"fsdp": 8})
+    model = _tiny_vit()
+    x = jnp.zeros((8, 32, 32, 3))
+    good = S.init_sharded(model, jax.random.key(0), x, mesh=mesh)
+    S.check_sharded(good, mesh, min_size=4096)
+    replicated = jax.device_put(good, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    with pytest.raises(ValueError, match="replicated on an fsdp mesh"):
+        S.check_sharded(replicated, mesh, min_size=4096)
+    assert S.unsharded_params(good, S.make_mesh({"data": 8})) == []
+
+
+def test_shard_batch_checks_divisibility():
+    mesh = S.make_mesh({"data": 4, "fsdp": 2})
+    out = S.shard_batch({"x": np.zeros((16, 3)), "y": np.zeros((16,))}, mesh)
+    assert out["x"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    with pytest.raises(ValueError, match="not divisible by data\\*fsdp = 8"):
+        S.shard_batch(np.zeros((12, 3)), mesh)
+
+
+def test_constrain_is_noop_outside_activate_and_checks_rank():
+    x = jnp.ones((4, 3))
+    assert S.constrain(x, ("act_batch", None)) is x
+    mesh = S.make_mesh({"data": 8})
+    with S.activate(mesh), pytest.raises(ValueError, match="2 axis names"):
+        jax.jit(lambda x: S.constrain(x, ("act_batch", None)))(jnp.ones((8, 3, 2)))
