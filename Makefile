@@ -1,0 +1,45 @@
+# The two quick-start commands: `make demo` and `make test`. Both set up .venv from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch + torchvision that import together on a CPU-only machine (timm needs torchvision).
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?= -n 2 --durations=25
+
+.PHONY: setup demo test test-latest model-table clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[torch,data,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m train.main --config train/configs/quickstart.py --workdir workdir/quickstart
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a silent success.
+RUN_PYTEST = rc=0; $(1) -m pytest $(PYTEST_ARGS) $(2) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test: setup
+	@$(call RUN_PYTEST,$(PY),)
+
+# Second CI leg: newest jax/flax on Python 3.12, no torch, the fast tests.
+PY312 ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c "import sys; print(sys.executable)" 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+VENV312 ?= .venv312
+test-latest:
+	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
+	$(PY312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install -q --upgrade pip
+	$(VENV312)/bin/python -m pip install -q --upgrade -e ".[dev]" jax flax optax orbax-checkpoint chex scikit-learn
+	$(VENV312)/bin/python -c "import jax, flax; print('latest leg: jax', jax.__version__, 'flax', flax.__version__)"
+	@$(call RUN_PYTEST,$(VENV312)/bin/python,-m "not slow" tests/layers tests/test_registry.py tests/test_sharding.py tests/test_convert.py tests/models tests/kernels)
+
+model-table: setup
+	$(PY) scripts/model_table.py --write README.md
+
+clean:
+	rm -rf $(VENV) $(VENV312) workdir
