@@ -1,5 +1,7 @@
 """local_global_attention: mask semantics against hand-built masks, the Pallas kernel (interpret mode
 on CPU) against the reference, forward and gradients, and input validation."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,8 +101,8 @@ def test_xla_padding_queries_are_zero_and_grads_finite():
     q, k, v = jax.random.normal(jax.random.key(1), (3, 1, 7, 2, 8))
     out = local_global_attention(q, k, v, segment_ids=seg, implementation="xla")
     assert np.all(np.asarray(out[0, 5:]) == 0.0)
-    grads = jax.grad(lambda *a: local_global_attention(*a, segment_ids=seg, implementation="xla").sum(),
-                     argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(lambda *a: local_global_attention(*a, segment_ids=seg, implementation="xla").sum(),
+                             argnums=(0, 1, 2)))(q, k, v)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
     # Padding keys receive no gradient, padding queries neither.
     assert np.all(np.asarray(grads[1][0, 5:]) == 0.0) and np.all(np.asarray(grads[0][0, 5:]) == 0.0)
@@ -145,3 +147,126 @@ def test_bad_shapes_raise_clear_errors():
         local_global_attention(q, jnp.zeros((1, 5, 2, 8)), jnp.zeros((1, 5, 2, 8)), causal=True)
     with pytest.raises(TypeError, match="floating"):
         local_global_attention(q.astype(jnp.int32), q, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sparsity tables: conservative (never skip an allowed pair, never call a mixed block full).
+
+from jaxformers.kernels.local_global.blocks import BlockSizes, block_kinds  # noqa: E402
+from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas  # noqa: E402
+from jaxformers.kernels.local_global.reference import local_global_attention_reference  # noqa: E402
+
+PACKED = np.array([[1] * 9 + [2] * 14 + [4] * 8 + [0] * 6,      # three sequences, then padding
+                   [5] * 20 + [6] * 17])                        # (segment 3 of row 0 is empty)
+
+
+@pytest.mark.parametrize("case", MASK_CASES, ids=str)
+def test_block_kinds_are_conservative(case):
+    spec, block = MaskSpec(**case), 8
+    seg = jnp.asarray(np.pad(PACKED, ((0, 0), (0, 3))))  # padded to 40 = 5 blocks
+    dense = np.asarray(dense_mask(spec, 40, 40, seg)).reshape(2, 5, block, 5, block)
+    any_, full = (np.asarray(a) for a in block_kinds(spec, seg, seg, block, block))
+    np.testing.assert_array_equal(any_, dense.any(axis=(2, 4)))  # exact here: no false visits either
+    assert not np.any(full & ~dense.all(axis=(2, 4)))
+    if not case:
+        assert full.sum() > 0  # dense blocks inside one segment run without a mask
+
+
+def test_window_visits_only_the_band():
+    seg = jnp.ones((1, 512), jnp.int32)
+    any_, full = block_kinds(MaskSpec(window=(16, 16)), seg, seg, 32, 32)
+    assert int(any_.sum()) == 16 * 3 - 2 and int(full.sum()) == 0  # tridiagonal band of 16 query blocks
+    any_, full = block_kinds(MaskSpec(window=(64, 64)), seg, seg, 32, 32)
+    assert int(any_.sum()) == 16 * 5 - 6  # five diagonals
+    assert int(full.sum()) == 16 * 3 - 2  # the inner three need no element mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas kernel (interpret mode on CPU) against the reference: forward and gradients.
+
+SMALL_BLOCKS = BlockSizes(16, 16, 16, 16)
+
+
+def _fast_compile(fn):
+    """Runs fn under jit with XLA's CPU optimisations off: interpret-mode kernels are all compile time."""
+    return jax.jit(fn).lower().compile({"xla_backend_optimization_level": 0})()
+
+
+def _compare(case, *, dtype=jnp.float32, batch=2, length=37, heads=2, kv_heads=None, dim=32, seg=None,
+             blocks=SMALL_BLOCKS, k_length=None, seed=0):
+    kv_heads = kv_heads or heads
+    k_length = k_length or length
+    spec = MaskSpec(**case)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, length, heads, dim), dtype)
+    k = jax.random.normal(keys[1], (batch, k_length, kv_heads, dim), dtype)
+    v = jax.random.normal(keys[2], (batch, k_length, kv_heads, dim), dtype)
+    d_out = jax.random.normal(keys[3], (batch, length, heads, dim), dtype)
+    seg = None if seg is None else jnp.asarray(seg, jnp.int32)
+
+    def run(fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, spec, segment_ids=seg, scale=0.3), q, k, v)
+        return out, vjp(d_out)
+
+    out, grads = _fast_compile(lambda: run(functools.partial(local_global_attention_pallas, block_sizes=blocks)))
+    ref_out, ref_grads = _fast_compile(lambda: run(local_global_attention_reference))
+    assert out.dtype == dtype and out.shape == q.shape
+    # Interpret mode fills outputs with NaN before the kernel runs: unwritten elements fail here.
+    for t in (out, *grads):
+        assert np.isfinite(np.asarray(t, np.float32)).all()
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(got, want, **tol)
+        else:  # bf16: relative error of the whole tensor
+            assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want) + 1e-6
+    if seg is not None:  # padding queries give zeros; padding keys get no gradient
+        pad = np.asarray(seg) == 0
+        assert np.all(np.asarray(out, np.float32)[pad] == 0)
+        assert np.all(np.asarray(grads[1], np.float32)[pad] == 0)
+    return out
+
+
+KERNEL_CASES = [  # (mask options, segment ids, other _compare arguments)
+    (dict(), None, dict()),                                           # dense, odd length
+    (dict(), PACKED, dict(dim=64)),                                   # packed variable-length (BERT)
+    (dict(window=(3, 5), global_tokens=2), PACKED, dict()),
+    (dict(window=(50, 60)), None, dict(dim=128, batch=1)),             # window wider than the sequence
+    (dict(group_size=5, global_tokens=1), None, dict(dim=48)),         # head dim padded inside
+    (dict(window=(2, 2), group_size=8), PACKED, dict()),
+    (dict(causal=True), None, dict(heads=4, kv_heads=2, batch=1)),     # grouped-query heads
+    (dict(causal=True, window=(6, 0)), PACKED, dict()),
+    (dict(causal=True, chunk_size=4), PACKED, dict()),
+]
+
+
+@pytest.mark.parametrize("case,seg,kwargs", KERNEL_CASES,
+                         ids=[f"{c}-{'packed' if s is not None else 'rows'}-{a}" for c, s, a in KERNEL_CASES])
+def test_pallas_matches_reference_f32(case, seg, kwargs):
+    _compare(case, seg=seg, **kwargs)
+
+
+def test_pallas_bf16():
+    _compare(dict(window=(4, 4), global_tokens=3), dtype=jnp.bfloat16, seg=PACKED)
+
+
+def test_pallas_default_blocks():
+    # Default block sizes shrink to the sequence: one query block and one key block.
+    _compare(dict(window=(3, 3)), batch=1, length=23, blocks=None)
+
+
+def test_pallas_cross_attention_lengths():
+    _compare(dict(), batch=1, length=20, k_length=37)
+
+
+def test_dot_product_attention_pallas_route():
+    from jaxformers.layers import dot_product_attention
+
+    q, k, v = jax.random.normal(jax.random.key(4), (3, 2, 37, 2, 16))
+    seg = jnp.asarray(PACKED)
+    got = jax.jit(lambda: dot_product_attention(q, k, v, segment_ids=seg, implementation="pallas"))()
+    want = dot_product_attention(q, k, v, segment_ids=seg, implementation="xla")
+    valid = np.asarray(seg) != 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5)
+    assert np.all(np.asarray(got)[~valid] == 0)

@@ -1,0 +1,134 @@
+"""Block sparsity for the local + global kernel: which key blocks each query block must visit.
+
+For every pair (query block, key block) we decide from block-level bounds alone whether the pair
+holds *no* allowed element (skip), *only* allowed elements (visit without computing a mask: "full"),
+or some (visit with the element mask: "partial"). Window, group, causal/chunk and global tokens
+give the bounds from positions; packed segments from per-block min/max of the non-zero ids. The
+tests are conservative: a skipped block truly has no allowed pair, a "full" block truly has only
+allowed pairs; anything uncertain is "partial".
+
+The result is a flat int32 index table (flat so that both the Triton and Mosaic lowerings can read
+scalars from it): for row r = (batch, outer block), ``table[r*T] = n_full``, ``table[r*T+1] =
+n_partial`` and ``table[r*T+2 : r*T+2+n_full+n_partial]`` lists the inner blocks, full ones first,
+each group in increasing order. The forward and dQ kernels iterate key blocks per query block; the
+dK/dV kernel uses the transposed table (query blocks per key block).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformers.kernels.local_global.mask import MaskSpec
+
+_BIG = np.int32(2**30)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two >= 16) of the forward and backward kernels along Lq and Lk."""
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_bwd: int = 64
+    block_k_bwd: int = 64
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"BlockSizes.{name} must be a power of two >= 16; got {value!r}")
+
+    def fitted(self, q_len: int, k_len: int) -> "BlockSizes":
+        """Shrinks blocks that exceed the (power-of-two rounded) sequence lengths."""
+        def fit(block: int, length: int) -> int:
+            return min(block, max(16, int(pl_next_pow2(length))))
+        return BlockSizes(fit(self.block_q, q_len), fit(self.block_k, k_len),
+                          fit(self.block_q_bwd, q_len), fit(self.block_k_bwd, k_len))
+
+    @property
+    def q_multiple(self) -> int:
+        return max(self.block_q, self.block_q_bwd)
+
+    @property
+    def k_multiple(self) -> int:
+        return max(self.block_k, self.block_k_bwd)
+
+
+def pl_next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _block_segments(seg: jax.Array, block: int):
+    """Per block: min and max of the non-zero ids (BIG/-BIG if none) and whether any id is 0."""
+    b, length = seg.shape
+    blocks = seg.reshape(b, length // block, block)
+    nonzero = blocks != 0
+    lo = jnp.min(jnp.where(nonzero, blocks, _BIG), axis=-1)
+    hi = jnp.max(jnp.where(nonzero, blocks, -_BIG), axis=-1)
+    return lo, hi, jnp.any(~nonzero, axis=-1)
+
+
+def block_kinds(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int, block_k: int):
+    """(any, full) boolean arrays of shape (B or 1, nq, nk): some / all pairs of the block allowed.
+
+    ``q_seg``/``k_seg`` are (B or 1, padded length) int32 with 0 on padding positions.
+    """
+    nq, nk = q_seg.shape[1] // block_q, k_seg.shape[1] // block_k
+    qs = (np.arange(nq) * block_q)[:, None]
+    qe = qs + block_q - 1
+    ks = (np.arange(nk) * block_k)[None, :]
+    ke = ks + block_k - 1
+    any_local = np.ones((nq, nk), bool)
+    full_local = np.ones((nq, nk), bool)
+    if spec.window is not None:
+        left, right = spec.window
+        if left is not None:
+            any_local &= ke >= qs - left
+            full_local &= ks >= qe - left
+        if right is not None:
+            any_local &= ks <= qe + right
+            full_local &= ke <= qs + right
+    if spec.group_size is not None:
+        g = spec.group_size
+        any_local &= (qs // g <= ke // g) & (ks // g <= qe // g)
+        full_local &= (qs // g == qe // g) & (ks // g == ke // g) & (qs // g == ks // g)
+    n = spec.global_tokens
+    any_struct = any_local | (qs < n) | (ks < n)
+    full_struct = full_local | (qe < n) | (ke < n)
+    if spec.causal:
+        c = spec.chunk_size or 1
+        any_struct &= ks // c <= qe // c
+        full_struct &= ke // c <= qs // c
+    q_lo, q_hi, q_zero = _block_segments(q_seg, block_q)
+    k_lo, k_hi, k_zero = _block_segments(k_seg, block_k)
+    q_lo, q_hi, q_zero = q_lo[:, :, None], q_hi[:, :, None], q_zero[:, :, None]
+    k_lo, k_hi, k_zero = k_lo[:, None, :], k_hi[:, None, :], k_zero[:, None, :]
+    seg_any = (q_lo <= k_hi) & (k_lo <= q_hi)
+    seg_full = ~q_zero & ~k_zero & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    any_ = jnp.asarray(any_struct)[None] & seg_any
+    full = jnp.asarray(full_struct)[None] & seg_full & any_
+    return any_, full
+
+
+def index_table(any_: jax.Array, full: jax.Array) -> tuple[jax.Array, int]:
+    """Flat int32 table (see module docstring) over the last axis of (Bt, n_outer, n_inner) masks.
+
+    Returns (table, row_stride T). The table length is padded to a power of two.
+    """
+    bt, n_outer, n_inner = any_.shape
+    kind = jnp.where(full, 0, jnp.where(any_, 1, 2)).astype(jnp.int32)
+    order = jnp.argsort(kind * n_inner + jnp.arange(n_inner, dtype=jnp.int32), axis=-1).astype(jnp.int32)
+    n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)[..., None]
+    n_part = jnp.sum(any_ & ~full, axis=-1, dtype=jnp.int32)[..., None]
+    rows = jnp.concatenate([n_full, n_part, order], axis=-1)
+    stride = n_inner + 2
+    flat = rows.reshape(-1)
+    size = pl_next_pow2(flat.shape[0])
+    return jnp.pad(flat, (0, size - flat.shape[0])), stride
+
+
+def visited_fraction(any_: jax.Array) -> float:
+    """Fraction of (query block, key block) pairs the kernels visit (for benchmarks / reports)."""
+    return float(jnp.mean(any_.astype(jnp.float32)))

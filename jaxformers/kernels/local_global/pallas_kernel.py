@@ -1,0 +1,332 @@
+"""Block-sparse flash attention in Pallas for ``local_global_attention``: forward, dQ and dK/dV.
+
+Layout and schedule (FlashAttention-2 style):
+
+- Grid (query block, batch, head) for the forward and dQ kernels; each program keeps its query
+  tile resident and walks only the key blocks that ``blocks.index_table`` lists for it, with an
+  online softmax (base-2 exponentials, float32 accumulators). "Full" blocks (every pair allowed)
+  run without computing a mask; "partial" blocks compute the element mask from positions and
+  segment ids (``mask.allowed``), the same definition the reference uses.
+- The forward pass saves the base-2 logsumexp per query; the backward recomputes probabilities
+  from it. dK/dV runs on grid (key block, batch, head) over the transposed table, so every output
+  tile is written by exactly one program (no atomics).
+- Any length: q/k/v are zero-padded to the block multiple and padding positions get segment id 0,
+  which masks them; head dims are padded to a power of two (zeros change no dot product).
+- Queries with no allowed key (padding) produce zeros and a +inf logsumexp (zero gradients).
+- Grouped-query attention: the k/v index map shares a kv head among ``rep`` query heads; dK/dV are
+  computed per query head and summed.
+
+Backends: the kernels use only ops that the Pallas Triton (GPU) lowering supports (``pl.ds``
+slices of refs, scalar reads from a flat int32 table, ``jnp.dot``, 2-D iotas, ``fori_loop`` with
+dynamic bounds). On CPU they run in interpret mode. They have been exercised in interpret mode
+only; no GPU/TPU compile has been tried. On TPU the table is placed in SMEM.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxformers.kernels.local_global.blocks import BlockSizes, block_kinds, index_table, pl_next_pow2
+from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+LOG2_E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    spec: MaskSpec
+    scale: float
+    blocks: BlockSizes
+    rep: int  # query heads per kv head
+    interpret: bool
+    backend: str
+
+
+def _dot_nt(a, b):
+    """a @ b.T with float32 accumulation."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+    """a.T @ b with float32 accumulation."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _masked_logits(spec, s, q_start, k_start, q_seg, k_seg):
+    """Applies the element mask to a (bq, bk) logit tile whose corner is (q_start, k_start)."""
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    ok = allowed(spec, q_pos, k_pos) & segments_allowed(q_seg[:, None], k_seg[None, :])
+    return jnp.where(ok, s, MASK_VALUE)
+
+
+def _walk(table_ref, row, body, carry):
+    """Runs ``body(inner_block, carry, masked)`` over the full, then the partial blocks of a row."""
+    n_full = table_ref[row]
+    n_part = table_ref[row + 1]
+    carry = lax.fori_loop(0, n_full, lambda t, c: body(table_ref[row + 2 + t], c, False), carry)
+    return lax.fori_loop(n_full, n_full + n_part, lambda t, c: body(table_ref[row + 2 + t], c, True), carry)
+
+
+def _forward_kernel(table_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                    cfg: _Config, stride: int, n_q: int, per_batch: bool):
+    block_q, block_k = cfg.blocks.block_q, cfg.blocks.block_k
+    qb, b = pl.program_id(0), pl.program_id(1)
+    row = ((b if per_batch else 0) * n_q + qb) * stride
+    q = q_ref[...]
+    q_seg = q_seg_ref[...]
+    c = cfg.scale * LOG2_E
+
+    def body(kb, carry, masked):
+        m, l, acc = carry
+        start = pl.multiple_of(kb * block_k, block_k)
+        s = _dot_nt(q, k_ref[pl.ds(start, block_k), :]) * c
+        if masked:
+            s = _masked_logits(cfg.spec, s, qb * block_q, start, q_seg, k_seg_ref[pl.ds(start, block_k)])
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        correction = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        v = v_ref[pl.ds(start, block_k), :]
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        return m_new, l * correction + jnp.sum(p, axis=1), acc
+
+    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+            jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32))
+    m, l, acc = _walk(table_ref, row, body, init)
+    empty = m < 0.5 * MASK_VALUE  # no allowed key in the whole row (padding query)
+    safe_l = jnp.where(empty, 1.0, l)
+    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / safe_l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(safe_l))
+
+
+def _dq_kernel(table_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               cfg: _Config, stride: int, n_q: int, per_batch: bool):
+    block_q, block_k = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
+    qb, b = pl.program_id(0), pl.program_id(1)
+    row = ((b if per_batch else 0) * n_q + qb) * stride
+    q, do, q_seg = q_ref[...], do_ref[...], q_seg_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    c = cfg.scale * LOG2_E
+
+    def body(kb, dq, masked):
+        start = pl.multiple_of(kb * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        s = _dot_nt(q, k) * c
+        if masked:
+            s = _masked_logits(cfg.spec, s, qb * block_q, start, q_seg, k_seg_ref[pl.ds(start, block_k)])
+        p = jnp.exp2(s - lse[:, None])
+        dp = _dot_nt(do, v_ref[pl.ds(start, block_k), :])
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = _walk(table_ref, row, body, jnp.zeros(q_ref.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(table_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                *, cfg: _Config, stride: int, n_k: int, per_batch: bool):
+    block_q, block_k = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
+    kb, b = pl.program_id(0), pl.program_id(1)
+    row = ((b if per_batch else 0) * n_k + kb) * stride
+    k, v, k_seg = k_ref[...], v_ref[...], k_seg_ref[...]
+    c = cfg.scale * LOG2_E
+
+    def body(qb, carry, masked):
+        dk, dv = carry
+        start = pl.multiple_of(qb * block_q, block_q)
+        q = q_ref[pl.ds(start, block_q), :]
+        do = do_ref[pl.ds(start, block_q), :]
+        s = _dot_nt(q, k) * c
+        if masked:
+            s = _masked_logits(cfg.spec, s, start, kb * block_k, q_seg_ref[pl.ds(start, block_q)], k_seg)
+        p = jnp.exp2(s - lse_ref[pl.ds(start, block_q)][:, None])
+        dv = dv + _dot_tn(p.astype(do.dtype), do)
+        dp = _dot_nt(do, v)
+        ds = p * (dp - delta_ref[pl.ds(start, block_q)][:, None])
+        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+
+    init = (jnp.zeros(k_ref.shape, jnp.float32), jnp.zeros(v_ref.shape, jnp.float32))
+    dk, dv = _walk(table_ref, row, body, init)
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _table_spec(cfg: _Config) -> pl.BlockSpec:
+    if cfg.backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pl.BlockSpec(memory_space=pltpu.SMEM)
+    return pl.BlockSpec()  # the whole flat table
+
+
+def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name):
+    params = None
+    if cfg.backend == "gpu" and not cfg.interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        width = in_specs[3].block_shape[-1]
+        params = plgpu.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=2)
+    elif cfg.backend == "tpu" and not cfg.interpret:
+        from jax.experimental.pallas import tpu as pltpu
+
+        params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          compiler_params=params, interpret=cfg.interpret, name=name)
+
+
+def _tables(cfg: _Config, q_seg, k_seg, block_q, block_k):
+    any_, full = block_kinds(cfg.spec, q_seg, k_seg, block_q, block_k)
+    fwd, fwd_stride = index_table(any_, full)
+    bwd, bwd_stride = index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2))
+    return fwd, fwd_stride, bwd, bwd_stride
+
+
+def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
+    batch, q_len, heads, dim = q.shape
+    k_len, dim_v = k.shape[1], v.shape[-1]
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    table, stride, _, _ = _tables(cfg, q_seg, k_seg, bq, bk)
+    per_batch = q_seg.shape[0] > 1
+    rep = cfg.rep
+    grid = (q_len // bq, batch, heads)
+    seg_b = (lambda b: b) if per_batch else (lambda b: 0)
+    kernel = functools.partial(_forward_kernel, cfg=cfg, stride=stride, n_q=q_len // bq, per_batch=per_batch)
+    in_specs = [
+        _table_spec(cfg),
+        pl.BlockSpec((None, bq), lambda i, b, h: (seg_b(b), i)),
+        pl.BlockSpec((None, k_len), lambda i, b, h: (seg_b(b), 0)),
+        pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, k_len, None, dim), lambda i, b, h: (b, 0, h // rep, 0)),
+        pl.BlockSpec((None, k_len, None, dim_v), lambda i, b, h: (b, 0, h // rep, 0)),
+    ]
+    out_specs = [pl.BlockSpec((None, bq, None, dim_v), lambda i, b, h: (b, i, h, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
+    out_shape = [jax.ShapeDtypeStruct((batch, q_len, heads, dim_v), q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)]
+    out, lse = _call(kernel, cfg, grid, in_specs, out_specs, out_shape, "local_global_fwd")(
+        table, q_seg, k_seg, q, k, v)
+    return out, lse
+
+
+def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
+    batch, q_len, heads, dim = q.shape
+    k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
+    fwd_table, fwd_stride, bwd_table, bwd_stride = _tables(cfg, q_seg, k_seg, bq, bk)
+    per_batch = q_seg.shape[0] > 1
+    seg_b = (lambda b: b) if per_batch else (lambda b: 0)
+    rep = cfg.rep
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
+
+    dq_kernel = functools.partial(_dq_kernel, cfg=cfg, stride=fwd_stride, n_q=q_len // bq, per_batch=per_batch)
+    dq = _call(dq_kernel, cfg, (q_len // bq, batch, heads), [
+        _table_spec(cfg),
+        pl.BlockSpec((None, bq), lambda i, b, h: (seg_b(b), i)),
+        pl.BlockSpec((None, k_len), lambda i, b, h: (seg_b(b), 0)),
+        pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, k_len, None, dim), lambda i, b, h: (b, 0, h // rep, 0)),
+        pl.BlockSpec((None, k_len, None, dim_v), lambda i, b, h: (b, 0, h // rep, 0)),
+        pl.BlockSpec((None, bq, None, dim_v), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+    ], pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
+        jax.ShapeDtypeStruct(q.shape, q.dtype), "local_global_dq")(
+        fwd_table, q_seg, k_seg, q, k, v, d_out, lse, delta)
+
+    acc_dtype = k.dtype if rep == 1 else jnp.float32
+    dkv_kernel = functools.partial(_dkv_kernel, cfg=cfg, stride=bwd_stride, n_k=k_len // bk, per_batch=per_batch)
+    dk, dv = _call(dkv_kernel, cfg, (k_len // bk, batch, heads), [
+        _table_spec(cfg),
+        pl.BlockSpec((None, q_len), lambda j, b, h: (seg_b(b), 0)),
+        pl.BlockSpec((None, bk), lambda j, b, h: (seg_b(b), j)),
+        pl.BlockSpec((None, q_len, None, dim), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, bk, None, dim), lambda j, b, h: (b, j, h // rep, 0)),
+        pl.BlockSpec((None, bk, None, dim_v), lambda j, b, h: (b, j, h // rep, 0)),
+        pl.BlockSpec((None, q_len, None, dim_v), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, None, q_len), lambda j, b, h: (b, h, 0)),
+        pl.BlockSpec((None, None, q_len), lambda j, b, h: (b, h, 0)),
+    ], [pl.BlockSpec((None, bk, None, dim), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, bk, None, dim_v), lambda j, b, h: (b, j, h, 0))],
+        [jax.ShapeDtypeStruct((batch, k_len, heads, dim), acc_dtype),
+         jax.ShapeDtypeStruct((batch, k_len, heads, dim_v), acc_dtype)], "local_global_dkv")(
+        bwd_table, q_seg, k_seg, q, k, v, d_out, lse, delta)
+    if rep > 1:
+        dk = dk.reshape(batch, k_len, kv_heads, rep, dim).sum(3).astype(k.dtype)
+        dv = dv.reshape(batch, k_len, kv_heads, rep, dim_v).sum(3).astype(v.dtype)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg: _Config, q, k, v, q_seg, k_seg):
+    return _forward(cfg, q, k, v, q_seg, k_seg)[0]
+
+
+def _attention_fwd(cfg, q, k, v, q_seg, k_seg):
+    out, lse = _forward(cfg, q, k, v, q_seg, k_seg)
+    return out, (q, k, v, q_seg, k_seg, out, lse)
+
+
+def _attention_bwd(cfg, residuals, d_out):
+    q, k, v, q_seg, k_seg, out, lse = residuals
+    dq, dk, dv = _backward(cfg, q, k, v, q_seg, k_seg, out, lse, d_out)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
+    if segment_ids is None:
+        seg = jnp.ones((batch_or_one, length), jnp.int32)
+    else:
+        seg = segment_ids.astype(jnp.int32)
+    return jnp.pad(seg, ((0, 0), (0, padded - length)))
+
+
+def local_global_attention_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    spec: MaskSpec,
+    *,
+    segment_ids: jax.Array | None = None,
+    scale: float,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """The Pallas path of ``local_global_attention`` (inputs already validated by the API).
+
+    ``block_sizes`` defaults to ``BlockSizes()`` shrunk to the sequence; ``interpret`` defaults to
+    True off GPU/TPU.
+    """
+    backend = jax.default_backend()
+    if interpret is None:
+        interpret = backend not in ("gpu", "tpu")
+    batch, q_len, heads, dim = q.shape
+    k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    blocks = (block_sizes or BlockSizes()).fitted(q_len, k_len)
+    cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads,
+                  interpret=bool(interpret), backend=backend)
+    q_pad = -q_len % blocks.q_multiple
+    k_pad = -k_len % blocks.k_multiple
+    d_pad, dv_pad = pl_next_pow2(max(dim, 16)) - dim, pl_next_pow2(max(dim_v, 16)) - dim_v
+    qp = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, d_pad)))
+    kp = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
+    vp = jnp.pad(v, ((0, 0), (0, k_pad), (0, 0), (0, dv_pad)))
+    rows = batch if segment_ids is not None else 1
+    q_seg = _padded_segments(segment_ids, rows, q_len, q_len + q_pad)
+    k_seg = _padded_segments(segment_ids, rows, k_len, k_len + k_pad)
+    out = _attention(cfg, qp, kp, vp, q_seg, k_seg)
+    return out[:, :q_len, :, :dim_v]
