@@ -165,7 +165,7 @@ def test_block_kinds_are_conservative(case):
     spec, block = MaskSpec(**case), 8
     seg = jnp.asarray(np.pad(PACKED, ((0, 0), (0, 3))))  # padded to 40 = 5 blocks
     dense = np.asarray(dense_mask(spec, 40, 40, seg)).reshape(2, 5, block, 5, block)
-    any_, full = (np.asarray(a) for a in block_kinds(spec, seg, seg, block, block))
+    any_, full = (np.asarray(a) for a in block_kinds(spec, seg, seg, block, block)[:2])
     np.testing.assert_array_equal(any_, dense.any(axis=(2, 4)))  # exact here: no false visits either
     assert not np.any(full & ~dense.all(axis=(2, 4)))
     if not case:
@@ -174,9 +174,10 @@ def test_block_kinds_are_conservative(case):
 
 def test_window_visits_only_the_band():
     seg = jnp.ones((1, 512), jnp.int32)
-    any_, full = block_kinds(MaskSpec(window=(16, 16)), seg, seg, 32, 32)
+    any_, full, k_width, q_width = block_kinds(MaskSpec(window=(16, 16)), seg, seg, 32, 32)
     assert int(any_.sum()) == 16 * 3 - 2 and int(full.sum()) == 0  # tridiagonal band of 16 query blocks
-    any_, full = block_kinds(MaskSpec(window=(64, 64)), seg, seg, 32, 32)
+    assert k_width == q_width == 3  # index tables hold 3 entries per row, not 16
+    any_, full, *_ = block_kinds(MaskSpec(window=(64, 64)), seg, seg, 32, 32)
     assert int(any_.sum()) == 16 * 5 - 6  # five diagonals
     assert int(full.sum()) == 16 * 3 - 2  # the inner three need no element mask
 
@@ -270,3 +271,24 @@ def test_dot_product_attention_pallas_route():
     valid = np.asarray(seg) != 0
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5)
     assert np.all(np.asarray(got)[~valid] == 0)
+
+
+def test_kernels_lower_for_gpu_triton():
+    """Lowers forward and backward for a CUDA device from this CPU host (no GPU needed): catches ops
+    the Triton lowering does not support. Compiling and running need a GPU."""
+    pytest.importorskip("jax._src.lib.triton")
+    from jax import export
+
+    spec = MaskSpec(window=(32, 0), global_tokens=2, causal=True, chunk_size=None)
+    shape = jax.ShapeDtypeStruct((2, 300, 4, 64), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+
+    def step(q, k, v, seg):
+        out, vjp = jax.vjp(lambda *a: local_global_attention_pallas(
+            *a, spec, segment_ids=seg, scale=0.125, interpret=False, backend="gpu"), q, k, v)
+        return out, vjp(out)
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = export.export(jax.jit(step), platforms=["cuda"], disabled_checks=checks)(shape, shape, shape, seg).mlir_module()
+    for name in ("local_global_fwd", "local_global_dq", "local_global_dkv"):
+        assert f'name = "{name}"' in text

@@ -71,7 +71,9 @@ def _block_segments(seg: jax.Array, block: int):
 
 
 def block_kinds(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int, block_k: int):
-    """(any, full) boolean arrays of shape (B or 1, nq, nk): some / all pairs of the block allowed.
+    """(any, full, max_k_blocks, max_q_blocks): ``any``/``full`` are (B or 1, nq, nk) booleans (some /
+    all pairs of the block allowed); the two ints are static bounds on the visited key blocks per
+    query block and query blocks per key block (from positions alone, before segments).
 
     ``q_seg``/``k_seg`` are (B or 1, padded length) int32 with 0 on padding positions.
     """
@@ -109,21 +111,22 @@ def block_kinds(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int
     seg_full = ~q_zero & ~k_zero & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
     any_ = jnp.asarray(any_struct)[None] & seg_any
     full = jnp.asarray(full_struct)[None] & seg_full & any_
-    return any_, full
+    return any_, full, max(1, int(any_struct.sum(1).max())), max(1, int(any_struct.sum(0).max()))
 
 
-def index_table(any_: jax.Array, full: jax.Array) -> tuple[jax.Array, int]:
+def index_table(any_: jax.Array, full: jax.Array, width: int) -> tuple[jax.Array, int]:
     """Flat int32 table (see module docstring) over the last axis of (Bt, n_outer, n_inner) masks.
 
-    Returns (table, row_stride T). The table length is padded to a power of two.
+    ``width`` bounds the number of visited inner blocks of any row (a static bound, so rows only
+    hold that many entries). Returns (table, row_stride T); the length is padded to a power of two.
     """
     bt, n_outer, n_inner = any_.shape
     kind = jnp.where(full, 0, jnp.where(any_, 1, 2)).astype(jnp.int32)
     order = jnp.argsort(kind * n_inner + jnp.arange(n_inner, dtype=jnp.int32), axis=-1).astype(jnp.int32)
     n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)[..., None]
     n_part = jnp.sum(any_ & ~full, axis=-1, dtype=jnp.int32)[..., None]
-    rows = jnp.concatenate([n_full, n_part, order], axis=-1)
-    stride = n_inner + 2
+    rows = jnp.concatenate([n_full, n_part, order[..., :width]], axis=-1)
+    stride = width + 2
     flat = rows.reshape(-1)
     size = pl_next_pow2(flat.shape[0])
     return jnp.pad(flat, (0, size - flat.shape[0])), stride

@@ -187,9 +187,9 @@ def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name):
 
 
 def _tables(cfg: _Config, q_seg, k_seg, block_q, block_k):
-    any_, full = block_kinds(cfg.spec, q_seg, k_seg, block_q, block_k)
-    fwd, fwd_stride = index_table(any_, full)
-    bwd, bwd_stride = index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2))
+    any_, full, k_width, q_width = block_kinds(cfg.spec, q_seg, k_seg, block_q, block_k)
+    fwd, fwd_stride = index_table(any_, full, k_width)
+    bwd, bwd_stride = index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
     return fwd, fwd_stride, bwd, bwd_stride
 
 
@@ -305,13 +305,15 @@ def local_global_attention_pallas(
     scale: float,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
     """The Pallas path of ``local_global_attention`` (inputs already validated by the API).
 
     ``block_sizes`` defaults to ``BlockSizes()`` shrunk to the sequence; ``interpret`` defaults to
-    True off GPU/TPU.
+    True off GPU/TPU. ``backend`` ("gpu" | "tpu" | "cpu", default: JAX's default backend) picks the
+    lowering; naming one explicitly lets ``jax.export`` lower for an accelerator from a CPU host.
     """
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     if interpret is None:
         interpret = backend not in ("gpu", "tpu")
     batch, q_len, heads, dim = q.shape
