@@ -1,0 +1,243 @@
+"""Kernel benchmarks: our Pallas kernels against baselines measured in the same run.
+
+    python benchmarks/kernels.py            # anchor shapes on GPU/TPU; tiny shapes elsewhere
+    python benchmarks/kernels.py --small    # tiny shapes (CPU: Pallas in interpret mode, minutes)
+    python benchmarks/kernels.py --only window,packed --repeats 50
+
+Rows (shapes from shared/anchors.md on an accelerator):
+
+- dense: ``local_global_attention`` with no options vs XLA ``jax.nn.dot_product_attention`` and,
+  on GPU, cuDNN.
+- window: bidirectional ±256 sliding window (and + global tokens) vs XLA with a dense mask and vs
+  dense cuDNN over the whole sequence (cuDNN refuses bidirectional windows).
+- bra: bi-level routing attention (``jaxformers.kernels.bi_level_routing_attention``) Pallas vs the
+  naive gather version (``implementation="xla"``), forward and forward+backward; skipped if the
+  op is not installed.
+- packed: BERT-shaped attention where half the tokens are padding: packed rows with segment ids vs
+  the same sequences padded (our kernel with a padding mask, and cuDNN/XLA with a mask). Throughput
+  is counted in real tokens.
+
+Each row prints the median time, achieved TFLOP/s (useful FLOPs: allowed query/key pairs only;
+forward+backward counted as 3.5x forward) and GB/s (least bytes: inputs read once, outputs written
+once), and the speedup over each baseline (baseline time / our time). On CPU the Pallas kernels
+run in interpret mode: those timings check that the script works, they say nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformers.kernels import local_global_attention
+from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
+
+
+def timeit(fn: Callable, *args, repeats: int) -> float:
+    """Median seconds of a jitted call after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def allowed_pairs(spec: MaskSpec, length: int, segment_ids: np.ndarray | None = None, rows: int = 1024) -> float:
+    """Number of allowed (query, key) pairs summed over the batch (rows of the mask in chunks)."""
+    total = 0.0
+    k_pos = jnp.arange(length)[None, :]
+    for start in range(0, length, rows):
+        q_pos = jnp.arange(start, min(length, start + rows))[:, None]
+        mask = allowed(spec, q_pos, k_pos)[None]
+        if segment_ids is not None:
+            seg = jnp.asarray(segment_ids)
+            mask = mask & segments_allowed(seg[:, start:start + rows, None], seg[:, None, :])
+        total += float(jnp.sum(mask, dtype=jnp.float32))
+    return total
+
+
+class Table:
+    def __init__(self):
+        print(f"{'row':<34} {'shape':<26} {'impl':<22} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}  speedup")
+
+    def row(self, name, shape, impl, seconds, flops, nbytes, baselines: dict[str, float] | None = None):
+        ratios = "  ".join(f"{seconds_b / seconds:5.2f}x vs {b}" for b, seconds_b in (baselines or {}).items())
+        print(f"{name:<34} {shape:<26} {impl:<22} {seconds * 1e3:9.3f} {flops / seconds / 1e12:8.2f} "
+              f"{nbytes / seconds / 1e9:8.1f}  {ratios}", flush=True)
+
+
+def _qkv(shape, dtype, seed=0):
+    return tuple(jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.key(seed), 3))
+
+
+def _fwd_bwd(fn):
+    """jit(fn) and jit(grad of a sum of fn's output w.r.t. q, k, v)."""
+    fwd = jax.jit(fn)
+    bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+    return fwd, bwd
+
+
+def bench_attention(table, name, shape, spec_kwargs, *, dtype, repeats, on_gpu, backward,
+                    dense_cudnn_baseline=True, mask_baseline=True):
+    """One local/global attention shape: our kernel vs XLA-with-mask (and cuDNN dense on GPU)."""
+    batch, length, heads, dim = shape
+    q, k, v = _qkv(shape, dtype)
+    spec = MaskSpec(**spec_kwargs)
+    pairs = allowed_pairs(spec, length) * batch * heads
+    flops = 4.0 * pairs * dim
+    nbytes = 4.0 * q.size * q.dtype.itemsize
+    ours_f, ours_b = _fwd_bwd(lambda q, k, v: local_global_attention(q, k, v, **spec_kwargs, implementation="pallas"))
+    base = {}
+    if mask_baseline:
+        mask = None if spec.is_dense else allowed(spec, jnp.arange(length)[:, None], jnp.arange(length)[None, :])
+        xla_f, xla_b = _fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"))
+        base["xla" + ("" if mask is None else "+mask")] = (xla_f, xla_b)
+    if on_gpu and dense_cudnn_baseline and dtype in (jnp.bfloat16, jnp.float16):
+        cu_f, cu_b = _fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+        base["cudnn dense"] = (cu_f, cu_b)
+    shape_s = "x".join(map(str, shape))
+    for mode, index, mult in (("fwd", 0, 1.0), ("fwd+bwd", 1, 3.5))[: 2 if backward else 1]:
+        times = {b: _try_time(fns[index], q, k, v, repeats=repeats) for b, fns in base.items()}
+        ours = timeit((ours_f, ours_b)[index], q, k, v, repeats=repeats)
+        table.row(f"{name} {mode}", shape_s, "pallas", ours, flops * mult, nbytes * (2 if index else 1),
+                  {b: t for b, t in times.items() if t is not None})
+
+
+def _try_time(fn, *args, repeats):
+    try:
+        return timeit(fn, *args, repeats=repeats)
+    except Exception as e:  # a baseline that refuses a shape (cuDNN limits) is reported, not fatal
+        print(f"  (baseline failed: {type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        return None
+
+
+def bench_bra(table, shapes, *, dtype, repeats, backward):
+    try:
+        from jaxformers.kernels import bi_level_routing_attention
+        from jaxformers.kernels.bi_level_routing.api import attention_cost
+    except (ImportError, AttributeError) as e:
+        print(f"bra rows skipped: bi_level_routing_attention unavailable ({e})")
+        return
+    for batch, height, width, channels, heads, regions, topk in shapes:
+        q, k, v = _qkv((batch, height, width, channels), dtype, seed=1)
+        cost = attention_cost(batch, height, width, channels, channels, regions, topk, q.dtype.itemsize)
+        fns = {impl: _fwd_bwd(lambda q, k, v, impl=impl: bi_level_routing_attention(
+            q, k, v, num_heads=heads, regions_per_side=regions, topk=topk, implementation=impl))
+            for impl in ("pallas", "xla")}
+        shape_s = f"{batch}x{height}x{width}x{channels} S{regions} k{topk}"
+        for mode, index, mult in (("fwd", 0, 1.0), ("fwd+bwd", 1, 3.5))[: 2 if backward else 1]:
+            try:
+                naive = timeit(fns["xla"][index], q, k, v, repeats=repeats)
+                ours = timeit(fns["pallas"][index], q, k, v, repeats=repeats)
+            except Exception as e:  # the other helper's kernel may not support every shape yet
+                print(f"bra {mode} {shape_s} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                continue
+            floor = cost["bytes"] * (2 if index else 1) / 2.5e12  # H100 copy bandwidth (anchors.md)
+            table.row(f"bra {mode}", shape_s, "pallas", ours, cost["flops"] * mult,
+                      cost["bytes"] * (2 if index else 1), {"xla naive gather": naive})
+            if jax.default_backend() == "gpu":
+                print(f"  {ours / floor:.1f}x the H100 memory floor ({floor * 1e3:.3f} ms at 2.5 TB/s)")
+
+
+def packed_batch(rows: int, length: int, rng: np.random.Generator):
+    """Sequences with lengths ~U[length/8, 7·length/8] (half padding when padded to ``length``),
+    packed greedily into rows of ``length``. Returns (padded seg ids, packed seg ids, real tokens)."""
+    lengths = rng.integers(length // 8, 7 * length // 8 + 1, size=rows)
+    padded = np.zeros((rows, length), np.int32)
+    for i, n in enumerate(lengths):
+        padded[i, :n] = 1
+    bins: list[list[int]] = []
+    for n in sorted(lengths.tolist(), reverse=True):
+        for b in bins:
+            if sum(b) + n <= length:
+                b.append(n)
+                break
+        else:
+            bins.append([n])
+    packed = np.zeros((len(bins), length), np.int32)
+    for r, b in enumerate(bins):
+        offset = 0
+        for s, n in enumerate(b):
+            packed[r, offset:offset + n] = s + 1
+            offset += n
+    return padded, packed, int(lengths.sum())
+
+
+def bench_packed(table, rows, length, heads, dim, *, dtype, repeats, on_gpu):
+    padded, packed, tokens = packed_batch(rows, length, np.random.default_rng(0))
+    spec = MaskSpec()
+    pairs = allowed_pairs(spec, length, padded) * heads
+    flops, nbytes = 4.0 * pairs * dim, 4.0 * tokens * heads * dim * jnp.dtype(dtype).itemsize
+    print(f"packed: {rows} sequences, {tokens} real tokens = {tokens / padded.size:.0%} of {rows}x{length}; "
+          f"packed into {packed.shape[0]} rows")
+    qp, kp, vp = _qkv((rows, length, heads, dim), dtype)
+    qk, kk, vk = _qkv((packed.shape[0], length, heads, dim), dtype)
+    seg_pad, seg_pack = jnp.asarray(padded), jnp.asarray(packed)
+    ours_packed = jax.jit(lambda q, k, v: local_global_attention(q, k, v, segment_ids=seg_pack, implementation="pallas"))
+    ours_padded = jax.jit(lambda q, k, v: local_global_attention(q, k, v, segment_ids=seg_pad, implementation="pallas"))
+    key_mask = (seg_pad != 0)[:, None, None, :]
+    xla_padded = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation="xla"))
+    base = {"padded pallas": _try_time(ours_padded, qp, kp, vp, repeats=repeats),
+            "padded xla": _try_time(xla_padded, qp, kp, vp, repeats=repeats)}
+    if on_gpu and dtype in (jnp.bfloat16, jnp.float16):
+        cudnn_padded = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation="cudnn"))
+        base["padded cudnn"] = _try_time(cudnn_padded, qp, kp, vp, repeats=repeats)
+    ours = timeit(ours_packed, qk, kk, vk, repeats=repeats)
+    table.row("packed BERT attention fwd", f"{rows}x{length}x{heads}x{dim}", "pallas packed", ours, flops, nbytes,
+              {b: t for b, t in base.items() if t is not None})
+    print(f"  real tokens/s: packed {tokens / ours:,.0f}" + "".join(
+        f", {b} {tokens / t:,.0f}" for b, t in base.items() if t is not None))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    accelerator = jax.default_backend() in ("gpu", "tpu")
+    parser.add_argument("--small", action="store_true", default=not accelerator,
+                        help="tiny shapes (default off GPU/TPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median)")
+    parser.add_argument("--only", default="dense,window,bra,packed", help="comma-separated row groups")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    args = parser.parse_args(argv)
+    dtype = jnp.dtype(args.dtype)
+    on_gpu = jax.default_backend() == "gpu"
+    repeats = args.repeats or (3 if args.small else 20)
+    groups = set(args.only.split(","))
+    print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"{args.dtype}, {'small' if args.small else 'anchor'} shapes, median of {repeats}")
+    if not accelerator:
+        print("no accelerator: Pallas runs in interpret mode; these times say nothing about kernel speed")
+    table = Table()
+    if "dense" in groups:
+        shapes = [(2, 100, 2, 32)] if args.small else [
+            (256, 197, 6, 64), (8, 4096, 16, 64), (8, 4096, 16, 128), (2, 16384, 16, 64)]
+        for shape in shapes:
+            bench_attention(table, "dense", shape, {}, dtype=dtype, repeats=repeats, on_gpu=on_gpu,
+                            backward=False, dense_cudnn_baseline=True)
+    if "window" in groups:
+        cases = [((1, 512, 2, 32), 32)] if args.small else [((8, 4096, 16, 64), 256), ((2, 16384, 16, 64), 256)]
+        for shape, w in cases:
+            bench_attention(table, f"window ±{w}", shape, {"window": (w, w)}, dtype=dtype, repeats=repeats,
+                            on_gpu=on_gpu, backward=True, mask_baseline=shape[1] <= 16384)
+        shape, w = cases[-1]
+        bench_attention(table, f"window ±{w} + 16 global", shape, {"window": (w, w), "global_tokens": 16},
+                        dtype=dtype, repeats=repeats, on_gpu=on_gpu, backward=False)
+    if "bra" in groups:
+        try:
+            from jaxformers.kernels.bi_level_routing.api import BIFORMER_STAGE_SHAPES
+        except ImportError:
+            BIFORMER_STAGE_SHAPES = ()
+        shapes = [(2, 14, 14, 64, 2, 7, 4)] if args.small else [tuple(s) for s in BIFORMER_STAGE_SHAPES]
+        bench_bra(table, shapes, dtype=dtype, repeats=repeats, backward=True)
+    if "packed" in groups:
+        rows, length = (8, 128) if args.small else (64, 512)
+        bench_packed(table, rows, length, 4 if args.small else 12, 64, dtype=dtype, repeats=repeats, on_gpu=on_gpu)
+
+
+if __name__ == "__main__":
+    main()
