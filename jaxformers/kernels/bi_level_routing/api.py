@@ -11,7 +11,8 @@ Implementations:
 - ``"pallas"``: the fused kernel (``pallas_kernel.py``): online softmax over the routed regions,
   K/V read in place by region index (no gathered copies), backward kernels through a custom VJP
   (dQ by the same routing, dK/dV by inverse routing). On CPU it runs in interpret mode (slow; tests).
-- ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.
+- ``"auto"``: Pallas on GPU/TPU, the reference elsewhere (and on TPU for maps whose per-image
+  resident blocks would not fit VMEM, see ``pallas_kernel.tpu_vmem_bytes``).
 
 Also exported for models, benchmarks and notebooks: :func:`route_regions` (the routing indices),
 :func:`to_regions` / :func:`from_regions` (layout helpers), :func:`attention_cost` (FLOPs and
@@ -148,6 +149,20 @@ def attention_cost(
     return {"flops": flops, "bytes": least_bytes}
 
 
+def _auto_implementation(q, v, num_heads: int, regions_per_side: int, topk: int) -> str:
+    """Pallas on GPU, and on TPU when one image's resident blocks fit VMEM; the reference elsewhere."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas"
+    if backend == "tpu":
+        from jaxformers.kernels.bi_level_routing.pallas_kernel import tpu_fits
+
+        fits = tpu_fits(q.shape, v.shape, q.dtype, num_heads=num_heads, regions_per_side=regions_per_side,
+                        topk=topk)
+        return "pallas" if fits else "xla"
+    return "xla"
+
+
 def bi_level_routing_attention(
     q: jax.Array,
     k: jax.Array,
@@ -178,7 +193,7 @@ def bi_level_routing_attention(
     topk = resolve_topk(topk, regions_per_side)
     scale = resolve_scale(scale, q.shape[-1], num_heads, upstream_compatible)
     if implementation == "auto":
-        implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        implementation = _auto_implementation(q, v, num_heads, regions_per_side, topk)
     if implementation == "xla":
         return bi_level_routing_attention_reference(
             q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk, scale=scale

@@ -44,10 +44,26 @@ from jax.experimental import pallas as pl
 
 from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
 
-__all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout"]
+__all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", "inverse_routing",
+           "tpu_fits", "tpu_vmem_bytes"]
 
 _SMEM_TABLE_BUDGET = 256 * 1024  # bytes of prefetched int32 tables per TPU call
 _TARGET_QUERY_TOKENS = 128  # query tokens per program when stacking small regions
+_TPU_VMEM_BUDGET = 64 << 20  # bytes of double-buffered blocks per TPU kernel
+
+
+def _tpu_vmem_bytes(blocks, regions_per_program: int) -> int:
+    """Double-buffered VMEM of the blocks of one TPU launch, with (8 x 128) tile padding.
+
+    ``blocks``: (array shape, dtype, blocked) triples; blocked arrays hold ``regions_per_program``
+    regions per block, resident ones the whole image."""
+    total = 0
+    for shape, dtype, blocked in blocks:
+        itemsize = jnp.dtype(dtype).itemsize
+        lead = math.prod(shape[2:-2]) * (regions_per_program if blocked else shape[1])
+        sublanes = _round_up(shape[-2], 8 * max(1, 4 // itemsize))
+        total += 2 * lead * sublanes * _round_up(shape[-1], 128) * itemsize
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +177,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Con
                 jnp.zeros((tp, v_ref.shape[-1]), jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, cfg.topk, one_routed_region, init)
         o_ref[0, r, h] = (acc / l).astype(o_ref.dtype)
-        lse_ref[0, r, h] = (m + jnp.log(l))[:, 0]
+        lse_ref[0, r, h] = m + jnp.log(l)
         return 0
 
     jax.lax.fori_loop(0, cfg.query_regions * cfg.num_heads, one_region_head, 0)
@@ -175,7 +191,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
         r, h = i // cfg.num_heads, i % cfg.num_heads
         region = group * cfg.query_regions + r
         q, do = q_ref[0, r, h], do_ref[0, r, h]
-        lse, delta = lse_ref[0, r, h][:, None], delta_ref[0, r, h][:, None]
+        lse, delta = lse_ref[0, r, h], delta_ref[0, r, h]  # (T_pad, 1) columns
 
         def one_routed_region(t, dq):
             kv_region = table_ref[b, region, t]
@@ -209,14 +225,14 @@ def _dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref,
             dk, dv = carry
             q_region = rows_ref[b, e]
             q, do = q_ref[q_b, q_region, h], do_ref[q_b, q_region, h]
-            lse, delta = lse_ref[q_b, q_region, h][None, :], delta_ref[q_b, q_region, h][None, :]
-            p_t = jnp.exp(_dot(k, q, 1, cfg) * cfg.scale - lse)  # (keys, queries)
-            mask = _key_mask(cfg, p_t.shape, 0)
+            lse, delta = lse_ref[q_b, q_region, h], delta_ref[q_b, q_region, h]
+            p = jnp.exp(_dot(q, k, 1, cfg) * cfg.scale - lse)  # (queries, keys)
+            mask = _key_mask(cfg, p.shape, 1)
             if mask is not None:
-                p_t = jnp.where(mask, p_t, 0.0)
-            dv = dv + _dot(p_t.astype(do.dtype), do, 0, cfg)
-            ds_t = p_t * (_dot(v, do, 1, cfg) - delta)
-            return dk + _dot(ds_t.astype(q.dtype), q, 0, cfg), dv
+                p = jnp.where(mask, p, 0.0)
+            dv = dv + _dot(p.T.astype(do.dtype), do, 0, cfg)
+            ds = p * (_dot(do, v, 1, cfg) - delta)
+            return dk + _dot(ds.T.astype(q.dtype), q, 0, cfg), dv
 
         init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
         dk, dv = jax.lax.fori_loop(offsets_ref[b, region], offsets_ref[b, region + 1], one_consumer, init)
@@ -279,14 +295,11 @@ def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program
     if tpu:
         from jax.experimental.pallas import tpu as pltpu
 
-        def block_bytes(shape, dtype, blk):
-            n = math.prod(shape[2:]) * (regions_per_program if blk else shape[1])
-            return 2 * n * jnp.dtype(dtype).itemsize  # double-buffered
-        vmem = sum(block_bytes(x.shape, x.dtype, blk) for x, blk in operands)
-        vmem += sum(block_bytes(o.shape, o.dtype, True) for o in outputs)
-        if vmem > (96 << 20):
+        vmem = _tpu_vmem_bytes([(x.shape, x.dtype, blk) for x, blk in operands]
+                               + [(o.shape, o.dtype, True) for o in outputs], regions_per_program)
+        if vmem > _TPU_VMEM_BUDGET:
             raise ValueError(f"bi_level_routing_attention(implementation='pallas') needs ~{vmem >> 20} MiB of "
-                             f"VMEM per image for this map; use implementation='xla' for maps this large")
+                             f"TPU VMEM per image for this map; use implementation='xla' for maps this large")
         grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(tables), grid=grid,
                                                  in_specs=in_specs, out_specs=out_specs)
         params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
@@ -307,8 +320,8 @@ def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program
 
 def _forward(cfg: _Config, q, k, v, table):
     b, r_pad, nh, tp, _ = q.shape
-    outputs = [jax.ShapeDtypeStruct(v.shape[:-1] + (v.shape[-1],), v.dtype),
-               jax.ShapeDtypeStruct((b, r_pad, nh, tp), jnp.float32)]
+    outputs = [jax.ShapeDtypeStruct(v.shape, v.dtype),
+               jax.ShapeDtypeStruct((b, r_pad, nh, tp, 1), jnp.float32)]  # log-sum-exp, a column per tile
     o, lse = _launch(_forward_kernel, cfg, [table], [(q, True), (k, False), (v, False)], outputs,
                      cfg.query_regions)
     return o, lse
@@ -326,7 +339,7 @@ def _attend_fwd(cfg, q, k, v, table, rows, offsets):
 
 def _attend_bwd(cfg, residuals, do):
     q, k, v, table, rows, offsets, o, lse = residuals
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
     (dq,) = _launch(_dq_kernel, cfg, [table],
                     [(q, True), (k, False), (v, False), (do, True), (lse, True), (delta, True)],
                     [jax.ShapeDtypeStruct(q.shape, q.dtype)], cfg.query_regions)
@@ -370,6 +383,54 @@ def _from_blocks(xb, s: int, height: int, width: int, r: int, t: int, d: int):
     return from_regions(x, s, height, width)
 
 
+def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, topk: int, scale: float,
+          block_sizes: BlockSizes | None, layout: str, interpret: bool, poison: bool):
+    """The static launch configuration and padded head dims (d_qk_pad, d_v_pad) for one call."""
+    block_sizes = block_sizes or BlockSizes()
+    if layout not in ("gpu", "tpu"):
+        raise ValueError(f"layout must be 'gpu' or 'tpu'; got {layout!r}")
+    s = regions_per_side
+    _, height, width, c_qk = q_shape
+    num_regions, tokens = s * s, (height // s) * (width // s)
+    d_qk, d_v = c_qk // num_heads, v_shape[-1] // num_heads
+    if layout == "gpu":
+        t_pad, dqk_pad, dv_pad = _next_pow2(tokens), max(16, _next_pow2(d_qk)), max(16, _next_pow2(d_v))
+    else:
+        t_pad, dqk_pad, dv_pad = _round_up(tokens, 8), d_qk, d_v
+    rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions)
+    rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions)
+    cfg = _Config(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
+                  regions_padded=_round_up(num_regions, math.lcm(rq, rkv)), tokens=tokens,
+                  tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, layout=layout,
+                  interpret=bool(interpret), poison=poison, exact_f32=jnp.dtype(dtype) == jnp.float32)
+    return cfg, dqk_pad, dv_pad
+
+
+def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, topk: int,
+                   block_sizes: BlockSizes | None = None) -> int:
+    """Largest VMEM footprint (bytes) of the three TPU kernels (forward, dQ, dK/dV) for one call.
+
+    The TPU kernels keep one image's K/V (forward, dQ) or q/dO/statistics (dK/dV) resident in VMEM;
+    ``"auto"`` falls back to the reference on TPU when this exceeds the budget."""
+    cfg, dqk, dv = _plan(q_shape, v_shape, dtype, num_heads=num_heads, regions_per_side=regions_per_side,
+                         topk=topk, scale=1.0, block_sizes=block_sizes, layout="tpu", interpret=False,
+                         poison=False)
+    tile = (cfg.regions_padded, num_heads, cfg.tokens_padded)
+    qk, v, stat = (1,) + tile + (dqk,), (1,) + tile + (dv,), (1,) + tile + (1,)
+    f32 = jnp.float32
+    forward = [(qk, dtype, True), (qk, dtype, False), (v, dtype, False), (v, dtype, True), (stat, f32, True)]
+    dq = forward[:3] + [(v, dtype, True), (stat, f32, True), (stat, f32, True), (qk, dtype, True)]
+    dkv = [(qk, dtype, False), (v, dtype, False), (stat, f32, False), (stat, f32, False),
+           (qk, dtype, True), (v, dtype, True), (qk, dtype, True), (v, dtype, True)]
+    return max(_tpu_vmem_bytes(forward, cfg.query_regions), _tpu_vmem_bytes(dq, cfg.query_regions),
+               _tpu_vmem_bytes(dkv, cfg.kv_regions))
+
+
+def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
+    """True when :func:`tpu_vmem_bytes` is within the TPU kernels' VMEM budget."""
+    return tpu_vmem_bytes(q_shape, v_shape, dtype, **kw) <= _TPU_VMEM_BUDGET
+
+
 def bi_level_routing_attention_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -390,33 +451,20 @@ def bi_level_routing_attention_pallas(
     "tpu") and ``interpret`` default to the current backend (interpret on CPU); ``poison`` makes
     outputs start as NaN (tests). Differentiable in q, k and v (kernel backward, custom VJP).
     """
-    block_sizes = block_sizes or BlockSizes()
-    layout = layout or default_layout()
-    if layout not in ("gpu", "tpu"):
-        raise ValueError(f"layout must be 'gpu' or 'tpu'; got {layout!r}")
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
+    cfg, dqk_pad, dv_pad = _plan(q.shape, v.shape, q.dtype, num_heads=num_heads,
+                                 regions_per_side=regions_per_side, topk=topk, scale=scale,
+                                 block_sizes=block_sizes, layout=layout or default_layout(),
+                                 interpret=interpret, poison=poison)
     s = regions_per_side
-    _, height, width, c_qk = q.shape
-    c_v = v.shape[-1]
-    num_regions, tokens = s * s, (height // s) * (width // s)
-    d_qk, d_v = c_qk // num_heads, c_v // num_heads
-    if layout == "gpu":
-        t_pad, dqk_pad, dv_pad = _next_pow2(tokens), max(16, _next_pow2(d_qk)), max(16, _next_pow2(d_v))
-    else:
-        t_pad, dqk_pad, dv_pad = _round_up(tokens, 8), d_qk, d_v
-    rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions)
-    rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions)
-    r_pad = _round_up(num_regions, math.lcm(rq, rkv))
-    cfg = _Config(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
-                  regions_padded=r_pad, tokens=tokens, tokens_padded=t_pad, query_regions=rq,
-                  kv_regions=rkv, layout=layout, interpret=bool(interpret), poison=poison,
-                  exact_f32=q.dtype == jnp.float32)
+    _, height, width, _ = q.shape
+    r, r_pad, t_pad = cfg.num_regions, cfg.regions_padded, cfg.tokens_padded
     index = route_regions(q, k, s, topk, scale)
-    table = jnp.pad(index, ((0, 0), (0, r_pad - num_regions), (0, 0)))
+    table = jnp.pad(index, ((0, 0), (0, r_pad - r), (0, 0)))
     rows, offsets = inverse_routing(index, r_pad)
     qb = _to_blocks(q, s, num_heads, r_pad, t_pad, dqk_pad)
     kb = _to_blocks(k, s, num_heads, r_pad, t_pad, dqk_pad)
     vb = _to_blocks(v, s, num_heads, r_pad, t_pad, dv_pad)
     ob = _attend(cfg, qb, kb, vb, table, rows, offsets)
-    return _from_blocks(ob, s, height, width, num_regions, tokens, d_v)
+    return _from_blocks(ob, s, height, width, r, cfg.tokens, v.shape[-1] // num_heads)
