@@ -236,3 +236,13 @@ def test_pallas_rejects_unknown_layout():
     with pytest.raises(ValueError, match="layout must be"):
         pallas_kernel.bi_level_routing_attention_pallas(q, k, v, num_heads=1, regions_per_side=2, topk=1,
                                                         scale=1.0, layout="cuda")
+
+
+def test_tpu_vmem_estimate_gates_large_maps():
+    small = api.BIFORMER_STAGE_SHAPES[0]
+    shape = (small.batch, small.height, small.width, small.channels)
+    kw = dict(num_heads=small.num_heads, regions_per_side=small.regions_per_side, topk=small.topk)
+    assert pallas_kernel.tpu_fits(shape, shape, jnp.bfloat16, **kw)
+    assert 8 << 20 < pallas_kernel.tpu_vmem_bytes(shape, shape, jnp.bfloat16, **kw) < 32 << 20
+    huge = (1, 256, 256, 64)
+    assert not pallas_kernel.tpu_fits(huge, huge, jnp.bfloat16, num_heads=2, regions_per_side=8, topk=4)

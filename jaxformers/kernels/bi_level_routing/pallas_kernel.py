@@ -7,11 +7,12 @@ and runs separate softmax passes. Here nothing is gathered:
   into region-major, head-major blocks ``(B, R_pad, heads, T_pad, d_pad)``; R = S*S regions, T =
   tokens per region. T and the head dims are padded inside (padded keys are masked), so any region
   size works (3x3 tokens, 1x1, ...).
-- Forward (grid = (batch, query-region groups)): one program owns ``query_regions`` stacked query
-  regions (small regions are stacked so a program has enough work) and ALL their heads. K and V of
-  the whole image are the program's "resident" operand, and each routed region's (T, d) tile is
-  read in place by its index from the routing table inside the kernel (as paged attention reads
-  pages). Online softmax over the ``topk`` routed regions; the log-sum-exp is saved for backward.
+- Forward (grid = (batch, query-region groups)): one program owns ``query_regions`` query regions
+  and ALL their heads (on TPU small regions are stacked, ~128 query tokens per program, to amortise
+  the per-step cost; on GPU one region per program keeps the grid wide). K and V of the whole image
+  are the program's "resident" operand, and each routed region's (T, d) tile is read in place by
+  its index from the routing table inside the kernel (as paged attention reads pages). Online
+  softmax over the ``topk`` routed regions; the log-sum-exp is saved for backward.
 - Backward: dQ by the same routing (recompute p from the saved log-sum-exp); dK/dV by inverse
   routing: a CSR table (per image: the query regions that chose each key region, sorted by key
   region, plus offsets) lets each key region's program loop over exactly its consumers. No program
@@ -22,11 +23,15 @@ Backends:
 - TPU (Mosaic): ``PrefetchScalarGridSpec`` prefetches the routing tables into SMEM; the image's
   K/V block index depends only on the batch index, so Pallas fetches it once per image (HBM reads
   of K/V = one pass, the memory floor) and the kernel indexes routed regions in VMEM. Batches whose
-  tables would overflow SMEM are split into chunks. T padded to a multiple of 8.
+  tables would overflow SMEM are split into chunks. T padded to a multiple of 8. The resident
+  blocks must fit VMEM (:func:`tpu_vmem_bytes`; the four BiFormer benchmark shapes of
+  ``shared/anchors.md`` need 10-20 MiB except 128x128 with S=16, ~97 MiB); ``"auto"`` falls back
+  to the reference when they do not.
 - GPU (Triton lowering; Mosaic GPU would need a separate warpgroup kernel): no scalar prefetch;
   the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Triton
   needs power-of-two tiles: T and head dims are padded to powers of two (head dims to >= 16), and
-  products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``.
+  products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``. Each program
+  reads its routed K/V tiles straight from global memory (L2-cached), writing no copies.
 - CPU: the same kernel bodies in interpret mode, with the GPU layout by default (tests also run the
   TPU layout and grid spec in interpret mode).
 
@@ -48,7 +53,7 @@ __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", 
            "tpu_fits", "tpu_vmem_bytes"]
 
 _SMEM_TABLE_BUDGET = 256 * 1024  # bytes of prefetched int32 tables per TPU call
-_TARGET_QUERY_TOKENS = 128  # query tokens per program when stacking small regions
+_TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small regions
 _TPU_VMEM_BUDGET = 64 << 20  # bytes of double-buffered blocks per TPU kernel
 
 
@@ -68,7 +73,8 @@ def _tpu_vmem_bytes(blocks, regions_per_program: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Regions per program; None picks ~128 query tokens per program (a divisor of R if possible)."""
+    """Regions per program (forward/dQ and dK/dV); None picks per backend (see
+    ``_pick_regions_per_program``)."""
 
     query_regions: int | None = None  # forward and dQ programs
     kv_regions: int | None = None  # dK/dV programs
@@ -105,14 +111,22 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _pick_regions_per_program(num_regions: int, tokens_padded: int, requested: int | None) -> int:
+def _pick_regions_per_program(num_regions: int, tokens_padded: int, requested: int | None, layout: str) -> int:
+    """Query (or key) regions one program handles, looping over them.
+
+    TPU runs grid steps one after another (~0.35 us each), so small regions are stacked until a
+    program holds ~128 query tokens, choosing the count that pads R least. On GPU programs run in
+    parallel and stacking would only serialise work, so the default is one region per program.
+    """
     if requested is not None:
         if requested < 1:
             raise ValueError(f"regions per program must be >= 1; got {requested}")
         return min(requested, num_regions)
+    if layout == "gpu":
+        return 1
     cap = max(1, min(num_regions, _TARGET_QUERY_TOKENS // tokens_padded))
-    best_divisor = max(d for d in range(1, cap + 1) if num_regions % d == 0)
-    return best_divisor if 2 * best_divisor >= cap else cap
+    candidates = range(max(1, (cap + 1) // 2), cap + 1)
+    return min(candidates, key=lambda n: (_round_up(num_regions, n) - num_regions, -n))
 
 
 # ----------------------------------------------------------------------------- in-kernel math
@@ -397,8 +411,8 @@ def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, top
         t_pad, dqk_pad, dv_pad = _next_pow2(tokens), max(16, _next_pow2(d_qk)), max(16, _next_pow2(d_v))
     else:
         t_pad, dqk_pad, dv_pad = _round_up(tokens, 8), d_qk, d_v
-    rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions)
-    rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions)
+    rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions, layout)
+    rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions, layout)
     cfg = _Config(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
                   regions_padded=_round_up(num_regions, math.lcm(rq, rkv)), tokens=tokens,
                   tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, layout=layout,
