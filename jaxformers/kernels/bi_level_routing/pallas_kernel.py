@@ -155,6 +155,12 @@ def _key_mask(cfg: _Config, shape, axis: int):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis) < cfg.tokens
 
 
+def _div_mod(i, n: int):
+    """Quotient and remainder of a non-negative loop index (truncating ``lax`` ops: ``//`` and ``%``
+    on traced ints add sign fix-ups the Triton lowering rejects)."""
+    return jax.lax.div(i, n), jax.lax.rem(i, n)
+
+
 def _batch_of_resident(cfg: _Config):
     """Index of the current image in a resident (whole-image) ref: blocked on TPU, whole on GPU."""
     return 0 if cfg.layout == "tpu" else pl.program_id(0)
@@ -167,7 +173,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Con
     tp = cfg.tokens_padded
 
     def one_region_head(i, _):
-        r, h = i // cfg.num_heads, i % cfg.num_heads
+        r, h = _div_mod(i, cfg.num_heads)
         region = group * cfg.query_regions + r
         q = q_ref[0, r, h]
 
@@ -202,7 +208,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
     kv_b = _batch_of_resident(cfg)
 
     def one_region_head(i, _):
-        r, h = i // cfg.num_heads, i % cfg.num_heads
+        r, h = _div_mod(i, cfg.num_heads)
         region = group * cfg.query_regions + r
         q, do = q_ref[0, r, h], do_ref[0, r, h]
         lse, delta = lse_ref[0, r, h], delta_ref[0, r, h]  # (T_pad, 1) columns
@@ -231,7 +237,7 @@ def _dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref,
     q_b = _batch_of_resident(cfg)
 
     def one_region_head(i, _):
-        r, h = i // cfg.num_heads, i % cfg.num_heads
+        r, h = _div_mod(i, cfg.num_heads)
         region = group * cfg.kv_regions + r
         k, v = k_ref[0, r, h], v_ref[0, r, h]
 
