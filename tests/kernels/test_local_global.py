@@ -180,6 +180,10 @@ def test_window_visits_only_the_band():
     any_, full, *_ = block_kinds(MaskSpec(window=(64, 64)), seg, seg, 32, 32)
     assert int(any_.sum()) == 16 * 5 - 6  # five diagonals
     assert int(full.sum()) == 16 * 3 - 2  # the inner three need no element mask
+    # Global queries are left to a dense side pass, so no query block walks the whole row.
+    _, _, k_width, q_width = block_kinds(MaskSpec(window=(16, 16), global_tokens=4, global_queries=False),
+                                         seg, seg, 32, 32)
+    assert k_width == 4 and q_width == 16  # band + the global key block; that key block serves all
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,8 +97,9 @@ def block_kinds(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int
         any_local &= (qs // g <= ke // g) & (ks // g <= qe // g)
         full_local &= (qs // g == qe // g) & (ks // g == ke // g) & (qs // g == ks // g)
     n = spec.global_tokens
-    any_struct = any_local | (qs < n) | (ks < n)
-    full_struct = full_local | (qe < n) | (ke < n)
+    gq = spec.global_queries
+    any_struct = any_local | ((qs < n) & gq) | (ks < n)
+    full_struct = full_local | ((qe < n) & gq) | (ke < n)
     if spec.causal:
         c = spec.chunk_size or 1
         any_struct &= ks // c <= qe // c

@@ -30,6 +30,10 @@ class MaskSpec:
     group_size: int | None = None
     causal: bool = False
     chunk_size: int | None = None
+    # Internal: False makes the first ``global_tokens`` queries follow the local rules (their keys
+    # stay global). The Pallas path computes those dense rows separately, so that no kernel program
+    # has to walk the whole sequence alone.
+    global_queries: bool = True
 
     @property
     def is_dense(self) -> bool:
@@ -69,7 +73,9 @@ def allowed(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     if spec.group_size is not None:
         local &= (q_pos // spec.group_size) == (k_pos // spec.group_size)
     if spec.global_tokens:
-        local |= (q_pos < spec.global_tokens) | (k_pos < spec.global_tokens)
+        local |= k_pos < spec.global_tokens
+        if spec.global_queries:
+            local |= q_pos < spec.global_tokens
     if spec.causal:
         if spec.chunk_size is None:
             local &= k_pos <= q_pos

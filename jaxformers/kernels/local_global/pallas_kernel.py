@@ -13,6 +13,9 @@ Layout and schedule (FlashAttention-2 style):
 - Any length: q/k/v are zero-padded to the block multiple and padding positions get segment id 0,
   which masks them; head dims are padded to a power of two (zeros change no dot product).
 - Queries with no allowed key (padding) produce zeros and a +inf logsumexp (zero gradients).
+- Global queries attend to the whole sequence: rather than let the programs holding them walk
+  every key block alone (the others visit a few), their rows are computed by a dense pass
+  (``_global_rows``, plain jnp over n x L) and the kernel treats them as local queries.
 - Grouped-query attention: the k/v index map shares a kv head among ``rep`` query heads; dK/dV are
   computed per query head and summed.
 
@@ -287,6 +290,26 @@ def _attention_bwd(cfg, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _global_rows(q, k, v, spec: MaskSpec, segment_ids, scale: float) -> jax.Array:
+    """Outputs of the first n = q.shape[1] (global) queries: dense attention under causality and
+    segments only (global queries ignore window and groups)."""
+    n, k_len = q.shape[1], k.shape[1]
+    rep = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(t, rep, axis=2) if rep > 1 else t for t in (k, v))
+    mask = allowed(MaskSpec(causal=spec.causal, chunk_size=spec.chunk_size),
+                   jnp.arange(n)[:, None], jnp.arange(k_len)[None, :])[None]
+    if segment_ids is not None:
+        mask = mask & segments_allowed(segment_ids[:, :n, None], segment_ids[:, None, :])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None], logits, -jnp.inf)
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights / jnp.where(total > 0, total, 1.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                      preferred_element_type=jnp.float32).astype(q.dtype)
+
+
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
     if segment_ids is None:
         seg = jnp.ones((batch_or_one, length), jnp.int32)
@@ -314,6 +337,13 @@ def local_global_attention_pallas(
     lowering; naming one explicitly lets ``jax.export`` lower for an accelerator from a CPU host.
     """
     backend = backend or jax.default_backend()
+    n_global = min(spec.global_tokens, q.shape[1])
+    if n_global and not spec.is_dense and spec.global_queries:
+        local = local_global_attention_pallas(
+            q, k, v, dataclasses.replace(spec, global_queries=False), segment_ids=segment_ids, scale=scale,
+            block_sizes=block_sizes, interpret=interpret, backend=backend)
+        rows = _global_rows(q[:, :n_global], k, v, spec, segment_ids, scale)
+        return jnp.concatenate([rows, local[:, n_global:]], axis=1)
     if interpret is None:
         interpret = backend not in ("gpu", "tpu")
     batch, q_len, heads, dim = q.shape
