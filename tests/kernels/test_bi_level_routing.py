@@ -272,3 +272,18 @@ def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, monkeypatch):
         text = jax.jit(loss_grads).trace(qk, qk, v).lower(lowering_platforms=(platform,)).as_text()
         target = "tpu_custom_call" if platform == "tpu" else "triton"
         assert text.count(target) >= 3, f"expected forward, dQ and dK/dV kernels for {platform}"
+
+
+def test_pallas_path_splits_the_batch_over_an_active_mesh():
+    from jaxformers import sharding
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    q, k, v = _inputs(8, 4, 4, 4, 8, 8)
+    kw = dict(num_heads=2, regions_per_side=2, topk=2)
+    want = bi_level_routing_attention(q, k, v, implementation="xla", **kw)
+    with sharding.activate(mesh):
+        q, k, v = sharding.shard_batch((q, k, v), mesh)
+        fn = jax.jit(lambda q, k, v: bi_level_routing_attention(q, k, v, implementation="pallas", **kw))
+        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))  # the kernel runs per batch shard
+        got = fn(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
