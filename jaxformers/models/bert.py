@@ -215,16 +215,17 @@ class Bert(nn.Module):
     def __call__(
         self,
         input_ids: jax.Array,
-        *,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         num_segments: int | None = None,
+        *,
         train: bool = False,
         return_features: bool = False,
     ):
-        """Encode ``input_ids`` (B, L) and apply the head.
+        """Encode ``input_ids`` (B, L) and apply the head. The positional order is Hugging Face's
+        (input_ids, attention_mask, token_type_ids, position_ids), then ours.
 
         ``attention_mask`` (B, L): 1 = token, 0 = padding (HF's). ``token_type_ids`` default 0.
         ``position_ids`` default: 0..L-1 (BERT), RoBERTa's pad-aware numbering, or per-segment
