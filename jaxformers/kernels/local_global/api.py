@@ -4,9 +4,9 @@ The mask semantics are defined once in ``jaxformers.kernels.local_global.mask`` 
 Implementations:
 
 - ``"xla"``: ``reference.py`` (plain jnp, full mask; O(L²) memory).
-- ``"pallas"``: the flash-style block-sparse kernel (``pallas_kernel.py``), forward and backward,
-  skipping key blocks that hold no allowed pair; on CPU it runs in Pallas interpret mode (slow,
-  for tests).
+- ``"pallas"``: on GPU (and CPU, in Pallas interpret mode: slow, for tests) our flash-style
+  block-sparse kernel (``pallas_kernel.py``), forward and backward, skipping key blocks that hold
+  no allowed pair; on TPU JAX's splash attention driven by the same mask (``splash_tpu.py``).
 - ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.
 """
 from __future__ import annotations
@@ -95,6 +95,10 @@ def local_global_attention(
         implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
     if implementation == "xla":
         return local_global_attention_reference(q, k, v, spec, segment_ids=segment_ids, scale=scale)
+    if jax.default_backend() == "tpu":
+        from jaxformers.kernels.local_global.splash_tpu import local_global_attention_splash
+
+        return local_global_attention_splash(q, k, v, spec, segment_ids=segment_ids, scale=scale)
     from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
 
     return local_global_attention_pallas(q, k, v, spec, segment_ids=segment_ids, scale=scale)

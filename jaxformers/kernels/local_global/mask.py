@@ -19,6 +19,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,26 +63,35 @@ class MaskSpec:
                              f"got chunk_size={self.chunk_size}, causal=False")
 
 
-def allowed(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """Boolean structure-and-order mask for broadcastable int position arrays (no segments)."""
-    local = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+def _div(pos, n: int):
+    """pos // n for positions >= 0; truncating ``lax.div`` on jax values (floor division lowers
+    through ``sign``, which some Pallas lowerings handle poorly), ``//`` on numpy arrays."""
+    return pos // n if isinstance(pos, (np.ndarray, np.integer, int)) else lax.div(pos, jnp.asarray(n, pos.dtype))
+
+
+def allowed(spec: MaskSpec, q_pos, k_pos):
+    """Boolean structure-and-order mask for broadcastable int position arrays (no segments).
+
+    Uses only operators, so it works on numpy arrays, jnp arrays and inside Pallas kernels alike.
+    """
+    local = (q_pos >= 0) & (k_pos >= 0)  # all True, broadcast to the pair shape
     if spec.window is not None:
         left, right = spec.window
         if left is not None:
-            local &= k_pos >= q_pos - left
+            local = local & (k_pos >= q_pos - left)
         if right is not None:
-            local &= k_pos <= q_pos + right
+            local = local & (k_pos <= q_pos + right)
     if spec.group_size is not None:
-        local &= (q_pos // spec.group_size) == (k_pos // spec.group_size)
+        local = local & (_div(q_pos, spec.group_size) == _div(k_pos, spec.group_size))
     if spec.global_tokens:
-        local |= k_pos < spec.global_tokens
+        local = local | (k_pos < spec.global_tokens)
         if spec.global_queries:
-            local |= q_pos < spec.global_tokens
+            local = local | (q_pos < spec.global_tokens)
     if spec.causal:
         if spec.chunk_size is None:
-            local &= k_pos <= q_pos
+            local = local & (k_pos <= q_pos)
         else:
-            local &= (k_pos // spec.chunk_size) <= (q_pos // spec.chunk_size)
+            local = local & (_div(k_pos, spec.chunk_size) <= _div(q_pos, spec.chunk_size))
     return local
 
 
