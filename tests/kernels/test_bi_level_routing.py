@@ -60,7 +60,7 @@ XLA_CASES = [
     (2, 4, 4, 4, 4, 1, 1, 1),  # one region
     (1, 6, 6, 8, 4, 2, 3, -1),  # full attention
     (1, 6, 6, 8, 8, 2, 3, 1),  # topk = 1
-    (1, 6, 6, 8, 8, 2, 3, 9),  # topk = S^2 spelled out
+    (1, 6, 6, 8, 8, 2, 3, np.int64(9)),  # topk = S^2 spelled out, as a numpy int
 ]
 
 
@@ -168,25 +168,26 @@ def _rel_err(got, want):
     return np.abs(got - want).max() / np.abs(want).max()
 
 
-# (batch, H, W, C_qk, C_v, heads, S, topk, block sizes, layout)
+# (batch, H, W, C_qk, C_v, heads, S, topk, block sizes, layout, direct NHWC tiles)
 PALLAS_CASES = [
-    pytest.param((2, 9, 9, 8, 4, 2, 3, 1, None, "gpu"), id="3x3-token-regions-qk!=v-topk1-gpu-layout"),
-    pytest.param((1, 3, 3, 4, 4, 1, 3, 3, None, "tpu"), id="1x1-token-regions-tpu-layout"),
-    pytest.param((1, 4, 4, 8, 8, 2, 1, 1, None, "gpu"), id="one-region"),
-    pytest.param((1, 6, 6, 8, 8, 2, 3, -1, pallas_kernel.BlockSizes(4, 2), "gpu"),
+    pytest.param((2, 9, 9, 8, 4, 2, 3, 1, None, "gpu", False), id="3x3-token-regions-qk!=v-topk1-gpu-blocked"),
+    pytest.param((1, 8, 4, 8, 16, 2, 4, 3, None, "gpu", True), id="2x1-token-regions-qk!=v-gpu-direct"),
+    pytest.param((1, 3, 3, 4, 4, 1, 3, 3, None, "tpu", False), id="1x1-token-regions-tpu-layout"),
+    pytest.param((1, 4, 4, 8, 8, 2, 1, 1, None, "gpu", True), id="one-region-gpu-direct"),
+    pytest.param((1, 6, 6, 8, 8, 2, 3, -1, pallas_kernel.BlockSizes(4, 2), "gpu", False),
                  id="topk-all-regions-stacked-padded-regions"),
 ]
 
 
 @pytest.mark.parametrize("case", PALLAS_CASES)
 def test_pallas_matches_reference_float32(case):
-    b, height, width, c_qk, c_v, heads, s, topk, blocks, layout = case
+    b, height, width, c_qk, c_v, heads, s, topk, blocks, layout, direct = case
     q, k, v = _inputs(3, b, height, width, c_qk, c_v)
     topk = api.resolve_topk(topk, s)
     scale = (c_qk // heads) ** -0.5
     kw = dict(num_heads=heads, regions_per_side=s, topk=topk, scale=scale)
     kernel = functools.partial(pallas_kernel.bi_level_routing_attention_pallas, block_sizes=blocks,
-                               layout=layout, interpret=True, poison=True, **kw)
+                               layout=layout, interpret=True, poison=True, direct=direct, **kw)
     reference = functools.partial(bi_level_routing_attention_reference, **kw)
     got_out, got_grads = _value_and_grads(kernel, q, k, v, seed=4)
     want_out, want_grads = _value_and_grads(reference, q, k, v, seed=4)
@@ -231,11 +232,14 @@ def test_inverse_routing_lists_every_consumer_once():
     assert consumers == [[0, 2], [1, 3], [0, 1, 2], [3], [], []]
 
 
-def test_pallas_rejects_unknown_layout():
+def test_pallas_rejects_unknown_layout_and_impossible_direct_tiles():
     q, k, v = _inputs(0, 1, 4, 4, 4, 4)
+    kw = dict(num_heads=1, regions_per_side=2, topk=1, scale=1.0)
     with pytest.raises(ValueError, match="layout must be"):
-        pallas_kernel.bi_level_routing_attention_pallas(q, k, v, num_heads=1, regions_per_side=2, topk=1,
-                                                        scale=1.0, layout="cuda")
+        pallas_kernel.bi_level_routing_attention_pallas(q, k, v, layout="cuda", **kw)
+    q, k, v = _inputs(0, 1, 6, 6, 4, 4)  # 3x3-token regions: no power-of-two NHWC tiles
+    with pytest.raises(ValueError, match="direct NHWC layout needs"):
+        pallas_kernel.bi_level_routing_attention_pallas(q, k, v, layout="gpu", direct=True, **kw)
 
 
 def test_tpu_vmem_estimate_gates_large_maps():
@@ -259,7 +263,8 @@ def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, monkeypatch):
         monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
                             lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
     layout = "tpu" if platform == "tpu" else "gpu"
-    # (H, C_qk, C_v, heads, S, topk): 8x8-token regions; 2x2 tokens (small-tile path); 3x3 tokens.
+    # (H, C_qk, C_v, heads, S, topk): 8x8-token regions and 2x2 tokens (small-tile path) read NHWC in
+    # place on GPU; 3x3 tokens go through the padded blocked layout.
     for height, c_qk, c_v, heads, s, topk in [(56, 64, 64, 2, 7, 1), (14, 256, 256, 8, 7, 16), (9, 96, 48, 3, 3, 2)]:
         def loss_grads(q, k, v):
             out, vjp = jax.vjp(functools.partial(

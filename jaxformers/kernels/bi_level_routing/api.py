@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxformers.kernels.bi_level_routing.reference import (
@@ -78,8 +80,12 @@ BIFORMER_STAGE_SHAPES: tuple[BraShape, ...] = (
 def resolve_topk(topk: int, regions_per_side: int) -> int:
     """``topk`` as a count in 1..S*S (``-1`` means all regions); raises ValueError otherwise."""
     num_regions = regions_per_side * regions_per_side
-    if isinstance(topk, bool) or not isinstance(topk, int):
-        raise TypeError(f"topk must be an int (1..{num_regions}, or -1 for all regions); got {topk!r}")
+    try:
+        if isinstance(topk, bool):
+            raise TypeError
+        topk = operator.index(topk)
+    except TypeError:
+        raise TypeError(f"topk must be an int (1..{num_regions}, or -1 for all regions); got {topk!r}") from None
     if topk == -1:
         return num_regions
     if not 1 <= topk <= num_regions:
@@ -108,10 +114,9 @@ def _check_inputs(q, k, v, num_heads: int, regions_per_side: int) -> None:
                          f"q {q.shape} and k {k.shape}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must share (batch, height, width) with q and k; got v {v.shape} and q {q.shape}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
-    if isinstance(regions_per_side, bool) or not isinstance(regions_per_side, int) or regions_per_side < 1:
-        raise ValueError(f"regions_per_side must be a positive int; got {regions_per_side!r}")
+    for name, value in (("num_heads", num_heads), ("regions_per_side", regions_per_side)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
     for name, c in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
         if c % num_heads:
             raise ValueError(f"{name} channels ({c}) must be divisible by num_heads ({num_heads})")
@@ -196,6 +201,7 @@ def bi_level_routing_attention(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
     _check_inputs(q, k, v, num_heads, regions_per_side)
+    num_heads, regions_per_side = int(num_heads), int(regions_per_side)
     topk = resolve_topk(topk, regions_per_side)
     scale = resolve_scale(scale, q.shape[-1], num_heads, upstream_compatible)
     if implementation == "auto":

@@ -3,10 +3,13 @@
 What the naive version does badly: it gathers ``topk`` copies of K and V per query region into HBM
 and runs separate softmax passes. Here nothing is gathered:
 
-- Layout: the wrapper rearranges q/k/v once (one fused XLA copy, the same one the reference needs)
-  into region-major, head-major blocks ``(B, R_pad, heads, T_pad, d_pad)``; R = S*S regions, T =
-  tokens per region. T and the head dims are padded inside (padded keys are masked), so any region
-  size works (3x3 tokens, 1x1, ...).
+- Layout. On GPU, when region sides and head dims are powers of two (all BiFormer stages: 8x8,
+  4x4, 2x2, 1x1 regions, head dim 32), the kernels read and write the NHWC maps IN PLACE: a region's
+  (h, w, d) window of one head is one strided tile load, so no layout copies are made at all
+  ("direct" layout). Otherwise (and on TPU, whose tiles must be (8, 128)-aligned) the wrapper
+  rearranges q/k/v once (one fused XLA copy, as the reference does) into region-major, head-major
+  blocks ``(B, R_pad, heads, T_pad, d_pad)``; R = S*S regions, T = tokens per region. T and the head
+  dims are padded there (padded keys are masked), so any region size works (3x3 tokens, ...).
 - Forward (grid = (batch, query-region groups)): one program owns ``query_regions`` query regions
   and ALL their heads (on TPU small regions are stacked, ~128 query tokens per program, to amortise
   the per-step cost; on GPU one region per program keeps the grid wide). K and V of the whole image
@@ -33,9 +36,11 @@ Backends:
   products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``. Each program
   reads its routed K/V tiles straight from global memory (L2-cached), writing no copies.
 - CPU: the same kernel bodies in interpret mode, with the GPU layout by default (tests also run the
-  TPU layout and grid spec in interpret mode).
+  TPU layout and grid spec, and both the direct and blocked GPU layouts, in interpret mode).
 
-Only the interpret-mode paths are tested here (there was no accelerator in this environment).
+Verified without an accelerator only: numerics in interpret mode, and that all three kernels lower
+through Pallas' Triton and Mosaic rules (tests/kernels/test_bi_level_routing.py). The device
+compilers (Triton -> PTX, Mosaic layout passes in libtpu) and speed are unverified.
 """
 from __future__ import annotations
 
@@ -94,6 +99,10 @@ class _Config:
     query_regions: int
     kv_regions: int
     layout: str  # "tpu" | "gpu"
+    direct: bool  # GPU: kernels read/write the NHWC maps in place (no layout copies)
+    regions_per_side: int  # S
+    region_h: int
+    region_w: int
     interpret: bool
     poison: bool  # debug: outputs start as NaN so unwritten elements show up
     exact_f32: bool  # float32 inputs: full-precision dots
@@ -166,6 +175,42 @@ def _batch_of_resident(cfg: _Config):
     return 0 if cfg.layout == "tpu" else pl.program_id(0)
 
 
+def _get(cfg: _Config, ref, where, head):
+    """The (T_pad, d) tile of one region and head; ``where`` = (image index in ref, region index).
+
+    Blocked layouts index ``ref[image, region, head]``; the direct layout cuts the region's
+    ``region_h x region_w`` window and the head's channels out of the NHWC map in place."""
+    image, region = where
+    if not cfg.direct:
+        return ref[image, region, head]
+    row, col = _div_mod(region, cfg.regions_per_side)
+    d = ref.shape[-1] // cfg.num_heads
+    tile = ref[image, pl.ds(row * cfg.region_h, cfg.region_h), pl.ds(col * cfg.region_w, cfg.region_w),
+               pl.ds(head * d, d)]
+    return tile.reshape(cfg.tokens, d)
+
+
+def _set(cfg: _Config, ref, where, head, value):
+    """Writes one (T_pad, d) region/head tile (see :func:`_get`)."""
+    image, region = where
+    value = value.astype(ref.dtype)
+    if not cfg.direct:
+        ref[image, region, head] = value
+        return
+    row, col = _div_mod(region, cfg.regions_per_side)
+    d = ref.shape[-1] // cfg.num_heads
+    ref[image, pl.ds(row * cfg.region_h, cfg.region_h), pl.ds(col * cfg.region_w, cfg.region_w),
+        pl.ds(head * d, d)] = value.reshape(cfg.region_h, cfg.region_w, d)
+
+
+def _own(cfg: _Config, image, local, region):
+    """Where-tuple of this program's own (blocked) tile: its block slot, or its place in the map.
+
+    ``image`` is ``pl.program_id(0)`` read at the kernel's top level (interpret mode cannot
+    evaluate ``program_id`` inside loop bodies)."""
+    return (image, region) if cfg.direct else (0, local)
+
+
 # ----------------------------------------------------------------------------- kernels
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     b, group = pl.program_id(0), pl.program_id(1)
@@ -175,13 +220,14 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Con
     def one_region_head(i, _):
         r, h = _div_mod(i, cfg.num_heads)
         region = group * cfg.query_regions + r
-        q = q_ref[0, r, h]
+        q = _get(cfg, q_ref, _own(cfg, b, r, region), h)
+        d_v = v_ref.shape[-1] // cfg.num_heads if cfg.direct else v_ref.shape[-1]
 
         def one_routed_region(t, carry):
             m, l, acc = carry
             kv_region = table_ref[b, region, t]
-            k = k_ref[kv_b, kv_region, h]
-            v = v_ref[kv_b, kv_region, h]
+            k = _get(cfg, k_ref, (kv_b, kv_region), h)
+            v = _get(cfg, v_ref, (kv_b, kv_region), h)
             s = _dot(q, k, 1, cfg) * cfg.scale
             mask = _key_mask(cfg, s.shape, 1)
             if mask is not None:
@@ -194,9 +240,9 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Con
             return m_new, l, acc
 
         init = (jnp.full((tp, 1), -jnp.inf, jnp.float32), jnp.zeros((tp, 1), jnp.float32),
-                jnp.zeros((tp, v_ref.shape[-1]), jnp.float32))
+                jnp.zeros((tp, d_v), jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, cfg.topk, one_routed_region, init)
-        o_ref[0, r, h] = (acc / l).astype(o_ref.dtype)
+        _set(cfg, o_ref, _own(cfg, b, r, region), h, acc / l)
         lse_ref[0, r, h] = m + jnp.log(l)
         return 0
 
@@ -210,13 +256,13 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
     def one_region_head(i, _):
         r, h = _div_mod(i, cfg.num_heads)
         region = group * cfg.query_regions + r
-        q, do = q_ref[0, r, h], do_ref[0, r, h]
+        q, do = _get(cfg, q_ref, _own(cfg, b, r, region), h), _get(cfg, do_ref, _own(cfg, b, r, region), h)
         lse, delta = lse_ref[0, r, h], delta_ref[0, r, h]  # (T_pad, 1) columns
 
         def one_routed_region(t, dq):
             kv_region = table_ref[b, region, t]
-            k = k_ref[kv_b, kv_region, h]
-            v = v_ref[kv_b, kv_region, h]
+            k = _get(cfg, k_ref, (kv_b, kv_region), h)
+            v = _get(cfg, v_ref, (kv_b, kv_region), h)
             p = jnp.exp(_dot(q, k, 1, cfg) * cfg.scale - lse)
             mask = _key_mask(cfg, p.shape, 1)
             if mask is not None:
@@ -225,7 +271,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
             return dq + _dot(ds.astype(k.dtype), k, 0, cfg)
 
         dq = jax.lax.fori_loop(0, cfg.topk, one_routed_region, jnp.zeros(q.shape, jnp.float32))
-        dq_ref[0, r, h] = (dq * cfg.scale).astype(dq_ref.dtype)
+        _set(cfg, dq_ref, _own(cfg, b, r, region), h, dq * cfg.scale)
         return 0
 
     jax.lax.fori_loop(0, cfg.query_regions * cfg.num_heads, one_region_head, 0)
@@ -239,12 +285,12 @@ def _dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref,
     def one_region_head(i, _):
         r, h = _div_mod(i, cfg.num_heads)
         region = group * cfg.kv_regions + r
-        k, v = k_ref[0, r, h], v_ref[0, r, h]
+        k, v = _get(cfg, k_ref, _own(cfg, b, r, region), h), _get(cfg, v_ref, _own(cfg, b, r, region), h)
 
         def one_consumer(e, carry):
             dk, dv = carry
             q_region = rows_ref[b, e]
-            q, do = q_ref[q_b, q_region, h], do_ref[q_b, q_region, h]
+            q, do = _get(cfg, q_ref, (q_b, q_region), h), _get(cfg, do_ref, (q_b, q_region), h)
             lse, delta = lse_ref[q_b, q_region, h], delta_ref[q_b, q_region, h]
             p = jnp.exp(_dot(q, k, 1, cfg) * cfg.scale - lse)  # (queries, keys)
             mask = _key_mask(cfg, p.shape, 1)
@@ -256,8 +302,8 @@ def _dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref,
 
         init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
         dk, dv = jax.lax.fori_loop(offsets_ref[b, region], offsets_ref[b, region + 1], one_consumer, init)
-        dk_ref[0, r, h] = (dk * cfg.scale).astype(dk_ref.dtype)
-        dv_ref[0, r, h] = dv.astype(dv_ref.dtype)
+        _set(cfg, dk_ref, _own(cfg, b, r, region), h, dk * cfg.scale)
+        _set(cfg, dv_ref, _own(cfg, b, r, region), h, dv)
         return 0
 
     jax.lax.fori_loop(0, cfg.kv_regions * cfg.num_heads, one_region_head, 0)
@@ -268,8 +314,9 @@ def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program
     """Runs ``kernel`` over grid (batch, R_pad / regions_per_program).
 
     ``tables``: int32 routing tables (scalar-prefetched on TPU, whole-array refs elsewhere).
-    ``operands``: (array, blocked) pairs, arrays (B, R_pad, ...); blocked ones are tiled by region
-    groups, the others are "resident" (the whole image). ``outputs``: blocked ShapeDtypeStructs.
+    ``operands`` and ``outputs``: (array or ShapeDtypeStruct, blocked) pairs. Blocked ones are
+    (B, R_pad, ...) arrays tiled by region groups; the others are "resident" (the whole image; on
+    GPU the whole array), which is also how the direct layout passes its NHWC maps.
     """
     batch = operands[0][0].shape[0]
     tpu = cfg.layout == "tpu"
@@ -279,7 +326,8 @@ def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program
         parts = [
             _launch(kernel, cfg, [t[i:i + chunk] for t in tables],
                     [(x[i:i + chunk], blk) for x, blk in operands],
-                    [jax.ShapeDtypeStruct((min(chunk, batch - i),) + o.shape[1:], o.dtype) for o in outputs],
+                    [(jax.ShapeDtypeStruct((min(chunk, batch - i),) + o.shape[1:], o.dtype), blk)
+                     for o, blk in outputs],
                     regions_per_program)
             for i in range(0, batch, chunk)
         ]
@@ -295,7 +343,8 @@ def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program
         return pl.BlockSpec()  # whole array; the kernel indexes the image itself
 
     in_specs = [blocked_spec(x.shape) if blk else resident_spec(x.shape) for x, blk in operands]
-    out_specs = [blocked_spec(o.shape) for o in outputs]
+    out_specs = [blocked_spec(o.shape) if blk else resident_spec(o.shape) for o, blk in outputs]
+    outputs = [o for o, _ in outputs]
     args = [x for x, _ in operands]
     aliases = {}
     if cfg.poison:  # outputs start as NaN: anything the kernel fails to write stays NaN
@@ -339,12 +388,24 @@ def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program
 
 
 def _forward(cfg: _Config, q, k, v, table):
-    b, r_pad, nh, tp, _ = q.shape
-    outputs = [jax.ShapeDtypeStruct(v.shape, v.dtype),
-               jax.ShapeDtypeStruct((b, r_pad, nh, tp, 1), jnp.float32)]  # log-sum-exp, a column per tile
-    o, lse = _launch(_forward_kernel, cfg, [table], [(q, True), (k, False), (v, False)], outputs,
+    own = not cfg.direct  # this program's own q/o tiles are blocks, except in the direct layout
+    stats = (q.shape[0], cfg.regions_padded, cfg.num_heads, cfg.tokens_padded, 1)
+    outputs = [(jax.ShapeDtypeStruct(v.shape, v.dtype), own),
+               (jax.ShapeDtypeStruct(stats, jnp.float32), True)]  # log-sum-exp, a column per tile
+    o, lse = _launch(_forward_kernel, cfg, [table], [(q, own), (k, False), (v, False)], outputs,
                      cfg.query_regions)
     return o, lse
+
+
+def _delta(cfg: _Config, o, do):
+    """Row sums of dO * O per token and head, in the statistics layout (B, R_pad, heads, T_pad, 1)."""
+    prod = do.astype(jnp.float32) * o.astype(jnp.float32)
+    if not cfg.direct:
+        return jnp.sum(prod, axis=-1, keepdims=True)
+    b, height, width, c = prod.shape
+    per_head = prod.reshape(b, height, width, cfg.num_heads, c // cfg.num_heads).sum(-1)
+    delta = to_regions(per_head, cfg.regions_per_side).transpose(0, 1, 3, 2)[..., None]
+    return jnp.pad(delta, ((0, 0), (0, cfg.regions_padded - cfg.num_regions), (0, 0), (0, 0), (0, 0)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -359,13 +420,14 @@ def _attend_fwd(cfg, q, k, v, table, rows, offsets):
 
 def _attend_bwd(cfg, residuals, do):
     q, k, v, table, rows, offsets, o, lse = residuals
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    own = not cfg.direct
+    delta = _delta(cfg, o, do)
     (dq,) = _launch(_dq_kernel, cfg, [table],
-                    [(q, True), (k, False), (v, False), (do, True), (lse, True), (delta, True)],
-                    [jax.ShapeDtypeStruct(q.shape, q.dtype)], cfg.query_regions)
+                    [(q, own), (k, False), (v, False), (do, own), (lse, True), (delta, True)],
+                    [(jax.ShapeDtypeStruct(q.shape, q.dtype), own)], cfg.query_regions)
     dk, dv = _launch(_dkv_kernel, cfg, [rows, offsets],
-                     [(q, False), (do, False), (lse, False), (delta, False), (k, True), (v, True)],
-                     [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                     [(q, False), (do, False), (lse, False), (delta, False), (k, own), (v, own)],
+                     [(jax.ShapeDtypeStruct(k.shape, k.dtype), own), (jax.ShapeDtypeStruct(v.shape, v.dtype), own)],
                      cfg.kv_regions)
     return dq, dk, dv, None, None, None
 
@@ -403,26 +465,46 @@ def _from_blocks(xb, s: int, height: int, width: int, r: int, t: int, d: int):
     return from_regions(x, s, height, width)
 
 
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, topk: int, scale: float,
-          block_sizes: BlockSizes | None, layout: str, interpret: bool, poison: bool):
-    """The static launch configuration and padded head dims (d_qk_pad, d_v_pad) for one call."""
+          block_sizes: BlockSizes | None, layout: str, interpret: bool, poison: bool,
+          direct: bool | None = None):
+    """The static launch configuration and padded head dims (d_qk_pad, d_v_pad) for one call.
+
+    ``direct`` (GPU layout only; default: whenever possible) makes the kernels read the NHWC maps in
+    place, which needs power-of-two region sides and head dims (Triton tiles); BiFormer's 8x8, 4x4,
+    2x2 and 1x1 regions with head dim 32 all qualify. Block sizes then do not apply (one region per
+    program)."""
     block_sizes = block_sizes or BlockSizes()
     if layout not in ("gpu", "tpu"):
         raise ValueError(f"layout must be 'gpu' or 'tpu'; got {layout!r}")
     s = regions_per_side
     _, height, width, c_qk = q_shape
-    num_regions, tokens = s * s, (height // s) * (width // s)
+    region_h, region_w = height // s, width // s
+    num_regions, tokens = s * s, region_h * region_w
     d_qk, d_v = c_qk // num_heads, v_shape[-1] // num_heads
+    direct_ok = layout == "gpu" and all(_is_pow2(n) for n in (region_h, region_w, d_qk, d_v))
+    if direct and not direct_ok:
+        raise ValueError("the direct NHWC layout needs layout='gpu' and power-of-two region sides and head "
+                         f"dims; got regions {region_h}x{region_w}, head dims {d_qk}/{d_v}, layout {layout!r}")
+    direct = direct_ok if direct is None else direct
     if layout == "gpu":
-        t_pad, dqk_pad, dv_pad = _next_pow2(tokens), max(16, _next_pow2(d_qk)), max(16, _next_pow2(d_v))
+        t_pad, dqk_pad, dv_pad = _next_pow2(tokens), _next_pow2(d_qk), _next_pow2(d_v)
     else:
         t_pad, dqk_pad, dv_pad = _round_up(tokens, 8), d_qk, d_v
-    rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions, layout)
-    rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions, layout)
+    if direct:
+        rq = rkv = 1
+    else:
+        rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions, layout)
+        rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions, layout)
     cfg = _Config(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
                   regions_padded=_round_up(num_regions, math.lcm(rq, rkv)), tokens=tokens,
-                  tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, layout=layout,
-                  interpret=bool(interpret), poison=poison, exact_f32=jnp.dtype(dtype) == jnp.float32)
+                  tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, layout=layout, direct=direct,
+                  regions_per_side=s, region_h=region_h, region_w=region_w, interpret=bool(interpret),
+                  poison=poison, exact_f32=jnp.dtype(dtype) == jnp.float32)
     return cfg, dqk_pad, dv_pad
 
 
@@ -464,27 +546,34 @@ def bi_level_routing_attention_pallas(
     layout: str | None = None,
     interpret: bool | None = None,
     poison: bool = False,
+    direct: bool | None = None,
 ) -> jax.Array:
     """The fused kernel on validated NHWC inputs (``topk`` in 1..S*S, ``scale`` resolved).
 
     Call it through :func:`jaxformers.kernels.bi_level_routing_attention`. ``layout`` ("gpu" |
-    "tpu") and ``interpret`` default to the current backend (interpret on CPU); ``poison`` makes
-    outputs start as NaN (tests). Differentiable in q, k and v (kernel backward, custom VJP).
+    "tpu") and ``interpret`` default to the current backend (interpret on CPU); ``direct`` picks the
+    in-place NHWC tiles of the GPU layout (default: when the shapes allow, see ``_plan``);
+    ``poison`` makes outputs start as NaN (tests). Differentiable in q, k and v (kernel backward,
+    custom VJP).
     """
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
+    out_dtype = v.dtype
+    q, k, v = (x.astype(jnp.result_type(q, k, v)) for x in (q, k, v))  # one dtype inside the kernels
     cfg, dqk_pad, dv_pad = _plan(q.shape, v.shape, q.dtype, num_heads=num_heads,
                                  regions_per_side=regions_per_side, topk=topk, scale=scale,
                                  block_sizes=block_sizes, layout=layout or default_layout(),
-                                 interpret=interpret, poison=poison)
+                                 interpret=interpret, poison=poison, direct=direct)
     s = regions_per_side
     _, height, width, _ = q.shape
     r, r_pad, t_pad = cfg.num_regions, cfg.regions_padded, cfg.tokens_padded
     index = route_regions(q, k, s, topk, scale)
     table = jnp.pad(index, ((0, 0), (0, r_pad - r), (0, 0)))
     rows, offsets = inverse_routing(index, r_pad)
+    if cfg.direct:
+        return _attend(cfg, q, k, v, table, rows, offsets).astype(out_dtype)
     qb = _to_blocks(q, s, num_heads, r_pad, t_pad, dqk_pad)
     kb = _to_blocks(k, s, num_heads, r_pad, t_pad, dqk_pad)
     vb = _to_blocks(v, s, num_heads, r_pad, t_pad, dv_pad)
     ob = _attend(cfg, qb, kb, vb, table, rows, offsets)
-    return _from_blocks(ob, s, height, width, r, cfg.tokens, v.shape[-1] // num_heads)
+    return _from_blocks(ob, s, height, width, r, cfg.tokens, v.shape[-1] // num_heads).astype(out_dtype)

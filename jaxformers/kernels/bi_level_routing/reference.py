@@ -96,21 +96,21 @@ def region_attention_reference(
     b, r, t, c_qk = q_regions.shape
     c_v = v_regions.shape[-1]
     d_qk, d_v = c_qk // num_heads, c_v // num_heads
+    qh = q_regions.reshape(b, r, t, num_heads, d_qk)
     if index is None:
-        # Full attention: every region sees every token; skip the gather (same result, less memory).
-        k_sel = jnp.broadcast_to(k_regions.reshape(b, 1, r * t, c_qk), (b, r, r * t, c_qk))
-        v_sel = jnp.broadcast_to(v_regions.reshape(b, 1, r * t, c_v), (b, r, r * t, c_v))
+        # Full attention: every region sees all tokens, so no gather and no per-region copies.
+        kh = k_regions.reshape(b, r * t, num_heads, d_qk)
+        vh = v_regions.reshape(b, r * t, num_heads, d_v)
+        kv_subscripts = "bkhd"
     else:
         topk = index.shape[-1]
         gather = jax.vmap(lambda x, i: x[i])  # per image: (R, T, C)[(R, topk)] -> (R, topk, T, C)
-        k_sel = gather(k_regions, index).reshape(b, r, topk * t, c_qk)
-        v_sel = gather(v_regions, index).reshape(b, r, topk * t, c_v)
-    qh = q_regions.reshape(b, r, t, num_heads, d_qk)
-    kh = k_sel.reshape(b, r, -1, num_heads, d_qk)
-    vh = v_sel.reshape(b, r, -1, num_heads, d_v)
-    logits = jnp.einsum("brqhd,brkhd->brhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+        kh = gather(k_regions, index).reshape(b, r, topk * t, num_heads, d_qk)
+        vh = gather(v_regions, index).reshape(b, r, topk * t, num_heads, d_v)
+        kv_subscripts = "brkhd"
+    logits = jnp.einsum(f"brqhd,{kv_subscripts}->brhqk", qh, kh, preferred_element_type=jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("brhqk,brkhd->brqhd", weights.astype(v_regions.dtype), vh,
+    out = jnp.einsum(f"brhqk,{kv_subscripts}->brqhd", weights.astype(v_regions.dtype), vh,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, r, t, c_v).astype(v_regions.dtype)
 
