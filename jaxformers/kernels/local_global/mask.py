@@ -100,11 +100,16 @@ def segments_allowed(q_seg: jax.Array, k_seg: jax.Array) -> jax.Array:
     return (q_seg == k_seg) & (k_seg != 0)
 
 
-def dense_mask(spec: MaskSpec, q_len: int, k_len: int, segment_ids: jax.Array | None = None) -> jax.Array:
-    """The full (B or 1, Lq, Lk) boolean mask; readable, O(L²) memory: for the reference and tests."""
+def dense_mask(spec: MaskSpec, q_len: int, k_len: int, segment_ids: jax.Array | None = None,
+               kv_segment_ids: jax.Array | None = None) -> jax.Array:
+    """The full (B or 1, Lq, Lk) boolean mask; readable, O(L²) memory: for the reference and tests.
+
+    ``segment_ids`` (B, Lq) label the queries, ``kv_segment_ids`` (B, Lk; default: the same) the keys.
+    """
     q_pos = jnp.arange(q_len)[:, None]
     k_pos = jnp.arange(k_len)[None, :]
     mask = allowed(spec, q_pos, k_pos)[None]
     if segment_ids is not None:
-        mask = mask & segments_allowed(segment_ids[:, :, None], segment_ids[:, None, :])
+        kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+        mask = mask & segments_allowed(segment_ids[:, :, None], kv_segment_ids[:, None, :])
     return mask

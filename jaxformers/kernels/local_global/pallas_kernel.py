@@ -15,7 +15,7 @@ Layout and schedule (FlashAttention-2 style):
 - Queries with no allowed key (padding) produce zeros and a +inf logsumexp (zero gradients).
 - Global queries attend to the whole sequence: rather than let the programs holding them walk
   every key block alone (the others visit a few), their rows are computed by a dense pass
-  (``_global_rows``, plain jnp over n x L) and the kernel treats them as local queries.
+  (the reference over n x L rows) and the kernel treats them as local queries.
 - Grouped-query attention: the k/v index map shares a kv head among ``rep`` query heads; dK/dV are
   computed per query head and summed.
 
@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 
 from jaxformers.kernels.local_global.blocks import BlockSizes, block_kinds, index_table, pl_next_pow2
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
+from jaxformers.kernels.local_global.reference import local_global_attention_reference
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 LOG2_E = math.log2(math.e)
@@ -183,10 +184,11 @@ def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name):
 
 
 def _tables(cfg: _Config, q_seg, k_seg, block_q, block_k):
+    """Query-major table (key blocks per query block) and key-major table (the transpose)."""
     any_, full, k_width, q_width = block_kinds(cfg.spec, q_seg, k_seg, block_q, block_k)
-    fwd, fwd_stride = index_table(any_, full, k_width)
-    bwd, bwd_stride = index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
-    return fwd, fwd_stride, bwd, bwd_stride
+    q_major, q_stride = index_table(any_, full, k_width)
+    k_major, k_stride = index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
+    return q_major, q_stride, k_major, k_stride
 
 
 def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
@@ -220,13 +222,13 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
     batch, q_len, heads, dim = q.shape
     k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
-    fwd_table, fwd_stride, bwd_table, bwd_stride = _tables(cfg, q_seg, k_seg, bq, bk)
+    q_major, q_stride, k_major, k_stride = _tables(cfg, q_seg, k_seg, bq, bk)
     per_batch = q_seg.shape[0] > 1
     seg_b = (lambda b: b) if per_batch else (lambda b: 0)
     rep = cfg.rep
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
 
-    dq_kernel = functools.partial(_dq_kernel, cfg=cfg, stride=fwd_stride, n_q=q_len // bq, per_batch=per_batch)
+    dq_kernel = functools.partial(_dq_kernel, cfg=cfg, stride=q_stride, n_q=q_len // bq, per_batch=per_batch)
     dq = _call(dq_kernel, cfg, (q_len // bq, batch, heads), [
         _table_spec(cfg),
         pl.BlockSpec((None, bq), lambda i, b, h: (seg_b(b), i)),
@@ -239,10 +241,10 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
     ], pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
         jax.ShapeDtypeStruct(q.shape, q.dtype), "local_global_dq")(
-        fwd_table, q_seg, k_seg, q, k, v, d_out, lse, delta)
+        q_major, q_seg, k_seg, q, k, v, d_out, lse, delta)
 
     acc_dtype = k.dtype if rep == 1 else jnp.float32
-    dkv_kernel = functools.partial(_dkv_kernel, cfg=cfg, stride=bwd_stride, n_k=k_len // bk, per_batch=per_batch)
+    dkv_kernel = functools.partial(_dkv_kernel, cfg=cfg, stride=k_stride, n_k=k_len // bk, per_batch=per_batch)
     dk, dv = _call(dkv_kernel, cfg, (k_len // bk, batch, heads), [
         _table_spec(cfg),
         pl.BlockSpec((None, q_len), lambda j, b, h: (seg_b(b), 0)),
@@ -257,7 +259,7 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
         pl.BlockSpec((None, bk, None, dim_v), lambda j, b, h: (b, j, h, 0))],
         [jax.ShapeDtypeStruct((batch, k_len, heads, dim), acc_dtype),
          jax.ShapeDtypeStruct((batch, k_len, heads, dim_v), acc_dtype)], "local_global_dkv")(
-        bwd_table, q_seg, k_seg, q, k, v, d_out, lse, delta)
+        k_major, q_seg, k_seg, q, k, v, d_out, lse, delta)
     if rep > 1:
         dk = dk.reshape(batch, k_len, kv_heads, rep, dim).sum(3).astype(k.dtype)
         dv = dv.reshape(batch, k_len, kv_heads, rep, dim_v).sum(3).astype(v.dtype)
@@ -281,26 +283,6 @@ def _attention_bwd(cfg, residuals, d_out):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _global_rows(q, k, v, spec: MaskSpec, segment_ids, scale: float) -> jax.Array:
-    """Outputs of the first n = q.shape[1] (global) queries: dense attention under causality and
-    segments only (global queries ignore window and groups)."""
-    n, k_len = q.shape[1], k.shape[1]
-    rep = q.shape[2] // k.shape[2]
-    k, v = (jnp.repeat(t, rep, axis=2) if rep > 1 else t for t in (k, v))
-    mask = allowed(MaskSpec(causal=spec.causal, chunk_size=spec.chunk_size),
-                   jnp.arange(n)[:, None], jnp.arange(k_len)[None, :])[None]
-    if segment_ids is not None:
-        mask = mask & segments_allowed(segment_ids[:, :n, None], segment_ids[:, None, :])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None], logits, -jnp.inf)
-    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    weights = jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0))
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights / jnp.where(total > 0, total, 1.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
-                      preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
@@ -335,7 +317,10 @@ def local_global_attention_pallas(
         local = local_global_attention_pallas(
             q, k, v, dataclasses.replace(spec, global_queries=False), segment_ids=segment_ids, scale=scale,
             block_sizes=block_sizes, interpret=interpret, backend=backend)
-        rows = _global_rows(q[:, :n_global], k, v, spec, segment_ids, scale)
+        # The first n queries see every key (up to causality and segments): a dense n x L pass.
+        rows = local_global_attention_reference(
+            q[:, :n_global], k, v, spec, scale=scale, segment_ids=None if segment_ids is None else segment_ids[:, :n_global],
+            kv_segment_ids=segment_ids)
         return jnp.concatenate([rows, local[:, n_global:]], axis=1)
     if interpret is None:
         interpret = backend != "gpu"

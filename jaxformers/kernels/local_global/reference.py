@@ -19,11 +19,14 @@ def local_global_attention_reference(
     spec: MaskSpec,
     *,
     segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
     scale: float,
 ) -> jax.Array:
-    """softmax(q kᵀ · scale, masked by ``spec`` and ``segment_ids``) v; q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D).
+    """softmax(q kᵀ · scale, masked by ``spec`` and segments) v; q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D).
 
-    Hq must be a multiple of Hkv (grouped-query attention shares each kv head among Hq/Hkv heads).
+    ``segment_ids`` (B, Lq) label the queries and ``kv_segment_ids`` (B, Lk, default: the same)
+    the keys; query i and key j sit at positions i and j. Hq must be a multiple of Hkv
+    (grouped-query attention shares each kv head among Hq/Hkv heads).
     """
     batch, q_len, q_heads, _ = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
@@ -31,7 +34,7 @@ def local_global_attention_reference(
     if rep > 1:
         k = jnp.repeat(k, rep, axis=2)
         v = jnp.repeat(v, rep, axis=2)
-    mask = dense_mask(spec, q_len, k_len, segment_ids)[:, None]  # (B|1, 1, Lq, Lk)
+    mask = dense_mask(spec, q_len, k_len, segment_ids, kv_segment_ids)[:, None]  # (B|1, 1, Lq, Lk)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
