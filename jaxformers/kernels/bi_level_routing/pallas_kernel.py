@@ -1,5 +1,8 @@
 """Fused Pallas kernels for bi-level routing attention: forward, dQ and dK/dV, with a custom VJP.
 
+This module plans layouts, launches the kernels per backend and wires the custom VJP; the kernel
+bodies themselves are in ``pallas_bodies.py``.
+
 What the naive version does badly: it gathers ``topk`` copies of K and V per query region into HBM
 and runs separate softmax passes. Here nothing is gathered:
 
@@ -52,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxformers.kernels.bi_level_routing.pallas_bodies import KernelConfig, dkv_kernel, dq_kernel, forward_kernel
 from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
 
 __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", "inverse_routing",
@@ -85,29 +89,6 @@ class BlockSizes:
     kv_regions: int | None = None  # dK/dV programs
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Static (hashable) description of one kernel launch."""
-
-    num_heads: int
-    scale: float
-    topk: int
-    num_regions: int  # R (real)
-    regions_padded: int  # R_pad, a multiple of both region block sizes
-    tokens: int  # T (real)
-    tokens_padded: int
-    query_regions: int
-    kv_regions: int
-    layout: str  # "tpu" | "gpu"
-    direct: bool  # GPU: kernels read/write the NHWC maps in place (no layout copies)
-    regions_per_side: int  # S
-    region_h: int
-    region_w: int
-    interpret: bool
-    poison: bool  # debug: outputs start as NaN so unwritten elements show up
-    exact_f32: bool  # float32 inputs: full-precision dots
-
-
 def default_layout() -> str:
     return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
@@ -138,179 +119,8 @@ def _pick_regions_per_program(num_regions: int, tokens_padded: int, requested: i
     return min(candidates, key=lambda n: (_round_up(num_regions, n) - num_regions, -n))
 
 
-# ----------------------------------------------------------------------------- in-kernel math
-def _dot(a, b, contract_b: int, cfg: _Config):
-    """f32 ``a @ b`` (contract_b=0) or ``a @ b.T`` (contract_b=1) on 2-D tiles.
-
-    Triton's ``tl.dot`` needs every side >= 16; smaller tiles (1x1 .. 2x2 regions) use a broadcast
-    multiply and a reduction instead, which every backend lowers.
-    """
-    m, kdim = a.shape
-    n = b.shape[1 - contract_b]
-    if cfg.layout == "gpu" and min(m, n, kdim) < 16:
-        a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
-        if contract_b == 1:
-            return jnp.sum(a32[:, None, :] * b32[None, :, :], axis=2)
-        return jnp.sum(a32[:, :, None] * b32[None, :, :], axis=1)
-    precision = jax.lax.Precision.HIGHEST if cfg.exact_f32 else None
-    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
-def _key_mask(cfg: _Config, shape, axis: int):
-    """True where the key token along ``axis`` is real (not T padding); None when there is none."""
-    if cfg.tokens == cfg.tokens_padded:
-        return None
-    return jax.lax.broadcasted_iota(jnp.int32, shape, axis) < cfg.tokens
-
-
-def _div_mod(i, n: int):
-    """Quotient and remainder of a non-negative loop index (truncating ``lax`` ops: ``//`` and ``%``
-    on traced ints add sign fix-ups the Triton lowering rejects)."""
-    return jax.lax.div(i, n), jax.lax.rem(i, n)
-
-
-def _batch_of_resident(cfg: _Config):
-    """Index of the current image in a resident (whole-image) ref: blocked on TPU, whole on GPU."""
-    return 0 if cfg.layout == "tpu" else pl.program_id(0)
-
-
-def _get(cfg: _Config, ref, where, head):
-    """The (T_pad, d) tile of one region and head; ``where`` = (image index in ref, region index).
-
-    Blocked layouts index ``ref[image, region, head]``; the direct layout cuts the region's
-    ``region_h x region_w`` window and the head's channels out of the NHWC map in place."""
-    image, region = where
-    if not cfg.direct:
-        return ref[image, region, head]
-    row, col = _div_mod(region, cfg.regions_per_side)
-    d = ref.shape[-1] // cfg.num_heads
-    tile = ref[image, pl.ds(row * cfg.region_h, cfg.region_h), pl.ds(col * cfg.region_w, cfg.region_w),
-               pl.ds(head * d, d)]
-    return tile.reshape(cfg.tokens, d)
-
-
-def _set(cfg: _Config, ref, where, head, value):
-    """Writes one (T_pad, d) region/head tile (see :func:`_get`)."""
-    image, region = where
-    value = value.astype(ref.dtype)
-    if not cfg.direct:
-        ref[image, region, head] = value
-        return
-    row, col = _div_mod(region, cfg.regions_per_side)
-    d = ref.shape[-1] // cfg.num_heads
-    ref[image, pl.ds(row * cfg.region_h, cfg.region_h), pl.ds(col * cfg.region_w, cfg.region_w),
-        pl.ds(head * d, d)] = value.reshape(cfg.region_h, cfg.region_w, d)
-
-
-def _own(cfg: _Config, image, local, region):
-    """Where-tuple of this program's own (blocked) tile: its block slot, or its place in the map.
-
-    ``image`` is ``pl.program_id(0)`` read at the kernel's top level (interpret mode cannot
-    evaluate ``program_id`` inside loop bodies)."""
-    return (image, region) if cfg.direct else (0, local)
-
-
-# ----------------------------------------------------------------------------- kernels
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
-    b, group = pl.program_id(0), pl.program_id(1)
-    kv_b = _batch_of_resident(cfg)
-    tp = cfg.tokens_padded
-
-    def one_region_head(i, _):
-        r, h = _div_mod(i, cfg.num_heads)
-        region = group * cfg.query_regions + r
-        q = _get(cfg, q_ref, _own(cfg, b, r, region), h)
-        d_v = v_ref.shape[-1] // cfg.num_heads if cfg.direct else v_ref.shape[-1]
-
-        def one_routed_region(t, carry):
-            m, l, acc = carry
-            kv_region = table_ref[b, region, t]
-            k = _get(cfg, k_ref, (kv_b, kv_region), h)
-            v = _get(cfg, v_ref, (kv_b, kv_region), h)
-            s = _dot(q, k, 1, cfg) * cfg.scale
-            mask = _key_mask(cfg, s.shape, 1)
-            if mask is not None:
-                s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            correction = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new)
-            l = l * correction + jnp.sum(p, axis=1, keepdims=True)
-            acc = acc * correction + _dot(p.astype(v.dtype), v, 0, cfg)
-            return m_new, l, acc
-
-        init = (jnp.full((tp, 1), -jnp.inf, jnp.float32), jnp.zeros((tp, 1), jnp.float32),
-                jnp.zeros((tp, d_v), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(0, cfg.topk, one_routed_region, init)
-        _set(cfg, o_ref, _own(cfg, b, r, region), h, acc / l)
-        lse_ref[0, r, h] = m + jnp.log(l)
-        return 0
-
-    jax.lax.fori_loop(0, cfg.query_regions * cfg.num_heads, one_region_head, 0)
-
-
-def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
-    b, group = pl.program_id(0), pl.program_id(1)
-    kv_b = _batch_of_resident(cfg)
-
-    def one_region_head(i, _):
-        r, h = _div_mod(i, cfg.num_heads)
-        region = group * cfg.query_regions + r
-        q, do = _get(cfg, q_ref, _own(cfg, b, r, region), h), _get(cfg, do_ref, _own(cfg, b, r, region), h)
-        lse, delta = lse_ref[0, r, h], delta_ref[0, r, h]  # (T_pad, 1) columns
-
-        def one_routed_region(t, dq):
-            kv_region = table_ref[b, region, t]
-            k = _get(cfg, k_ref, (kv_b, kv_region), h)
-            v = _get(cfg, v_ref, (kv_b, kv_region), h)
-            p = jnp.exp(_dot(q, k, 1, cfg) * cfg.scale - lse)
-            mask = _key_mask(cfg, p.shape, 1)
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)
-            ds = p * (_dot(do, v, 1, cfg) - delta)
-            return dq + _dot(ds.astype(k.dtype), k, 0, cfg)
-
-        dq = jax.lax.fori_loop(0, cfg.topk, one_routed_region, jnp.zeros(q.shape, jnp.float32))
-        _set(cfg, dq_ref, _own(cfg, b, r, region), h, dq * cfg.scale)
-        return 0
-
-    jax.lax.fori_loop(0, cfg.query_regions * cfg.num_heads, one_region_head, 0)
-
-
-def _dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
-                *, cfg: _Config):
-    b, group = pl.program_id(0), pl.program_id(1)
-    q_b = _batch_of_resident(cfg)
-
-    def one_region_head(i, _):
-        r, h = _div_mod(i, cfg.num_heads)
-        region = group * cfg.kv_regions + r
-        k, v = _get(cfg, k_ref, _own(cfg, b, r, region), h), _get(cfg, v_ref, _own(cfg, b, r, region), h)
-
-        def one_consumer(e, carry):
-            dk, dv = carry
-            q_region = rows_ref[b, e]
-            q, do = _get(cfg, q_ref, (q_b, q_region), h), _get(cfg, do_ref, (q_b, q_region), h)
-            lse, delta = lse_ref[q_b, q_region, h], delta_ref[q_b, q_region, h]
-            p = jnp.exp(_dot(q, k, 1, cfg) * cfg.scale - lse)  # (queries, keys)
-            mask = _key_mask(cfg, p.shape, 1)
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)
-            dv = dv + _dot(p.T.astype(do.dtype), do, 0, cfg)
-            ds = p * (_dot(do, v, 1, cfg) - delta)
-            return dk + _dot(ds.T.astype(q.dtype), q, 0, cfg), dv
-
-        init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-        dk, dv = jax.lax.fori_loop(offsets_ref[b, region], offsets_ref[b, region + 1], one_consumer, init)
-        _set(cfg, dk_ref, _own(cfg, b, r, region), h, dk * cfg.scale)
-        _set(cfg, dv_ref, _own(cfg, b, r, region), h, dv)
-        return 0
-
-    jax.lax.fori_loop(0, cfg.kv_regions * cfg.num_heads, one_region_head, 0)
-
-
 # ----------------------------------------------------------------------------- launching
-def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program: int):
+def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_program: int):
     """Runs ``kernel`` over grid (batch, R_pad / regions_per_program).
 
     ``tables``: int32 routing tables (scalar-prefetched on TPU, whole-array refs elsewhere).
@@ -387,17 +197,17 @@ def _launch(kernel, cfg: _Config, tables, operands, outputs, regions_per_program
     return call(*tables, *args)
 
 
-def _forward(cfg: _Config, q, k, v, table):
+def _forward(cfg: KernelConfig, q, k, v, table):
     own = not cfg.direct  # this program's own q/o tiles are blocks, except in the direct layout
     stats = (q.shape[0], cfg.regions_padded, cfg.num_heads, cfg.tokens_padded, 1)
     outputs = [(jax.ShapeDtypeStruct(v.shape, v.dtype), own),
                (jax.ShapeDtypeStruct(stats, jnp.float32), True)]  # log-sum-exp, a column per tile
-    o, lse = _launch(_forward_kernel, cfg, [table], [(q, own), (k, False), (v, False)], outputs,
+    o, lse = _launch(forward_kernel, cfg, [table], [(q, own), (k, False), (v, False)], outputs,
                      cfg.query_regions)
     return o, lse
 
 
-def _delta(cfg: _Config, o, do):
+def _delta(cfg: KernelConfig, o, do):
     """Row sums of dO * O per token and head, in the statistics layout (B, R_pad, heads, T_pad, 1)."""
     prod = do.astype(jnp.float32) * o.astype(jnp.float32)
     if not cfg.direct:
@@ -409,7 +219,7 @@ def _delta(cfg: _Config, o, do):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(cfg: _Config, q, k, v, table, rows, offsets):
+def _attend(cfg: KernelConfig, q, k, v, table, rows, offsets):
     return _forward(cfg, q, k, v, table)[0]
 
 
@@ -422,10 +232,10 @@ def _attend_bwd(cfg, residuals, do):
     q, k, v, table, rows, offsets, o, lse = residuals
     own = not cfg.direct
     delta = _delta(cfg, o, do)
-    (dq,) = _launch(_dq_kernel, cfg, [table],
+    (dq,) = _launch(dq_kernel, cfg, [table],
                     [(q, own), (k, False), (v, False), (do, own), (lse, True), (delta, True)],
                     [(jax.ShapeDtypeStruct(q.shape, q.dtype), own)], cfg.query_regions)
-    dk, dv = _launch(_dkv_kernel, cfg, [rows, offsets],
+    dk, dv = _launch(dkv_kernel, cfg, [rows, offsets],
                      [(q, False), (do, False), (lse, False), (delta, False), (k, own), (v, own)],
                      [(jax.ShapeDtypeStruct(k.shape, k.dtype), own), (jax.ShapeDtypeStruct(v.shape, v.dtype), own)],
                      cfg.kv_regions)
@@ -500,7 +310,7 @@ def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, top
     else:
         rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions, layout)
         rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions, layout)
-    cfg = _Config(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
+    cfg = KernelConfig(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
                   regions_padded=_round_up(num_regions, math.lcm(rq, rkv)), tokens=tokens,
                   tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, layout=layout, direct=direct,
                   regions_per_side=s, region_h=region_h, region_w=region_w, interpret=bool(interpret),
