@@ -185,6 +185,13 @@ class Bert(nn.Module):
         return self.max_position_embeddings - self.position_offset
 
     @property
+    def num_classes(self) -> int:
+        """Outputs of the classifier (timm's name): num_labels for classification heads, else 0."""
+        if self.head in ("classification", "token_classification"):
+            return self.num_labels
+        return 1 if self.head == "cross_encoder" else 0
+
+    @property
     def has_pooler(self) -> bool:
         if self.add_pooler is not None:
             return self.add_pooler

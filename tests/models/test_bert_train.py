@@ -1,0 +1,41 @@
+"""The BERT configs of train/ run through the shared trainer; the MLM loss falls on the embedded corpus."""
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("grain")
+pytest.importorskip("tokenizers")
+
+from train import config_lib, trainer  # noqa: E402
+
+
+def _run(name, tmp_path, *overrides):
+    config = config_lib.resolve_config(f"train/configs/{name}.py", ["smoke=True", "progress_bar=False",
+                                                                   "async_checkpointing=False", *overrides])
+    return trainer.train_and_evaluate(config, tmp_path / name)
+
+
+def test_mlm_pretraining_loss_falls(tmp_path, monkeypatch):
+    monkeypatch.chdir(config_lib.pathlib.Path(__file__).resolve().parents[2])
+    from train import tasks_text
+
+    vocab = tasks_text.corpus_tokenizer().vocab_size
+    out = _run("bert_mlm", tmp_path, "num_train_steps=40", "log_every_steps=5", "eval_every_steps=1000",
+               "checkpoint_every_steps=1000", "optimizer.learning_rate=0.003", "schedule.warmup_steps=5")
+    losses = [row["train/loss"] for row in out["history"] if "train/loss" in row]
+    assert losses[0] > math.log(vocab) - 0.5  # starts near uniform over the vocabulary
+    assert np.mean(losses[-2:]) < losses[0] - 1.0, losses
+    assert out["eval/loss"] < math.log(vocab) - 1.0 and 0 <= out["eval/mlm_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_classification_and_contrastive_configs_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(config_lib.pathlib.Path(__file__).resolve().parents[2])
+    out = _run("bert_classify", tmp_path, "num_train_steps=4", "eval_every_steps=1000")
+    assert 0.0 <= out["eval/accuracy"] <= 1.0 and np.isfinite(out["eval/loss"])
+    out = _run("bert_contrastive", tmp_path, "num_train_steps=4", "eval_every_steps=1000")
+    for key in ("eval/mrr@10", "eval/ndcg@10", "eval/recall@1", "eval/recall@5", "eval/recall@10"):
+        assert 0.0 < out[key] <= 1.0, (key, out[key])
+    assert out["eval/recall@1"] <= out["eval/recall@5"] <= out["eval/recall@10"]
+    assert out["eval/mrr@10"] >= out["eval/recall@1"]

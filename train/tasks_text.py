@@ -1,0 +1,308 @@
+"""Text tasks for ``train/``: BERT masked-LM pretraining, sequence classification and bi-encoder
+contrastive retrieval, on an embedded offline English corpus.
+
+Importing this module (the ``bert_*`` configs do) registers
+
+- tasks ``bert_mlm``, ``bert_classification``, ``bert_contrastive`` (``config.task``);
+- embedded datasets (``config.input.dataset`` with ``input.source="embedded"``):
+  ``stdlib_mlm`` (docstring passages), ``stdlib_topics`` (passages labelled by the stdlib area they
+  document: 6 classes) and ``stdlib_retrieval`` (query = an API's name in words, e.g. "shutil copy
+  tree", positive document = its docstring);
+- the preprocessing op ``mlm_mask(...)`` (BERT's 80/10/10 dynamic masking, per-example RNG).
+
+The corpus is the documentation that ships with Python itself: the docstrings of ~90 standard
+library modules and the Zen of Python (no download; identical for a given Python version). The
+tokenizer is a WordPiece vocabulary trained on that corpus with the ``tokenizers`` library
+(``corpus_tokenizer()``), so a model can be pretrained from scratch fully offline.
+
+The input pipeline is image-shaped (``{"image", "label"}`` records): token ids travel in the
+``image`` slot (as float32, exact for ids < 2**24) and the tasks cast them back to int32. A
+retrieval example is the query's ids followed by the document's ids in one (2 * max_len,) row.
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import functools
+import importlib
+import inspect
+import io
+import re
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxformers.text import Tokenizer
+from jaxformers.text.retrieval import mrr_at_k, ndcg_at_k, recall_at_k
+from train import input_pipeline, preprocess
+from train.tasks import Batch, ClassificationTask, Task, register_task
+
+MAX_LEN = 64
+VOCAB_SIZE = 4096
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# stdlib areas (the classification labels) and the modules whose docstrings document them.
+TOPICS: dict[str, tuple[str, ...]] = {
+    "networking": ("email.message", "email.utils", "email.parser", "http.client", "http.server", "http.cookies",
+                   "urllib.parse", "urllib.request", "smtplib", "imaplib", "poplib", "ftplib", "socket",
+                   "socketserver", "mailbox", "mimetypes", "html.parser", "ipaddress", "xmlrpc.client"),
+    "concurrency": ("asyncio.events", "asyncio.tasks", "asyncio.streams", "asyncio.locks", "asyncio.queues",
+                    "asyncio.futures", "threading", "multiprocessing.pool", "multiprocessing.managers",
+                    "concurrent.futures._base", "concurrent.futures.thread", "queue", "selectors", "subprocess",
+                    "sched"),
+    "text_formats": ("json", "json.decoder", "json.encoder", "csv", "re", "string", "textwrap", "difflib",
+                     "xml.dom.minidom", "xml.etree.ElementTree", "configparser", "plistlib", "pickle", "base64",
+                     "tokenize", "html", "shlex", "pprint"),
+    "numbers_time": ("decimal", "fractions", "statistics", "random", "numbers", "operator", "heapq", "bisect",
+                     "datetime", "calendar", "zoneinfo", "time", "math", "cmath"),
+    "files_os": ("os", "pathlib", "shutil", "tempfile", "glob", "fnmatch", "zipfile", "tarfile", "gzip", "io",
+                 "fileinput", "filecmp", "stat", "lzma", "bz2", "shelve"),
+    "dev_tools": ("unittest.case", "unittest.mock", "doctest", "traceback", "inspect", "ast", "trace", "timeit",
+                  "logging", "warnings", "argparse", "optparse", "pdb", "dis", "contextlib", "functools",
+                  "dataclasses", "typing", "abc", "enum", "weakref", "copy"),
+}
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _split_name(qualname: str) -> str:
+    """``"shutil.copytree"`` -> ``"shutil copytree"``; ``"ThreadPoolExecutor.submit"`` -> ``"thread pool executor submit"``."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", qualname.replace(".", " ").replace("_", " "))
+    return _clean(words.lower())
+
+
+@functools.lru_cache(maxsize=None)
+def stdlib_docs() -> tuple[tuple[str, str, str], ...]:
+    """(topic, qualified name, first docstring paragraph) for the public API of ``TOPICS``' modules,
+    sorted by name; paragraphs shorter than 40 characters and duplicates are dropped."""
+    seen: set[str] = set()
+    out = []
+    for topic, modules in TOPICS.items():
+        for mod_name in modules:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    mod = importlib.import_module(mod_name)
+            except Exception:  # noqa: BLE001 - a module missing on this platform is simply skipped
+                continue
+            items = [(mod_name, mod)]
+            for name, obj in sorted(vars(mod).items()):
+                if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                    continue
+                items.append((f"{mod_name}.{name}", obj))
+                if inspect.isclass(obj):
+                    items += [(f"{mod_name}.{name}.{m}", f) for m, f in sorted(vars(obj).items())
+                              if not m.startswith("_") and callable(f)]
+            for qualname, obj in items:
+                doc = inspect.getdoc(obj) or ""
+                para = _clean(doc.split("\n\n")[0])
+                if len(para) < 40 or para in seen:
+                    continue
+                seen.add(para)
+                out.append((topic, qualname, para))
+    return tuple(sorted(out, key=lambda t: t[1]))
+
+
+def zen_of_python() -> str:
+    """The Zen of Python (``this``), decoded without printing it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    return codecs.decode(this.s, "rot13")
+
+
+@functools.lru_cache(maxsize=None)
+def corpus_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+    """A lower-cased BERT WordPiece tokenizer trained on the corpus (deterministic, ~1 s)."""
+    from tokenizers import Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    backend = Backend(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    texts = [d for _, _, d in stdlib_docs()] + [_split_name(n) for _, n, _ in stdlib_docs()] + [zen_of_python()]
+    backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                                                 min_frequency=2, show_progress=False))
+    backend.post_processor = processors.BertProcessing(("[SEP]", backend.token_to_id("[SEP]")),
+                                                       ("[CLS]", backend.token_to_id("[CLS]")))
+    return Tokenizer(backend, model_max_length=MAX_LEN)
+
+
+def _is_test(name: str, fraction: float = 0.15) -> bool:
+    """A fixed, order-independent split by the CRC of the qualified name."""
+    return zlib.crc32(name.encode()) % 1000 < fraction * 1000
+
+
+def _encode(texts: list[str], max_len: int) -> np.ndarray:
+    ids = corpus_tokenizer().encode(texts, max_length=max_len, padding="max_length")["input_ids"]
+    return ids.astype(np.float32)
+
+
+def _split_docs(split: str):
+    if split not in ("train", "test"):
+        raise ValueError(f"text datasets have splits ('train', 'test'), got {split!r}")
+    return [d for d in stdlib_docs() if _is_test(d[1]) == (split == "test")]
+
+
+@functools.lru_cache(maxsize=None)
+def load_mlm(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N, MAX_LEN) float32, zeros (N,)): docstring passages (+ the Zen of Python in train)."""
+    texts = [d for _, _, d in _split_docs(split)]
+    if split == "train":
+        texts += [line for line in zen_of_python().splitlines()[2:] if line]
+    return _encode(texts, MAX_LEN), np.zeros(len(texts), np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def load_topics(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N, MAX_LEN), topic labels (N,)) over ``TOPICS``' 6 areas."""
+    docs = _split_docs(split)
+    names = list(TOPICS)
+    return _encode([d for _, _, d in docs], MAX_LEN), np.array([names.index(t) for t, _, _ in docs], np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def load_retrieval(split: str, query_len: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (N, 2 * MAX_LEN): query ids padded to MAX_LEN then document ids, zeros (N,))."""
+    docs = _split_docs(split)
+    queries = _encode([_split_name(n) for _, n, _ in docs], query_len)
+    queries = np.pad(queries, ((0, 0), (0, MAX_LEN - query_len)))
+    return np.concatenate([queries, _encode([d for _, _, d in docs], MAX_LEN)], axis=1), np.zeros(len(docs), np.int32)
+
+
+input_pipeline.EMBEDDED.setdefault("stdlib_mlm", (load_mlm, 0))
+input_pipeline.EMBEDDED.setdefault("stdlib_topics", (load_topics, len(TOPICS)))
+input_pipeline.EMBEDDED.setdefault("stdlib_retrieval", (load_retrieval, 0))
+
+
+def mlm_mask(mask_id: int, vocab_size: int, rate: float = 0.15, num_special: int = len(SPECIALS)):
+    """BERT's dynamic masking of one example: ``rate`` of the real tokens become targets; of those
+    80% -> [MASK], 10% -> a random token, 10% unchanged. ``label`` holds the target ids, -1 elsewhere."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"mlm_mask: rate must be in (0, 1), got {rate}")
+
+    def op(ex, rng):
+        ids = np.asarray(ex["image"]).astype(np.int64).reshape(-1)
+        candidates = np.flatnonzero(ids >= num_special)
+        labels = np.full(ids.shape, -1, np.int64)
+        if candidates.size:
+            chosen = candidates[rng.random(candidates.size) < rate]
+            if chosen.size == 0:
+                chosen = rng.choice(candidates, 1)
+            labels[chosen] = ids[chosen]
+            roll = rng.random(chosen.size)
+            ids[chosen[roll < 0.8]] = mask_id
+            rand = chosen[(roll >= 0.8) & (roll < 0.9)]
+            ids[rand] = rng.integers(num_special, vocab_size, rand.size)
+        return {**ex, "image": ids.astype(np.float32), "label": labels}
+
+    return op
+
+
+preprocess.PP_OPS.setdefault("mlm_mask", mlm_mask)
+
+
+def _ids(batch: Batch, key: str = "image") -> jax.Array:
+    return batch[key].astype(jnp.int32)
+
+
+@register_task("bert_mlm")
+class MaskedLMTask(Task):
+    """Masked-LM: ``Bert(head="mlm")`` logits vs ``batch["label"]`` (target ids, -1 = not a target)."""
+
+    batch_keys = ("image", "label")
+
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = pad_id
+
+    def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
+        ids = _ids(batch)
+        return ids, (ids != self.pad_id).astype(jnp.int32)
+
+    def _token_terms(self, logits, labels):
+        target = labels >= 0
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.maximum(labels, 0))
+        correct = (jnp.argmax(logits, -1) == labels) & target
+        return jnp.where(target, ce, 0.0), correct.astype(jnp.float32), target.astype(jnp.float32)
+
+    def loss(self, outputs, batch):
+        ce, correct, target = self._token_terms(outputs, batch["label"])
+        n = jnp.maximum(target.sum(), 1.0)
+        return ce.sum() / n, {"mlm_accuracy": correct.sum() / n}
+
+    def eval_sums(self, outputs, batch):
+        ce, correct, target = self._token_terms(outputs, batch["label"])
+        w = target * batch["mask"].astype(jnp.float32)[:, None]
+        return {"loss": (ce * w).sum(), "mlm_accuracy": (correct * w).sum(), "count": w.sum()}
+
+    def predict(self, outputs):
+        return jnp.argmax(outputs, -1)
+
+
+@register_task("bert_classification")
+class SequenceClassificationTask(ClassificationTask):
+    """``Bert(head="classification")`` on token ids (attention mask from the padding id)."""
+
+    def __init__(self, label_smoothing: float = 0.0, pad_id: int = 0):
+        super().__init__(label_smoothing=label_smoothing, input_key="image")
+        self.pad_id = pad_id
+
+    def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
+        ids = _ids(batch)
+        return ids, (ids != self.pad_id).astype(jnp.int32)
+
+
+@register_task("bert_contrastive")
+class ContrastiveTask(Task):
+    """Bi-encoder with in-batch negatives (InfoNCE / MultipleNegativesRankingLoss).
+
+    Each row holds a query and its positive document; ``Bert(head="embedding")`` embeds both, and
+    every other document of the (global) batch is a negative. Eval ranks each query against all
+    documents of its eval batch: MRR@10, nDCG@10, recall@1/5/10 (padding rows excluded)."""
+
+    batch_keys = ("image",)
+
+    def __init__(self, temperature: float = 0.05, symmetric: bool = True, pad_id: int = 0, k: int = 10):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature, self.symmetric, self.pad_id, self.k = float(temperature), bool(symmetric), pad_id, k
+
+    def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
+        ids = _ids(batch)
+        b, two_l = ids.shape
+        ids = ids.reshape(b * 2, two_l // 2)  # rows: query 0, document 0, query 1, ...
+        return ids, (ids != self.pad_id).astype(jnp.int32)
+
+    @staticmethod
+    def _pairs(outputs):
+        emb = outputs.astype(jnp.float32).reshape(-1, 2, outputs.shape[-1])
+        return emb[:, 0], emb[:, 1]
+
+    def loss(self, outputs, batch):
+        q, d = self._pairs(outputs)
+        scores = q @ d.T / self.temperature
+        labels = jnp.arange(q.shape[0])
+        loss = optax.softmax_cross_entropy_with_integer_labels(scores, labels).mean()
+        if self.symmetric:
+            loss = 0.5 * (loss + optax.softmax_cross_entropy_with_integer_labels(scores.T, labels).mean())
+        return loss, {"in_batch_accuracy": jnp.mean(jnp.argmax(scores, -1) == labels)}
+
+    def eval_sums(self, outputs, batch):
+        q, d = self._pairs(outputs)
+        mask = batch["mask"].astype(jnp.float32)
+        scores = jnp.where(mask[None, :] > 0, q @ d.T, -jnp.inf)
+        relevance = jnp.eye(q.shape[0], dtype=jnp.float32) * mask[None, :]
+        ce = optax.softmax_cross_entropy_with_integer_labels(jnp.where(jnp.isfinite(scores), scores / self.temperature,
+                                                                       -1e9), jnp.arange(q.shape[0]))
+        per_query = {"loss": ce, f"mrr@{self.k}": mrr_at_k(scores, relevance, self.k, reduce=False),
+                     f"ndcg@{self.k}": ndcg_at_k(scores, relevance, self.k, reduce=False),
+                     **{f"recall@{r}": recall_at_k(scores, relevance, r, reduce=False) for r in (1, 5, 10)}}
+        return {**{k: (v * mask).sum() for k, v in per_query.items()}, "count": mask.sum()}
+
+    def predict(self, outputs):
+        q, d = self._pairs(outputs)
+        return jnp.argmax(q @ d.T, -1)
