@@ -117,6 +117,10 @@ def test_attention_cost():
     cost = api.attention_cost(128, 56, 56, 64, 64, 7, 1)
     assert cost["flops"] == 2 * 128 * 3136 * 64 * 128
     assert cost["bytes"] == 128 * 3136 * 64 * 4 * 2
+    small = api.BraShape(2, 14, 14, 16, 2, 7, 4)
+    q, k, v = api.make_inputs(small, jnp.bfloat16)
+    assert q.shape == k.shape == v.shape == (2, 14, 14, 16) and q.dtype == jnp.bfloat16
+    assert not np.array_equal(np.asarray(q), np.asarray(k))
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ Implementations:
 
 Also exported for models, benchmarks and notebooks: :func:`route_regions` (the routing indices),
 :func:`to_regions` / :func:`from_regions` (layout helpers), :func:`attention_cost` (FLOPs and
-least bytes) and :data:`BIFORMER_STAGE_SHAPES` (the benchmark shapes of ``shared/anchors.md``).
+least bytes), :data:`BIFORMER_STAGE_SHAPES` (the benchmark shapes of ``shared/anchors.md``) and
+:func:`make_inputs` (random q, k, v for one of them).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ __all__ = [
     "to_regions",
     "from_regions",
     "attention_cost",
+    "make_inputs",
     "BraShape",
     "BIFORMER_STAGE_SHAPES",
 ]
@@ -75,6 +77,14 @@ BIFORMER_STAGE_SHAPES: tuple[BraShape, ...] = (
     BraShape(128, 14, 14, 256, 8, 7, 16),
     BraShape(16, 128, 128, 64, 2, 16, 4),
 )
+
+
+def make_inputs(shape: BraShape, dtype=jnp.bfloat16, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Random (q, k, v) maps of one benchmark shape (q, k and v all ``shape.channels`` wide)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    dims = (shape.batch, shape.height, shape.width, shape.channels)
+    q, k, v = (jax.random.normal(key, dims, jnp.float32).astype(dtype) for key in keys)
+    return q, k, v
 
 
 def resolve_topk(topk: int, regions_per_side: int) -> int:
