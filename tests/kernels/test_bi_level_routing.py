@@ -268,8 +268,9 @@ def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, monkeypatch):
                             lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
     layout = "tpu" if platform == "tpu" else "gpu"
     # (H, C_qk, C_v, heads, S, topk): 8x8-token regions and 2x2 tokens (small-tile path) read NHWC in
-    # place on GPU; 3x3 tokens go through the padded blocked layout.
-    for height, c_qk, c_v, heads, s, topk in [(56, 64, 64, 2, 7, 1), (14, 256, 256, 8, 7, 16), (9, 96, 48, 3, 3, 2)]:
+    # place on GPU; 3x3 tokens go through the padded blocked layout; head dims 32, 16, 64 and 128.
+    for height, c_qk, c_v, heads, s, topk in [(56, 64, 64, 2, 7, 1), (14, 256, 256, 8, 7, 16), (9, 96, 48, 3, 3, 2),
+                                              (28, 128, 128, 2, 7, 4), (14, 256, 256, 2, 7, 49)]:
         def loss_grads(q, k, v):
             out, vjp = jax.vjp(functools.partial(
                 pallas_kernel.bi_level_routing_attention_pallas, num_heads=heads, regions_per_side=s, topk=topk,
