@@ -172,6 +172,44 @@ def test_block_kinds_are_conservative(case):
         assert full.sum() > 0  # dense blocks inside one segment run without a mask
 
 
+def test_block_kinds_conservative_on_random_specs():
+    """Random options, segment layouts and block sizes: a skipped block never holds an allowed pair,
+    a "full" block never holds a masked one, and the static width bounds the visited blocks."""
+    from jaxformers.kernels.local_global.mask import allowed, segments_allowed
+
+    rng = np.random.default_rng(0)
+    padded = 96  # fixed shapes keep eager jnp from recompiling; the real length varies below
+    pos = np.arange(padded)
+    for trial in range(40):
+        length = int(rng.integers(20, padded + 1))
+        case = {}
+        if rng.random() < 0.6:
+            case["window"] = tuple(None if rng.random() < 0.2 else int(rng.integers(0, 20)) for _ in range(2))
+        if rng.random() < 0.4:
+            case["group_size"] = int(rng.integers(1, 24))
+        if rng.random() < 0.4:
+            case["global_tokens"] = int(rng.integers(1, 6))
+            case["global_queries"] = bool(rng.random() < 0.7)
+        if rng.random() < 0.4:
+            case["causal"] = True
+            if rng.random() < 0.5:
+                case["chunk_size"] = int(rng.integers(1, 12))
+        spec = MaskSpec(**case)
+        bq, bk = (int(b) for b in rng.choice([8, 16, 32], size=2))
+        cuts = np.sort(rng.choice(np.arange(1, length), size=int(rng.integers(0, 4)), replace=False))
+        seg = np.zeros(padded, np.int32)
+        for i, part in enumerate(np.split(np.arange(length), cuts)):
+            seg[part] = 0 if rng.random() < 0.2 else i + 1
+        dense = allowed(spec, pos[:, None], pos[None, :]) & segments_allowed(seg[:, None], seg[None, :])
+        blocks = dense.reshape(padded // bq, bq, padded // bk, bk)
+        any_, full, k_width, q_width = block_kinds(spec, jnp.asarray(seg[None]), jnp.asarray(seg[None]), bq, bk)
+        any_, full = np.asarray(any_)[0], np.asarray(full)[0]
+        msg = f"trial {trial}: {case}, blocks {bq}x{bk}, segments {seg.tolist()}"
+        assert not np.any(blocks.any(axis=(1, 3)) & ~any_), msg
+        assert not np.any(full & ~blocks.all(axis=(1, 3))), msg
+        assert any_.sum(1).max() <= k_width and any_.sum(0).max() <= q_width, msg
+
+
 def test_window_visits_only_the_band():
     seg = jnp.ones((1, 512), jnp.int32)
     any_, full, k_width, q_width = block_kinds(MaskSpec(window=(16, 16)), seg, seg, 32, 32)
