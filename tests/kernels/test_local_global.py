@@ -116,6 +116,16 @@ def test_xla_grouped_query_heads_match_repeated_kv():
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_segment_ids_from_cu_seqlens():
+    from jaxformers.kernels.local_global.api import segment_ids_from_cu_seqlens
+
+    got = segment_ids_from_cu_seqlens(jnp.array([[0, 3, 5, 5], [0, 2, 6, 6]]), 8)
+    np.testing.assert_array_equal(got, [[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 2, 2, 2, 2, 0, 0]])
+    np.testing.assert_array_equal(segment_ids_from_cu_seqlens(jnp.array([0, 4]), 5), [[1, 1, 1, 1, 0]])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        segment_ids_from_cu_seqlens(jnp.array([0.0, 4.0]), 5)
+
+
 BAD = [
     (dict(window=(1,)), ValueError, "window"),
     (dict(window=(-1, 2)), ValueError, "left"),

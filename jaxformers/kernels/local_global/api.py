@@ -8,6 +8,8 @@ Implementations:
   block-sparse kernel (``pallas_kernel.py``), forward and backward, skipping key blocks that hold
   no allowed pair; on TPU JAX's splash attention driven by the same mask (``splash_tpu.py``).
 - ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.
+
+``segment_ids_from_cu_seqlens`` converts FlashAttention-style cumulative lengths to segment ids.
 """
 from __future__ import annotations
 
@@ -49,6 +51,23 @@ def _check_inputs(q, k, v, segment_ids, spec: MaskSpec) -> None:
             raise ValueError(f"segment_ids must be (batch, length) = {q.shape[:2]}; got shape {shape}")
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise TypeError(f"segment_ids must be integers (0 = padding); got dtype {segment_ids.dtype}")
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: jax.Array, length: int) -> jax.Array:
+    """(B, L) segment ids from cumulative sequence lengths (the FlashAttention varlen convention).
+
+    ``cu_seqlens`` is (n+1,) or (B, n+1), non-decreasing, starting at 0: sequence s of a row spans
+    positions ``cu_seqlens[s] .. cu_seqlens[s+1]-1`` and gets id s+1; positions from
+    ``cu_seqlens[-1]`` on are padding (0). Repeat the last offset to give rows fewer sequences.
+    """
+    cu = jnp.asarray(cu_seqlens)
+    if cu.ndim not in (1, 2) or cu.shape[-1] < 2 or not jnp.issubdtype(cu.dtype, jnp.integer):
+        raise ValueError(f"cu_seqlens must be integer offsets of shape (n+1,) or (batch, n+1) with n >= 1; "
+                         f"got shape {cu.shape}, dtype {cu.dtype}")
+    cu = jnp.atleast_2d(cu)
+    pos = jnp.arange(length)
+    ids = jnp.sum(pos[None, :, None] >= cu[:, None, 1:], axis=-1) + 1  # sequences that ended before
+    return jnp.where(pos[None, :] < cu[:, -1:], ids, 0).astype(jnp.int32)
 
 
 def local_global_attention(
