@@ -251,7 +251,7 @@ def test_tpu_vmem_estimate_gates_large_maps():
     shape = (small.batch, small.height, small.width, small.channels)
     kw = dict(num_heads=small.num_heads, regions_per_side=small.regions_per_side, topk=small.topk)
     assert pallas_kernel.tpu_fits(shape, shape, jnp.bfloat16, **kw)
-    assert 8 << 20 < pallas_kernel.tpu_vmem_bytes(shape, shape, jnp.bfloat16, **kw) < 32 << 20
+    assert 4 << 20 < pallas_kernel.tpu_vmem_bytes(shape, shape, jnp.bfloat16, **kw) < 32 << 20
     huge = (1, 256, 256, 64)
     assert not pallas_kernel.tpu_fits(huge, huge, jnp.bfloat16, num_heads=2, regions_per_side=8, topk=4)
 

@@ -193,14 +193,15 @@ def dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, 
             dk, dv = carry
             q_region = rows_ref[b, e]
             q, do = _get(cfg, q_ref, (q_b, q_region), h), _get(cfg, do_ref, (q_b, q_region), h)
-            lse, delta = lse_ref[q_b, q_region, h], delta_ref[q_b, q_region, h]
-            p = jnp.exp(_dot(q, k, 1, cfg) * cfg.scale - lse)  # (queries, keys)
-            mask = _key_mask(cfg, p.shape, 1)
+            lse, delta = lse_ref[q_b, q_region, h], delta_ref[q_b, q_region, h]  # (1, T_pad) rows
+            # Key-major throughout (p transposed), so no in-kernel transposes are needed.
+            p_t = jnp.exp(_dot(k, q, 1, cfg) * cfg.scale - lse)  # (keys, queries)
+            mask = _key_mask(cfg, p_t.shape, 0)
             if mask is not None:
-                p = jnp.where(mask, p, 0.0)
-            dv = dv + _dot(p.T.astype(do.dtype), do, 0, cfg)
-            ds = p * (_dot(do, v, 1, cfg) - delta)
-            return dk + _dot(ds.T.astype(q.dtype), q, 0, cfg), dv
+                p_t = jnp.where(mask, p_t, 0.0)
+            dv = dv + _dot(p_t.astype(do.dtype), do, 0, cfg)
+            ds_t = p_t * (_dot(v, do, 1, cfg) - delta)
+            return dk + _dot(ds_t.astype(q.dtype), q, 0, cfg), dv
 
         init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
         dk, dv = jax.lax.fori_loop(offsets_ref[b, region], offsets_ref[b, region + 1], one_consumer, init)

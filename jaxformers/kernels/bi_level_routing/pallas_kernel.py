@@ -31,7 +31,7 @@ Backends:
   of K/V = one pass, the memory floor) and the kernel indexes routed regions in VMEM. Batches whose
   tables would overflow SMEM are split into chunks. T padded to a multiple of 8. The resident
   blocks must fit VMEM (:func:`tpu_vmem_bytes`; the four BiFormer benchmark shapes of
-  ``shared/anchors.md`` need 10-20 MiB except 128x128 with S=16, ~97 MiB); ``"auto"`` falls back
+  ``shared/anchors.md`` need 7-15 MiB, and ~41 MiB for 128x128 with S=16); ``"auto"`` falls back
   to the reference when they do not.
 - GPU (Triton lowering; Mosaic GPU would need a separate warpgroup kernel): no scalar prefetch;
   the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Triton
@@ -235,8 +235,11 @@ def _attend_bwd(cfg, residuals, do):
     (dq,) = _launch(dq_kernel, cfg, [table],
                     [(q, own), (k, False), (v, False), (do, own), (lse, True), (delta, True)],
                     [(jax.ShapeDtypeStruct(q.shape, q.dtype), own)], cfg.query_regions)
+    # dK/dV keeps a whole image's statistics resident and uses them as rows: (T, 1) -> (1, T) is a
+    # free reshape in HBM and saves the (8, 128)-padding of column tiles in TPU VMEM.
+    as_rows = lambda x: x.reshape(x.shape[:3] + (1, x.shape[3]))  # noqa: E731
     dk, dv = _launch(dkv_kernel, cfg, [rows, offsets],
-                     [(q, False), (do, False), (lse, False), (delta, False), (k, own), (v, own)],
+                     [(q, False), (do, False), (as_rows(lse), False), (as_rows(delta), False), (k, own), (v, own)],
                      [(jax.ShapeDtypeStruct(k.shape, k.dtype), own), (jax.ShapeDtypeStruct(v.shape, v.dtype), own)],
                      cfg.kv_regions)
     return dq, dk, dv, None, None, None
@@ -329,10 +332,11 @@ def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side:
                          poison=False)
     tile = (cfg.regions_padded, num_heads, cfg.tokens_padded)
     qk, v, stat = (1,) + tile + (dqk,), (1,) + tile + (dv,), (1,) + tile + (1,)
+    stat_rows = (1,) + tile[:2] + (1, cfg.tokens_padded)
     f32 = jnp.float32
     forward = [(qk, dtype, True), (qk, dtype, False), (v, dtype, False), (v, dtype, True), (stat, f32, True)]
     dq = forward[:3] + [(v, dtype, True), (stat, f32, True), (stat, f32, True), (qk, dtype, True)]
-    dkv = [(qk, dtype, False), (v, dtype, False), (stat, f32, False), (stat, f32, False),
+    dkv = [(qk, dtype, False), (v, dtype, False), (stat_rows, f32, False), (stat_rows, f32, False),
            (qk, dtype, True), (v, dtype, True), (qk, dtype, True), (v, dtype, True)]
     return max(_tpu_vmem_bytes(forward, cfg.query_regions), _tpu_vmem_bytes(dq, cfg.query_regions),
                _tpu_vmem_bytes(dkv, cfg.kv_regions))
