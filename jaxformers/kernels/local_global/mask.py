@@ -23,6 +23,13 @@ import numpy as np
 from jax import lax
 
 
+def _as_int(value, name: str, minimum: int, alternatives: str = "") -> int:
+    """A Python int >= minimum (numpy ints accepted), else a ValueError naming the option."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} {alternatives}".rstrip() + f"; got {value!r}")
+    return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     """The static (shape-independent) part of a local + global attention mask."""
@@ -48,16 +55,13 @@ class MaskSpec:
         if w is not None:
             if not isinstance(w, (tuple, list)) or len(w) != 2:
                 raise ValueError(f"window must be None or a pair (left, right) of ints >= 0 or None; got {w!r}")
-            for side, n in zip(("left", "right"), w):
-                if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-                    raise ValueError(f"window {side} extent must be an int >= 0 or None (unlimited); got {n!r}")
-            object.__setattr__(self, "window", (w[0], w[1]))
-        if not isinstance(self.global_tokens, int) or isinstance(self.global_tokens, bool) or self.global_tokens < 0:
-            raise ValueError(f"global_tokens must be an int >= 0; got {self.global_tokens!r}")
+            sides = tuple(None if n is None else _as_int(n, f"window {side} extent", 0, "or None (unlimited)")
+                          for side, n in zip(("left", "right"), w))
+            object.__setattr__(self, "window", sides)
+        object.__setattr__(self, "global_tokens", _as_int(self.global_tokens, "global_tokens", 0))
         for name in ("group_size", "chunk_size"):
-            n = getattr(self, name)
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-                raise ValueError(f"{name} must be None or an int >= 1; got {n!r}")
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _as_int(getattr(self, name), name, 1, "or None"))
         if self.chunk_size is not None and not self.causal:
             raise ValueError("chunk_size selects chunk-causal attention and needs causal=True; "
                              f"got chunk_size={self.chunk_size}, causal=False")
