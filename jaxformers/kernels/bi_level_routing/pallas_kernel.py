@@ -90,6 +90,7 @@ class BlockSizes:
 
 
 def default_layout() -> str:
+    """Kernel layout of the current backend: "tpu" on TPU, else "gpu" (also used in interpret mode)."""
     return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
