@@ -3,6 +3,7 @@
     python benchmarks/kernels.py            # anchor shapes on GPU/TPU; tiny shapes elsewhere
     python benchmarks/kernels.py --small    # tiny shapes (CPU: Pallas in interpret mode, minutes)
     python benchmarks/kernels.py --only window,packed --repeats 50
+    python benchmarks/kernels.py --small --check   # also compare each kernel with its reference
 
 Rows (shapes from shared/anchors.md on an accelerator):
 
@@ -93,6 +94,8 @@ def bench_attention(table, name, shape, spec_kwargs, *, dtype, repeats, on_gpu, 
     flops = 4.0 * pairs * dim
     nbytes = 4.0 * q.size * q.dtype.itemsize
     ours_f, ours_b = _fwd_bwd(lambda q, k, v: local_global_attention(q, k, v, **spec_kwargs, implementation="pallas"))
+    check(name, (ours_f, ours_b), _fwd_bwd(lambda q, k, v: local_global_attention(
+        q, k, v, **spec_kwargs, implementation="xla")), q, k, v, max_logits=2**30)
     base = {}
     if mask_baseline:
         mask = None if spec.is_dense else allowed(spec, jnp.arange(length)[:, None], jnp.arange(length)[None, :])
@@ -109,6 +112,31 @@ def bench_attention(table, name, shape, spec_kwargs, *, dtype, repeats, on_gpu, 
             continue
         table.row(f"{name} {mode}", shape_s, "pallas", ours, flops * mult, nbytes * (2 if index else 1),
                   {b: t for b, t in times.items() if t is not None})
+
+
+CHECK = {"on": False}  # --check: compare each of our kernels with its reference before timing
+
+
+def check(label, ours, reference, *args, max_logits=2**31):
+    """Prints the relative error (‖ours - ref‖ / ‖ref‖) of outputs and q/k/v gradients, or why not.
+
+    ``ours``/``reference`` are (forward, gradient) pairs of jitted functions."""
+    if not CHECK["on"]:
+        return
+    q = args[0]
+    if q.size // q.shape[-1] * q.shape[1] > max_logits:
+        print(f"  check {label}: skipped (the reference's score matrix is too large)")
+        return
+    try:
+        rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) /  # noqa: E731
+                                 (jnp.linalg.norm(b.astype(jnp.float32)) + 1e-30))
+        errs = [rel(ours[0](*args), reference[0](*args))]
+        errs += [rel(a, b) for a, b in zip(ours[1](*args), reference[1](*args))]
+        bad = " <-- MISMATCH" if max(errs) > 2e-2 else ""
+        print(f"  check {label} vs reference (relative error): out {errs[0]:.1e}, dq {errs[1]:.1e}, "
+              f"dk {errs[2]:.1e}, dv {errs[3]:.1e}{bad}")
+    except Exception as e:
+        print(f"  check {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
 
 
 def _try_time(fn, *args, repeats):
@@ -133,6 +161,7 @@ def bench_bra(table, shapes, *, dtype, repeats, backward):
             q, k, v, num_heads=heads, regions_per_side=regions, topk=topk, implementation=impl))
             for impl in ("pallas", "xla")}
         shape_s = f"{batch}x{height}x{width}x{channels} S{regions} k{topk}"
+        check(f"bra {shape_s}", fns["pallas"], fns["xla"], q, k, v)
         for mode, index, mult in (("fwd", 0, 1.0), ("fwd+bwd", 1, 3.5))[: 2 if backward else 1]:
             try:
                 naive = timeit(fns["xla"][index], q, k, v, repeats=repeats)
@@ -192,6 +221,8 @@ def bench_packed(table, rows, length, heads, dim, *, dtype, repeats, on_gpu):
         cudnn_padded = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn"))
         base["padded cudnn"] = _try_time(cudnn_padded, qp, kp, vp, repeats=repeats)
+    check("packed", _fwd_bwd(ours_packed), _fwd_bwd(lambda q, k, v: local_global_attention(
+        q, k, v, segment_ids=seg_pack, implementation="xla")), qk, kk, vk)
     ours = _try_time(ours_packed, qk, kk, vk, repeats=repeats)
     if ours is None:
         return
@@ -209,7 +240,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median)")
     parser.add_argument("--only", default="dense,window,bra,packed", help="comma-separated row groups")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=accelerator,
+                        help="compare each kernel (output and q/k/v gradients) with its reference before "
+                             "timing it (default on GPU/TPU; on CPU the tests do this)")
     args = parser.parse_args(argv)
+    CHECK["on"] = args.check
     dtype = jnp.dtype(args.dtype)
     on_gpu = jax.default_backend() == "gpu"
     repeats = args.repeats or (3 if args.small else 20)
