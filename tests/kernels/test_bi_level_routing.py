@@ -172,7 +172,8 @@ def _rel_err(got, want):
     return np.abs(got - want).max() / np.abs(want).max()
 
 
-# (batch, H, W, C_qk, C_v, heads, S, topk, block sizes, layout, direct NHWC tiles)
+# (batch, H, W, C_qk, C_v, heads, S, topk, block sizes, layout, direct NHWC tiles). With the GPU
+# layout, routed regions are gathered several per step where topk > 1 (padded routes masked).
 PALLAS_CASES = [
     pytest.param((2, 9, 9, 8, 4, 2, 3, 1, None, "gpu", False), id="3x3-token-regions-qk!=v-topk1-gpu-blocked"),
     pytest.param((1, 8, 4, 8, 16, 2, 4, 3, None, "gpu", True), id="2x1-token-regions-qk!=v-gpu-direct"),
@@ -241,6 +242,12 @@ def test_pallas_rejects_unknown_layout_and_impossible_direct_tiles():
     kw = dict(num_heads=1, regions_per_side=2, topk=1, scale=1.0)
     with pytest.raises(ValueError, match="layout must be"):
         pallas_kernel.bi_level_routing_attention_pallas(q, k, v, layout="cuda", **kw)
+    with pytest.raises(ValueError, match="power of two"):
+        pallas_kernel.bi_level_routing_attention_pallas(
+            q, k, v, layout="gpu", block_sizes=pallas_kernel.BlockSizes(regions_per_step=3), **kw)
+    with pytest.raises(ValueError, match="must be 1 on the TPU layout"):
+        pallas_kernel.bi_level_routing_attention_pallas(
+            q, k, v, layout="tpu", block_sizes=pallas_kernel.BlockSizes(regions_per_step=2), **kw)
     q, k, v = _inputs(0, 1, 6, 6, 4, 4)  # 3x3-token regions: no power-of-two NHWC tiles
     with pytest.raises(ValueError, match="direct NHWC layout needs"):
         pallas_kernel.bi_level_routing_attention_pallas(q, k, v, layout="gpu", direct=True, **kw)

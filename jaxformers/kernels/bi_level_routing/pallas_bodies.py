@@ -30,6 +30,9 @@ class KernelConfig:
     tokens_padded: int
     query_regions: int
     kv_regions: int
+    kv_step: int  # routed key regions gathered per online-softmax step (forward, dQ); 1 on TPU
+    q_step: int  # consumer query regions gathered per step (dK/dV); 1 on TPU
+    topk_padded: int  # topk rounded up to kv_step (the routing table's padded width)
     layout: str  # "tpu" | "gpu"
     direct: bool  # GPU: kernels read/write the NHWC maps in place (no layout copies)
     regions_per_side: int  # S
@@ -59,11 +62,18 @@ def _dot(a, b, contract_b: int, cfg: KernelConfig):
                                preferred_element_type=jnp.float32)
 
 
-def _key_mask(cfg: KernelConfig, shape, axis: int):
-    """True where the key token along ``axis`` is real (not T padding); None when there is none."""
-    if cfg.tokens == cfg.tokens_padded:
+def _route_mask(cfg: KernelConfig, shape, axis: int, step):
+    """Valid keys along ``axis`` of a score tile holding routed step ``step`` (``kv_step`` regions of
+    T_pad tokens each): real routes (< topk) and real tokens (< T). None when all are valid."""
+    check_routes, check_tokens = cfg.topk_padded != cfg.topk, cfg.tokens_padded != cfg.tokens
+    if not (check_routes or check_tokens):
         return None
-    return jax.lax.broadcasted_iota(jnp.int32, shape, axis) < cfg.tokens
+    route, token = _div_mod(jax.lax.broadcasted_iota(jnp.int32, shape, axis), cfg.tokens_padded)
+    valid = token < cfg.tokens if check_tokens else None
+    if check_routes:
+        real = step * cfg.kv_step + route < cfg.topk
+        valid = real if valid is None else valid & real
+    return valid
 
 
 def _div_mod(i, n: int):
@@ -105,6 +115,44 @@ def _set(cfg: KernelConfig, ref, where, head, value):
         pl.ds(head * d, d)] = value.reshape(cfg.region_h, cfg.region_w, d)
 
 
+def _gather(cfg: KernelConfig, ref, image, regions, tokens, head):
+    """(n, d) rows of one head: token ``tokens[i]`` of region ``regions[i]`` (int vectors of length n).
+
+    A gather of whole routed regions in one load (vector-indexed ref read: GPU and interpret mode),
+    so a program handles several small regions per step instead of many tiny tiles."""
+    if not cfg.direct:
+        return ref[image, regions, head, tokens]
+    row, col = _div_mod(regions, cfg.regions_per_side)
+    token_row, token_col = _div_mod(tokens, cfg.region_w)
+    d = ref.shape[-1] // cfg.num_heads
+    return ref[image, row * cfg.region_h + token_row, col * cfg.region_w + token_col, pl.ds(head * d, d)]
+
+
+def _routed(cfg: KernelConfig, table_ref, k_ref, v_ref, b, kv_b, region, step, head):
+    """K and V tiles (kv_step * T_pad, d) of routed step ``step`` of query region ``region``."""
+    if cfg.kv_step == 1:  # one routed region: a plain tile (the TPU path)
+        kv_region = table_ref[b, region, step]
+        return _get(cfg, k_ref, (kv_b, kv_region), head), _get(cfg, v_ref, (kv_b, kv_region), head)
+    route, token = _div_mod(jax.lax.broadcasted_iota(jnp.int32, (cfg.kv_step * cfg.tokens_padded,), 0),
+                            cfg.tokens_padded)
+    regions = table_ref[b, region, step * cfg.kv_step + route]
+    return (_gather(cfg, k_ref, kv_b, regions, token, head), _gather(cfg, v_ref, kv_b, regions, token, head))
+
+
+def _consumers(cfg: KernelConfig, rows_ref, q_ref, do_ref, lse_ref, delta_ref, b, q_b, first, head):
+    """q, dO (q_step * T_pad, d) and log-sum-exp, delta rows (1, q_step * T_pad) of the consumer
+    query regions listed at ``rows[first : first + q_step]``."""
+    if cfg.q_step == 1:
+        q_region = rows_ref[b, first]
+        return (_get(cfg, q_ref, (q_b, q_region), head), _get(cfg, do_ref, (q_b, q_region), head),
+                lse_ref[q_b, q_region, head], delta_ref[q_b, q_region, head])
+    n = cfg.q_step * cfg.tokens_padded
+    entry, token = _div_mod(jax.lax.broadcasted_iota(jnp.int32, (n,), 0), cfg.tokens_padded)
+    regions = rows_ref[b, first + entry]
+    return (_gather(cfg, q_ref, q_b, regions, token, head), _gather(cfg, do_ref, q_b, regions, token, head),
+            lse_ref[q_b, regions, head, 0, token].reshape(1, n), delta_ref[q_b, regions, head, 0, token].reshape(1, n))
+
+
 def _own(cfg: KernelConfig, image, local, region):
     """Where-tuple of this program's own (blocked) tile: its block slot, or its place in the map.
 
@@ -125,13 +173,11 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: Kerne
         q = _get(cfg, q_ref, _own(cfg, b, r, region), h)
         d_v = v_ref.shape[-1] // cfg.num_heads if cfg.direct else v_ref.shape[-1]
 
-        def one_routed_region(t, carry):
+        def one_step(step, carry):
             m, l, acc = carry
-            kv_region = table_ref[b, region, t]
-            k = _get(cfg, k_ref, (kv_b, kv_region), h)
-            v = _get(cfg, v_ref, (kv_b, kv_region), h)
+            k, v = _routed(cfg, table_ref, k_ref, v_ref, b, kv_b, region, step, h)
             s = _dot(q, k, 1, cfg) * cfg.scale
-            mask = _key_mask(cfg, s.shape, 1)
+            mask = _route_mask(cfg, s.shape, 1, step)
             if mask is not None:
                 s = jnp.where(mask, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -143,7 +189,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: Kerne
 
         init = (jnp.full((tp, 1), -jnp.inf, jnp.float32), jnp.zeros((tp, 1), jnp.float32),
                 jnp.zeros((tp, d_v), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(0, cfg.topk, one_routed_region, init)
+        m, l, acc = jax.lax.fori_loop(0, cfg.topk_padded // cfg.kv_step, one_step, init)
         _set(cfg, o_ref, _own(cfg, b, r, region), h, acc / l)
         lse_ref[0, r, h] = m + jnp.log(l)
         return 0
@@ -161,18 +207,16 @@ def dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
         q, do = _get(cfg, q_ref, _own(cfg, b, r, region), h), _get(cfg, do_ref, _own(cfg, b, r, region), h)
         lse, delta = lse_ref[0, r, h], delta_ref[0, r, h]  # (T_pad, 1) columns
 
-        def one_routed_region(t, dq):
-            kv_region = table_ref[b, region, t]
-            k = _get(cfg, k_ref, (kv_b, kv_region), h)
-            v = _get(cfg, v_ref, (kv_b, kv_region), h)
+        def one_step(step, dq):
+            k, v = _routed(cfg, table_ref, k_ref, v_ref, b, kv_b, region, step, h)
             p = jnp.exp(_dot(q, k, 1, cfg) * cfg.scale - lse)
-            mask = _key_mask(cfg, p.shape, 1)
+            mask = _route_mask(cfg, p.shape, 1, step)
             if mask is not None:
                 p = jnp.where(mask, p, 0.0)
             ds = p * (_dot(do, v, 1, cfg) - delta)
             return dq + _dot(ds.astype(k.dtype), k, 0, cfg)
 
-        dq = jax.lax.fori_loop(0, cfg.topk, one_routed_region, jnp.zeros(q.shape, jnp.float32))
+        dq = jax.lax.fori_loop(0, cfg.topk_padded // cfg.kv_step, one_step, jnp.zeros(q.shape, jnp.float32))
         _set(cfg, dq_ref, _own(cfg, b, r, region), h, dq * cfg.scale)
         return 0
 
@@ -180,7 +224,7 @@ def dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
 
 
 def dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
-                *, cfg: KernelConfig):
+               *, cfg: KernelConfig):
     b, group = pl.program_id(0), pl.program_id(1)
     q_b = _batch_of_resident(cfg)
 
@@ -188,15 +232,21 @@ def dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, 
         r, h = _div_mod(i, cfg.num_heads)
         region = group * cfg.kv_regions + r
         k, v = _get(cfg, k_ref, _own(cfg, b, r, region), h), _get(cfg, v_ref, _own(cfg, b, r, region), h)
+        first, end = offsets_ref[b, region], offsets_ref[b, region + 1]
 
-        def one_consumer(e, carry):
+        def one_step(step, carry):
             dk, dv = carry
-            q_region = rows_ref[b, e]
-            q, do = _get(cfg, q_ref, (q_b, q_region), h), _get(cfg, do_ref, (q_b, q_region), h)
-            lse, delta = lse_ref[q_b, q_region, h], delta_ref[q_b, q_region, h]  # (1, T_pad) rows
+            entry = first + step * cfg.q_step
+            q, do, lse, delta = _consumers(cfg, rows_ref, q_ref, do_ref, lse_ref, delta_ref, b, q_b, entry, h)
             # Key-major throughout (p transposed), so no in-kernel transposes are needed.
-            p_t = jnp.exp(_dot(k, q, 1, cfg) * cfg.scale - lse)  # (keys, queries)
-            mask = _key_mask(cfg, p_t.shape, 0)
+            p_t = jnp.exp(_dot(k, q, 1, cfg) * cfg.scale - lse)  # (keys, consumer queries)
+            mask = None
+            if cfg.tokens_padded != cfg.tokens:  # padded key tokens of this region
+                mask = jax.lax.broadcasted_iota(jnp.int32, p_t.shape, 0) < cfg.tokens
+            if cfg.q_step > 1:  # the last step's gathered entries past this region's list
+                listed = entry + _div_mod(jax.lax.broadcasted_iota(jnp.int32, p_t.shape, 1),
+                                          cfg.tokens_padded)[0] < end
+                mask = listed if mask is None else mask & listed
             if mask is not None:
                 p_t = jnp.where(mask, p_t, 0.0)
             dv = dv + _dot(p_t.astype(do.dtype), do, 0, cfg)
@@ -204,7 +254,8 @@ def dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, 
             return dk + _dot(ds_t.astype(q.dtype), q, 0, cfg), dv
 
         init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-        dk, dv = jax.lax.fori_loop(offsets_ref[b, region], offsets_ref[b, region + 1], one_consumer, init)
+        steps = jax.lax.div(end - first + cfg.q_step - 1, cfg.q_step)
+        dk, dv = jax.lax.fori_loop(0, steps, one_step, init)
         _set(cfg, dk_ref, _own(cfg, b, r, region), h, dk * cfg.scale)
         _set(cfg, dv_ref, _own(cfg, b, r, region), h, dv)
         return 0

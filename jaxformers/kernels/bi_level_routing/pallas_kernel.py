@@ -34,10 +34,13 @@ Backends:
   ``shared/anchors.md`` need 7-15 MiB, and ~41 MiB for 128x128 with S=16); ``"auto"`` falls back
   to the reference when they do not.
 - GPU (Triton lowering; Mosaic GPU would need a separate warpgroup kernel): no scalar prefetch;
-  the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Triton
-  needs power-of-two tiles: T and head dims are padded to powers of two (head dims to >= 16), and
-  products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``. Each program
-  reads its routed K/V tiles straight from global memory (L2-cached), writing no copies.
+  the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Each
+  online-softmax step gathers several routed regions into one key tile with a vector-indexed load
+  (``regions_per_step``, ~8192 key elements: 16 regions of 2x2 tokens at BiFormer's stage 3), so
+  small regions do not serialise into many tiny dependent steps; dK/dV gathers its consumer query
+  regions the same way. K/V come straight from global memory (L2-cached); no copies are written.
+  Triton needs power-of-two tiles: T and head dims are padded to powers of two where needed, and
+  products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``.
 - CPU: the same kernel bodies in interpret mode, with the GPU layout by default (tests also run the
   TPU layout and grid spec, and both the direct and blocked GPU layouts, in interpret mode).
 
@@ -64,6 +67,7 @@ __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", 
 _SMEM_TABLE_BUDGET = 256 * 1024  # bytes of prefetched int32 tables per TPU call
 _TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small regions
 _TPU_VMEM_BUDGET = 64 << 20  # bytes of double-buffered blocks per TPU kernel
+_GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step
 
 
 def _tpu_vmem_bytes(blocks, regions_per_program: int) -> int:
@@ -82,11 +86,13 @@ def _tpu_vmem_bytes(blocks, regions_per_program: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Regions per program (forward/dQ and dK/dV); None picks per backend (see
-    ``_pick_regions_per_program``)."""
+    """Regions per program (forward/dQ and dK/dV) and, on GPU, routed regions gathered per step.
 
-    query_regions: int | None = None  # forward and dQ programs
-    kv_regions: int | None = None  # dK/dV programs
+    None picks per backend (``_pick_regions_per_program``, ``_pick_regions_per_step``)."""
+
+    query_regions: int | None = None  # forward and dQ programs (blocked layouts)
+    kv_regions: int | None = None  # dK/dV programs (blocked layouts)
+    regions_per_step: int | None = None  # GPU: a power of two; TPU: always 1
 
 
 def default_layout() -> str:
@@ -118,6 +124,21 @@ def _pick_regions_per_program(num_regions: int, tokens_padded: int, requested: i
     cap = max(1, min(num_regions, _TARGET_QUERY_TOKENS // tokens_padded))
     candidates = range(max(1, (cap + 1) // 2), cap + 1)
     return min(candidates, key=lambda n: (_round_up(num_regions, n) - num_regions, -n))
+
+
+def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, requested: int | None, layout: str) -> int:
+    """Routed regions one GPU step gathers into a single key tile (the TPU path reads one region per
+    step: Mosaic has no vector-indexed loads). Small regions are batched up to ~8192 key elements so
+    a 2x2-token region does not cost a whole dependent load-and-dot round trip; a power of two."""
+    if layout != "gpu":
+        if requested not in (None, 1):
+            raise ValueError(f"regions_per_step must be 1 on the TPU layout; got {requested}")
+        return 1
+    if requested is not None:
+        if requested < 1 or requested & (requested - 1):
+            raise ValueError(f"regions_per_step must be a power of two; got {requested}")
+        return requested
+    return max(1, min(_next_pow2(topk), _GPU_STEP_ELEMENTS // (tokens_padded * head_dim)))
 
 
 # ----------------------------------------------------------------------------- launching
@@ -314,9 +335,11 @@ def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, top
     else:
         rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions, layout)
         rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions, layout)
+    step = _pick_regions_per_step(topk, t_pad, max(dqk_pad, dv_pad), block_sizes.regions_per_step, layout)
     cfg = KernelConfig(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
                   regions_padded=_round_up(num_regions, math.lcm(rq, rkv)), tokens=tokens,
-                  tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, layout=layout, direct=direct,
+                  tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, kv_step=step, q_step=step,
+                  topk_padded=_round_up(topk, step), layout=layout, direct=direct,
                   regions_per_side=s, region_h=region_h, region_w=region_w, interpret=bool(interpret),
                   poison=poison, exact_f32=jnp.dtype(dtype) == jnp.float32)
     return cfg, dqk_pad, dv_pad
@@ -383,8 +406,10 @@ def bi_level_routing_attention_pallas(
     _, height, width, _ = q.shape
     r, r_pad, t_pad = cfg.num_regions, cfg.regions_padded, cfg.tokens_padded
     index = route_regions(q, k, s, topk, scale)
-    table = jnp.pad(index, ((0, 0), (0, r_pad - r), (0, 0)))
+    # Padded query regions and routes point at region 0; the kernels mask padded routes.
+    table = jnp.pad(index, ((0, 0), (0, r_pad - r), (0, cfg.topk_padded - topk)))
     rows, offsets = inverse_routing(index, r_pad)
+    rows = jnp.pad(rows, ((0, 0), (0, cfg.q_step)))  # room for the last gathered step
     if cfg.direct:
         return _attend(cfg, q, k, v, table, rows, offsets).astype(out_dtype)
     qb = _to_blocks(q, s, num_heads, r_pad, t_pad, dqk_pad)
