@@ -2,9 +2,10 @@
 
 ``forward_kernel`` (online softmax over the routed regions), ``dq_kernel`` (same routing) and
 ``dkv_kernel`` (inverse routing) see refs whose layout ``KernelConfig`` describes; launching,
-layouts and the custom VJP live in ``pallas_kernel.py``. Only ops that both Pallas' Triton (GPU)
-and Mosaic (TPU) lowerings accept are used: 2-D tiles, ``dot_general`` with f32 accumulation,
-``fori_loop`` (also with dynamic bounds), scalar reads of the routing tables.
+layouts and the custom VJP live in ``pallas_kernel.py``. The shared path (one routed region per
+step) uses only ops both Pallas' Triton (GPU) and Mosaic (TPU) lowerings accept: 2-D tiles,
+``dot_general`` with f32 accumulation, ``fori_loop`` (also with dynamic bounds), scalar reads of
+the routing tables. The GPU-only path (``kv_step``/``q_step`` > 1) adds vector-indexed gathers.
 """
 from __future__ import annotations
 
