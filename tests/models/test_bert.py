@@ -185,3 +185,39 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         from_pretrained(good)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+def test_pallas_kernel_paths_equal_xla():
+    """attention_impl="pallas" (interpret mode on CPU): dense with padding, and Longformer-style."""
+    cfg = {**TINY, "num_hidden_layers": 1}
+    ids = jnp.asarray(np.random.RandomState(3).randint(3, TINY["vocab_size"], (2, 20)))
+    mask = jnp.asarray((np.arange(20)[None] < np.array([[20], [13]])).astype(np.int32))
+    valid = np.asarray(mask).astype(bool)
+    variables = _perturbed(Bert(**cfg), ids)
+    for extra in ({}, {"attention_window": 3, "global_tokens": 2}):
+        ref, out = (jax.jit(lambda v, m=Bert(**cfg, **extra, attention_impl=impl): m.apply(v, ids, mask))(variables)
+                    for impl in ("xla", "pallas"))
+        np.testing.assert_allclose(np.asarray(out["last_hidden_state"])[valid],
+                                   np.asarray(ref["last_hidden_state"])[valid], atol=1e-5)
+
+
+def test_cross_encoder_is_the_one_label_classifier_and_legacy_names_load():
+    from jaxformers.convert import StateDict
+    from jaxformers.models.bert_convert import convert_hf_bert
+
+    ids = jnp.asarray(np.random.RandomState(4).randint(3, TINY["vocab_size"], (3, 9)))
+    clf = Bert(**TINY, head="classification", num_labels=1)
+    variables = _perturbed(clf, ids)
+    cross = Bert(**TINY, head="cross_encoder")
+    np.testing.assert_allclose(cross.apply(variables, ids), clf.apply(variables, ids)[:, 0], atol=1e-6)
+    assert cross.num_classes == 1 and clf.num_classes == 1
+    # TF-converted checkpoints name LayerNorm parameters gamma / beta
+    from jaxformers.models.bert_convert import _export_tensors
+
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in _export_tensors(clf, variables)}
+    assert any(k.endswith("LayerNorm.gamma") for k in sd)
+    flat = convert_hf_bert(StateDict(sd), clf)
+    np.testing.assert_array_equal(flat["params/layer_0/attn_norm/scale"],
+                                  variables["params"]["layer_0"]["attn_norm"]["scale"])

@@ -165,3 +165,16 @@ def test_export_to_hf_directory_round_trips(tmp_path):
         assert module2.head == head and module2.model_type == module.model_type
         same = jax.tree.map(lambda a, b: bool(np.allclose(a, b)), variables, variables2)
         assert all(jax.tree.leaves(same))
+
+
+def test_pytorch_model_bin_directory_loads(tmp_path):
+    """A transformers directory saved as pytorch_model.bin (read with weights_only) loads too."""
+    model, config = _hf("BertForTokenClassification", num_labels=4)
+    model.config.architectures = ["BertForTokenClassification"]
+    model.config.save_pretrained(tmp_path)  # a legacy directory: config.json + pytorch_model.bin
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    module, variables = from_pretrained(tmp_path)
+    assert module.head == "token_classification" and module.num_labels == 4
+    ids, mask, tt = _inputs()
+    out = module.apply(variables, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tt))
+    _close(out, _run_torch(model, ids, mask, tt).logits, mask)
