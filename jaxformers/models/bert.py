@@ -262,7 +262,13 @@ class Bert(nn.Module):
             else:
                 position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         else:
-            check_token_ids(position_ids, vocab_size=self.max_position_embeddings, name="position_ids")
+            try:
+                lo, hi = int(position_ids.min()), int(position_ids.max())
+            except Exception:  # traced: values unknown
+                lo, hi = 0, 0
+            if lo < 0 or hi >= self.max_position_embeddings:
+                raise ValueError(f"position_ids hold positions in [{lo}, {hi}] but the position table has "
+                                 f"max_position_embeddings={self.max_position_embeddings} rows")
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embeddings = BertEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,

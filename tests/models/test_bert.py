@@ -161,6 +161,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         module.apply(variables, jnp.zeros((1, 25), jnp.int32))
     with pytest.raises(ValueError, match="token_type_ids"):
         module.apply(variables, ids, token_type_ids=jnp.full((1, 5), 2))
+    with pytest.raises(ValueError, match=r"position_ids hold positions in \[0, 30\].*max_position_embeddings=24"):
+        module.apply(variables, ids, position_ids=jnp.array([[0, 1, 2, 3, 30]]))
     with pytest.raises(ValueError, match="attention_mask must have the shape of input_ids"):
         module.apply(variables, ids, attention_mask=jnp.ones((1, 4), jnp.int32))
     with pytest.raises(ValueError, match="head must be one of"):

@@ -99,3 +99,21 @@ def test_hf_config_fields_and_errors():
         bert_fields_from_config({"model_type": "bert", "is_decoder": True})
     with pytest.raises(ConfigError, match="BertLMHeadModel"):
         bert_fields_from_config({"model_type": "bert", "architectures": ["BertLMHeadModel"]})
+
+
+def test_roberta_bpe_files_match_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    texts = ["The quick brown fox jumps over the lazy dog.", "Packing sequences saves compute.", "Hello JAX!"] * 20
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(tmp_path))  # vocab.json + merges.txt, no tokenizer.json
+    ours = Tokenizer.from_pretrained(tmp_path)
+    ref = transformers.RobertaTokenizer.from_pretrained(str(tmp_path))
+    a, b = ["Hello fox, the dog!", "quick"], ["Packing saves.", "lazy"]
+    got, want = ours.encode(a, b), ref(a, b, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
+    assert ours.pad_token_id == ref.pad_token_id == 1
