@@ -291,10 +291,10 @@ KERNEL_CASES = [  # (mask options, segment ids, other _compare arguments)
     (dict(), PACKED, dict(dim=64)),                                   # packed variable-length (BERT)
     (dict(window=(3, 5), global_tokens=2), PACKED, dict()),
     (dict(window=(50, 60)), None, dict(dim=128, batch=1)),             # window wider than the sequence
-    (dict(group_size=5, global_tokens=1), None, dict(dim=48)),         # head dim padded inside
+    (dict(group_size=5, global_tokens=1), None, dict(dim=48, heads=4, kv_heads=2, batch=1)),  # D padded, GQA
     (dict(window=(2, 2), group_size=8), PACKED, dict()),
     (dict(causal=True), None, dict(heads=4, kv_heads=2, batch=1)),     # grouped-query heads
-    (dict(causal=True, window=(6, 0)), PACKED, dict()),
+    (dict(causal=True, window=(6, 0), global_tokens=3), PACKED, dict()),
     (dict(causal=True, chunk_size=4), PACKED, dict()),
 ]
 

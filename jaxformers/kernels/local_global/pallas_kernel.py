@@ -13,9 +13,10 @@ Layout and schedule (FlashAttention-2 style):
 - Any length: q/k/v are zero-padded to the block multiple and padding positions get segment id 0,
   which masks them; head dims are padded to a power of two (zeros change no dot product).
 - Queries with no allowed key (padding) produce zeros and a +inf logsumexp (zero gradients).
-- Global queries attend to the whole sequence: rather than let the programs holding them walk
-  every key block alone (the others visit a few), their rows are computed by a dense pass
-  (the reference over n x L rows) and the kernel treats them as local queries.
+- Global tokens attend to, and are attended by, the whole sequence: rather than let the programs
+  holding them walk every block alone (the others visit a few), global query rows are computed
+  by a dense pass (the reference over n x L rows), and in the backward the dK/dV of global keys
+  by a dense Lq x n pass (``_global_key_grads``); the kernels treat both as local tokens.
 - Grouped-query attention: the k/v index map shares a kv head among ``rep`` query heads; dK/dV are
   computed per query head and summed.
 
@@ -183,19 +184,44 @@ def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name):
                           compiler_params=params, interpret=cfg.interpret, name=name)
 
 
-def _tables(cfg: _Config, q_seg, k_seg, block_q, block_k):
-    """Query-major table (key blocks per query block) and key-major table (the transpose)."""
-    any_, full, k_width, q_width = block_kinds(cfg.spec, q_seg, k_seg, block_q, block_k)
-    q_major, q_stride = index_table(any_, full, k_width)
-    k_major, k_stride = index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
-    return q_major, q_stride, k_major, k_stride
+def _q_major_table(spec: MaskSpec, q_seg, k_seg, block_q, block_k):
+    """Key blocks per query block (forward and dQ kernels)."""
+    any_, full, k_width, _ = block_kinds(spec, q_seg, k_seg, block_q, block_k)
+    return index_table(any_, full, k_width)
+
+
+def _k_major_table(spec: MaskSpec, q_seg, k_seg, block_q, block_k):
+    """Query blocks per key block (dK/dV kernel)."""
+    any_, full, _, q_width = block_kinds(spec, q_seg, k_seg, block_q, block_k)
+    return index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
+
+
+def _global_key_grads(cfg: _Config, n: int, q, k, v, q_seg, k_seg, lse, delta, d_out):
+    """dK, dV of the first n (global) keys by a dense (Lq x n) pass in plain jnp.
+
+    Every query may see a global key (up to causality and segments), so the dK/dV program owning
+    it would walk every query block alone; this pass replaces that long program. Uses the saved
+    base-2 logsumexp, like the kernels; returns float32 (B, n, Hq, D) and (B, n, Hq, Dv).
+    """
+    rep = cfg.rep
+    k_g, v_g = (jnp.repeat(t[:, :n], rep, axis=2) if rep > 1 else t[:, :n] for t in (k, v))
+    order = allowed(MaskSpec(causal=cfg.spec.causal, chunk_size=cfg.spec.chunk_size),
+                    jnp.arange(q.shape[1])[:, None], jnp.arange(n)[None, :])
+    mask = (order[None] & segments_allowed(q_seg[:, :, None], k_seg[:, None, :n]))[:, None]  # (B|1, 1, Lq, n)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k_g, preferred_element_type=jnp.float32) * (cfg.scale * LOG2_E)
+    p = jnp.where(mask, jnp.exp2(s - lse[..., None]), 0.0)
+    d_v = jnp.einsum("bhqk,bqhd->bkhd", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, v_g, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None])
+    d_k = jnp.einsum("bhqk,bqhd->bkhd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32) * cfg.scale
+    return d_k, d_v
 
 
 def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
     batch, q_len, heads, dim = q.shape
     k_len, dim_v = k.shape[1], v.shape[-1]
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-    table, stride, _, _ = _tables(cfg, q_seg, k_seg, bq, bk)
+    table, stride = _q_major_table(cfg.spec, q_seg, k_seg, bq, bk)
     per_batch = q_seg.shape[0] > 1
     rep = cfg.rep
     grid = (q_len // bq, batch, heads)
@@ -222,7 +248,13 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
     batch, q_len, heads, dim = q.shape
     k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
-    q_major, q_stride, k_major, k_stride = _tables(cfg, q_seg, k_seg, bq, bk)
+    q_major, q_stride = _q_major_table(cfg.spec, q_seg, k_seg, bq, bk)
+    # Global keys (their queries already split off) get a dense side pass: the dK/dV kernel then
+    # treats them as local keys, so no program walks every query block.
+    n_global = min(cfg.spec.global_tokens, k_len) if not (cfg.spec.is_dense or cfg.spec.global_queries) else 0
+    kv_spec = dataclasses.replace(cfg.spec, global_tokens=0) if n_global else cfg.spec
+    k_major, k_stride = _k_major_table(kv_spec, q_seg, k_seg, bq, bk)
+    kv_cfg = dataclasses.replace(cfg, spec=kv_spec)
     per_batch = q_seg.shape[0] > 1
     seg_b = (lambda b: b) if per_batch else (lambda b: 0)
     rep = cfg.rep
@@ -243,8 +275,8 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
         jax.ShapeDtypeStruct(q.shape, q.dtype), "local_global_dq")(
         q_major, q_seg, k_seg, q, k, v, d_out, lse, delta)
 
-    acc_dtype = k.dtype if rep == 1 else jnp.float32
-    dkv_kernel = functools.partial(_dkv_kernel, cfg=cfg, stride=k_stride, n_k=k_len // bk, per_batch=per_batch)
+    acc_dtype = k.dtype if rep == 1 and not n_global else jnp.float32
+    dkv_kernel = functools.partial(_dkv_kernel, cfg=kv_cfg, stride=k_stride, n_k=k_len // bk, per_batch=per_batch)
     dk, dv = _call(dkv_kernel, cfg, (k_len // bk, batch, heads), [
         _table_spec(cfg),
         pl.BlockSpec((None, q_len), lambda j, b, h: (seg_b(b), 0)),
@@ -260,10 +292,13 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
         [jax.ShapeDtypeStruct((batch, k_len, heads, dim), acc_dtype),
          jax.ShapeDtypeStruct((batch, k_len, heads, dim_v), acc_dtype)], "local_global_dkv")(
         k_major, q_seg, k_seg, q, k, v, d_out, lse, delta)
+    if n_global:
+        dk_g, dv_g = _global_key_grads(cfg, n_global, q, k, v, q_seg, k_seg, lse, delta, d_out)
+        dk, dv = dk.at[:, :n_global].set(dk_g), dv.at[:, :n_global].set(dv_g)
     if rep > 1:
-        dk = dk.reshape(batch, k_len, kv_heads, rep, dim).sum(3).astype(k.dtype)
-        dv = dv.reshape(batch, k_len, kv_heads, rep, dim_v).sum(3).astype(v.dtype)
-    return dq, dk, dv
+        dk = dk.reshape(batch, k_len, kv_heads, rep, dim).sum(3)
+        dv = dv.reshape(batch, k_len, kv_heads, rep, dim_v).sum(3)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
