@@ -309,16 +309,12 @@ def test_pallas_bf16():
     _compare(dict(window=(4, 4), global_tokens=3), dtype=jnp.bfloat16, seg=PACKED)
 
 
-def test_pallas_default_blocks():
-    # Default block sizes shrink to the sequence: one query block and one key block.
-    _compare(dict(window=(3, 3)), batch=1, length=23, blocks=None)
-
-
 def test_pallas_cross_attention_lengths():
     _compare(dict(), batch=1, length=20, k_length=37)
 
 
 def test_dot_product_attention_pallas_route():
+    """The layers seam with implementation="pallas": default block sizes, shrunk to the sequence."""
     from jaxformers.layers import dot_product_attention
 
     q, k, v = jax.random.normal(jax.random.key(4), (3, 2, 37, 2, 16))
