@@ -125,10 +125,11 @@ def shift_right(targets: jax.Array, bos_id: int = 0) -> jax.Array:
 
 
 def ar_loss(model: FITAR, variables: Any, targets: jax.Array, *, train: bool = False, rngs: Any = None,
-            bos_id: int = 0) -> jax.Array:
-    """Mean next-token cross-entropy (nats) of ``targets`` (B, L)."""
+            bos_id: int = 0, return_logits: bool = False):
+    """Mean next-token cross-entropy (nats) of ``targets`` (B, L); with ``return_logits`` also the logits."""
     logits = model.apply(variables, shift_right(targets, bos_id), train=train, rngs=rngs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+    return (loss, logits) if return_logits else loss
 
 
 def init_decode_cache(model: FITAR, batch_size: int) -> dict:
