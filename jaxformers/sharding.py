@@ -192,6 +192,22 @@ def init_sharded(
     return jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=shardings)(rngs, *inputs)
 
 
+def per_batch_shard(fn, batch: int):
+    """``fn`` run per batch shard (``shard_map`` over data x fsdp) when a mesh is active.
+
+    For kernels (Pallas calls) that XLA cannot partition itself: it would gather the whole batch on
+    every device. ``fn`` must take arrays whose leading axis is the batch and be independent per
+    example. Without an active mesh, or when the batch does not divide, ``fn`` is returned as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return fn
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+        return fn
+    spec = P(axes)
+    return lambda *args: jax.shard_map(fn, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding that splits the leading (batch) axis over data x fsdp."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

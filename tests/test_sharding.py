@@ -98,3 +98,15 @@ def test_constrain_is_noop_outside_activate_and_checks_rank():
     mesh = S.make_mesh({"data": 8})
     with S.activate(mesh), pytest.raises(ValueError, match="2 axis names"):
         jax.jit(lambda x: S.constrain(x, ("act_batch", None)))(jnp.ones((8, 3, 2)))
+
+
+def test_per_batch_shard_maps_only_under_an_active_mesh():
+    fn = lambda a, b: a * 2 + b  # noqa: E731
+    assert S.per_batch_shard(fn, 8) is fn
+    mesh = S.make_mesh({"data": 4, "tensor": 2})
+    a, b = jnp.arange(8.0), jnp.ones(8)
+    with S.activate(mesh):
+        mapped = S.per_batch_shard(fn, 8)
+        assert "shard_map" in str(jax.make_jaxpr(mapped)(a, b))
+        np.testing.assert_array_equal(jax.jit(mapped)(a, b), fn(a, b))
+        assert S.per_batch_shard(fn, 6) is fn  # 6 does not divide over 4 devices: unchanged

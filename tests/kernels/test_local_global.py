@@ -376,3 +376,21 @@ def test_tpu_splash_path_lowers_for_tpu(dim, case):
     checks = [export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
     text = export.export(jax.jit(step), platforms=["tpu"], disabled_checks=checks)(shape, shape, shape, seg).mlir_module()
     assert text.count("tpu_custom_call") >= 3  # forward, dQ, dK/dV
+
+
+def test_pallas_path_splits_the_batch_over_an_active_mesh():
+    from jaxformers import sharding
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    ks = jax.random.split(jax.random.key(7), 3)
+    q, k, v = (jax.random.normal(kk, (4, 16, 2, 8)) for kk in ks)
+    seg = jnp.array([[1] * 10 + [2] * 6, [1] * 16, [1] * 5 + [0] * 11, [3] * 8 + [4] * 8])
+    kw = dict(window=(3, 3), segment_ids=seg)
+    want = local_global_attention(q, k, v, implementation="xla", **kw)
+    with sharding.activate(mesh):
+        q, k, v, seg = sharding.shard_batch((q, k, v, seg), mesh)
+        fn = jax.jit(lambda q, k, v, s: local_global_attention(q, k, v, window=(3, 3), segment_ids=s,
+                                                               implementation="pallas"))
+        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, seg))  # the kernel runs per batch shard
+        got = fn(q, k, v, seg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

@@ -24,14 +24,12 @@ least bytes), :data:`BIFORMER_STAGE_SHAPES` (the benchmark shapes of ``shared/an
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from jaxformers.kernels.bi_level_routing.reference import (
     bi_level_routing_attention_reference,
@@ -39,7 +37,7 @@ from jaxformers.kernels.bi_level_routing.reference import (
     to_regions,
 )
 from jaxformers.kernels.bi_level_routing.reference import route_regions as _route_regions
-from jaxformers.sharding import BATCH_AXES
+from jaxformers.sharding import per_batch_shard
 
 __all__ = [
     "bi_level_routing_attention",
@@ -224,22 +222,4 @@ def bi_level_routing_attention(
 
     kernel = functools.partial(bi_level_routing_attention_pallas, num_heads=num_heads,
                                regions_per_side=regions_per_side, topk=topk, scale=scale)
-    return _split_batch_over_mesh(kernel, q.shape[0])(q, k, v)
-
-
-def _split_batch_over_mesh(fn, batch: int):
-    """Runs ``fn`` per batch shard when a mesh is active (``jaxformers.sharding.activate``).
-
-    XLA cannot partition a Pallas custom call by itself (it would gather the whole batch on every
-    device); BRA is independent per image, so ``shard_map`` over the batch axes (data, fsdp) runs
-    each device's images locally. Without a mesh, or when the batch does not divide, ``fn`` as is.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return fn
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    shards = math.prod(mesh.shape[a] for a in axes)
-    if not axes or batch % shards:
-        return fn
-    spec = P(axes)
-    return jax.shard_map(fn, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return per_batch_shard(kernel, q.shape[0])(q, k, v)

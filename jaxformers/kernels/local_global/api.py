@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxformers.kernels.local_global.mask import MaskSpec
+from jaxformers.sharding import per_batch_shard
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
 
 Implementation = Literal["auto", "pallas", "xla"]
@@ -120,4 +121,9 @@ def local_global_attention(
         return local_global_attention_splash(q, k, v, spec, segment_ids=segment_ids, scale=scale)
     from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
 
-    return local_global_attention_pallas(q, k, v, spec, segment_ids=segment_ids, scale=scale)
+    def kernel(q, k, v, *segment_ids):
+        return local_global_attention_pallas(q, k, v, spec, segment_ids=segment_ids[0] if segment_ids else None,
+                                             scale=scale)
+
+    # Under an active mesh each device runs its own batch shard (the kernel call is not partitionable).
+    return per_batch_shard(kernel, q.shape[0])(q, k, v, *(() if segment_ids is None else (segment_ids,)))
