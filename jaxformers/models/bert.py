@@ -209,9 +209,11 @@ class Bert(nn.Module):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                              f"{self.num_attention_heads}")
-        if self.head == "nsp" or self.head == "pretraining":
-            if not self.has_pooler:
-                raise ValueError(f"head={self.head!r} needs the pooler (add_pooler=True)")
+        needs_pooler = self.head in ("nsp", "pretraining") or (
+            self.head in ("classification", "cross_encoder") and self.model_type == "bert")
+        if needs_pooler and not self.has_pooler:
+            raise ValueError(f"head={self.head!r} (model_type={self.model_type!r}) classifies the pooler output; "
+                             f"it needs add_pooler=True or None, got add_pooler={self.add_pooler}")
 
     @nn.nowrap
     def example_inputs(self, batch_size: int = 1):

@@ -175,13 +175,15 @@ def _check_and_fill(module, converted: dict[str, np.ndarray], sd: StateDict, sou
     return unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
-def from_pretrained(path: str | os.PathLike, *, strict: bool = True, seed: int = 0, **overrides: Any):
+def from_pretrained(path: str | os.PathLike, *, strict: bool = True, seed: int = 0, mesh: Any = None,
+                    rules: Any = None, **overrides: Any):
     """``(module, variables)`` from a HF model directory (config.json + model.safetensors or
     pytorch_model.bin; a sentence-transformers directory gives ``head="embedding"`` with its pooling).
 
     ``overrides`` replace module fields, e.g. ``head="classification", num_labels=3`` to fine-tune:
     head weights the checkpoint lacks are initialised fresh (warning); everything else must match
-    (``CheckpointMismatchError`` naming the keys, unless ``strict=False``).
+    (``CheckpointMismatchError`` naming the keys, unless ``strict=False``). With ``mesh`` the
+    variables are placed in their logical shardings (``rules``: default ``DEFAULT_RULES``).
     """
     from jaxformers.models.bert import Bert
 
@@ -197,6 +199,11 @@ def from_pretrained(path: str | os.PathLike, *, strict: bool = True, seed: int =
     weights = hf_config.weights_file(path)
     sd = StateDict(read_checkpoint(weights))
     variables = _check_and_fill(module, convert_hf_bert(sd, module), sd, os.fspath(weights), strict=strict, seed=seed)
+    if mesh is not None:
+        from jaxformers.sharding import DEFAULT_RULES, logical_shardings
+
+        boxed = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, *module.example_inputs(1)))
+        variables = jax.device_put(variables, logical_shardings(boxed, mesh, rules or DEFAULT_RULES))
     return module, variables
 
 

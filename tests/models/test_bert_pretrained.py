@@ -64,3 +64,14 @@ def test_registry_load_pretrained_matches_from_pretrained(loaded):
     assert all(jax.tree.leaves(same))
     # the registered minilm_l6 is the same module as the one built from config.json
     assert jaxformers.create_model("minilm_l6").hidden_size == module.hidden_size == 384
+
+
+def test_minilm_loads_sharded_on_a_mesh(loaded):
+    from jaxformers.sharding import make_mesh
+
+    path, _, variables, _, _, _ = loaded
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    _, sharded = from_pretrained(path, mesh=mesh)
+    emb = sharded["params"]["embeddings"]["word_embeddings"]["embedding"]
+    assert not emb.sharding.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(emb), np.asarray(variables["params"]["embeddings"]["word_embeddings"]["embedding"]))

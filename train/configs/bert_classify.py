@@ -4,15 +4,15 @@ r"""BERT sequence classification: which area of the standard library does a docs
 
 Data: ``stdlib_topics`` (``train/tasks_text.py``): ~1.8k first paragraphs of standard-library
 docstrings labelled by 6 areas (networking, concurrency, text formats, numbers & time, files & OS,
-developer tools), a fixed 85/15 split by API name. Model: ``bert_base_uncased`` shrunk to 4 layers
-of width 256 with the sequence-classification head (pooler -> dropout -> classifier), trained from
+developer tools), a fixed 85/15 split by API name. Model: ``bert_base_uncased`` shrunk to 2 layers
+of width 128 with the sequence-classification head (pooler -> dropout -> classifier), trained from
 scratch; the majority class is ~33%. ``:smoke`` shrinks it to seconds.
 """
 from train import config_lib, tasks_text
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, smoke=False, steps=1500, batch=64, layers=4, width=256)
+    args = config_lib.parse_arg(arg, smoke=False, steps=1000, batch=32, layers=2, width=128)
     tok = tasks_text.corpus_tokenizer()
     c = config_lib.base_config()
     c.model.name = "bert_base_uncased"

@@ -5,7 +5,7 @@ r"""Bi-encoder retrieval with in-batch negatives: find an API's docstring from i
 Data: ``stdlib_retrieval`` (``train/tasks_text.py``): query = a standard-library API name in words
 ("shutil copy tree"), positive = the first paragraph of its docstring; every other document of the
 batch is a negative (symmetric InfoNCE, temperature 0.05: sentence-transformers'
-MultipleNegativesRankingLoss). Model: ``bert_base_uncased`` shrunk to 4 layers of width 256 with
+MultipleNegativesRankingLoss). Model: ``bert_base_uncased`` shrunk to 2 layers of width 128 with
 the sentence-embedding head (mean pooling, L2-normalised), one encoder for queries and documents.
 Eval: each query ranked against all documents of its eval batch (64): MRR@10, nDCG@10,
 recall@1/5/10 (random ranking: MRR@10 ~ 0.05). ``:smoke`` shrinks it to seconds.
@@ -14,7 +14,7 @@ from train import config_lib, tasks_text
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, smoke=False, steps=1500, batch=64, layers=4, width=256)
+    args = config_lib.parse_arg(arg, smoke=False, steps=1000, batch=64, layers=2, width=128)
     tok = tasks_text.corpus_tokenizer()
     c = config_lib.base_config()
     c.model.name = "bert_base_uncased"

@@ -5,7 +5,7 @@ r"""BERT masked-LM pretraining from scratch on Python's own documentation, offli
 Data: ``stdlib_mlm`` (``train/tasks_text.py``): ~1.6k docstring passages of the standard library
 plus the Zen of Python, tokenised with a WordPiece vocabulary trained on the same corpus (~3.9k
 tokens), 64 tokens per passage; BERT's dynamic 80/10/10 masking of 15% of the tokens
-(``mlm_mask``). Model: the registered ``bert_base_uncased`` shrunk to 4 layers of width 256
+(``mlm_mask``). Model: the registered ``bert_base_uncased`` shrunk to 2 layers of width 128
 (``head="mlm"``, tied decoder), AdamW with warmup + linear decay. The eval masked-token loss falls
 from ~8.3 (uniform over the vocabulary) to ~4.5 within ~2k steps. ``:smoke`` shrinks it to seconds.
 Arguments: ``steps``, ``batch``, ``layers``, ``width``.
@@ -14,7 +14,7 @@ from train import config_lib, tasks_text
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, smoke=False, steps=2000, batch=64, layers=4, width=256)
+    args = config_lib.parse_arg(arg, smoke=False, steps=1000, batch=32, layers=2, width=128)
     tok = tasks_text.corpus_tokenizer()
     c = config_lib.base_config()
     c.model.name = "bert_base_uncased"
