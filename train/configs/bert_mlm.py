@@ -6,8 +6,10 @@ Data: ``stdlib_mlm`` (``train/tasks_text.py``): ~1.6k docstring passages of the 
 plus the Zen of Python, tokenised with a WordPiece vocabulary trained on the same corpus (~3.9k
 tokens), 64 tokens per passage; BERT's dynamic 80/10/10 masking of 15% of the tokens
 (``mlm_mask``). Model: the registered ``bert_base_uncased`` shrunk to 2 layers of width 128
-(``head="mlm"``, tied decoder), AdamW with warmup + linear decay. The eval masked-token loss falls
-from ~8.3 (uniform over the vocabulary) to ~4.5 within ~2k steps. ``:smoke`` shrinks it to seconds.
+(``head="mlm"``, tied decoder, 0.92M parameters), AdamW with warmup + linear decay. Measured
+(steps=200, a 2-core CPU shared with other jobs, ~0.9 steps/s): the eval masked-token loss falls
+from ln(3878) = 8.26 (uniform) to 6.11, masked-token accuracy 11%; the default 1000 steps go
+further. ``:smoke`` shrinks it to seconds.
 Arguments: ``steps``, ``batch``, ``layers``, ``width``.
 """
 from train import config_lib, tasks_text
