@@ -92,7 +92,7 @@ def _timm_vit(**kw):
 
 
 def _torch_logits(model, x):
-    import torch
+    torch = pytest.importorskip("torch")
 
     with torch.no_grad():
         return model(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
@@ -101,7 +101,7 @@ def _torch_logits(model, x):
 @pytest.mark.parametrize("extra", [{}, {"global_pool": "avg", "class_token": False}, {"init_values": 0.1}],
                          ids=["token", "avg", "layerscale"])
 def test_timm_parity(tmp_path, extra):
-    import torch
+    torch = pytest.importorskip("torch")
 
     tm = _timm_vit(**TINY, **extra)
     torch.save(tm.state_dict(), tmp_path / "vit.pth")
@@ -116,7 +116,7 @@ def test_timm_parity(tmp_path, extra):
 
 def test_timm_parity_full_size_variant(tmp_path):
     timm = pytest.importorskip("timm")
-    import torch
+    torch = pytest.importorskip("torch")
 
     torch.manual_seed(0)
     tm = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
@@ -130,8 +130,8 @@ def test_timm_parity_full_size_variant(tmp_path):
 
 
 def test_timm_parity_other_image_size(tmp_path):
-    import torch
-    from timm.layers import resample_abs_pos_embed
+    torch = pytest.importorskip("torch")
+    resample_abs_pos_embed = pytest.importorskip("timm.layers").resample_abs_pos_embed
 
     tm = _timm_vit(**TINY)
     torch.save(tm.state_dict(), tmp_path / "vit.pth")
@@ -146,7 +146,7 @@ def test_timm_parity_other_image_size(tmp_path):
 
 
 def test_load_pretrained_reports_keys_by_name(tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
 
     sd = _timm_vit(**TINY).state_dict()
     sd["blocks.0.attn.extra"] = torch.zeros(3)
@@ -172,7 +172,7 @@ def test_load_pretrained_reports_keys_by_name(tmp_path):
 
 
 def test_load_pretrained_onto_a_mesh(tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
 
     from jaxformers.sharding import make_mesh
 
