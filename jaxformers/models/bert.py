@@ -38,7 +38,8 @@ sequence, and sequence-level heads return (B, num_segments, ...) per packed sequ
 
 Longformer-style attention (for Recformer): ``attention_window=w`` lets each token attend to
 ±w neighbours and ``global_tokens=g`` makes the first g tokens of every row global, through
-``jaxformers.kernels.local_global_attention``.
+``jaxformers.kernels.local_global_attention``. Note Hugging Face Longformer's ``attention_window``
+is the full window (one side = half of it): its ``attention_window=64`` (Recformer) is our 32.
 
 Deviations: ``MultiHeadAttention``'s fused qkv kernel is truncated-normal initialised (HF: normal);
 Longformer's separate global q/k/v projections are not built (global tokens share the local ones);
