@@ -264,7 +264,7 @@ def test_tpu_vmem_estimate_gates_large_maps():
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, monkeypatch):
+def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, monkeypatch, lower_as_h100):
     """Forward, dQ and dK/dV lower through Pallas' Triton (GPU) and Mosaic (TPU) rules: no accelerator
     is needed to catch ops or tile shapes those backends reject (the device compile itself is not run)."""
     if platform == "tpu":

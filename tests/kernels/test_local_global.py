@@ -326,7 +326,7 @@ def test_dot_product_attention_pallas_route():
     assert np.all(np.asarray(got)[~valid] == 0)
 
 
-def test_kernels_lower_for_gpu_triton():
+def test_kernels_lower_for_gpu_triton(lower_as_h100):
     """Lowers forward and backward for a CUDA device from this CPU host (no GPU needed): catches ops
     the Triton lowering does not support. Compiling and running need a GPU."""
     pytest.importorskip("jax._src.lib.triton")
