@@ -1,9 +1,11 @@
 """BiFormer: vision transformer with bi-level routing attention (BRA).
 
 Paper: "BiFormer: Vision Transformer with Bi-Level Routing Attention", Zhu et al., CVPR 2023,
-arXiv 2303.08810. Official code: rayleizhu/BiFormer (``models/biformer.py``, ``models/_common.py``,
-``ops/bra_legacy.py``; MIT license). Parameter names and layouts are chosen so the released
-``.pth`` checkpoints convert one to one (see ``convert_official_biformer``).
+arXiv 2303.08810. Official code: rayleizhu/BiFormer (``models/biformer.py``, ``models/_common.py``
+and ``ops/bra_legacy.py``, the BRA its classification model imports; MIT license). Parameter names
+and layouts are chosen so the released ``.pth`` checkpoints convert one to one (see
+``convert_official_biformer``). Parameter counts equal the official code's exactly: 13,142,760 (T),
+25,536,232 (S), 56,804,968 (B); the paper rounds them to 13.1M / 25.5M / 56.8M.
 
 Architecture (as in the official code):
 - Stem: conv 3x3 s2 (C/2) -> BN -> GELU -> conv 3x3 s2 (C) -> BN. Between stages: conv 3x3 s2 -> BN.
@@ -15,6 +17,9 @@ Architecture (as in the official code):
   (5x5 depthwise conv on V over the whole map), then the ``wo`` projection. Heads = dim / 32.
 - Stages with ``topk == -2`` (the last stage): the official ``AttentionLePE``, full attention.
 - Head: BatchNorm -> global average pool -> Linear.
+
+Checkpoints: ``jaxformers.load_pretrained("biformer_tiny", "biformer_tiny_in1k.pth")`` (the released
+files hold the state dict under ``"model"``); BN running statistics go to ``batch_stats``.
 
 Official quirks kept for checkpoint parity:
 - BRA scales logits by ``qk_dim ** -0.5`` (the full width, not the head dim): ``upstream_compatible``.

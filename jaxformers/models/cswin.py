@@ -29,6 +29,12 @@ Deviations (deliberate):
   22.32M parameters in the official code against "23M" in the README table; S 34.64M ("35M"),
   B 77.38M ("78M"), L 173.26M ("173M").
 - ``drop_rate`` is the MLP dropout (the official ``proj_drop`` module is built but never applied).
+
+Checkpoints: ``jaxformers.load_pretrained("cswin_tiny_224", "cswin_tiny_224.pth")``. The official
+training script saves ``state_dict`` and ``state_dict_ema`` and evaluates the EMA weights (its
+``--model-ema`` defaults to on); ``read_checkpoint`` takes ``state_dict``, so to load the EMA weights
+save ``torch.load(path)["state_dict_ema"]`` to its own file first. The ImageNet-22K CSWin-L file
+(``cswin_large_22k_224.pth``) loads with ``num_classes=21841``.
 """
 from __future__ import annotations
 
