@@ -1,0 +1,217 @@
+"""Per-example image preprocessing, written as a small pipeline string (big_vision's ``pp`` idea).
+
+``"resize(32)|to_rgb|random_crop(32, pad=4)|flip|value_range(-1, 1)"`` is parsed once, when the
+input pipeline is built (an unknown op or bad argument fails there, before anything compiles), into
+a ``grain.transforms.RandomMap`` that runs each op on one example ``{"image": uint8 HWC, "label":
+int}``. Random ops draw from the per-example ``numpy.random.Generator`` grain passes in, which is
+derived from the pipeline seed and the example's position, so augmentation is deterministic and
+identical however many hosts or threads read the data.
+
+Ops: ``decode``, ``resize(size)``, ``resize_small(size)``, ``center_crop(size)``,
+``random_crop(size, pad=0)``, ``random_resized_crop(size, scale=(0.08, 1.0), ratio=(0.75, 1.333))``,
+``flip``, ``to_rgb``, ``value_range(lo=-1, hi=1)``, ``normalize(mean=IMAGENET, std=IMAGENET)``.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import io
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["parse_pp", "PP_OPS", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Example = dict[str, Any]
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of a uint8 HWC image with PIL."""
+    from PIL import Image
+
+    if image.shape[:2] == (height, width):
+        return image
+    channels = image.shape[-1]
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    out = np.asarray(pil.resize((width, height), Image.BILINEAR))
+    return out[..., None] if channels == 1 else out
+
+
+def decode(ex: Example, rng) -> Example:
+    """Encoded image bytes (PNG/JPEG) -> uint8 HWC; already-decoded arrays pass through."""
+    image = ex["image"]
+    if isinstance(image, (bytes, np.bytes_)):
+        from PIL import Image
+
+        image = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    return {**ex, "image": image}
+
+
+def resize(size: int | tuple[int, int]) -> Callable:
+    h, w = (size, size) if isinstance(size, int) else size
+    return lambda ex, rng: {**ex, "image": _resize(ex["image"], h, w)}
+
+
+def resize_small(size: int) -> Callable:
+    """Shorter side to ``size``, keeping the aspect ratio."""
+
+    def op(ex, rng):
+        h, w = ex["image"].shape[:2]
+        scale = size / min(h, w)
+        return {**ex, "image": _resize(ex["image"], max(1, round(h * scale)), max(1, round(w * scale)))}
+
+    return op
+
+
+def center_crop(size: int) -> Callable:
+    def op(ex, rng):
+        image = ex["image"]
+        h, w = image.shape[:2]
+        if h < size or w < size:
+            raise ValueError(f"center_crop({size}): image is only {h}x{w}; resize first")
+        top, left = (h - size) // 2, (w - size) // 2
+        return {**ex, "image": image[top:top + size, left:left + size]}
+
+    return op
+
+
+def random_crop(size: int, pad: int = 0) -> Callable:
+    """A random ``size`` x ``size`` window of the image zero-padded by ``pad`` on each side
+    (CIFAR-style random shifts); the padding is never materialised."""
+
+    def op(ex, rng):
+        image = ex["image"]
+        h, w = image.shape[:2]
+        if h + 2 * pad < size or w + 2 * pad < size:
+            raise ValueError(f"random_crop({size}): image is only {h}x{w} after padding by {pad}")
+        top = int(rng.integers(0, h + 2 * pad - size + 1)) - pad
+        left = int(rng.integers(0, w + 2 * pad - size + 1)) - pad
+        if pad == 0:
+            return {**ex, "image": image[top:top + size, left:left + size]}
+        out = np.zeros((size, size, image.shape[2]), image.dtype)
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + size, h), min(left + size, w)
+        if y1 > y0 and x1 > x0:
+            out[y0 - top:y1 - top, x0 - left:x1 - left] = image[y0:y1, x0:x1]
+        return {**ex, "image": out}
+
+    return op
+
+
+def random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Callable:
+    """Inception-style crop: random area fraction in ``scale`` and aspect ratio in ``ratio``
+    (10 tries, then the central crop), resized to ``size`` x ``size``."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def op(ex, rng):
+        image = ex["image"]
+        h, w = image.shape[:2]
+        for _ in range(10):
+            area = h * w * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+                break
+        else:
+            ch = cw = min(h, w)
+            top, left = (h - ch) // 2, (w - cw) // 2
+        return {**ex, "image": _resize(image[top:top + ch, left:left + cw], size, size)}
+
+    return op
+
+
+def flip(ex: Example, rng) -> Example:
+    """Random horizontal flip with probability 1/2."""
+    return {**ex, "image": ex["image"][:, ::-1]} if rng.random() < 0.5 else ex
+
+
+def to_rgb(ex: Example, rng) -> Example:
+    image = ex["image"]
+    return {**ex, "image": np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image}
+
+
+def value_range(lo: float = -1.0, hi: float = 1.0) -> Callable:
+    """uint8 [0, 255] -> float32 [lo, hi]."""
+    return lambda ex, rng: {**ex, "image": (ex["image"].astype(np.float32) * ((hi - lo) / 255.0) + lo)}
+
+
+def normalize(mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Callable:
+    """uint8 -> float32 ``(x / 255 - mean) / std`` per channel."""
+    m, s = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return lambda ex, rng: {**ex, "image": (ex["image"].astype(np.float32) / 255.0 - m) / s}
+
+
+# Ops without arguments are functions of (example, rng); ops with arguments are factories.
+PP_OPS: dict[str, Callable] = {
+    "decode": decode, "resize": resize, "resize_small": resize_small, "center_crop": center_crop,
+    "random_crop": random_crop, "random_resized_crop": random_resized_crop, "flip": flip, "to_rgb": to_rgb,
+    "value_range": value_range, "normalize": normalize,
+}
+_NO_ARGS = {"decode", "flip", "to_rgb"}
+
+
+def _parse_call(text: str) -> tuple[str, list, dict]:
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"cannot parse preprocessing op {text!r}") from None
+    if isinstance(node, ast.Name):
+        return node.id, [], {}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        try:
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        except ValueError:
+            raise ValueError(f"preprocessing op {text!r}: arguments must be literals") from None
+        return node.func.id, args, kwargs
+    raise ValueError(f"cannot parse preprocessing op {text!r}; expected name or name(args)")
+
+
+def parse_pp(spec: str, *, image_key: str = "image", label_key: str = "label"):
+    """``"op|op(args)|..."`` -> a ``grain.transforms.RandomMap`` producing ``{"image": float32 HWC,
+    "label": int32}``. Raises ValueError for an unknown op (nearest named) or bad arguments."""
+    import grain
+
+    ops = []
+    for part in [p for p in spec.split("|") if p.strip()]:
+        name, args, kwargs = _parse_call(part)
+        if name not in PP_OPS:
+            close = difflib.get_close_matches(name, list(PP_OPS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown preprocessing op {name!r} in {spec!r}{hint} (known: {sorted(PP_OPS)})")
+        if name in _NO_ARGS:
+            if args or kwargs:
+                raise ValueError(f"preprocessing op {name!r} takes no arguments, got {part!r}")
+            ops.append(PP_OPS[name])
+        else:
+            try:
+                ops.append(PP_OPS[name](*args, **kwargs))
+            except TypeError as e:
+                raise ValueError(f"preprocessing op {part!r}: {e}") from None
+
+    class Preprocess(grain.transforms.RandomMap):
+        """The parsed ``pp`` string as one grain transform."""
+
+        def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+            ex = {"image": element[image_key], "label": element[label_key]}
+            ex = decode(ex, rng)
+            for op in ops:
+                ex = op(ex, rng)
+            image = ex["image"]
+            if image.dtype == np.uint8:
+                image = image.astype(np.float32) / 255.0
+            return {"image": np.asarray(image, np.float32), "label": np.int32(ex["label"])}
+
+        def __repr__(self) -> str:
+            return f"Preprocess({spec!r})"
+
+    return Preprocess()

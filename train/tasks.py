@@ -1,0 +1,115 @@
+"""Tasks: what a batch feeds the model and how its output becomes a loss and metrics.
+
+The trainer is task-agnostic: it asks the task for the model's positional inputs, the training loss
+(plus per-batch metrics) and the evaluation sums. A new objective (masked-LM, contrastive, ...) is a
+new ``Task`` subclass registered with ``@register_task("name")`` and named by ``config.task``; its
+options come from ``config.task_args``.
+
+Evaluation metrics are *sums* over the examples whose ``batch["mask"]`` is 1 (padding examples have
+mask 0), plus ``"count"``; the trainer adds them over all eval batches and divides once, so the
+result is exact whatever the batch size or host count.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["Task", "ClassificationTask", "register_task", "get_task", "list_tasks"]
+
+Batch = dict[str, jax.Array]
+
+_TASKS: dict[str, Callable[..., "Task"]] = {}
+
+
+def register_task(name: str):
+    """Class decorator: make ``config.task = name`` build this task with ``**config.task_args``."""
+
+    def wrap(cls):
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
+        _TASKS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_task(name: str, **task_args: Any) -> "Task":
+    """The registered task ``name``; unknown names and arguments raise a ValueError saying what is valid."""
+    if name not in _TASKS:
+        close = difflib.get_close_matches(name, list(_TASKS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"config.task: unknown task {name!r}{hint} (registered: {list_tasks()})")
+    try:
+        return _TASKS[name](**task_args)
+    except TypeError as e:
+        raise ValueError(f"config.task_args for task {name!r}: {e}") from None
+
+
+class Task:
+    """Base class. ``batch_keys`` are the arrays a batch must hold (checked before compiling)."""
+
+    name = "task"
+    batch_keys: tuple[str, ...] = ()
+
+    def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
+        raise NotImplementedError
+
+    def loss(self, outputs: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar mean training loss and a dict of per-batch scalar metrics (means)."""
+        raise NotImplementedError
+
+    def eval_sums(self, outputs: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Metric sums over examples with ``batch["mask"] == 1``, including ``"count"``."""
+        raise NotImplementedError
+
+    def predict(self, outputs: Any) -> jax.Array:
+        """Predictions for display (e.g. class ids)."""
+        raise NotImplementedError
+
+
+@register_task("classification")
+class ClassificationTask(Task):
+    """Image (or sequence) classification: ``batch["image"]`` -> logits, softmax cross-entropy
+    against ``batch["label"]`` (int class ids) with optional label smoothing; accuracy."""
+
+    batch_keys = ("image", "label")
+
+    def __init__(self, label_smoothing: float = 0.0, input_key: str = "image"):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+        self.input_key = input_key
+        self.batch_keys = (input_key, "label")
+
+    def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
+        return (batch[self.input_key],)
+
+    def _cross_entropy(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        num_classes = logits.shape[-1]
+        targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+        if self.label_smoothing:
+            targets = optax.smooth_labels(targets, self.label_smoothing)
+        return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+    def loss(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        per_example = self._cross_entropy(outputs, batch["label"])
+        accuracy = jnp.mean(jnp.argmax(outputs, -1) == batch["label"])
+        return per_example.mean(), {"accuracy": accuracy}
+
+    def eval_sums(self, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+        mask = batch["mask"].astype(jnp.float32)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), batch["label"])
+        correct = (jnp.argmax(outputs, -1) == batch["label"]).astype(jnp.float32)
+        return {"loss": jnp.sum(per_example * mask), "accuracy": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+    def predict(self, outputs: jax.Array) -> jax.Array:
+        return jnp.argmax(outputs, -1)
