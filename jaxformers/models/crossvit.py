@@ -70,13 +70,18 @@ def bicubic_weights(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray
     def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-    scale = in_size / out_size
+    # torch's float32 arithmetic: a float32 scale, the source position as one fused multiply-add
+    # rounded to float32, float32 coefficients (this matters: positions near 127 have float32 ulps of
+    # 8e-6, enough to move outputs by 1e-4)
+    f32 = np.float32
+    a = f32(a)
+    scale = float(f32(in_size) / f32(out_size))
     w = np.zeros((out_size, in_size), np.float64)
     for o in range(out_size):
-        src = scale * (o + 0.5) - 0.5
+        src = f32(scale * (o + 0.5) - 0.5)
         base = math.floor(src)
-        t = src - base
-        coeffs = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        t = src - f32(base)
+        coeffs = (far(t + f32(1)), near(t), near(f32(1) - t), far(f32(2) - t))
         for j, c in enumerate(coeffs):
             w[o, min(max(base - 1 + j, 0), in_size - 1)] += c
     return w
