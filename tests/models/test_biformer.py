@@ -296,6 +296,7 @@ def _digits(n=32, size=32):
     return jnp.asarray(np.repeat(x[..., None], 3, axis=-1) - 0.5), jnp.asarray(d.target[:n])
 
 
+@pytest.mark.slow
 def test_train_steps_reduce_the_loss_and_grad_reaches_every_parameter():
     model = jf.create_model("biformer_tiny", img_size=32, embed_dim=(16, 32, 32, 32), depth=(1, 1, 1, 1), head_dim=8,
                             n_win=2, topks=(1, 2, 4, -2), num_classes=10, drop_path_rate=0.1, remat=True)

@@ -300,6 +300,7 @@ def _digits(n=32, size=32):
     return jnp.asarray(np.repeat(x[..., None], 3, axis=-1) - 0.5), jnp.asarray(d.target[:n])
 
 
+@pytest.mark.slow
 def test_train_steps_reduce_the_loss_and_grad_reaches_every_parameter():
     model = jf.create_model("cswin_tiny_224", img_size=32, embed_dim=16, depth=(1, 1, 1, 1), num_heads=(2, 2, 2, 2),
                             split_size=(1, 2, 2, 1), num_classes=10, drop_path_rate=0.1, remat=True)
