@@ -42,6 +42,11 @@ def test_read_checkpoint_formats(tmp_path):
     torch.save({"model": {"module.x.weight": torch.arange(6.0).reshape(2, 3).bfloat16()}, "epoch": 3},
                tmp_path / "c.pth")
     np.testing.assert_array_equal(read_checkpoint(tmp_path / "c.pth")["x.weight"], tensors["x.weight"])
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "state_dict_ema": {"w": torch.ones(1)}}, tmp_path / "ema.pth")
+    assert read_checkpoint(tmp_path / "ema.pth")["w"] == 0
+    assert read_checkpoint(tmp_path / "ema.pth", key="state_dict_ema")["w"] == 1
+    with pytest.raises(KeyError, match="no state dict under 'ema'.*'state_dict', 'state_dict_ema'"):
+        read_checkpoint(tmp_path / "ema.pth", key="ema")
     with pytest.raises(ValueError, match="unsupported checkpoint type '.h5'"):
         (tmp_path / "c.h5").write_bytes(b"")
         read_checkpoint(tmp_path / "c.h5")

@@ -22,11 +22,13 @@ def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_checkpoint(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
     """Tensors of a checkpoint as ``{key: numpy array}``; never unpickles code.
 
     ``.pth`` / ``.pt`` / ``.bin``: ``torch.load(weights_only=True)``; ``.safetensors``; ``.npz``.
-    A state dict nested under ``model`` / ``state_dict`` is unwrapped and a ``module.`` prefix dropped.
+    A state dict nested under ``model`` / ``state_dict`` is unwrapped, or under ``key`` when given
+    (e.g. ``"state_dict_ema"`` for the EMA weights that CSWin and timm training scripts save), and a
+    ``module.`` prefix dropped.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -46,10 +48,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     else:
         raise ValueError(f"unsupported checkpoint type {ext!r} ({path}); expected .pth, .pt, .bin, "
                          f".safetensors or .npz")
-    for key in _NESTED_KEYS:
-        if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
-            sd = sd[key]
-            break
+    if key is not None:
+        if not isinstance(sd, Mapping) or not isinstance(sd.get(key), Mapping):
+            found = sorted(k for k, v in sd.items() if isinstance(v, Mapping)) if isinstance(sd, Mapping) else []
+            raise KeyError(f"{path} has no state dict under {key!r}; nested state dicts found: {found}")
+        sd = sd[key]
+    else:
+        for nested in _NESTED_KEYS:
+            if isinstance(sd, Mapping) and isinstance(sd.get(nested), Mapping):
+                sd = sd[nested]
+                break
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
     out = {}

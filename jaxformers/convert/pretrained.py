@@ -28,6 +28,7 @@ def load_pretrained(
     path: str | os.PathLike,
     *,
     strict: bool = True,
+    checkpoint_key: str | None = None,
     mesh: Any = None,
     rules: Any = None,
     seed: int = 0,
@@ -40,7 +41,8 @@ def load_pretrained(
     ``strict=True`` any missing, unexpected or mis-shaped key raises ``CheckpointMismatchError``
     naming them. With ``strict=False`` unexpected keys are ignored and missing or mis-shaped ones
     (e.g. a new classifier head for another ``num_classes``) are freshly initialised, with a warning.
-    With ``mesh`` the variables are placed in their logical shardings.
+    ``checkpoint_key`` picks a nested state dict (e.g. ``"state_dict_ema"``); by default ``model`` or
+    ``state_dict``. With ``mesh`` the variables are placed in their logical shardings.
     """
     from jaxformers.registry import create_model, init_abstract, model_info
 
@@ -50,7 +52,7 @@ def load_pretrained(
     model = create_model(name, **overrides)
     boxed = init_abstract(model)
     expected = {"/".join(k): v for k, v in flatten_dict(nn.unbox(boxed)).items()}
-    sd = StateDict(read_checkpoint(path))
+    sd = StateDict(read_checkpoint(path, checkpoint_key))
     try:
         converted = info.converter(sd, model, {k: v.shape for k, v in expected.items()})
     except MissingKeyError as e:

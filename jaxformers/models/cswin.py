@@ -32,8 +32,8 @@ Deviations (deliberate):
 
 Checkpoints: ``jaxformers.load_pretrained("cswin_tiny_224", "cswin_tiny_224.pth")``. The official
 training script saves ``state_dict`` and ``state_dict_ema`` and evaluates the EMA weights (its
-``--model-ema`` defaults to on); ``read_checkpoint`` takes ``state_dict``, so to load the EMA weights
-save ``torch.load(path)["state_dict_ema"]`` to its own file first. The ImageNet-22K CSWin-L file
+``--model-ema`` defaults to on); ``load_pretrained`` takes ``state_dict`` unless asked for the EMA
+weights with ``checkpoint_key="state_dict_ema"``. The ImageNet-22K CSWin-L file
 (``cswin_large_22k_224.pth``) loads with ``num_classes=21841``.
 """
 from __future__ import annotations
