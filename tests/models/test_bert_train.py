@@ -21,8 +21,8 @@ def test_mlm_pretraining_loss_falls(tmp_path, monkeypatch):
     from train import tasks_text
 
     vocab = tasks_text.corpus_tokenizer().vocab_size
-    out = _run("bert_mlm", tmp_path, "num_train_steps=40", "log_every_steps=5", "eval_every_steps=1000",
-               "checkpoint_every_steps=1000", "optimizer.learning_rate=0.003", "schedule.warmup_steps=5")
+    out = _run("bert_mlm", tmp_path, "num_train_steps=24", "log_every_steps=4", "eval_every_steps=1000",
+               "checkpoint_every_steps=1000", "optimizer.learning_rate=0.003", "schedule.warmup_steps=4")
     losses = [row["train/loss"] for row in out["history"] if "train/loss" in row]
     assert losses[0] > math.log(vocab) - 0.5  # starts near uniform over the vocabulary
     assert np.mean(losses[-2:]) < losses[0] - 1.0, losses
@@ -32,9 +32,9 @@ def test_mlm_pretraining_loss_falls(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_classification_and_contrastive_configs_run(tmp_path, monkeypatch):
     monkeypatch.chdir(config_lib.pathlib.Path(__file__).resolve().parents[2])
-    out = _run("bert_classify", tmp_path, "num_train_steps=4", "eval_every_steps=1000")
+    out = _run("bert_classify", tmp_path, "num_train_steps=2", "eval_every_steps=1000")
     assert 0.0 <= out["eval/accuracy"] <= 1.0 and np.isfinite(out["eval/loss"])
-    out = _run("bert_contrastive", tmp_path, "num_train_steps=4", "eval_every_steps=1000")
+    out = _run("bert_contrastive", tmp_path, "num_train_steps=2", "eval_every_steps=1000")
     for key in ("eval/mrr@10", "eval/ndcg@10", "eval/recall@1", "eval/recall@5", "eval/recall@10"):
         assert 0.0 < out[key] <= 1.0, (key, out[key])
     assert out["eval/recall@1"] <= out["eval/recall@5"] <= out["eval/recall@10"]
