@@ -13,7 +13,7 @@ logical axes (``embed``, ``heads``, ``kv``) so tensor parallelism shards whole h
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax
@@ -112,6 +112,11 @@ class MultiHeadAttention(nn.Module):
     Self-attention (``kv=None``) uses one fused ``qkv`` projection of shape (embed, 3, heads, head_dim);
     cross-attention uses ``q`` (embed, heads, head_dim) and ``kv`` (embed, 2, heads, head_dim).
     ``proj`` maps (heads, head_dim) back to ``out_features`` (default: the input width).
+
+    ``attention_fn`` replaces the attention pattern while keeping these parameters, e.g.
+    ``functools.partial(jaxformers.kernels.local_global_attention, window=(w, w))`` for sliding
+    windows: it is called as ``attention_fn(q, k, v, segment_ids=..., scale=...)`` and takes no
+    mask, bias or attention dropout.
     """
 
     num_heads: int
@@ -123,6 +128,7 @@ class MultiHeadAttention(nn.Module):
     attention_dropout: float = 0.0
     proj_dropout: float = 0.0
     attention_impl: AttentionImpl = "xla"
+    attention_fn: Callable[..., jax.Array] | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -157,10 +163,15 @@ class MultiHeadAttention(nn.Module):
         names = ("act_batch", "act_len", "act_heads", None)
         q, k, v = (constrain(t, names) for t in (q, k, v))
         rate = self.attention_dropout if train else 0.0
-        out = dot_product_attention(
-            q, k, v, bias=bias, mask=mask, segment_ids=segment_ids, scale=self.scale,
-            implementation=self.attention_impl, dropout_rate=rate,
-            dropout_rng=self.make_rng("dropout") if rate > 0.0 else None)
+        if self.attention_fn is not None:
+            if mask is not None or bias is not None:
+                raise ValueError("MultiHeadAttention with an attention_fn takes no mask or bias")
+            out = self.attention_fn(q, k, v, segment_ids=segment_ids, scale=self.scale)
+        else:
+            out = dot_product_attention(
+                q, k, v, bias=bias, mask=mask, segment_ids=segment_ids, scale=self.scale,
+                implementation=self.attention_impl, dropout_rate=rate,
+                dropout_rng=self.make_rng("dropout") if rate > 0.0 else None)
         out = constrain(out, names)
         out = nn.DenseGeneral(self.out_features or dim, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype,

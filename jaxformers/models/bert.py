@@ -56,7 +56,7 @@ import jax.numpy as jnp
 
 from jaxformers.layers import Dense, LayerNorm, MultiHeadAttention, Mlp, check_token_ids, maybe_remat
 from jaxformers.layers.attention import AttentionImpl
-from jaxformers.models.bert_longformer import LocalGlobalSelfAttention
+from jaxformers.models.bert_longformer import longformer_attention_fn
 from jaxformers.models.bert_heads import (MaskedLMHead, Pooler, RobertaClassificationHead, activation, bert_init,
                                           normalize, pool_tokens)
 from jaxformers.registry import ModelInfo, register_model
@@ -130,14 +130,13 @@ class BertLayer(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if self.attention_window is None:
-            y = MultiHeadAttention(self.num_attention_heads, attention_dropout=self.attention_probs_dropout_prob,
-                                   proj_dropout=self.hidden_dropout_prob, attention_impl=self.attention_impl,
-                                   name="attn", **kw)(x, mask=mask, segment_ids=segment_ids, train=train)
-        else:
-            y = LocalGlobalSelfAttention(self.num_attention_heads, self.attention_window, self.global_tokens,
-                                         self.hidden_dropout_prob, self.attention_impl, name="attn",
-                                         **kw)(x, segment_ids=segment_ids, train=train)
+        attention_fn = None
+        if self.attention_window is not None:
+            attention_fn = longformer_attention_fn(self.attention_window, self.global_tokens, self.attention_impl)
+        y = MultiHeadAttention(self.num_attention_heads, attention_dropout=self.attention_probs_dropout_prob,
+                               proj_dropout=self.hidden_dropout_prob, attention_impl=self.attention_impl,
+                               attention_fn=attention_fn, name="attn", **kw)(x, mask=mask, segment_ids=segment_ids,
+                                                                             train=train)
         x = LayerNorm(self.layer_norm_eps, name="attn_norm", **kw)(x + y)
         y = Mlp(self.intermediate_size, activation=activation(self.hidden_act), name="mlp", **kw)(x)
         y = nn.Dropout(self.hidden_dropout_prob)(y, deterministic=not train)

@@ -101,3 +101,23 @@ def test_mha_attention_dropout_needs_rng_only_in_training():
     np.testing.assert_allclose(mha.apply(v, x), mha.apply(v, x))
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         MultiHeadAttention(num_heads=3).init(jax.random.key(0), x)
+
+
+def test_mha_attention_fn_replaces_the_pattern_keeping_params():
+    import functools
+
+    from jaxformers.kernels import local_global_attention
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 12))
+    dense = MultiHeadAttention(num_heads=3)
+    windowed = MultiHeadAttention(num_heads=3, attention_fn=functools.partial(local_global_attention, window=(1, 1)))
+    v = dense.init(jax.random.key(1), x)
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(windowed.init(jax.random.key(1), x))
+    p = nn.unbox(v)["params"]
+    qkv = jnp.einsum("ble,ethd->blthd", x, p["qkv"]["kernel"]) + p["qkv"]["bias"]
+    band = np.abs(np.arange(9)[:, None] - np.arange(9)[None, :]) <= 1
+    att = _naive(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=band[None, None])
+    ref = np.einsum("blhd,hde->ble", att, p["proj"]["kernel"]) + p["proj"]["bias"]
+    np.testing.assert_allclose(windowed.apply(v, x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="takes no mask or bias"):
+        windowed.apply(v, x, mask=jnp.ones((1, 1, 9, 9), bool))
