@@ -13,7 +13,10 @@ close to 2 at high resolution.
     python benchmarks/fit_scaling.py --json out.json
 
 Numbers are XLA's static estimates for the backend in use (CPU unless a GPU is present); they are
-not measured times. The 16 GB / H100 claim of the paper needs a GPU run and is not made here.
+not measured times. Caveat for memory on CPU: XLA's CPU pipeline does not keep rematerialisation
+(a plain ``jax.checkpoint`` MLP chain reports the same temp bytes with and without it), so CPU
+memory figures are those of a non-remat step; the FLOPs do include the recomputation. The paper's
+16 GB claim (6400×6400, 160K tokens) needs a GPU run and is not made here.
 """
 from __future__ import annotations
 

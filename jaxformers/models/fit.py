@@ -25,6 +25,10 @@ batch x group axis, so the groups of one huge image spread over the data/fsdp me
 layers need no communication); global layers see only the (B, T*M, D) latents. ``remat=True``
 rematerialises every local/global layer and cross-attention in the backward pass.
 
+Local attention: ``local_attention_impl='pallas'`` (or ``'auto'`` on GPU/TPU) runs the block-sparse
+kernel on the flattened (B, T*N) rows; ``'xla'`` hands the kernel's reference the groups as
+(B*T, N) rows, the same block-diagonal attention without its O((T*N)²) dense mask.
+
 Sizes: the paper's tables could not be retrieved (``shared/papers.md`` §5 marks them [?]) and the
 repo ships no FIT configs, so S/B/L are *our* definitions, at ViT-S/B/L widths (384/768/1024, heads
 6/12/16, MLP ratio 4) with equal data and latent widths; S and B use ``"(2)4(2)4(2)"`` (6 local +

@@ -15,7 +15,7 @@ import pytest
 import jaxformers
 from jaxformers.layers import dot_product_attention
 from jaxformers.models.fit import FITEncoder
-from jaxformers.models.fit_ar import FITAR, ar_loss, generate, init_decode_cache, shift_right
+from jaxformers.models.fit_ar import FITAR, ar_loss, generate, init_decode_cache
 from jaxformers.models.fit_diffusion import FITDenoiser, ddpm_loss, ddpm_sample_step, ddpm_schedule
 from jaxformers.models.fit_layers import (FITSelfAttention, chunk_causal_mask, group_grid, groups_to_image,
                                           image_to_groups, parse_layer_spec)
