@@ -26,8 +26,9 @@ Deviations from timm:
   clamping, no antialias) written as two small matrices, so outputs match timm to float32 rounding.
 - The classifier heads start at zero (house style, as in ``vit.py``); timm draws them at random.
 - ``return_features`` adds per-block feature maps (``stages``), ordered branch-major like timm's
-  ``forward_intermediates``. Position tables of checkpoints are resampled to other ``img_size`` with
-  ``jax.image.resize`` (bicubic), which differs slightly from timm's torch resampling.
+  ``forward_intermediates``. Position tables of checkpoints are resampled to another ``img_size``
+  (antialiased bicubic, as timm's ``resample_abs_pos_embed``); timm itself refuses other sizes for
+  CrossViT checkpoints (``fixed_input_size``).
 """
 from __future__ import annotations
 
@@ -224,7 +225,10 @@ class CrossViT(nn.Module):
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        # Accept lists from users (timm style); Linen fields must be hashable.
+        # Accept lists from users (timm style); Linen fields must be hashable. A single img_scale
+        # number applies to every branch (timm's to_2tuple).
+        if isinstance(self.img_scale, (int, float)):
+            object.__setattr__(self, "img_scale", (float(self.img_scale),) * len(self.patch_size))
         for f in ("img_scale", "patch_size", "embed_dim", "num_heads", "mlp_ratio"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
         object.__setattr__(self, "depth", tuple(tuple(c) for c in self.depth))
@@ -242,8 +246,7 @@ class CrossViT(nn.Module):
     def img_size_scaled(self) -> list[tuple[int, int]]:
         """Each branch's input size: ``int(img_size * img_scale[i])``, as timm computes it."""
         size = to_2tuple(self.img_size)
-        scales = (self.img_scale,) * 2 if isinstance(self.img_scale, (int, float)) else self.img_scale
-        return [tuple(int(s * sc) for s in size) for sc in scales]
+        return [tuple(int(s * sc) for s in size) for sc in self.img_scale]
 
     @property
     def grid_sizes(self) -> list[tuple[int, int]]:

@@ -26,8 +26,8 @@ Deviations from timm:
 - timm's attention has separate ``qk`` and ``v`` linears (no bias); the converter concatenates them
   into the fused ``qkv`` layout of the shared ``MultiHeadAttention``, which computes the same thing.
 - The classifier head starts at zero (house style); ``return_features`` adds per-block feature maps.
-- Patch position tables are resampled for another ``img_size`` with ``jax.image.resize`` (bicubic),
-  slightly different from timm's torch resampling.
+- Patch position tables are resampled for another ``img_size`` as timm's ``checkpoint_filter_fn``
+  does (antialiased bicubic).
 """
 from __future__ import annotations
 

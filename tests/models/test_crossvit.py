@@ -75,6 +75,9 @@ def test_every_timm_variant_is_registered():
     assert sorted(jf.list_models("crossvit_*")) == sorted(TIMM_PARAMS) == sorted(VARIANTS)
     info = jf.model_info("crossvit_18_dagger_408")
     assert info.input_size == (408, 408, 3) and info.top1 == 83.9 and info.converter is not None
+    # a single img_scale number applies to both branches (timm's to_2tuple): the large branch then
+    # sees 240 px, 15x15 patches, 29 more position rows of width 256
+    assert jf.count_params("crossvit_9_240", img_scale=1.0) == TIMM_PARAMS["crossvit_9_240"] + 29 * 256
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_PARAMS))
@@ -144,6 +147,10 @@ def test_checkpoint_resampled_to_other_size_and_errors_name_keys(tmp_path):
     variables = jf.load_pretrained("crossvit_9_240", path, img_size=120, **TINY)
     assert variables["params"]["pos_embed_0"].shape == (1, 1 + 100, 16)
     assert variables["params"]["pos_embed_1"].shape == (1, 1 + 49, 32)
+    from timm.layers import resample_abs_pos_embed
+    for i, grid in enumerate([(10, 10), (7, 7)]):  # resampled exactly as timm resamples
+        ref = resample_abs_pos_embed(sd[f"pos_embed_{i}"], new_size=grid, num_prefix_tokens=1).numpy()
+        np.testing.assert_allclose(variables["params"][f"pos_embed_{i}"], ref, atol=1e-5)
     model = jf.create_model("crossvit_9_240", img_size=120, **TINY)
     assert np.isfinite(np.asarray(_jit(model.apply)(variables, _image(1, 120)))).all()
     # IBM's original key names (pos_embed.0) are accepted
@@ -155,7 +162,7 @@ def test_checkpoint_resampled_to_other_size_and_errors_name_keys(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="blocks.9.extra"):
         jf.load_pretrained("crossvit_9_240", path, **TINY)
     torch.save({k: v for k, v in sd.items() if k != "blocks.1.fusion.0.attn.wk.weight"}, path)
-    with pytest.raises(KeyError, match="blocks.1.fusion.0.attn.wk.weight"):
+    with pytest.raises(CheckpointMismatchError, match="blocks.1.fusion.0.attn.wk.weight"):
         jf.load_pretrained("crossvit_9_240", path, **TINY)
 
 
