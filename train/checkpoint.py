@@ -96,6 +96,12 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def read_state(self, step: int, abstract_state: Any = None) -> Any:
+        """The ``state`` item of ``step`` as saved (no verification); into ``abstract_state``'s
+        shapes and shardings if given, else with the shardings it was saved with (same topology)."""
+        restore = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else ocp.args.StandardRestore()
+        return self._manager.restore(step, args=ocp.args.Composite(state=restore)).state
+
     def read_meta(self, step: int) -> dict | None:
         """The JSON ``meta`` item of ``step`` (cheap: no arrays are read); None if unreadable."""
         try:

@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.smoke_overrides = ml_collections.ConfigDict()
 
     c.debug = ml_collections.ConfigDict()
-    c.debug.nan_grad_step = -1           # fault injection: NaN gradient at this step ...
+    c.debug.nan_grad_step = -1           # fault injection: NaN gradient in update N (1-based) ...
     c.debug.nan_grad_count = 1           # ... and the following count-1 steps
     c.debug.nan_grad_param = ""          # ... in parameters whose path contains this ("" = all)
     c.debug.kill_at_step = -1            # fault injection: SIGKILL ourselves after this step

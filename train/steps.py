@@ -159,7 +159,8 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
     def inject_nan(grads, step):
         if debug.nan_grad_step < 0:
             return grads
-        hit = (step >= debug.nan_grad_step) & (step < debug.nan_grad_step + max(1, debug.nan_grad_count))
+        number = step + 1  # 1-based, as in the logs and checkpoints: update N produces step N
+        hit = (number >= debug.nan_grad_step) & (number < debug.nan_grad_step + max(1, debug.nan_grad_count))
 
         def one(path, g):
             if debug.nan_grad_param and debug.nan_grad_param not in _path_name(path):

@@ -314,8 +314,8 @@ class _Loop:
         last_t, last_step = time.time(), start
         while step < self.total_steps:
             state, metrics = compiled(state, batch)
-            metrics["_step"] = step
             step += 1
+            metrics["_step"] = step  # 1-based: this update produces step `step` (logs, checkpoints)
             self.check(prev)  # the previous step: the device stays one step ahead of this check
             prev = metrics
             pending.append(metrics)

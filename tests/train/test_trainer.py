@@ -46,32 +46,39 @@ def test_smoke_run_writes_everything_and_resumes(tiny_config, tmp_path, capsys):
                                   jax.device_get(out["state"]["params"]["head"]["kernel"]))
 
 
-def test_nan_gradient_is_skipped_and_reported(tiny_config, tmp_path, capsys):
-    config = tiny_config("num_train_steps=5", "debug.nan_grad_step=2", "debug.nan_grad_param='blocks_0/mlp/fc1'",
-                         "checkpoint_every_steps=100", "eval_every_steps=100")
-    out = trainer.train_and_evaluate(config, tmp_path)
-    text = capsys.readouterr().out
-    assert "step 2: non-finite gradient in blocks_0/mlp/fc1" in text and "update skipped (1 in a row)" in text
-    assert "step 1:" not in text and "step 3:" not in text
-    assert out["step"] == 5
-    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(jax.device_get(out["state"]["params"])))
-    assert int(out["state"]["nonfinite_streak"]) == 0  # finite steps after it reset the streak
-    streaks = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "nonfinite/streak" in r]
-    assert [r["step"] for r in streaks] == [2]
+def test_nan_gradients_are_skipped_reported_and_stop_the_run(tiny_config, tmp_path, capsys):
+    """NaN gradients injected into one parameter group from step 2 on: each step is reported with
+    its step and group, its update is skipped (the checkpointed state does not move), and the run
+    stops after max_nonfinite_steps=3 in a row, keeping only finite checkpoints."""
+    from train.checkpoint import Checkpointer
 
-
-def test_too_many_nonfinite_steps_stop_without_saving_them(tiny_config, tmp_path, capsys):
-    config = tiny_config("num_train_steps=6", "debug.nan_grad_step=1", "debug.nan_grad_count=10",
-                         "max_nonfinite_steps=3", "checkpoint_every_steps=1", "eval_every_steps=100")
+    config = tiny_config("num_train_steps=8", "debug.nan_grad_step=2", "debug.nan_grad_count=5",
+                         "debug.nan_grad_param='blocks_0/mlp/fc1'", "max_nonfinite_steps=3",
+                         "checkpoint_every_steps=1", "keep_checkpoints=10", "eval_every_steps=100",
+                         "async_checkpointing=False")
     with pytest.raises(trainer.TrainingStopped, match="3 non-finite steps in a row"):
         trainer.train_and_evaluate(config, tmp_path)
     text = capsys.readouterr().out
-    assert "step 1: non-finite gradient" in text and "(3 in a row)" in text
-    # Every checkpoint written holds finite parameters (the skipped updates never touched them).
-    from train.checkpoint import Checkpointer
-
-    steps = Checkpointer(tmp_path / "checkpoints").all_steps()
-    assert steps and max(steps) <= 4
+    for step, streak in [(2, 1), (3, 2), (4, 3)]:
+        assert (f"step {step}: non-finite gradient in blocks_0/mlp/fc1 (loss=") in text
+        assert f"update skipped ({streak} in a row)" in text
+    assert "step 1: non-finite" not in text and "step 5:" not in text
+    streaks = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "nonfinite/streak" in r]
+    assert [(r["step"], r["nonfinite/streak"]) for r in streaks] == [(2, 1), (3, 2), (4, 3)]
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=10)
+    saved = ckpt.all_steps()  # checkpoint k holds the state after k updates; the run stops at 4
+    assert saved[:3] == [1, 2, 3] and max(saved) <= 4, saved
+    after = {k: jax.device_get(ckpt.read_state(k)) for k in saved}
+    ckpt.close()
+    # The NaN updates (2, 3, ...) were skipped: params and optimizer state never moved after step 1...
+    for k in saved[1:]:
+        for a, b in zip(jax.tree_util.tree_leaves(after[1]["params"]), jax.tree_util.tree_leaves(after[k]["params"])):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(after[1]["opt_state"]), jax.tree_util.tree_leaves(after[k]["opt_state"])):
+            np.testing.assert_array_equal(a, b)
+    # ... while the batches were consumed and the step counter advanced.
+    assert int(after[3]["step"]) == 3 and int(after[3]["nonfinite_streak"]) == 2
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(after[saved[-1]]["params"]))
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tiny_config, tmp_path, capsys):
@@ -160,3 +167,26 @@ def test_digits_are_really_learned_from_the_command_line(cli, tmp_path):
     assert len(losses) == 8 and losses[-1] < 0.3 * losses[0], losses
     assert accuracy[-1] > 0.8, accuracy
     assert f"Final test accuracy: {accuracy[-1]:.4f}" in proc.stdout
+
+
+def test_tfds_dataset_trains_through_the_loop(tiny_config, tmp_path):
+    """The tfds path end to end (mock CIFAR-10 records served by tfds.data_source, no TensorFlow)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = tiny_config("input.source='tfds'", "input.dataset='cifar10'", "num_train_steps=3",
+                         "input.train_pp='random_crop(32, pad=4)|flip|value_range(-1, 1)'",
+                         "input.eval_pp='value_range(-1, 1)'", "eval_every_steps=3", "checkpoint_every_steps=3")
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        out = trainer.train_and_evaluate(config, tmp_path)
+    assert out["step"] == 3 and 0.0 <= out["eval/accuracy"] <= 1.0
+    assert np.isfinite(out["history"][-1]["train/loss"])
+
+
+def test_imagenet_config_resolves_and_its_smoke_variant_is_small():
+    from train import config_lib
+
+    path = str(pathlib.Path(trainer.__file__).parent / "configs" / "imagenet_vit.py")
+    full = config_lib.resolve_config(path + ":model=vit_base_patch16_224,batch=4096")
+    assert full.optimizer.learning_rate == pytest.approx(4e-3) and full.input.dataset == "imagenet2012"
+    assert trainer._resolve_steps(full, 1_281_167) == 93_836  # ceil(300 epochs x 1,281,167 / 4096)
+    smoke = config_lib.resolve_config(path + ":smoke")
+    assert smoke.model.overrides.depth == 1 and "random_resized_crop(32)" in smoke.input.train_pp
