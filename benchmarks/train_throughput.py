@@ -165,7 +165,7 @@ def bench_timm(name: str, overrides: dict, batch_size: int, steps: int, warmup: 
     sync()
     step_s = (time.perf_counter() - t) / steps
     return {"examples_per_sec": batch_size / step_s, "step_ms": step_s * 1e3, "warmup_s": warm_s,
-            "compiled": bool(use_compile), "autocast_bf16": cuda, "loss": float(loss),
+            "compiled": bool(use_compile), "autocast_bf16": cuda, "loss": float(loss.detach()),
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
