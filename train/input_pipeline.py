@@ -4,7 +4,7 @@ Sources (``config.input.source``):
 
 * ``"embedded"``: datasets that ship inside an installed package, so training needs no download.
   ``digits`` is scikit-learn's handwritten digits (1,797 real 8x8 grey scans of 0-9, from the UCI
-  optical-recognition set), split once and for all into 1,437 train / 360 test images (stratified,
+  optical-recognition set), split once and for all into 1,438 train / 359 test images (stratified,
   20% of each class, fixed numpy PCG64 seed).
 * ``"tfds"``: ``tfds.data_source(name, split, data_dir)`` for any prepared TFDS dataset (ArrayRecord
   format; reading needs no TensorFlow): imagenet2012, cifar10, mnist, ...

@@ -1,13 +1,15 @@
-r"""Quick start: a small ViT learns handwritten digits on a laptop CPU in about two minutes.
+r"""Quick start: a small ViT learns real handwritten digits on a laptop CPU in about two minutes.
 
     python -m train.main --config train/configs/quickstart.py --workdir /tmp/jaxformers_quickstart
 
-Data: scikit-learn's embedded handwritten digits (1,797 real 8x8 scans; fixed 1,437 / 360
+Data: scikit-learn's embedded handwritten digits (1,797 real 8x8 scans; fixed 1,438 / 359
 train/test split), upsampled to 32x32 RGB, with random shifts of up to one original pixel as
-augmentation. Model: the registered ``vit_tiny_patch16_224`` shrunk for 32x32 inputs (patch 4 ->
-8x8 = 64 tokens, width 96, 4 blocks, 3 heads; ~0.46M parameters), AdamW with warmup + cosine,
-label smoothing 0.1. Reaches >= 95% test accuracy (typically ~98%). Run the same command again to
-resume (a finished run just re-evaluates). ``:smoke`` shrinks it to seconds.
+augmentation. Model: the registered ``vit_tiny_patch16_224`` shrunk for 32x32 inputs (8x8 patches
+-> 16 tokens + [CLS], width 64, 4 blocks of 4 heads, MLP ratio 2: 148k parameters). AdamW (lr 2e-3,
+weight decay 0.05, clipping at 1.0), 100 warmup steps then cosine, label smoothing 0.1, 800 steps
+of 128. Measured on a shared 2-core CPU: 2m27s wall (1m46s CPU), test accuracy 98.05% (95.8% at
+step 400); the run is deterministic. The same command again resumes (a finished run re-evaluates
+and prints the accuracy). Arguments: ``steps``, ``batch``, ``smoke`` (seconds, for tests).
 """
 from train import config_lib
 
