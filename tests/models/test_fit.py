@@ -156,6 +156,13 @@ def test_encoder_shapes_features_and_bad_input(encoder_setup):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 12, 12, 1)))
     with pytest.raises(ValueError, match="layers="):
         jax.eval_shape(_tiny_encoder(layers="(1)0(1)").init, jax.random.key(0), x)
+    # bf16 compute with float32 parameters, sin-cos positions, latents pooled (spec ends with global layers)
+    bf16 = _tiny_encoder(dtype=jnp.bfloat16, x_pos_encoding="sincos", layers="(1)2")
+    abstract = jax.eval_shape(bf16.init, jax.random.key(0), x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(nn.unbox(abstract)))
+    assert "x_pos_emb" not in abstract["params"]
+    out = jax.eval_shape(lambda v: bf16.apply(v, x, return_features=True), nn.unbox(abstract))
+    assert out["tokens"].dtype == jnp.bfloat16 and out["pre_logits"].shape == (2, 48)
 
 
 def test_registered_variants():
