@@ -136,3 +136,32 @@ def fit_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int], num_prefix_t
     if pos_embed.shape[1] == num_prefix_tokens + new_grid[0] * new_grid[1] and old_grid in (None, new_grid):
         return pos_embed
     return np.asarray(resample_abs_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens))
+
+
+def norm_params(sd: StateDict, t: str, o: str) -> dict[str, np.ndarray]:
+    """torch LayerNorm / affine norm at key prefix ``t`` -> our ``o/scale`` and ``o/bias``."""
+    return {o + "/scale": sd[t + ".weight"], o + "/bias": sd[t + ".bias"]}
+
+
+def dense_params(sd: StateDict, t: str, o: str) -> dict[str, np.ndarray]:
+    """torch Linear at key prefix ``t`` -> our Dense ``o/kernel`` (and ``o/bias`` when present)."""
+    out = {o + "/kernel": linear(sd[t + ".weight"])}
+    if t + ".bias" in sd:
+        out[o + "/bias"] = sd[t + ".bias"]
+    return out
+
+
+def timm_block(sd: StateDict, t: str, o: str, num_heads: int) -> dict[str, np.ndarray]:
+    """timm ``vision_transformer.Block`` at key prefix ``t`` (e.g. ``"blocks.0."``) -> our
+    ``TransformerBlock`` at ``o`` (e.g. ``"params/blocks_0/"``), LayerScale included when present."""
+    out = {**norm_params(sd, t + "norm1", o + "norm1"), **norm_params(sd, t + "norm2", o + "norm2"),
+           **dense_params(sd, t + "mlp.fc1", o + "mlp/fc1"), **dense_params(sd, t + "mlp.fc2", o + "mlp/fc2"),
+           o + "attn/qkv/kernel": qkv_fused(sd[t + "attn.qkv.weight"], num_heads),
+           **dense_params(sd, t + "attn.proj", o + "attn/proj")}
+    out[o + "attn/proj/kernel"] = heads_out(sd[t + "attn.proj.weight"], num_heads)
+    if t + "attn.qkv.bias" in sd:
+        out[o + "attn/qkv/bias"] = qkv_fused(sd[t + "attn.qkv.bias"], num_heads)
+    for ls in ("ls1", "ls2"):
+        if f"{t}{ls}.gamma" in sd:
+            out[f"{o}{ls}/gamma"] = sd[f"{t}{ls}.gamma"]
+    return out

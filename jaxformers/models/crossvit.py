@@ -33,14 +33,15 @@ Deviations from timm:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformers.convert.common import StateDict, conv2d, fit_pos_embed, heads_in, heads_out, linear, qkv_fused
+from jaxformers.convert.common import (StateDict, conv2d, dense_params, fit_pos_embed, heads_in, heads_out, norm_params,
+                                       qkv_fused, timm_block)
 from jaxformers.layers import (ConvStem, Dense, DropPath, LayerNorm, MultiHeadAttention, PatchEmbed, TransformerBlock,
                                check_image, gelu, logical, maybe_remat, to_2tuple, trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
@@ -372,32 +373,9 @@ def _get(sd: StateDict, *keys: str) -> np.ndarray:
     return sd[keys[0]]  # raises a KeyError naming the timm key
 
 
-def _norm(sd: StateDict, t: str, o: str) -> dict[str, np.ndarray]:
-    return {o + "/scale": sd[t + ".weight"], o + "/bias": sd[t + ".bias"]}
-
-
-def _dense(sd: StateDict, t: str, o: str) -> dict[str, np.ndarray]:
-    out = {o + "/kernel": linear(sd[t + ".weight"])}
-    if t + ".bias" in sd:
-        out[o + "/bias"] = sd[t + ".bias"]
-    return out
-
-
-def convert_timm_block(sd: StateDict, t: str, o: str, num_heads: int) -> dict[str, np.ndarray]:
-    """timm ``vision_transformer.Block`` at prefix ``t`` -> our ``TransformerBlock`` at ``o``."""
-    out = {**_norm(sd, t + "norm1", o + "norm1"), **_norm(sd, t + "norm2", o + "norm2"),
-           **_dense(sd, t + "mlp.fc1", o + "mlp/fc1"), **_dense(sd, t + "mlp.fc2", o + "mlp/fc2"),
-           o + "attn/qkv/kernel": qkv_fused(sd[t + "attn.qkv.weight"], num_heads),
-           o + "attn/proj/kernel": heads_out(sd[t + "attn.proj.weight"], num_heads),
-           o + "attn/proj/bias": sd[t + "attn.proj.bias"]}
-    if t + "attn.qkv.bias" in sd:
-        out[o + "attn/qkv/bias"] = qkv_fused(sd[t + "attn.qkv.bias"], num_heads)
-    return out
-
-
 def _cross_attention(sd: StateDict, t: str, o: str, h: int) -> dict[str, np.ndarray]:
     """timm ``CrossAttentionBlock`` (separate wq / wk / wv) -> norm1 + MultiHeadAttention q / kv."""
-    out = {**_norm(sd, t + "norm1", o + "norm1"),
+    out = {**norm_params(sd, t + "norm1", o + "norm1"),
            o + "attn/q/kernel": heads_in(sd[t + "attn.wq.weight"], h),
            o + "attn/kv/kernel": qkv_fused(np.concatenate([sd[t + "attn.wk.weight"], sd[t + "attn.wv.weight"]]),
                                            h, parts=2),
@@ -428,20 +406,20 @@ def convert_timm_crossvit(sd: StateDict, model: CrossViT, expected: dict[str, tu
         else:
             out[p + "proj/kernel"] = conv2d(sd[f"patch_embed.{i}.proj.weight"])
             out[p + "proj/bias"] = sd[f"patch_embed.{i}.proj.bias"]
-        out.update(_norm(sd, f"norm.{i}", f"params/norm_{i}"))
+        out.update(norm_params(sd, f"norm.{i}", f"params/norm_{i}"))
         if model.num_classes and f"head.{i}.weight" in sd:
-            out.update(_dense(sd, f"head.{i}", f"params/head_{i}"))
+            out.update(dense_params(sd, f"head.{i}", f"params/head_{i}"))
         sd.skip(f"head.{i}.weight", f"head.{i}.bias")
     for k, cfg in enumerate(model.depth):
         t, o = f"blocks.{k}.", f"params/blocks_{k}/"
         for d in range(n):
             other = (d + 1) % n
             for j in range(cfg[d]):
-                out.update(convert_timm_block(sd, f"{t}blocks.{d}.{j}.", f"{o}blocks_{d}_{j}/", model.num_heads[d]))
-            out.update(_norm(sd, f"{t}projs.{d}.0", f"{o}projs_{d}/norm"))
-            out.update(_dense(sd, f"{t}projs.{d}.2", f"{o}projs_{d}/fc"))
-            out.update(_norm(sd, f"{t}revert_projs.{d}.0", f"{o}revert_projs_{d}/norm"))
-            out.update(_dense(sd, f"{t}revert_projs.{d}.2", f"{o}revert_projs_{d}/fc"))
+                out.update(timm_block(sd, f"{t}blocks.{d}.{j}.", f"{o}blocks_{d}_{j}/", model.num_heads[d]))
+            out.update(norm_params(sd, f"{t}projs.{d}.0", f"{o}projs_{d}/norm"))
+            out.update(dense_params(sd, f"{t}projs.{d}.2", f"{o}projs_{d}/fc"))
+            out.update(norm_params(sd, f"{t}revert_projs.{d}.0", f"{o}revert_projs_{d}/norm"))
+            out.update(dense_params(sd, f"{t}revert_projs.{d}.2", f"{o}revert_projs_{d}/fc"))
             if cfg[-1] == 0:
                 out.update(_cross_attention(sd, f"{t}fusion.{d}.", f"{o}fusion_{d}/", model.num_heads[other]))
             for j in range(cfg[-1]):

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformers.convert.common import StateDict, conv2d, fit_pos_embed, heads_out, linear, qkv_fused
+from jaxformers.convert.common import StateDict, conv2d, dense_params, fit_pos_embed, heads_out, norm_params, qkv_fused
 from jaxformers.layers import (Conv, Dense, LayerNorm, TransformerBlock, check_image, logical, maybe_remat, to_2tuple,
                                trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
@@ -258,13 +258,10 @@ def convert_timm_tnt(sd: StateDict, model: TNT, expected: dict[str, tuple]) -> d
     src = _Renamed(sd) if official else sd
 
     def norm(t, o):
-        return {f"params/{o}/scale": src[t + ".weight"], f"params/{o}/bias": src[t + ".bias"]}
+        return norm_params(src, t, f"params/{o}")
 
     def dense(t, o):
-        out = {f"params/{o}/kernel": linear(src[t + ".weight"])}
-        if t + ".bias" in src:
-            out[f"params/{o}/bias"] = src[t + ".bias"]
-        return out
+        return dense_params(src, t, f"params/{o}")
 
     wh, ww = model.word_grid
     pixel_pos = np.asarray(src["pixel_pos"])

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformers.convert.common import StateDict, conv2d, fit_pos_embed, heads_out, linear, qkv_fused
+from jaxformers.convert.common import StateDict, conv2d, fit_pos_embed, linear, timm_block
 from jaxformers.layers import Dense, LayerNorm, PatchEmbed, TransformerBlock, logical, maybe_remat, to_2tuple
 from jaxformers.layers.attention import AttentionImpl
 from jaxformers.registry import ModelInfo, register_model
@@ -110,7 +110,6 @@ class VisionTransformer(nn.Module):
 
 def convert_timm_vit(sd: StateDict, model: VisionTransformer, expected: dict[str, tuple]) -> dict[str, np.ndarray]:
     """timm ``VisionTransformer`` state dict -> our flat ``params/...`` variables."""
-    h = model.num_heads
     out = {
         "params/patch_embed/proj/kernel": conv2d(sd["patch_embed.proj.weight"]),
         "params/patch_embed/proj/bias": sd["patch_embed.proj.bias"],
@@ -126,21 +125,7 @@ def convert_timm_vit(sd: StateDict, model: VisionTransformer, expected: dict[str
         out["params/head/bias"] = sd["head.bias"]
     sd.skip("head.weight", "head.bias")
     for i in range(model.depth):
-        t, o = f"blocks.{i}.", f"params/blocks_{i}/"
-        out.update({
-            o + "norm1/scale": sd[t + "norm1.weight"], o + "norm1/bias": sd[t + "norm1.bias"],
-            o + "attn/qkv/kernel": qkv_fused(sd[t + "attn.qkv.weight"], h),
-            o + "attn/proj/kernel": heads_out(sd[t + "attn.proj.weight"], h),
-            o + "attn/proj/bias": sd[t + "attn.proj.bias"],
-            o + "norm2/scale": sd[t + "norm2.weight"], o + "norm2/bias": sd[t + "norm2.bias"],
-            o + "mlp/fc1/kernel": linear(sd[t + "mlp.fc1.weight"]), o + "mlp/fc1/bias": sd[t + "mlp.fc1.bias"],
-            o + "mlp/fc2/kernel": linear(sd[t + "mlp.fc2.weight"]), o + "mlp/fc2/bias": sd[t + "mlp.fc2.bias"],
-        })
-        if model.qkv_bias:
-            out[o + "attn/qkv/bias"] = qkv_fused(sd[t + "attn.qkv.bias"], h)
-        if model.layer_scale_init is not None:
-            out[o + "ls1/gamma"] = sd[t + "ls1.gamma"]
-            out[o + "ls2/gamma"] = sd[t + "ls2.gamma"]
+        out.update(timm_block(sd, f"blocks.{i}.", f"params/blocks_{i}/", model.num_heads))
     return out
 
 
