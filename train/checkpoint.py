@@ -20,7 +20,7 @@ import logging
 import pathlib
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

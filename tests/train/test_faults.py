@@ -31,8 +31,6 @@ def leaves_equal(a, b):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run, in this process (8 CPU devices)."""
-    from train import config_lib
-
     root = tmp_path_factory.mktemp("reference")
     quickstart = str(__import__("pathlib").Path(trainer.__file__).parent / "configs" / "quickstart.py")
     tiny = ["smoke=True", "progress_bar=False", "schedule.name='constant'", "schedule.warmup_steps=0"]
