@@ -14,6 +14,7 @@ def load_benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_train_throughput_benchmark_on_cpu(capsys):
     bench = load_benchmark()
     result = bench.main(["vit_tiny_patch16_224", "--batch", "8", "--steps", "2", "--warmup", "1",

@@ -100,6 +100,7 @@ def _train_steps(config, mesh, n_steps: int, batches):
     return state, losses
 
 
+@pytest.mark.slow
 def test_sharded_step_and_accumulation_equal_the_single_device_step(tiny_config):
     """(data=2, fsdp=2, tensor=2) == one device == one device accumulating 2 micro-batches, for 3
     steps with EMA and a warmup+cosine schedule."""
