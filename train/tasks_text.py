@@ -29,7 +29,6 @@ import inspect
 import io
 import re
 import zlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
