@@ -394,3 +394,81 @@ def test_pallas_path_splits_the_batch_over_an_active_mesh():
         assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, seg))  # the kernel runs per batch shard
         got = fn(q, k, v, seg)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's group layout: group-structured specs attend within groups of g positions
+# (O(L·g) memory) and must equal the full-mask computation exactly.
+
+GROUPED_CASES = [  # (mask options, segment ids or None, (batch, length, heads, kv_heads))
+    (dict(group_size=8), None, (2, 32, 2, 2)),                          # L divisible by g
+    (dict(group_size=5), PACKED, (2, 37, 2, 2)),                        # padded tail, packed segments
+    (dict(group_size=6, causal=True), PACKED, (2, 37, 4, 2)),           # causal inside groups, GQA
+    (dict(group_size=7, causal=True, chunk_size=3), None, (1, 30, 2, 1)),  # chunks straddle groups, MQA
+    (dict(group_size=8, window=(2, 1)), PACKED[:1], (1, 37, 2, 2)),     # window inside groups
+    (dict(group_size=64, causal=True), None, (1, 20, 2, 2)),            # one group longer than L
+]
+
+
+def _reference_out_and_grads(case, seg, shape, *, dense: bool, monkeypatch):
+    from jaxformers.kernels.local_global import reference
+
+    batch, length, heads, kv_heads = shape
+    ks = jax.random.split(jax.random.key(11), 4)
+    q = jax.random.normal(ks[0], (batch, length, heads, 16))
+    k, v = (jax.random.normal(kk, (batch, length, kv_heads, 16)) for kk in ks[1:3])
+    d_out = jax.random.normal(ks[3], q.shape)
+    seg = None if seg is None else jnp.asarray(seg, jnp.int32)
+    with monkeypatch.context() as m:
+        if dense:  # the full-mask path, as before the group layout existed
+            m.setattr(reference, "is_group_structured", lambda spec: False)
+
+        @jax.jit
+        def run(q, k, v):
+            out, vjp = jax.vjp(lambda *a: local_global_attention(*a, segment_ids=seg, implementation="xla", **case),
+                               q, k, v)
+            return out, vjp(d_out)
+
+        return run(q, k, v)
+
+
+@pytest.mark.parametrize("case,seg,shape", GROUPED_CASES,
+                         ids=[f"{c}-{'packed' if s is not None else 'rows'}-{sh}" for c, s, sh in GROUPED_CASES])
+def test_reference_group_layout_equals_full_mask(case, seg, shape, monkeypatch):
+    out, grads = _reference_out_and_grads(case, seg, shape, dense=False, monkeypatch=monkeypatch)
+    want, want_grads = _reference_out_and_grads(case, seg, shape, dense=True, monkeypatch=monkeypatch)
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=1e-6)
+    if seg is not None:  # padding queries give zeros, padding keys no gradient
+        pad = np.asarray(seg) == 0
+        assert np.all(np.asarray(out)[pad] == 0) and np.all(np.asarray(grads[1])[pad] == 0)
+
+
+def test_reference_group_layout_has_no_length_squared_intermediate():
+    """L=4096, g=64: no (L, L)-sized value in the forward or backward jaxpr, and XLA's temporary
+    buffers stay far below one (L, L) float32 score matrix (64 MiB; the full-mask path needs ~640 MiB)."""
+    length, group = 4096, 64
+    shape = jax.ShapeDtypeStruct((1, length, 2, 32), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+    def loss(q, k, v, seg):
+        return local_global_attention(q, k, v, group_size=group, causal=True, segment_ids=seg,
+                                      implementation="xla").sum()
+
+    fwd_bwd = jax.grad(loss, argnums=(0, 1, 2))
+    jaxpr = jax.make_jaxpr(fwd_bwd)(shape, shape, shape, seg)
+
+    def sizes(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (int(np.prod(var.aval.shape)) for var in eqn.outvars if hasattr(var.aval, "shape"))
+            for param in eqn.params.values():  # sub-jaxprs (pjit, custom_vjp, ...)
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from sizes(sub)
+
+    biggest = max(sizes(jaxpr.jaxpr))
+    assert biggest < length * length // 16, f"an intermediate has {biggest} elements"
+    memory = jax.jit(fwd_bwd).lower(shape, shape, shape, seg).compile().memory_analysis()
+    if memory is not None:  # some backends do not report
+        assert memory.temp_size_in_bytes < 32 * 2**20, memory.temp_size_in_bytes
