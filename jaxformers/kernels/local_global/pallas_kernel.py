@@ -54,6 +54,7 @@ class _Config:
     rep: int  # query heads per kv head
     interpret: bool
     backend: str
+    gpu_kernel: str = "triton"  # forward kernel: "triton" or "mosaic" (Hopper, mosaic_gpu.py)
 
 
 def _dot_nt(a, b):
@@ -218,6 +219,10 @@ def _global_key_grads(cfg: _Config, n: int, q, k, v, q_seg, k_seg, lse, delta, d
 
 
 def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
+    if cfg.gpu_kernel == "mosaic":
+        from jaxformers.kernels.local_global import mosaic_gpu
+
+        return mosaic_gpu.forward(cfg.spec, cfg.scale, q, k, v, q_seg, k_seg, interpret=cfg.interpret)
     batch, q_len, heads, dim = q.shape
     k_len, dim_v = k.shape[1], v.shape[-1]
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
@@ -320,6 +325,25 @@ def _attention_bwd(cfg, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+GPU_KERNELS = ("auto", "triton", "mosaic")
+
+
+def _pick_gpu_kernel(choice: str, backend: str, q, k, v) -> str:
+    """Resolves ``gpu_kernel="auto"``: Mosaic GPU on a Hopper (sm90) device for inputs it supports."""
+    from jaxformers.kernels.local_global import mosaic_gpu
+
+    if choice == "mosaic" and not mosaic_gpu.supported(q, k, v):
+        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v with one head dim that is a "
+                         f"multiple of 64 (<= 256); got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}")
+    if choice != "auto":
+        return choice
+    if backend != "gpu" or not mosaic_gpu.supported(q, k, v):
+        return "triton"
+    devices = jax.devices("gpu") if jax.default_backend() == "gpu" else []
+    capability = getattr(devices[0], "compute_capability", "") if devices else ""
+    return "mosaic" if str(capability).startswith("9.") else "triton"
+
+
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
     if segment_ids is None:
         seg = jnp.ones((batch_or_one, length), jnp.int32)
@@ -339,19 +363,25 @@ def local_global_attention_pallas(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     backend: str | None = None,
+    gpu_kernel: str = "auto",
 ) -> jax.Array:
     """The Pallas path of ``local_global_attention`` (inputs already validated by the API).
 
     ``block_sizes`` defaults to ``BlockSizes()`` shrunk to the sequence; ``interpret`` defaults to
     True off GPU. ``backend`` ("gpu" | "cpu", default: JAX's default backend) picks the lowering;
-    naming "gpu" lets ``jax.export`` lower for CUDA from a CPU host.
+    naming "gpu" lets ``jax.export`` lower for CUDA from a CPU host. ``gpu_kernel`` picks the
+    forward kernel: "triton", "mosaic" (Hopper; bf16/f16, head dim a multiple of 64; in
+    interpret mode off GPU) or "auto" (Mosaic on a Hopper GPU when the inputs suit it, else
+    Triton). The backward kernels are the Triton ones in every case.
     """
+    if gpu_kernel not in GPU_KERNELS:
+        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {gpu_kernel!r}")
     backend = backend or jax.default_backend()
     n_global = min(spec.global_tokens, q.shape[1])
     if n_global and not spec.is_dense and spec.global_queries:
         local = local_global_attention_pallas(
             q, k, v, dataclasses.replace(spec, global_queries=False), segment_ids=segment_ids, scale=scale,
-            block_sizes=block_sizes, interpret=interpret, backend=backend)
+            block_sizes=block_sizes, interpret=interpret, backend=backend, gpu_kernel=gpu_kernel)
         # The first n queries see every key (up to causality and segments): a dense n x L pass.
         rows = local_global_attention_reference(
             q[:, :n_global], k, v, spec, scale=scale, segment_ids=None if segment_ids is None else segment_ids[:, :n_global],
@@ -362,10 +392,17 @@ def local_global_attention_pallas(
     batch, q_len, heads, dim = q.shape
     k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     blocks = (block_sizes or BlockSizes()).fitted(q_len, k_len)
+    gpu_kernel = _pick_gpu_kernel(gpu_kernel, backend, q, k, v)
     cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads,
-                  interpret=bool(interpret), backend=backend)
-    q_pad = -q_len % blocks.q_multiple
-    k_pad = -k_len % blocks.k_multiple
+                  interpret=bool(interpret), backend=backend, gpu_kernel=gpu_kernel)
+    q_multiple, k_multiple = blocks.q_multiple, blocks.k_multiple
+    if gpu_kernel == "mosaic":
+        from jaxformers.kernels.local_global.mosaic_gpu import MosaicBlocks
+
+        mosaic = MosaicBlocks()
+        q_multiple, k_multiple = max(q_multiple, mosaic.tile_q), max(k_multiple, mosaic.block_k)
+    q_pad = -q_len % q_multiple
+    k_pad = -k_len % k_multiple
     d_pad, dv_pad = pl_next_pow2(max(dim, 16)) - dim, pl_next_pow2(max(dim_v, 16)) - dim_v
     qp = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, d_pad)))
     kp = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
