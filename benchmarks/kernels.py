@@ -7,6 +7,9 @@
 
 Rows (shapes from shared/anchors.md on an accelerator):
 
+On a GPU, shapes the Hopper kernel supports get two more rows: the Mosaic GPU and the Triton
+forward kernels by name (``"pallas"`` is what ``auto`` picks on this device).
+
 - dense: ``local_global_attention`` with no options vs XLA ``jax.nn.dot_product_attention`` and,
   on GPU, cuDNN.
 - window: bidirectional ±256 sliding window (and + global tokens) vs XLA with a dense mask and vs
@@ -26,6 +29,7 @@ run in interpret mode: those timings check that the script works, they say nothi
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from typing import Callable
@@ -35,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformers.kernels import local_global_attention
+from jaxformers.kernels.local_global import mosaic_gpu
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
+from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
 
 
 def timeit(fn: Callable, *args, repeats: int) -> float:
@@ -93,9 +99,14 @@ def bench_attention(table, name, shape, spec_kwargs, *, dtype, repeats, on_gpu, 
     pairs = allowed_pairs(spec, length) * batch * heads
     flops = 4.0 * pairs * dim
     nbytes = 4.0 * q.size * q.dtype.itemsize
-    ours_f, ours_b = _fwd_bwd(lambda q, k, v: local_global_attention(q, k, v, **spec_kwargs, implementation="pallas"))
-    check(name, (ours_f, ours_b), _fwd_bwd(lambda q, k, v: local_global_attention(
-        q, k, v, **spec_kwargs, implementation="xla")), q, k, v, max_logits=2**30)
+    ours = {"pallas": _fwd_bwd(lambda q, k, v: local_global_attention(q, k, v, **spec_kwargs, implementation="pallas"))}
+    if on_gpu and mosaic_gpu.supported(q, k, v):  # time both GPU forward kernels (auto picks Mosaic on Hopper)
+        for kernel in ("mosaic", "triton"):
+            ours[f"pallas {kernel} fwd"] = _fwd_bwd(functools.partial(
+                local_global_attention_pallas, spec=spec, scale=dim ** -0.5, gpu_kernel=kernel))
+    reference = _fwd_bwd(lambda q, k, v: local_global_attention(q, k, v, **spec_kwargs, implementation="xla"))
+    for impl, fns in ours.items():
+        check(f"{name} {impl}", fns, reference, q, k, v, max_logits=2**30)
     base = {}
     if mask_baseline:
         mask = None if spec.is_dense else allowed(spec, jnp.arange(length)[:, None], jnp.arange(length)[None, :])
@@ -107,11 +118,11 @@ def bench_attention(table, name, shape, spec_kwargs, *, dtype, repeats, on_gpu, 
     shape_s = "x".join(map(str, shape))
     for mode, index, mult in (("fwd", 0, 1.0), ("fwd+bwd", 1, 3.5))[: 2 if backward else 1]:
         times = {b: _try_time(fns[index], q, k, v, repeats=repeats) for b, fns in base.items()}
-        ours = _try_time((ours_f, ours_b)[index], q, k, v, repeats=repeats)
-        if ours is None:
-            continue
-        table.row(f"{name} {mode}", shape_s, "pallas", ours, flops * mult, nbytes * (2 if index else 1),
-                  {b: t for b, t in times.items() if t is not None})
+        for impl, fns in ours.items():
+            seconds = _try_time(fns[index], q, k, v, repeats=repeats)
+            if seconds is not None:
+                table.row(f"{name} {mode}", shape_s, impl, seconds, flops * mult, nbytes * (2 if index else 1),
+                          {b: t for b, t in times.items() if t is not None})
 
 
 CHECK = {"on": False}  # --check: compare each of our kernels with its reference before timing
