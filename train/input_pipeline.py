@@ -1,35 +1,119 @@
-"""Input pipelines: random-access sources + grain transforms, deterministic, sharded per host.
+"""Input pipelines: random-access sources + grain transforms, typed named fields, deterministic,
+sharded per host.
+
+Records and batches are dicts of named arrays, each with its own dtype and per-example shape: an
+image task reads ``{"image": float32 (H, W, C), "label": int32 ()}``, a text task e.g.
+``{"input_ids": int32 (L,), "attention_mask": int32 (L,), "labels": int32 (L,)}``. The task declares
+the fields it reads (``Task.fields``: name -> ``Field(dtype, shape)``); every example leaving the
+preprocessing is *conformed* to that declaration: exactly the declared fields are kept (anything
+else the source carries is dropped), each must have its declared rank and sizes (``None`` = any
+size, fixed by the data's first example, see ``resolve_fields``) and its declared dtype. The only
+conversions made are exact ones: integer (or bool) -> another integer type when every value fits
+(tfds labels are int64); anything else (float ids, uint8 images, an out-of-range value) is a
+``FieldError`` naming the field, the expected and the received dtype/shape. So token ids travel as
+integers end to end, never through a float.
 
 Sources (``config.input.source``):
 
-* ``"embedded"``: datasets that ship inside an installed package, so training needs no download.
+* ``"embedded"``: datasets that ship inside an installed package, so training needs no download
+  (``EMBEDDED``: name -> ``(load(split) -> {field: array (N, ...)}, num_classes)``).
   ``digits`` is scikit-learn's handwritten digits (1,797 real 8x8 grey scans of 0-9, from the UCI
   optical-recognition set), split once and for all into 1,438 train / 359 test images (stratified,
-  20% of each class, fixed numpy PCG64 seed).
+  20% of each class, fixed numpy PCG64 seed); ``train/tasks_text.py`` adds the text datasets.
 * ``"tfds"``: ``tfds.data_source(name, split, data_dir)`` for any prepared TFDS dataset (ArrayRecord
   format; reading needs no TensorFlow): imagenet2012, cifar10, mnist, ...
 
-Order: the global example stream is ``source -> shuffle(seed) -> repeat -> preprocess``, reshuffled
-every epoch, with per-example randomness derived from the seed and the position. Global batch ``i``
-is stream positions ``[i*B, (i+1)*B)``; host ``p`` of ``P`` reads rows ``[p*B/P, (p+1)*B/P)`` of it,
-so one process and many processes see exactly the same global batches. The iterator's state is
-one integer (batches consumed), saved with every checkpoint, so a resumed run continues with the
-very next batch. ``tensorflow_datasets`` and ``grain`` are imported only when a pipeline is built.
+Order: the global example stream is ``source -> shuffle(seed) -> repeat -> preprocess -> conform``,
+reshuffled every epoch, with per-example randomness derived from the seed and the position. Global
+batch ``i`` is stream positions ``[i*B, (i+1)*B)``; host ``p`` of ``P`` reads rows
+``[p*B/P, (p+1)*B/P)`` of it, so one process and many processes see exactly the same global
+batches. The iterator's state is the number of batches consumed plus the fields they hold, saved
+with every checkpoint, so a resumed run continues with the very next batch (and a run whose fields
+changed is refused). ``tensorflow_datasets`` and ``grain`` are imported only when a pipeline is built.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import functools
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from train.preprocess import parse_pp
 
-__all__ = ["DatasetInfo", "open_source", "TrainIterator", "eval_batches", "load_digits_split", "DIGITS_SPLITS"]
+__all__ = ["Field", "Fields", "FieldError", "DatasetInfo", "ArraySource", "open_source", "resolve_fields",
+           "conform", "TrainIterator", "eval_batches", "load_digits_split", "DIGITS_SPLITS", "EMBEDDED"]
 
 DIGITS_SPLITS = ("train", "test")
+EVAL_MASK = "mask"  # added by eval_batches: 1 for real examples, 0 for padding (a reserved field name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One named array of every example: its dtype and per-example shape (the batch adds a leading
+    axis). ``None`` in ``shape`` is a size the data decides (e.g. image height), fixed for the run
+    by the first example (``resolve_fields``)."""
+
+    dtype: Any
+    shape: tuple[int | None, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        object.__setattr__(self, "shape", tuple(None if d is None else int(d) for d in self.shape))
+
+    def describe(self) -> str:
+        return f"{self.dtype.name} {_shape_str(self.shape)}"
+
+    def to_json(self) -> list:
+        return [self.dtype.name, list(self.shape)]
+
+
+Fields = Mapping[str, Field]
+
+
+class FieldError(ValueError):
+    """Data that does not match the fields the task declares (missing field, dtype or shape)."""
+
+
+def _shape_str(shape) -> str:
+    return "(" + ", ".join("*" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _fits(value: np.ndarray, dtype: np.dtype) -> bool:
+    """An exact conversion: integer/bool -> integer with every value representable."""
+    if not (np.issubdtype(dtype, np.integer) and (value.dtype == bool or np.issubdtype(value.dtype, np.integer))):
+        return False
+    if value.size == 0 or value.dtype == bool:
+        return True
+    info = np.iinfo(dtype)
+    return info.min <= value.min() and value.max() <= info.max
+
+
+def conform(example: Mapping[str, Any], fields: Fields, what: str = "the data") -> dict[str, np.ndarray]:
+    """``example`` reduced to exactly ``fields``, each checked against its declared shape and dtype
+    (exact integer conversions only, see the module docstring). Raises ``FieldError`` naming the
+    field, what the task expects and what ``what`` gave."""
+    out = {}
+    for name, field in fields.items():
+        if name not in example:
+            raise FieldError(f"field {name!r}: the task expects {field.describe()} but {what} has no field {name!r} "
+                             f"(its fields: {sorted(example)})")
+        value = np.asarray(example[name])
+        shape_ok = value.ndim == len(field.shape) and all(e is None or e == g for e, g in zip(field.shape, value.shape))
+        if not shape_ok or (value.dtype != field.dtype and not _fits(value, field.dtype)):
+            hint = ""
+            if value.dtype == np.uint8 and np.issubdtype(field.dtype, np.floating):
+                hint = " (convert images with a value_range(...) or normalize op at the end of the pp)"
+            elif shape_ok and np.issubdtype(field.dtype, np.integer) and np.issubdtype(value.dtype, np.integer):
+                hint = (f" holding values in [{value.min()}, {value.max()}], outside {field.dtype.name}'s range "
+                        f"(integers convert only exactly)")
+            elif shape_ok and np.issubdtype(field.dtype, np.integer):
+                hint = " (ids and labels must stay integers end to end, never pass through floats)"
+            raise FieldError(f"field {name!r}: the task expects {field.describe()} per example, {what} gives "
+                             f"{value.dtype.name} {_shape_str(value.shape)}{hint}")
+        out[name] = value if value.dtype == field.dtype else value.astype(field.dtype)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,19 +127,23 @@ class DatasetInfo:
 
 
 class ArraySource:
-    """Random-access records over in-memory arrays: ``source[i] -> {"image", "label"}``."""
+    """Random-access records over in-memory arrays: ``source[i] -> {name: arrays[name][i]}``."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        lengths = {k: len(v) for k, v in self.arrays.items()}
+        if not lengths or len(set(lengths.values())) != 1:
+            raise ValueError(f"ArraySource needs one or more arrays of equal length, got lengths {lengths}")
+        self._length = next(iter(lengths.values()))
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self._length
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"image": self.images[index], "label": self.labels[index]}
+        return {k: v[index] for k, v in self.arrays.items()}
 
     def __repr__(self) -> str:
-        return f"ArraySource({len(self)} examples)"
+        return f"ArraySource({len(self)} examples: {', '.join(f'{k} {v.dtype.name}' for k, v in self.arrays.items())})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,7 +173,13 @@ def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[keep], labels[keep]
 
 
-EMBEDDED = {"digits": (load_digits_split, 10)}
+def _digits_fields(split: str) -> dict[str, np.ndarray]:
+    images, labels = load_digits_split(split)
+    return {"image": images, "label": labels}
+
+
+# name -> (load(split) -> {field: array with a leading example axis}, number of classes or 0)
+EMBEDDED = {"digits": (_digits_fields, 10)}
 
 
 def _open_tfds(name: str, split: str, data_dir: str | None, label_key: str):
@@ -125,7 +219,7 @@ def open_source(input_config: Any, split: str) -> tuple[Any, DatasetInfo]:
             raise ValueError(f"input.dataset: no embedded dataset {name!r}; embedded: {sorted(EMBEDDED)} "
                              f"(or set input.source='tfds')")
         load, num_classes = EMBEDDED[name]
-        source = ArraySource(*load(split))
+        source = ArraySource(load(split))
     elif kind == "tfds":
         source, num_classes = _open_tfds(name, split, input_config.get("data_dir") or None,
                                          input_config.get("label_key", "label"))
@@ -142,16 +236,52 @@ def _check_batch(global_batch: int, process_count: int, what: str) -> int:
     return global_batch // process_count
 
 
-class TrainIterator(Iterator[dict[str, np.ndarray]]):
-    """Endless host-local training batches; ``position`` (batches consumed) is the whole state."""
+def _example_transform(pp: str, fields: Fields, what: str):
+    """The parsed ``pp`` followed by ``conform(fields)``, as one grain transform."""
+    import grain
 
-    def __init__(self, source: Any, pp: str, *, global_batch: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, num_threads: int = 2, prefetch: int = 4, position: int = 0,
-                 image_key: str = "image", label_key: str = "label"):
+    preprocess = parse_pp(pp)
+
+    class Example(grain.transforms.RandomMap):
+        def random_map(self, element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+            return conform(preprocess.random_map(element, rng), fields, what)
+
+        def __repr__(self) -> str:
+            return f"Example({pp!r} -> {', '.join(fields)})"
+
+    return Example()
+
+
+def resolve_fields(fields: Fields, source: Any, pp: str, what: str = "the data") -> dict[str, Field]:
+    """``fields`` with every ``None`` size replaced by the first preprocessed example's, after
+    checking that example against them: a bad ``pp`` or data that does not match the task fails
+    here, with a message naming the field, before anything is compiled."""
+    if not fields:
+        raise FieldError("the task declares no batch fields (Task.fields: name -> Field(dtype, shape))")
+    if EVAL_MASK in fields:
+        raise FieldError(f"field {EVAL_MASK!r} is reserved for the eval padding mask; rename the task's field")
+    example = _example_transform(pp, fields, what).random_map(source[0], np.random.default_rng(0))
+    return {name: Field(field.dtype, example[name].shape) for name, field in fields.items()}
+
+
+def _fields_json(fields: Fields) -> dict[str, list]:
+    return {name: field.to_json() for name, field in fields.items()}
+
+
+class TrainIterator(Iterator[dict[str, np.ndarray]]):
+    """Endless host-local training batches of exactly the task's ``fields``, each (local_batch,
+    *shape) of its dtype; ``self.fields`` holds them resolved (``resolve_fields``: a mismatch fails
+    here, when the iterator is built). The state is ``position`` (batches consumed) and the fields,
+    checked on restore."""
+
+    def __init__(self, source: Any, pp: str, *, fields: Fields, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, num_threads: int = 2, prefetch: int = 4,
+                 position: int = 0, what: str = "the training data"):
         import grain
 
         local = _check_batch(global_batch, process_count, "batch_size")
-        transform = parse_pp(pp, image_key=image_key, label_key=label_key)
+        self.fields = resolve_fields(fields, source, pp, what)
+        transform = _example_transform(pp, self.fields, what)
         stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None).random_map(transform, seed=seed + 1)
         self._batches = stream.batch(local, drop_remainder=True)[process_index::process_count]
         self._options = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(1, prefetch))
@@ -168,16 +298,26 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.position += 1
         return batch
 
-    def get_state(self) -> dict[str, int]:
-        return {"position": int(self.position)}
+    def get_state(self) -> dict[str, Any]:
+        return {"position": int(self.position), "fields": _fields_json(self.fields)}
 
-    def set_state(self, state: dict[str, int]) -> None:
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continue after ``state["position"]`` batches; a state saved for other fields is refused
+        (states without fields, from older checkpoints, are accepted)."""
+        saved = state.get("fields")
+        if saved is not None and saved != _fields_json(self.fields):
+            now = _fields_json(self.fields)
+            diff = [f"{k!r}: checkpoint {tuple(saved[k]) if k in saved else 'absent'} vs now "
+                    f"{tuple(now[k]) if k in now else 'absent'}"
+                    for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            raise FieldError(f"the checkpoint's data position counts batches of other fields ({'; '.join(diff)}); "
+                             f"use a new --workdir or the original data settings")
         self.position = int(state["position"])
         self._iter = None
 
 
 class _Padded:
-    """``source`` padded to ``length`` examples; padding repeats example 0 with ``mask`` 0."""
+    """``source`` padded to ``length`` examples; padding repeats example 0."""
 
     def __init__(self, source: Any, length: int):
         self.source, self.length = source, length
@@ -185,24 +325,27 @@ class _Padded:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> tuple[Any, np.float32]:
         real = index < len(self.source)
-        return {**self.source[index if real else 0], "mask": np.float32(real)}
+        return self.source[index if real else 0], np.float32(real)
 
 
-def eval_batches(source: Any, pp: str, *, global_batch: int, process_index: int = 0, process_count: int = 1,
-                 num_threads: int = 2, image_key: str = "image", label_key: str = "label"
+def eval_batches(source: Any, pp: str, *, fields: Fields, global_batch: int, process_index: int = 0,
+                 process_count: int = 1, num_threads: int = 2, what: str = "the eval data"
                  ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over ``source`` in host-local batches with a ``mask`` (0 marks padding), so every
-    example counts exactly once and every batch has the same shape (one compilation)."""
+    """One pass over ``source`` in host-local batches of ``fields`` (resolved as in ``TrainIterator``)
+    plus ``"mask"`` (float32, 0 marks padding), so every example counts exactly once and every batch
+    has the same shape (one compilation)."""
     import grain
 
     local = _check_batch(global_batch, process_count, "eval_batch_size")
+    fields = resolve_fields(fields, source, pp, what)
     n = -(-len(source) // global_batch) * global_batch
-    transform = parse_pp(pp, image_key=image_key, label_key=label_key)
+    transform = _example_transform(pp, fields, what)
 
-    def with_mask(ex, rng):
-        return {**transform.random_map(ex, rng), "mask": ex["mask"]}
+    def with_mask(element, rng):
+        ex, real = element
+        return {**transform.random_map(ex, rng), EVAL_MASK: real}
 
     ds = grain.MapDataset.source(_Padded(source, n)).random_map(with_mask, seed=0)
     ds = ds.batch(local)[process_index::process_count]

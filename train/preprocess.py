@@ -1,15 +1,20 @@
-"""Per-example image preprocessing, written as a small pipeline string (big_vision's ``pp`` idea).
+"""Per-example preprocessing, written as a small pipeline string (big_vision's ``pp`` idea).
 
 ``"resize(32)|to_rgb|random_crop(32, pad=4)|flip|value_range(-1, 1)"`` is parsed once, when the
 input pipeline is built (an unknown op or bad argument fails there, before anything compiles), into
-a ``grain.transforms.RandomMap`` that runs each op on one example ``{"image": uint8 HWC, "label":
-int}``. Random ops draw from the per-example ``numpy.random.Generator`` grain passes in, which is
-derived from the pipeline seed and the example's position, so augmentation is deterministic and
-identical however many hosts or threads read the data.
+a ``grain.transforms.RandomMap`` that runs each op on one example: a dict of named arrays (the
+source's record). Image ops read and write ``ex["image"]`` (uint8 HWC until ``value_range`` /
+``normalize`` make it float32); other ops (``rename``, ``train/tasks_text.py``'s ``mlm_mask``) work on
+the fields they name. Random ops draw from the per-example ``numpy.random.Generator`` grain passes
+in, which is derived from the pipeline seed and the example's position, so augmentation is
+deterministic and identical however many hosts or threads read the data. The result is then
+conformed to the task's declared fields (``train.input_pipeline.conform``): the pp must produce
+them with their dtypes; nothing is cast behind its back.
 
-Ops: ``decode``, ``resize(size)``, ``resize_small(size)``, ``center_crop(size)``,
-``random_crop(size, pad=0)``, ``random_resized_crop(size, scale=(0.08, 1.0), ratio=(0.75, 1.333))``,
-``flip``, ``to_rgb``, ``value_range(lo=-1, hi=1)``, ``normalize(mean=IMAGENET, std=IMAGENET)``.
+Ops: ``decode`` (implicit first step when the example has an ``image``), ``resize(size)``,
+``resize_small(size)``, ``center_crop(size)``, ``random_crop(size, pad=0)``,
+``random_resized_crop(size, scale=(0.08, 1.0), ratio=(0.75, 1.333))``, ``flip``, ``to_rgb``,
+``value_range(lo=-1, hi=1)``, ``normalize(mean=IMAGENET, std=IMAGENET)``, ``rename(new="old", ...)``.
 """
 from __future__ import annotations
 
@@ -150,11 +155,24 @@ def normalize(mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = 
     return lambda ex, rng: {**ex, "image": (ex["image"].astype(np.float32) / 255.0 - m) / s}
 
 
+def rename(**new_to_old: str) -> Callable:
+    """Renames fields, e.g. ``rename(label="coarse_label")`` (a source's names -> the task's)."""
+
+    def op(ex, rng):
+        missing = [old for old in new_to_old.values() if old not in ex]
+        if missing:
+            raise ValueError(f"rename: the example has no field(s) {missing} (its fields: {sorted(ex)})")
+        kept = {k: v for k, v in ex.items() if k not in new_to_old.values()}
+        return {**kept, **{new: ex[old] for new, old in new_to_old.items()}}
+
+    return op
+
+
 # Ops without arguments are functions of (example, rng); ops with arguments are factories.
 PP_OPS: dict[str, Callable] = {
     "decode": decode, "resize": resize, "resize_small": resize_small, "center_crop": center_crop,
     "random_crop": random_crop, "random_resized_crop": random_resized_crop, "flip": flip, "to_rgb": to_rgb,
-    "value_range": value_range, "normalize": normalize,
+    "value_range": value_range, "normalize": normalize, "rename": rename,
 }
 _NO_ARGS = {"decode", "flip", "to_rgb"}
 
@@ -176,9 +194,10 @@ def _parse_call(text: str) -> tuple[str, list, dict]:
     raise ValueError(f"cannot parse preprocessing op {text!r}; expected name or name(args)")
 
 
-def parse_pp(spec: str, *, image_key: str = "image", label_key: str = "label"):
-    """``"op|op(args)|..."`` -> a ``grain.transforms.RandomMap`` producing ``{"image": float32 HWC,
-    "label": int32}``. Raises ValueError for an unknown op (nearest named) or bad arguments."""
+def parse_pp(spec: str):
+    """``"op|op(args)|..."`` -> a ``grain.transforms.RandomMap`` from one example (dict of named
+    arrays) to the preprocessed example. Raises ValueError for an unknown op (nearest named) or bad
+    arguments."""
     import grain
 
     ops = []
@@ -202,14 +221,12 @@ def parse_pp(spec: str, *, image_key: str = "image", label_key: str = "label"):
         """The parsed ``pp`` string as one grain transform."""
 
         def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-            ex = {"image": element[image_key], "label": element[label_key]}
-            ex = decode(ex, rng)
+            ex = dict(element)
+            if "image" in ex:
+                ex = decode(ex, rng)
             for op in ops:
                 ex = op(ex, rng)
-            image = ex["image"]
-            if image.dtype == np.uint8:
-                image = image.astype(np.float32) / 255.0
-            return {"image": np.asarray(image, np.float32), "label": np.int32(ex["label"])}
+            return ex
 
         def __repr__(self) -> str:
             return f"Preprocess({spec!r})"

@@ -15,7 +15,7 @@ the batch is consumed) and is reported per parameter leaf in the metrics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxformers.registry import example_inputs
 from jaxformers.sharding import batch_sharding, logical_shardings
+from train.input_pipeline import Field
 from train.tasks import Task
 
 __all__ = ["StateSpec", "state_spec", "init_state", "make_train_step", "make_eval_step", "param_paths"]
@@ -213,8 +214,21 @@ def make_eval_step(model: nn.Module, task: Task) -> Callable[[Any, Any, Any], di
     return eval_step
 
 
-def batch_shardings(batch: dict[str, np.ndarray], mesh) -> dict[str, NamedSharding]:
+def batch_shardings(batch: dict[str, Any], mesh) -> dict[str, NamedSharding]:
+    """The sharding of each array (or ``ShapeDtypeStruct``) of a global batch: batch axis split."""
     return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def batch_spec(fields: Mapping[str, Field], global_batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch that resolved ``fields`` (``input_pipeline.resolve_fields``) make: each
+    ``(global_batch, *shape)`` of its dtype, batch axis split over data x fsdp. Used to jit and
+    compile the step from the declaration, before any batch is read."""
+    unresolved = [name for name, f in fields.items() if None in f.shape]
+    if unresolved:
+        raise ValueError(f"batch_spec needs resolved fields (input_pipeline.resolve_fields); {unresolved} have None sizes")
+    return {name: jax.ShapeDtypeStruct((global_batch, *f.shape), f.dtype,
+                                       sharding=batch_sharding(mesh, 1 + len(f.shape)))
+            for name, f in fields.items()}
 
 
 def to_global(local_batch: dict[str, np.ndarray], mesh, global_batch: int) -> dict[str, jax.Array]:
@@ -224,4 +238,4 @@ def to_global(local_batch: dict[str, np.ndarray], mesh, global_batch: int) -> di
             for k, v in local_batch.items()}
 
 
-__all__ += ["batch_shardings", "to_global"]
+__all__ += ["batch_shardings", "batch_spec", "to_global"]

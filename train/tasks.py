@@ -1,7 +1,9 @@
 """Tasks: what a batch feeds the model and how its output becomes a loss and metrics.
 
-The trainer is task-agnostic: it asks the task for the model's positional inputs, the training loss
-(plus per-batch metrics) and the evaluation sums. A new objective (masked-LM, contrastive, ...) is a
+The trainer is task-agnostic: the task declares the batch it reads (``fields``: name ->
+``Field(dtype, per-example shape)``; the input pipeline delivers exactly those, checked, see
+``train/input_pipeline.py``) and gives the model's positional inputs, the training loss (plus
+per-batch metrics) and the evaluation sums. A new objective (masked-LM, contrastive, ...) is a
 new ``Task`` subclass registered with ``@register_task("name")`` and named by ``config.task``; its
 options come from ``config.task_args``.
 
@@ -18,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["Task", "ClassificationTask", "register_task", "get_task", "list_tasks"]
+from train.input_pipeline import Field
+
+__all__ = ["Field", "Task", "ClassificationTask", "register_task", "get_task", "list_tasks"]
 
 Batch = dict[str, jax.Array]
 
@@ -55,10 +59,12 @@ def get_task(name: str, **task_args: Any) -> "Task":
 
 
 class Task:
-    """Base class. ``batch_keys`` are the arrays a batch must hold (checked before compiling)."""
+    """Base class. ``fields`` are the arrays a batch holds: name -> ``Field(dtype, shape)`` with the
+    per-example shape (``None`` = a size the data decides). Every batch has exactly these, with
+    these dtypes; data that does not match fails before compiling, naming the field."""
 
     name = "task"
-    batch_keys: tuple[str, ...] = ()
+    fields: dict[str, Field] = {}
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
         raise NotImplementedError
@@ -78,20 +84,18 @@ class Task:
 
 @register_task("classification")
 class ClassificationTask(Task):
-    """Image (or sequence) classification: ``batch["image"]`` -> logits, softmax cross-entropy
-    against ``batch["label"]`` (int class ids) with optional label smoothing; accuracy."""
+    """Image classification: ``batch["image"]`` (float32 HWC) -> logits, softmax cross-entropy
+    against ``batch["label"]`` (int32 class ids) with optional label smoothing; accuracy.
+    Subclasses feed other inputs by overriding ``fields`` and ``model_inputs``."""
 
-    batch_keys = ("image", "label")
-
-    def __init__(self, label_smoothing: float = 0.0, input_key: str = "image"):
+    def __init__(self, label_smoothing: float = 0.0):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
-        self.input_key = input_key
-        self.batch_keys = (input_key, "label")
+        self.fields = {"image": Field("float32", (None, None, None)), "label": Field("int32", ())}
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
-        return (batch[self.input_key],)
+        return (batch["image"],)
 
     def _cross_entropy(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
         num_classes = logits.shape[-1]

@@ -15,9 +15,11 @@ library modules and the Zen of Python (no download; identical for a given Python
 tokenizer is a WordPiece vocabulary trained on that corpus with the ``tokenizers`` library
 (``corpus_tokenizer()``), so a model can be pretrained from scratch fully offline.
 
-The input pipeline is image-shaped (``{"image", "label"}`` records): token ids travel in the
-``image`` slot (as float32, exact for ids < 2**24) and the tasks cast them back to int32. A
-retrieval example is the query's ids followed by the document's ids in one (2 * max_len,) row.
+Records are typed named fields (see ``train/input_pipeline.py``): a text example is
+``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and ``token_type_ids``, int32 (MAX_LEN,),
+plus ``label`` int32 () for topics; masked-LM adds ``labels`` int32 (MAX_LEN,) (target ids, -1
+elsewhere); a retrieval example is ``query_input_ids`` / ``query_attention_mask`` (QUERY_LEN,) and
+``doc_input_ids`` / ``doc_attention_mask`` (MAX_LEN,). Ids stay integers end to end.
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ import optax
 from jaxformers.text import Tokenizer
 from jaxformers.text.retrieval import mrr_at_k, ndcg_at_k, recall_at_k
 from train import input_pipeline, preprocess
+from train.input_pipeline import Field
 from train.tasks import Batch, ClassificationTask, Task, register_task
 
 MAX_LEN = 64
+QUERY_LEN = 16
 VOCAB_SIZE = 4096
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -136,9 +140,10 @@ def _is_test(name: str, fraction: float = 0.15) -> bool:
     return zlib.crc32(name.encode()) % 1000 < fraction * 1000
 
 
-def _encode(texts: list[str], max_len: int) -> np.ndarray:
-    ids = corpus_tokenizer().encode(texts, max_length=max_len, padding="max_length")["input_ids"]
-    return ids.astype(np.float32)
+def _encode(texts: list[str], max_len: int, prefix: str = "") -> dict[str, np.ndarray]:
+    """``{prefix + "input_ids", prefix + "attention_mask", prefix + "token_type_ids"}``, int32 (N, max_len)."""
+    enc = corpus_tokenizer().encode(texts, max_length=max_len, padding="max_length")
+    return {prefix + k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def _split_docs(split: str):
@@ -148,29 +153,31 @@ def _split_docs(split: str):
 
 
 @functools.lru_cache(maxsize=None)
-def load_mlm(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (N, MAX_LEN) float32, zeros (N,)): docstring passages (+ the Zen of Python in train)."""
+def load_mlm(split: str) -> dict[str, np.ndarray]:
+    """Docstring passages (+ the Zen of Python in train): ``input_ids`` / ``attention_mask`` /
+    ``token_type_ids`` int32 (N, MAX_LEN)."""
     texts = [d for _, _, d in _split_docs(split)]
     if split == "train":
         texts += [line for line in zen_of_python().splitlines()[2:] if line]
-    return _encode(texts, MAX_LEN), np.zeros(len(texts), np.int32)
+    return _encode(texts, MAX_LEN)
 
 
 @functools.lru_cache(maxsize=None)
-def load_topics(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (N, MAX_LEN), topic labels (N,)) over ``TOPICS``' 6 areas."""
+def load_topics(split: str) -> dict[str, np.ndarray]:
+    """Docstring passages as in ``load_mlm`` plus ``label`` int32 (N,): their area (``TOPICS``' 6)."""
     docs = _split_docs(split)
     names = list(TOPICS)
-    return _encode([d for _, _, d in docs], MAX_LEN), np.array([names.index(t) for t, _, _ in docs], np.int32)
+    return {**_encode([d for _, _, d in docs], MAX_LEN), "label": np.array([names.index(t) for t, _, _ in docs], np.int32)}
 
 
 @functools.lru_cache(maxsize=None)
-def load_retrieval(split: str, query_len: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(rows (N, 2 * MAX_LEN): query ids padded to MAX_LEN then document ids, zeros (N,))."""
+def load_retrieval(split: str) -> dict[str, np.ndarray]:
+    """``query_input_ids`` / ``query_attention_mask`` int32 (N, QUERY_LEN) (the API name in words) and
+    ``doc_input_ids`` / ``doc_attention_mask`` int32 (N, MAX_LEN) (its docstring paragraph)."""
     docs = _split_docs(split)
-    queries = _encode([_split_name(n) for _, n, _ in docs], query_len)
-    queries = np.pad(queries, ((0, 0), (0, MAX_LEN - query_len)))
-    return np.concatenate([queries, _encode([d for _, _, d in docs], MAX_LEN)], axis=1), np.zeros(len(docs), np.int32)
+    queries = _encode([_split_name(n) for _, n, _ in docs], QUERY_LEN, "query_")
+    documents = _encode([d for _, _, d in docs], MAX_LEN, "doc_")
+    return {k: v for k, v in {**queries, **documents}.items() if not k.endswith("token_type_ids")}
 
 
 input_pipeline.EMBEDDED.setdefault("stdlib_mlm", (load_mlm, 0))
@@ -179,48 +186,54 @@ input_pipeline.EMBEDDED.setdefault("stdlib_retrieval", (load_retrieval, 0))
 
 
 def mlm_mask(mask_id: int, vocab_size: int, rate: float = 0.15, num_special: int = len(SPECIALS)):
-    """BERT's dynamic masking of one example: ``rate`` of the real tokens become targets; of those
-    80% -> [MASK], 10% -> a random token, 10% unchanged. ``label`` holds the target ids, -1 elsewhere."""
+    """BERT's dynamic masking of one example's ``input_ids``: ``rate`` of the real tokens (ids >=
+    ``num_special``) become targets; of those 80% -> [MASK], 10% -> a random token, 10% unchanged.
+    Adds ``labels`` (the target ids, -1 elsewhere) of the ids' dtype; ids stay integers."""
     if not 0.0 < rate < 1.0:
         raise ValueError(f"mlm_mask: rate must be in (0, 1), got {rate}")
 
     def op(ex, rng):
-        ids = np.asarray(ex["image"]).astype(np.int64).reshape(-1)
-        candidates = np.flatnonzero(ids >= num_special)
-        labels = np.full(ids.shape, -1, np.int64)
+        if "input_ids" not in ex:
+            raise ValueError(f"mlm_mask: the example has no 'input_ids' (its fields: {sorted(ex)})")
+        ids = np.array(ex["input_ids"])  # a copy: the source's arrays are never written
+        if not np.issubdtype(ids.dtype, np.signedinteger):
+            raise ValueError(f"mlm_mask: input_ids must be signed integers, got {ids.dtype}")
+        candidates = np.flatnonzero(ids.reshape(-1) >= num_special)
+        flat, labels = ids.reshape(-1), np.full(ids.size, -1, ids.dtype)
         if candidates.size:
             chosen = candidates[rng.random(candidates.size) < rate]
             if chosen.size == 0:
                 chosen = rng.choice(candidates, 1)
-            labels[chosen] = ids[chosen]
+            labels[chosen] = flat[chosen]
             roll = rng.random(chosen.size)
-            ids[chosen[roll < 0.8]] = mask_id
+            flat[chosen[roll < 0.8]] = mask_id
             rand = chosen[(roll >= 0.8) & (roll < 0.9)]
-            ids[rand] = rng.integers(num_special, vocab_size, rand.size)
-        return {**ex, "image": ids.astype(np.float32), "label": labels}
+            flat[rand] = rng.integers(num_special, vocab_size, rand.size)
+        return {**ex, "input_ids": flat.reshape(ids.shape), "labels": labels.reshape(ids.shape)}
 
     return op
 
 
 preprocess.PP_OPS.setdefault("mlm_mask", mlm_mask)
 
+TOKENS = (None,)  # per-example shape of a token field: the sequence length comes from the data
 
-def _ids(batch: Batch, key: str = "image") -> jax.Array:
-    return batch[key].astype(jnp.int32)
+
+def _text_fields(prefix: str = "", token_type_ids: bool = True) -> dict[str, Field]:
+    names = ("input_ids", "attention_mask") + (("token_type_ids",) if token_type_ids else ())
+    return {prefix + n: Field("int32", TOKENS) for n in names}
 
 
 @register_task("bert_mlm")
 class MaskedLMTask(Task):
-    """Masked-LM: ``Bert(head="mlm")`` logits vs ``batch["label"]`` (target ids, -1 = not a target)."""
+    """Masked-LM: ``Bert(head="mlm")`` on ``input_ids`` / ``attention_mask`` / ``token_type_ids``;
+    logits vs ``labels`` (target ids, -1 = not a target)."""
 
-    batch_keys = ("image", "label")
-
-    def __init__(self, pad_id: int = 0):
-        self.pad_id = pad_id
+    def __init__(self):
+        self.fields = {**_text_fields(), "labels": Field("int32", TOKENS)}
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
-        ids = _ids(batch)
-        return ids, (ids != self.pad_id).astype(jnp.int32)
+        return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
     def _token_terms(self, logits, labels):
         target = labels >= 0
@@ -229,12 +242,12 @@ class MaskedLMTask(Task):
         return jnp.where(target, ce, 0.0), correct.astype(jnp.float32), target.astype(jnp.float32)
 
     def loss(self, outputs, batch):
-        ce, correct, target = self._token_terms(outputs, batch["label"])
+        ce, correct, target = self._token_terms(outputs, batch["labels"])
         n = jnp.maximum(target.sum(), 1.0)
         return ce.sum() / n, {"mlm_accuracy": correct.sum() / n}
 
     def eval_sums(self, outputs, batch):
-        ce, correct, target = self._token_terms(outputs, batch["label"])
+        ce, correct, target = self._token_terms(outputs, batch["labels"])
         w = target * batch["mask"].astype(jnp.float32)[:, None]
         return {"loss": (ce * w).sum(), "mlm_accuracy": (correct * w).sum(), "count": w.sum()}
 
@@ -244,38 +257,40 @@ class MaskedLMTask(Task):
 
 @register_task("bert_classification")
 class SequenceClassificationTask(ClassificationTask):
-    """``Bert(head="classification")`` on token ids (attention mask from the padding id)."""
+    """``Bert(head="classification")`` on ``input_ids`` / ``attention_mask`` / ``token_type_ids``,
+    cross-entropy against ``label`` (int32 class ids)."""
 
-    def __init__(self, label_smoothing: float = 0.0, pad_id: int = 0):
-        super().__init__(label_smoothing=label_smoothing, input_key="image")
-        self.pad_id = pad_id
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__(label_smoothing=label_smoothing)
+        self.fields = {**_text_fields(), "label": Field("int32", ())}
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
-        ids = _ids(batch)
-        return ids, (ids != self.pad_id).astype(jnp.int32)
+        return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
 @register_task("bert_contrastive")
 class ContrastiveTask(Task):
     """Bi-encoder with in-batch negatives (InfoNCE / MultipleNegativesRankingLoss).
 
-    Each row holds a query and its positive document; ``Bert(head="embedding")`` embeds both, and
-    every other document of the (global) batch is a negative. Eval ranks each query against all
-    documents of its eval batch: MRR@10, nDCG@10, recall@1/5/10 (padding rows excluded)."""
+    Each example holds a query (``query_input_ids`` / ``query_attention_mask``) and its positive
+    document (``doc_input_ids`` / ``doc_attention_mask``); ``Bert(head="embedding")`` embeds both in
+    one call (the shorter side padded to the longer), and every other document of the (global)
+    batch is a negative. Eval ranks each query against all documents of its eval batch: MRR@10,
+    nDCG@10, recall@1/5/10 (padding rows excluded)."""
 
-    batch_keys = ("image",)
-
-    def __init__(self, temperature: float = 0.05, symmetric: bool = True, pad_id: int = 0, k: int = 10):
+    def __init__(self, temperature: float = 0.05, symmetric: bool = True, k: int = 10):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.symmetric, self.pad_id, self.k = float(temperature), bool(symmetric), pad_id, k
+        self.temperature, self.symmetric, self.k = float(temperature), bool(symmetric), k
+        self.fields = {**_text_fields("query_", token_type_ids=False), **_text_fields("doc_", token_type_ids=False)}
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
-        ids = _ids(batch)
-        b, two_l = ids.shape
-        ids = ids.reshape(b * 2, two_l // 2)  # rows: query 0, document 0, query 1, ...
-        return ids, (ids != self.pad_id).astype(jnp.int32)
-
+        q_ids, q_mask, d_ids, d_mask = (batch[k] for k in ("query_input_ids", "query_attention_mask",
+                                                           "doc_input_ids", "doc_attention_mask"))
+        length = max(q_ids.shape[1], d_ids.shape[1])
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, length - x.shape[1])))  # noqa: E731 - zeros: [PAD] / masked out
+        rows = lambda q, d: jnp.stack([pad(q), pad(d)], axis=1).reshape(-1, length)  # noqa: E731
+        return rows(q_ids, d_ids), rows(q_mask, d_mask)  # rows: query 0, document 0, query 1, ...
     @staticmethod
     def _pairs(outputs):
         emb = outputs.astype(jnp.float32).reshape(-1, 2, outputs.shape[-1])

@@ -1,10 +1,13 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
 Order of work, so that every user error surfaces before anything compiles: check the workdir and
-batch/mesh arithmetic, open the data, build the model (its overrides are checked by the registry),
+batch/mesh arithmetic, open the data and check its first train and eval examples against the
+task's declared batch fields (``Task.fields``: a missing field or a wrong dtype/shape is named),
+build the model (its overrides are checked by the registry),
 derive the state's shapes and shardings with ``jax.eval_shape``, and compare them with the
 workdir's checkpoint (a checkpoint of another model is an error). Then restore (or init) the state,
-compile ``train_step`` once ahead of time (with in/out shardings and the state donated) and loop:
+compile ``train_step`` once ahead of time from the state's and the declared batch's shapes and
+shardings (the state donated) and loop:
 
 * every step: one batch, one ``train_step``; the previous step's finiteness is read back (the device
   stays one step ahead) so a NaN/Inf is reported with its step and parameter group, and the run
@@ -35,7 +38,6 @@ import jaxformers
 from jaxformers.sharding import DEFAULT_RULES, FSDP_RULES, MeshConfig, activate, make_mesh
 from train import config_lib, input_pipeline, optim, steps
 from train.metrics_writer import MetricsWriter, ProgressLine
-from train.preprocess import parse_pp
 from train.tasks import get_task
 
 __all__ = ["train_and_evaluate", "build_model", "TrainingStopped", "PEAK_FLOPS"]
@@ -153,12 +155,18 @@ class _Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
-def _evaluate(eval_fn, state, config, source, mesh, use_ema: bool) -> dict[str, float]:
+def _data_what(config: Any, split: str, pp: str) -> str:
+    return f"input.dataset {config.input.dataset!r} split {split!r} after pp {pp!r}"
+
+
+def _evaluate(eval_fn, state, config, source, fields, mesh, use_ema: bool) -> dict[str, float]:
     params = state["ema_params"] if use_ema else state["params"]
     totals: dict[str, float] = {}
-    for local in input_pipeline.eval_batches(source, config.input.eval_pp, global_batch=config.eval_batch_size,
+    for local in input_pipeline.eval_batches(source, config.input.eval_pp, fields=fields,
+                                             global_batch=config.eval_batch_size,
                                              process_index=jax.process_index(), process_count=jax.process_count(),
-                                             num_threads=config.input.num_threads):
+                                             num_threads=config.input.num_threads,
+                                             what=_data_what(config, config.input.eval_split, config.input.eval_pp)):
         sums = jax.device_get(eval_fn(params, state.get("batch_stats"),
                                       steps.to_global(local, mesh, config.eval_batch_size)))
         for k, v in sums.items():
@@ -197,11 +205,16 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
 
     train_source, train_info = input_pipeline.open_source(config.input, config.input.train_split)
     eval_source, eval_info = input_pipeline.open_source(config.input, config.input.eval_split)
-    train_iter = input_pipeline.TrainIterator(
-        train_source, config.input.train_pp, global_batch=config.batch_size, seed=config.input.shuffle_seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_threads=config.input.num_threads, prefetch=config.input.prefetch)
-    parse_pp(config.input.eval_pp)  # a bad eval pipeline fails now, not after training
+    try:  # the first train and eval examples against the task's fields: bad data fails now, named
+        train_iter = input_pipeline.TrainIterator(
+            train_source, config.input.train_pp, fields=task.fields, global_batch=config.batch_size,
+            seed=config.input.shuffle_seed, process_index=jax.process_index(), process_count=jax.process_count(),
+            num_threads=config.input.num_threads, prefetch=config.input.prefetch,
+            what=_data_what(config, config.input.train_split, config.input.train_pp))
+        input_pipeline.resolve_fields(task.fields, eval_source, config.input.eval_pp,
+                                      _data_what(config, config.input.eval_split, config.input.eval_pp))
+    except input_pipeline.FieldError as e:
+        raise input_pipeline.FieldError(f"config.task={config.task!r}: {e}") from None
     total_steps = _resolve_steps(config, train_info.num_examples)
     model = build_model(config, train_info.num_classes)
     schedule = optim.make_schedule(config, total_steps)
@@ -223,7 +236,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
         (workdir / "config.json").write_text(config_lib.to_json(config))
 
     loop = _Loop(config=config, mesh=mesh, spec=spec, ckpt=ckpt, meta=meta, train_iter=train_iter,
-                 eval_source=eval_source, total_steps=total_steps, is_main=is_main,
+                 eval_source=eval_source, eval_fields=task.fields, total_steps=total_steps, is_main=is_main,
                  names=steps.param_paths(spec.abstract["params"]),
                  writer=MetricsWriter(workdir, enabled=is_main),
                  progress=ProgressLine(total_steps, enabled=is_main and config.progress_bar))
@@ -242,9 +255,10 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
                 print(f"Already trained to step {start} of {total_steps}.", flush=True)
                 step = start
             else:
+                batch = steps.batch_spec(train_iter.fields, config.batch_size, mesh)
                 train_step = jax.jit(steps.make_train_step(model, task, tx, schedule, config),
-                                     in_shardings=(spec.shardings, None), out_shardings=(spec.shardings, NamedSharding(mesh, P())),
-                                     donate_argnums=0)
+                                     in_shardings=(spec.shardings, steps.batch_shardings(batch, mesh)),
+                                     out_shardings=(spec.shardings, NamedSharding(mesh, P())), donate_argnums=0)
                 state, step = loop.run(train_step, state, start, preemption)
             ckpt.wait()
     finally:
@@ -269,6 +283,7 @@ class _Loop:
     meta: dict
     train_iter: input_pipeline.TrainIterator
     eval_source: Any
+    eval_fields: dict
     total_steps: int
     is_main: bool
     names: list[str]
@@ -279,9 +294,10 @@ class _Loop:
     final: dict = dataclasses.field(default_factory=dict)
 
     def evaluate(self, state) -> dict[str, float]:
-        out = _evaluate(self.eval_fn, state, self.config, self.eval_source, self.mesh, use_ema=False)
+        out = _evaluate(self.eval_fn, state, self.config, self.eval_source, self.eval_fields, self.mesh, use_ema=False)
         if self.config.ema_decay > 0:
-            out.update(_evaluate(self.eval_fn, state, self.config, self.eval_source, self.mesh, use_ema=True))
+            out.update(_evaluate(self.eval_fn, state, self.config, self.eval_source, self.eval_fields, self.mesh,
+                                 use_ema=True))
         return out
 
     def check(self, metrics: dict | None) -> None:
@@ -298,9 +314,8 @@ class _Loop:
 
     def run(self, train_step, state, start: int, preemption: _Preemption):
         config, batch_size = self.config, self.config.batch_size
-        batch = steps.to_global(next(self.train_iter), self.mesh, batch_size)
         t0 = time.time()
-        compiled = train_step.lower(state, batch).compile()
+        compiled = train_step.lower(state, steps.batch_spec(self.train_iter.fields, batch_size, self.mesh)).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops_per_step = float((cost or {}).get("flops", 0.0))
@@ -310,6 +325,7 @@ class _Loop:
                   f"{self.total_steps} steps of {batch_size}; mesh {dict(self.mesh.shape)}; "
                   f"compiled in {time.time() - t0:.1f}s", flush=True)
 
+        batch = steps.to_global(next(self.train_iter), self.mesh, batch_size)
         pending, prev, step = [], None, start
         last_t, last_step = time.time(), start
         while step < self.total_steps:

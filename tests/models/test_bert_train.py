@@ -39,3 +39,14 @@ def test_classification_and_contrastive_configs_run(tmp_path, monkeypatch):
         assert 0.0 < out[key] <= 1.0, (key, out[key])
     assert out["eval/recall@1"] <= out["eval/recall@5"] <= out["eval/recall@10"]
     assert out["eval/mrr@10"] >= out["eval/recall@1"]
+
+
+def test_text_data_that_misses_a_task_field_fails_before_compiling(tmp_path, monkeypatch):
+    """Sequence classification pointed at the (unlabelled) masked-LM corpus: the missing ``label``
+    field is named, with the fields the data has, before the model state is even built."""
+    monkeypatch.chdir(config_lib.pathlib.Path(__file__).resolve().parents[2])
+    monkeypatch.setattr(trainer.steps, "state_spec", lambda *a, **k: pytest.fail("got as far as the model state"))
+    with pytest.raises(ValueError, match=r"config.task='bert_classification': field 'label': the task expects int32 "
+                                         r"\(\) but input.dataset 'stdlib_mlm' split 'train' after pp '' has no field "
+                                         r"'label' \(its fields: \['attention_mask', 'input_ids', 'token_type_ids'\]\)"):
+        _run("bert_classify", tmp_path, "input.dataset='stdlib_mlm'")

@@ -106,7 +106,8 @@ def test_sharded_step_and_accumulation_equal_the_single_device_step(tiny_config)
     steps with EMA and a warmup+cosine schedule."""
     config = tiny_config("ema_decay=0.5", "schedule.name='cosine'", "schedule.warmup_steps=1", *SGD)
     source, _ = input_pipeline.open_source(config.input, "train")
-    it = input_pipeline.TrainIterator(source, config.input.train_pp, global_batch=16, seed=0)
+    it = input_pipeline.TrainIterator(source, config.input.train_pp, global_batch=16, seed=0,
+                                      fields=get_task(config.task, **dict(config.task_args)).fields)
     batches = [next(it) for _ in range(3)]
     mesh8 = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded, losses8 = _train_steps(config, mesh8, 3, batches)

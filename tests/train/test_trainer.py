@@ -122,6 +122,10 @@ def test_checkpoint_of_another_model_is_refused_before_compiling(tiny_config, tm
     ("task='segmentation'", ValueError, "unknown task 'segmentation'"),
     ("optimizer.name='adam_w'", ValueError, "optimizer.name must be"),
     ("input.train_pp='resize(32)|flipp'", ValueError, "did you mean 'flip'"),
+    ("input.train_pp='resize(32)|to_rgb'", ValueError,  # a task-field mismatch: named, expected vs received
+     r"config.task='classification': field 'image': the task expects float32 \(\*, \*, \*\) per example, "
+     r"input.dataset 'digits' split 'train' after pp 'resize\(32\)\|to_rgb' gives uint8 \(32, 32, 3\)"),
+    ("input.eval_pp='resize(16)'", ValueError, r"field 'image': .* split 'test' after pp 'resize\(16\)' gives uint8"),
 ])
 def test_bad_input_fails_before_compiling(tiny_config, tmp_path, monkeypatch, override, error, match):
     monkeypatch.setattr(trainer.steps, "state_spec", lambda *a, **k: pytest.fail("got as far as the model state"))

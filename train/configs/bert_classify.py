@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
                              num_attention_heads=max(1, args.width // 64), intermediate_size=4 * args.width,
                              max_position_embeddings=tasks_text.MAX_LEN)
     c.task = "bert_classification"
-    c.task_args = dict(pad_id=tok.pad_token_id, label_smoothing=0.1)
+    c.task_args = dict(label_smoothing=0.1)
 
     c.input.source = "embedded"
     c.input.dataset = "stdlib_topics"

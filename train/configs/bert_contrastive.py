@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
                              num_hidden_layers=args.layers, num_attention_heads=max(1, args.width // 64),
                              intermediate_size=4 * args.width, max_position_embeddings=tasks_text.MAX_LEN)
     c.task = "bert_contrastive"
-    c.task_args = dict(pad_id=tok.pad_token_id, temperature=0.05)
+    c.task_args = dict(temperature=0.05)
 
     c.input.source = "embedded"
     c.input.dataset = "stdlib_retrieval"
