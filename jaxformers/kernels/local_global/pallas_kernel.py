@@ -54,7 +54,7 @@ class _Config:
     rep: int  # query heads per kv head
     interpret: bool
     backend: str
-    gpu_kernel: str = "triton"  # forward kernel: "triton" or "mosaic" (Hopper, mosaic_gpu.py)
+    gpu_kernel: str = "triton"  # "triton" or "mosaic" (Hopper kernels, mosaic_gpu.py)
 
 
 def _dot_nt(a, b):
@@ -250,20 +250,41 @@ def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
 
 
 def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
-    batch, q_len, heads, dim = q.shape
-    k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
-    q_major, q_stride = _q_major_table(cfg.spec, q_seg, k_seg, bq, bk)
+    batch, k_len, kv_heads = k.shape[:3]
+    dim, dim_v, rep = q.shape[-1], v.shape[-1], cfg.rep
     # Global keys (their queries already split off) get a dense side pass: the dK/dV kernel then
     # treats them as local keys, so no program walks every query block.
     n_global = min(cfg.spec.global_tokens, k_len) if not (cfg.spec.is_dense or cfg.spec.global_queries) else 0
     kv_spec = dataclasses.replace(cfg.spec, global_tokens=0) if n_global else cfg.spec
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    if cfg.gpu_kernel == "mosaic":
+        from jaxformers.kernels.local_global import mosaic_gpu
+
+        dq, dk, dv = mosaic_gpu.backward(cfg.spec, kv_spec, cfg.scale, q, k, v, q_seg, k_seg, lse, delta, d_out,
+                                         interpret=cfg.interpret)
+    else:
+        dq, dk, dv = _triton_backward(cfg, kv_spec, q, k, v, q_seg, k_seg, lse, delta, d_out,
+                                      f32_dkv=rep > 1 or bool(n_global))
+    if n_global:
+        dk_g, dv_g = _global_key_grads(cfg, n_global, q, k, v, q_seg, k_seg, lse, delta, d_out)
+        dk, dv = dk.at[:, :n_global].set(dk_g.astype(dk.dtype)), dv.at[:, :n_global].set(dv_g.astype(dv.dtype))
+    if rep > 1:  # dK/dV were computed per query head
+        dk = dk.astype(jnp.float32).reshape(batch, k_len, kv_heads, rep, dim).sum(3)
+        dv = dv.astype(jnp.float32).reshape(batch, k_len, kv_heads, rep, dim_v).sum(3)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _triton_backward(cfg: _Config, kv_spec: MaskSpec, q, k, v, q_seg, k_seg, lse, delta, d_out, *, f32_dkv: bool):
+    """dQ and per-query-head dK/dV by the Pallas (Triton) kernels."""
+    batch, q_len, heads, dim = q.shape
+    k_len, dim_v = k.shape[1], v.shape[-1]
+    bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
+    q_major, q_stride = _q_major_table(cfg.spec, q_seg, k_seg, bq, bk)
     k_major, k_stride = _k_major_table(kv_spec, q_seg, k_seg, bq, bk)
     kv_cfg = dataclasses.replace(cfg, spec=kv_spec)
     per_batch = q_seg.shape[0] > 1
     seg_b = (lambda b: b) if per_batch else (lambda b: 0)
     rep = cfg.rep
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
 
     dq_kernel = functools.partial(_dq_kernel, cfg=cfg, stride=q_stride, n_q=q_len // bq, per_batch=per_batch)
     dq = _call(dq_kernel, cfg, (q_len // bq, batch, heads), [
@@ -280,7 +301,7 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
         jax.ShapeDtypeStruct(q.shape, q.dtype), "local_global_dq")(
         q_major, q_seg, k_seg, q, k, v, d_out, lse, delta)
 
-    acc_dtype = k.dtype if rep == 1 and not n_global else jnp.float32
+    acc_dtype = jnp.float32 if f32_dkv else k.dtype
     dkv_kernel = functools.partial(_dkv_kernel, cfg=kv_cfg, stride=k_stride, n_k=k_len // bk, per_batch=per_batch)
     dk, dv = _call(dkv_kernel, cfg, (k_len // bk, batch, heads), [
         _table_spec(cfg),
@@ -297,13 +318,7 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
         [jax.ShapeDtypeStruct((batch, k_len, heads, dim), acc_dtype),
          jax.ShapeDtypeStruct((batch, k_len, heads, dim_v), acc_dtype)], "local_global_dkv")(
         k_major, q_seg, k_seg, q, k, v, d_out, lse, delta)
-    if n_global:
-        dk_g, dv_g = _global_key_grads(cfg, n_global, q, k, v, q_seg, k_seg, lse, delta, d_out)
-        dk, dv = dk.at[:, :n_global].set(dk_g), dv.at[:, :n_global].set(dv_g)
-    if rep > 1:
-        dk = dk.reshape(batch, k_len, kv_heads, rep, dim).sum(3)
-        dv = dv.reshape(batch, k_len, kv_heads, rep, dim_v).sum(3)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -333,8 +348,8 @@ def _pick_gpu_kernel(choice: str, backend: str, q, k, v) -> str:
     from jaxformers.kernels.local_global import mosaic_gpu
 
     if choice == "mosaic" and not mosaic_gpu.supported(q, k, v):
-        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v with one head dim that is a "
-                         f"multiple of 64 (<= 256); got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}")
+        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v with one head dim of 64 or 128; "
+                         f"got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}")
     if choice != "auto":
         return choice
     if backend != "gpu" or not mosaic_gpu.supported(q, k, v):
@@ -370,9 +385,8 @@ def local_global_attention_pallas(
     ``block_sizes`` defaults to ``BlockSizes()`` shrunk to the sequence; ``interpret`` defaults to
     True off GPU. ``backend`` ("gpu" | "cpu", default: JAX's default backend) picks the lowering;
     naming "gpu" lets ``jax.export`` lower for CUDA from a CPU host. ``gpu_kernel`` picks the
-    forward kernel: "triton", "mosaic" (Hopper; bf16/f16, head dim a multiple of 64; in
-    interpret mode off GPU) or "auto" (Mosaic on a Hopper GPU when the inputs suit it, else
-    Triton). The backward kernels are the Triton ones in every case.
+    kernels: "triton", "mosaic" (Hopper; bf16/f16, head dim 64 or 128; in Mosaic GPU interpret
+    mode off GPU) or "auto" (Mosaic on a Hopper GPU when the inputs suit it, else Triton).
     """
     if gpu_kernel not in GPU_KERNELS:
         raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {gpu_kernel!r}")
@@ -399,8 +413,7 @@ def local_global_attention_pallas(
     if gpu_kernel == "mosaic":
         from jaxformers.kernels.local_global.mosaic_gpu import MosaicBlocks
 
-        mosaic = MosaicBlocks()
-        q_multiple, k_multiple = max(q_multiple, mosaic.tile_q), max(k_multiple, mosaic.block_k)
+        q_multiple, k_multiple = max(q_multiple, MosaicBlocks().tile), max(k_multiple, MosaicBlocks().tile)
     q_pad = -q_len % q_multiple
     k_pad = -k_len % k_multiple
     d_pad, dv_pad = pl_next_pow2(max(dim, 16)) - dim, pl_next_pow2(max(dim_v, 16)) - dim_v
