@@ -7,8 +7,8 @@
 
 Rows (shapes from shared/anchors.md on an accelerator):
 
-On a GPU, shapes the Hopper kernel supports get two more rows: the Mosaic GPU and the Triton
-forward kernels by name (``"pallas"`` is what ``auto`` picks on this device).
+On a GPU, shapes the Hopper kernels support get two more rows: the Mosaic GPU and the Triton
+kernels by name (``"pallas"`` is what ``auto`` picks on this device).
 
 - dense: ``local_global_attention`` with no options vs XLA ``jax.nn.dot_product_attention`` and,
   on GPU, cuDNN.
@@ -100,9 +100,9 @@ def bench_attention(table, name, shape, spec_kwargs, *, dtype, repeats, on_gpu, 
     flops = 4.0 * pairs * dim
     nbytes = 4.0 * q.size * q.dtype.itemsize
     ours = {"pallas": _fwd_bwd(lambda q, k, v: local_global_attention(q, k, v, **spec_kwargs, implementation="pallas"))}
-    if on_gpu and mosaic_gpu.supported(q, k, v):  # time both GPU forward kernels (auto picks Mosaic on Hopper)
+    if on_gpu and mosaic_gpu.supported(q, k, v):  # time both GPU kernel sets (auto picks Mosaic on Hopper)
         for kernel in ("mosaic", "triton"):
-            ours[f"pallas {kernel} fwd"] = _fwd_bwd(functools.partial(
+            ours[f"pallas {kernel}"] = _fwd_bwd(functools.partial(
                 local_global_attention_pallas, spec=spec, scale=dim ** -0.5, gpu_kernel=kernel))
     reference = _fwd_bwd(lambda q, k, v: local_global_attention(q, k, v, **spec_kwargs, implementation="xla"))
     for impl, fns in ours.items():

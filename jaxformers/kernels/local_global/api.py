@@ -5,8 +5,10 @@ Implementations:
 
 - ``"xla"``: ``reference.py`` (plain jnp, full mask; O(L²) memory).
 - ``"pallas"``: on GPU (and CPU, in Pallas interpret mode: slow, for tests) our flash-style
-  block-sparse kernel (``pallas_kernel.py``), forward and backward, skipping key blocks that hold
-  no allowed pair; on TPU JAX's splash attention driven by the same mask (``splash_tpu.py``).
+  block-sparse kernels, forward and backward, skipping key blocks that hold no allowed pair:
+  on a Hopper GPU for bf16/f16 and head dim 64 or 128 the Mosaic GPU kernels (``mosaic_gpu.py``:
+  TMA, wgmma, warp specialisation), else the Triton ones (``pallas_kernel.py``); on TPU JAX's
+  splash attention driven by the same mask (``splash_tpu.py``).
 - ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.
 
 ``segment_ids_from_cu_seqlens`` converts FlashAttention-style cumulative lengths to segment ids.
