@@ -9,11 +9,13 @@
 - ``"auto"``: cuDNN on a GPU when the call is eligible, else ``"xla"``.
 
 ``MultiHeadAttention`` is the one attention module every model reuses; its projections carry the
-logical axes (``embed``, ``heads``, ``kv``) so tensor parallelism shards whole heads.
+logical axes (``embed``, ``heads``, ``kv``) so tensor parallelism shards whole heads. For
+autoregressive decoding it takes and returns an explicit ``KVCache`` (``init_kv_cache``): a pure
+value threaded through the decoding loop (e.g. a ``lax.scan`` carry), no mutable collection.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -106,6 +108,71 @@ def dot_product_attention(
     return _xla_attention(q, k, v, bias, mask, scale, dropout_rate, dropout_rng)
 
 
+class KVCache(NamedTuple):
+    """Keys and values of the positions decoded so far, for ``MultiHeadAttention(..., cache=...)``.
+
+    ``k``, ``v``: (B, S, H, D) buffers of capacity S (any float dtype, e.g. bfloat16 to halve the
+    memory); ``index``: int32 scalar, the next position to write (= positions written so far).
+    A pytree, so it can be a ``jit`` argument or a ``lax.scan`` carry."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+
+def init_kv_cache(batch: int, max_len: int, num_heads: int, head_dim: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache of ``max_len`` positions (zeros, index 0) for one attention layer."""
+    shape = (batch, max_len, num_heads, head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def _check_cache(cache, q: jax.Array) -> None:
+    """Clear errors for a cache that does not fit this layer and step (q is (B, s, H, D))."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache(k, v, index) (see init_kv_cache); got {type(cache).__name__}")
+    batch, steps, heads, head_dim = q.shape
+    for name, t in (("k", cache.k), ("v", cache.v)):
+        shape = getattr(t, "shape", None)
+        if shape is None or len(shape) != 4 or (shape[0], shape[2], shape[3]) != (batch, heads, head_dim):
+            raise ValueError(f"cache.{name} must be (batch, max_len, heads, head_dim) = ({batch}, max_len, {heads}, "
+                             f"{head_dim}) for this layer and input; got shape {shape}")
+    if cache.k.shape != cache.v.shape:
+        raise ValueError(f"cache.k and cache.v must have the same shape; got {cache.k.shape} and {cache.v.shape}")
+    if steps > cache.k.shape[1]:
+        raise ValueError(f"this step has {steps} positions but the cache holds only max_len={cache.k.shape[1]}")
+    index = cache.index
+    if getattr(index, "shape", None) != () or not jnp.issubdtype(jnp.asarray(index).dtype, jnp.integer):
+        raise ValueError(f"cache.index must be an integer scalar; got {index!r}")
+    try:
+        index = int(index)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return  # traced (inside jit/scan): the caller keeps index + steps <= max_len
+    if not 0 <= index <= cache.k.shape[1] - steps:
+        raise ValueError(f"cache.index={index} + {steps} new positions do not fit the cache's "
+                         f"max_len={cache.k.shape[1]}")
+
+
+def cached_attention(q, k, v, cache: KVCache, *, mask=None, bias=None, scale=None, dropout_rate=0.0,
+                     dropout_rng=None) -> tuple[jax.Array, KVCache]:
+    """One decoding step: writes the s new keys/values at ``cache.index`` and attends q (B, s, H, D)
+    to every position written so far (``< index + s``: the whole new step included), further
+    restricted by ``mask`` (broadcast to (B, H, s, max_len); e.g. causal within a multi-token step:
+    ``arange(max_len)[None] <= index + arange(s)[:, None]``). Returns (out, cache advanced by s).
+
+    Plain XLA attention: a step is a few queries against a short cache, which the fused kernels do
+    not speed up."""
+    _check_cache(cache, q)
+    steps, size = q.shape[1], cache.k.shape[1]
+    index = jnp.asarray(cache.index, jnp.int32)
+    new_k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, axis=1)
+    new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, axis=1)
+    written = (jnp.arange(size) < index + steps)[None, None, None, :]
+    mask = written if mask is None else jnp.logical_and(mask, written)
+    out = dot_product_attention(q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask=mask, bias=bias, scale=scale,
+                                implementation="xla", dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    return out, KVCache(new_k, new_v, index + steps)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (Vaswani et al. 2017) through ``dot_product_attention``.
 
@@ -117,6 +184,12 @@ class MultiHeadAttention(nn.Module):
     ``functools.partial(jaxformers.kernels.local_global_attention, window=(w, w))`` for sliding
     windows: it is called as ``attention_fn(q, k, v, segment_ids=..., scale=...)`` and takes no
     mask, bias or attention dropout.
+
+    ``cache`` (a ``KVCache``, self-attention only) makes the call one autoregressive decoding step
+    (see ``cached_attention``): ``x`` holds the s new positions, the call returns ``(out, cache)``.
+    Decoding with a cache of the whole sequence and s = 1 per step equals causal attention over
+    the sequence. The step uses neither ``attention_fn`` nor ``attention_impl``: the cache (and
+    ``mask``) define what it sees.
     """
 
     num_heads: int
@@ -147,8 +220,12 @@ class MultiHeadAttention(nn.Module):
         bias: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         train: bool = False,
-    ) -> jax.Array:
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         dim = x.shape[-1]
+        if cache is not None and (kv is not None or segment_ids is not None or self.attention_fn is not None):
+            raise ValueError("a KV cache is for self-attention decoding steps: pass no kv, segment_ids or "
+                             "attention_fn with cache")
         if self.head_dim is None and dim % self.num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by num_heads={self.num_heads}")
         head_dim = self.head_dim or dim // self.num_heads
@@ -163,18 +240,22 @@ class MultiHeadAttention(nn.Module):
         names = ("act_batch", "act_len", "act_heads", None)
         q, k, v = (constrain(t, names) for t in (q, k, v))
         rate = self.attention_dropout if train else 0.0
-        if self.attention_fn is not None:
+        rng = self.make_rng("dropout") if rate > 0.0 and self.attention_fn is None else None
+        if cache is not None:
+            out, cache = cached_attention(q, k, v, cache, mask=mask, bias=bias, scale=self.scale, dropout_rate=rate,
+                                          dropout_rng=rng)
+        elif self.attention_fn is not None:
             if mask is not None or bias is not None:
                 raise ValueError("MultiHeadAttention with an attention_fn takes no mask or bias")
             out = self.attention_fn(q, k, v, segment_ids=segment_ids, scale=self.scale)
         else:
             out = dot_product_attention(
                 q, k, v, bias=bias, mask=mask, segment_ids=segment_ids, scale=self.scale,
-                implementation=self.attention_impl, dropout_rate=rate,
-                dropout_rng=self.make_rng("dropout") if rate > 0.0 else None)
+                implementation=self.attention_impl, dropout_rate=rate, dropout_rng=rng)
         out = constrain(out, names)
         out = nn.DenseGeneral(self.out_features or dim, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               kernel_init=logical(trunc_normal(0.02), ("heads", "kv", "embed")),
                               bias_init=logical(nn.initializers.zeros_init(), ("embed",)), name="proj")(out)
-        return nn.Dropout(self.proj_dropout)(out, deterministic=not train)
+        out = nn.Dropout(self.proj_dropout)(out, deterministic=not train)
+        return out if cache is None else (out, cache)

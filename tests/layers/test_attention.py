@@ -121,3 +121,66 @@ def test_mha_attention_fn_replaces_the_pattern_keeping_params():
     np.testing.assert_allclose(windowed.apply(v, x), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="takes no mask or bias"):
         windowed.apply(v, x, mask=jnp.ones((1, 1, 9, 9), bool))
+
+
+def _perturbed_mha_params(mha, x, seed=0):
+    """Initialised params plus noise (zero-initialised biases would hide bias bugs)."""
+    params = nn.unbox(mha.init(jax.random.key(seed), x))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda p: np.asarray(p) + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
+
+
+def test_mha_kv_cache_decoding_equals_causal_attention():
+    from jaxformers.layers.attention import KVCache, init_kv_cache
+
+    b, length, dim, heads, max_len = 2, 7, 12, 3, 9  # the cache is longer than the sequence
+    x = jax.random.normal(jax.random.key(0), (b, length, dim))
+    mha = MultiHeadAttention(num_heads=heads)
+    params = {"params": _perturbed_mha_params(mha, x)}
+    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    want = np.asarray(mha.apply(params, x, mask=causal))
+
+    step = jax.jit(lambda cache, x_t, mask=None: mha.apply(params, x_t, mask=mask, cache=cache))
+    cache = init_kv_cache(b, max_len, heads, dim // heads)
+    # a 3-token prefill, causal inside the step through ``mask``, then one token per step
+    prefill_mask = (jnp.arange(max_len)[None, :] <= jnp.arange(3)[:, None])[None, None]
+    out, cache = step(cache, x[:, :3], prefill_mask)
+    outs = [out]
+    for t in range(3, length):
+        out, cache = step(cache, x[:, t:t + 1])
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), want, rtol=1e-5, atol=1e-5)
+    assert isinstance(cache, KVCache) and int(cache.index) == length
+    # the cache holds exactly the layer's keys/values of the sequence, zeros after it
+    qkv = jnp.einsum("ble,ethd->blthd", x, params["params"]["qkv"]["kernel"]) + params["params"]["qkv"]["bias"]
+    np.testing.assert_allclose(cache.k[:, :length], qkv[:, :, 1], rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(cache.v[:, length:]) == 0)
+    # a bfloat16 cache stores the keys/values rounded, the step computes in the input dtype
+    _, small = mha.apply(params, x[:, :1], cache=init_kv_cache(b, max_len, heads, dim // heads, jnp.bfloat16))
+    assert small.k.dtype == jnp.bfloat16 and small.index.dtype == jnp.int32
+
+
+def test_mha_kv_cache_bad_inputs_raise_clear_errors():
+    from jaxformers.layers.attention import KVCache, init_kv_cache
+
+    x = jnp.ones((2, 1, 12))
+    mha = MultiHeadAttention(num_heads=3)
+    params = mha.init(jax.random.key(0), x)
+    good = init_kv_cache(2, 4, 3, 4)
+    cases = [
+        (dict(cache=(good.k, good.v, good.index)), TypeError, "KVCache"),
+        (dict(cache=init_kv_cache(2, 4, 2, 6)), ValueError, r"cache.k must be \(batch, max_len, heads, head_dim\)"),
+        (dict(cache=init_kv_cache(3, 4, 3, 4)), ValueError, "cache.k must be"),
+        (dict(cache=good._replace(v=jnp.zeros((2, 5, 3, 4)))), ValueError, "same shape"),
+        (dict(cache=good._replace(index=jnp.zeros((1,), jnp.int32))), ValueError, "integer scalar"),
+        (dict(cache=good._replace(index=jnp.asarray(4))), ValueError, "do not fit"),
+        (dict(cache=good, kv=jnp.ones((2, 3, 12))), ValueError, "self-attention"),
+    ]
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            mha.apply(params, x, **kwargs)
+    with pytest.raises(ValueError, match="holds only max_len=4"):
+        mha.apply(params, jnp.ones((2, 5, 12)), cache=good)
+    # traced indices cannot be checked: the caller keeps index + steps <= max_len (documented)
+    out, cache = jax.jit(lambda c: mha.apply(params, x, cache=c))(good._replace(index=jnp.asarray(2)))
+    assert out.shape == x.shape and int(cache.index) == 3
