@@ -25,9 +25,10 @@ batch x group axis, so the groups of one huge image spread over the data/fsdp me
 layers need no communication); global layers see only the (B, T*M, D) latents. ``remat=True``
 rematerialises every local/global layer and cross-attention in the backward pass.
 
-Local attention: ``local_attention_impl='pallas'`` (or ``'auto'`` on GPU/TPU) runs the block-sparse
-kernel on the flattened (B, T*N) rows; ``'xla'`` hands the kernel's reference the groups as
-(B*T, N) rows, the same block-diagonal attention without its O((T*N)²) dense mask.
+Local attention: every local layer calls ``local_global_attention(group_size=N)`` on the flattened
+(B, T*N) rows; ``local_attention_impl='pallas'`` (or ``'auto'`` on GPU/TPU) runs the block-sparse
+kernel, ``'xla'`` its reference, which computes such group-only masks group by group (N² per
+group, no O((T*N)²) dense mask).
 
 Sizes: the paper's tables could not be retrieved (``shared/papers.md`` §5 marks them [?]) and the
 repo ships no FIT configs, so S/B/L are *our* definitions, at ViT-S/B/L widths (384/768/1024, heads
@@ -171,14 +172,17 @@ class FITCore(nn.Module):
     def decode_token(self, x: jax.Array, position: jax.Array, cache: dict, context: dict):
         """One token of the current group: x (B, 1, C) at within-group ``position``.
 
-        ``cache[f"{i}_{j}"]`` holds local layer j of block i's keys/values of this group (B, N, H, D);
-        ``context[str(i)]`` the previous group's latents after block i (B, M, D). Returns the final x
-        (before the output norm), the updated cache and ``taps[str(i)]``: x after block i's local
-        layers (what the latents of this group will read once the group is complete)."""
+        ``cache[f"{i}_{j}"]`` is local layer j of block i's ``KVCache`` of this group (B, N, H, D);
+        the token is written at ``position`` (whatever the cache's index: a new group overwrites the
+        last one from position 0, and later positions are never visible). ``context[str(i)]`` is the
+        previous group's latents after block i (B, M, D). Returns the final x (before the output
+        norm), the updated cache and ``taps[str(i)]``: x after block i's local layers (what the
+        latents of this group will read once the group is complete)."""
         cache, taps = dict(cache), {}
         for i, (_, n_global) in enumerate(self.spec):
             for j, layer in enumerate(self.x_network[i]):
-                x, cache[f"{i}_{j}"] = layer(x, False, cache[f"{i}_{j}"], position)
+                key = f"{i}_{j}"
+                x, cache[key] = layer(x, False, cache[key]._replace(index=jnp.asarray(position, jnp.int32)))
             taps[str(i)] = x
             if str(i) in self.x2l_cross_attn:
                 x = self.x2l_cross_attn[str(i)](x, context[str(i)], False)
@@ -186,8 +190,9 @@ class FITCore(nn.Module):
 
     def decode_latents(self, group: jax.Array, taps: dict, cache: dict):
         """Latents of a completed group ``group``: read its taps (B, N, C) per block, run the global
-        layers against the cache of earlier groups' keys/values (B, T*M, H, D). Returns the latents
-        after each block that feeds an x2l (``str(i)`` -> (B, M, D)) and the updated cache."""
+        layers against the ``KVCache`` of earlier groups' keys/values (B, T*M, H, D; this group's are
+        written at ``group * M``). Returns the latents after each block that feeds an x2l
+        (``str(i)`` -> (B, M, D)) and the updated cache."""
         m = self.latents_per_group
         b = next(iter(taps.values())).shape[0]
         table = jnp.asarray(self.latent_pos_emb, self.dtype or jnp.float32).reshape(self.num_groups, m, -1)
@@ -198,7 +203,8 @@ class FITCore(nn.Module):
                 continue
             lat = self.l2x_cross_attn[str(i)](lat, taps[str(i)], False)
             for j, layer in enumerate(self.l_network[i]):
-                lat, cache[f"{i}_{j}"] = layer(lat, False, cache[f"{i}_{j}"], group * m)
+                key = f"{i}_{j}"
+                lat, cache[key] = layer(lat, False, cache[key]._replace(index=jnp.asarray(group * m, jnp.int32)))
             out[str(i)] = lat
         return out, cache
 

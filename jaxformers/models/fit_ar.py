@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxformers.layers import Dense, LayerNorm, check_token_ids, logical, trunc_normal
-from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.attention import AttentionImpl, init_kv_cache
 from jaxformers.models.fit import FITCore
 from jaxformers.models.fit_layers import parse_layer_spec
 
@@ -133,14 +133,13 @@ def ar_loss(model: FITAR, variables: Any, targets: jax.Array, *, train: bool = F
 
 
 def init_decode_cache(model: FITAR, batch_size: int) -> dict:
-    """Zero caches for ``generate``: local KV (B, N, H, Dh) per local layer, global KV (B, T*M, H, Dh)
+    """Zero caches for ``generate``: a ``KVCache`` (B, N, H, Dh) per local layer, one (B, T*M, H, Dh)
     per global layer of every block that feeds an x2l, the previous group's latents and taps."""
     spec = parse_layer_spec(model.layers)
     dt = model.dtype or jnp.float32
     n, tm = model.group_size, model.num_groups * model.latents_per_group
     xh, lh = model.x_num_heads, model.latent_num_heads
-    kv = lambda length, h, d: {"k": jnp.zeros((batch_size, length, h, d // h), dt),  # noqa: E731
-                               "v": jnp.zeros((batch_size, length, h, d // h), dt)}
+    kv = lambda length, h, d: init_kv_cache(batch_size, length, h, d // h, dt)  # noqa: E731
     feeds = [i for i, (_, g) in enumerate(spec) if g and i < len(spec) - 1]
     return {
         "local": {f"{i}_{j}": kv(n, xh, model.x_dim) for i, (nl, _) in enumerate(spec) for j in range(nl)},

@@ -9,13 +9,14 @@ leading axis, so local layers are embarrassingly parallel over groups and the me
 sharded with the ``act_batch`` rule (sequence parallelism for free). Latents live as (B*T, M, D)
 for cross-attention and as (B, T*M, D) inside global layers.
 
-Local attention goes through ``jaxformers.kernels.local_global_attention`` with
-``group_size=N`` (block-diagonal groups over the flattened (B, T*N) sequence, see
-``local_attention``); global attention and the cross-attention go through
-``jaxformers.layers.dot_product_attention`` (the shared seam).
+Every attention is the shared ``jaxformers.layers.MultiHeadAttention``: local layers plug in
+``local_attention`` (``local_global_attention`` with ``group_size=N`` over the flattened (B, T*N)
+sequence) as its ``attention_fn``; global layers and the cross-attentions use its default seam
+(``dot_product_attention``); cached decoding steps use its ``KVCache``.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Literal
 
@@ -23,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxformers.layers import DropPath, LayerNorm, Mlp, MultiHeadAttention, dot_product_attention, logical, trunc_normal
-from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers import DropPath, LayerNorm, Mlp, MultiHeadAttention
+from jaxformers.layers.attention import AttentionImpl, KVCache
 from jaxformers.sharding import constrain
 
 LayerSpec = tuple[tuple[int, int], ...]
@@ -67,100 +68,36 @@ def chunk_causal_mask(num_chunks: int, chunk: int) -> jax.Array:
     return ids[None, :] <= ids[:, None]
 
 
-def local_attention(q, k, v, *, num_groups: int, causal: bool, implementation: str) -> jax.Array:
-    """Block-diagonal attention for q/k/v laid out (B*T, N, H, D), through
-    ``local_global_attention(group_size=N)``.
+def local_attention(q, k, v, *, num_groups: int, causal: bool, implementation: str,
+                    segment_ids: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """Block-diagonal attention for q/k/v laid out (B*T, N, H, D): the groups are flattened to one
+    (B, T*N) row per example and attend through ``local_global_attention(group_size=N)``.
 
-    For the Pallas kernel the groups are flattened to one (B, T*N) row per example: the kernel
-    skips key blocks outside each query's group, so the cost is linear in T. The ``"xla"`` path of
-    that op is its reference, which materialises the full (T*N)² mask; there we hand it the groups
-    as rows (B*T, N) instead (the same block-diagonal attention, N² per group), which keeps the
-    cost linear in the number of groups.
-    """
+    Every implementation keeps this linear in T: the Pallas kernel skips key blocks outside each
+    query's group, the ``"xla"`` reference computes group-structured specs group by group (N² per
+    group, no (T*N)² mask). The signature fits ``MultiHeadAttention.attention_fn``."""
     from jaxformers.kernels import local_global_attention
 
-    impl = implementation
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    if segment_ids is not None:
+        raise ValueError("FIT local attention takes no segment_ids (every group is full)")
     bt, n, h, d = q.shape
-    if impl == "xla":
-        return local_global_attention(q, k, v, group_size=n, causal=causal, implementation="xla")
     b = bt // num_groups
     flat = lambda t: t.reshape(b, num_groups * n, t.shape[2], t.shape[3])  # noqa: E731
-    out = local_global_attention(flat(q), flat(k), flat(v), group_size=n, causal=causal, implementation=impl)
+    out = local_global_attention(flat(q), flat(k), flat(v), group_size=n, causal=causal, scale=scale,
+                                 implementation=implementation)
     return out.reshape(bt, n, h, v.shape[-1])
 
 
-class FITSelfAttention(nn.Module):
-    """Self-attention with MultiHeadAttention's parameters (``qkv`` (E,3,H,D), ``proj`` (H,D,E)),
-    but a pluggable pattern: ``kind='local'`` (block-diagonal groups through the local + global
-    kernel, optionally causal inside each group) or ``kind='global'`` (the shared seam, optionally
-    chunk-causal). With ``cache`` it runs one decoding step against a KV cache."""
-
-    num_heads: int
-    kind: Literal["local", "global"] = "global"
-    num_groups: int = 1
-    causal: bool = False
-    chunk_size: int | None = None
-    attention_dropout: float = 0.0
-    attention_impl: AttentionImpl = "xla"
-    local_attention_impl: str = "xla"
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, cache: dict | None = None,
-                 cache_index: jax.Array | None = None):
-        dim = x.shape[-1]
-        if dim % self.num_heads:
-            raise ValueError(f"width {dim} is not divisible by num_heads={self.num_heads}")
-        heads = (self.num_heads, dim // self.num_heads)
-        qkv = nn.DenseGeneral((3,) + heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=logical(trunc_normal(0.02), ("embed", None, "heads", "kv")),
-                              bias_init=logical(nn.initializers.zeros_init(), (None, "heads", "kv")), name="qkv")(x)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        new_cache = None
-        if cache is not None:
-            out, new_cache = self._attend_cached(q, k, v, cache, cache_index)
-        elif self.kind == "local":
-            out = local_attention(q, k, v, num_groups=self.num_groups, causal=self.causal,
-                                  implementation=self.local_attention_impl)
-        else:
-            names = ("act_batch", "act_len", "act_heads", None)
-            q, k, v = (constrain(t, names) for t in (q, k, v))
-            mask = None
-            if self.chunk_size:
-                mask = chunk_causal_mask(q.shape[1] // self.chunk_size, self.chunk_size)[None, None]
-            rate = self.attention_dropout if train else 0.0
-            out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl, dropout_rate=rate,
-                                        dropout_rng=self.make_rng("dropout") if rate > 0.0 else None)
-        out = nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=logical(trunc_normal(0.02), ("heads", "kv", "embed")),
-                              bias_init=logical(nn.initializers.zeros_init(), ("embed",)), name="proj")(out)
-        return out if cache is None else (out, new_cache)
-
-    def _attend_cached(self, q, k, v, cache, index):
-        """Writes the s new keys/values at ``index`` of the (B, S, H, D) cache and attends to the
-        valid prefix: token-causal for local causal layers, the whole new chunk for global ones."""
-        s, size = q.shape[1], cache["k"].shape[1]
-        zero = jnp.zeros((), jnp.int32)
-        idx = jnp.asarray(index, jnp.int32)
-        ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (zero, idx, zero, zero))
-        cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (zero, idx, zero, zero))
-        qpos = idx + jnp.arange(s)[:, None]
-        kpos = jnp.arange(size)[None, :]
-        token_causal = self.kind == "local" and self.causal
-        mask = kpos <= qpos if token_causal else kpos < idx + s
-        out = dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None],
-                                    implementation="xla")
-        return out, {"k": ck, "v": cv}
-
-
 class FITLayer(nn.Module):
-    """Pre-norm transformer layer: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x))), with the
-    attention pattern of ``FITSelfAttention`` (timm names ``norm1``/``attn``/``norm2``/``mlp``).
-    Called as ``layer(x, train)`` (``train`` positional so ``maybe_remat`` can make it static), or
-    ``layer(x, False, cache, index)`` for a cached decoding step returning ``(x, cache)``."""
+    """Pre-norm transformer layer: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x))) (timm names
+    ``norm1``/``attn``/``norm2``/``mlp``; ``attn`` is the shared ``MultiHeadAttention``).
+
+    ``kind='local'``: block-diagonal groups (``local_attention``, optionally causal inside each
+    group); ``kind='global'``: the shared attention seam, chunk-causal with ``chunk_size``. Called as
+    ``layer(x, train)`` (``train`` positional so ``maybe_remat`` can make it static), or
+    ``layer(x, False, cache)`` for a cached decoding step returning ``(x, cache)``: a local layer's
+    cache holds its group's earlier tokens (one token per step: causal), a global layer's the
+    latents of earlier groups (a step of one group's M latents sees them all: chunk-causal)."""
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -177,15 +114,25 @@ class FITLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, cache: dict | None = None,
-                 cache_index: jax.Array | None = None):
+    def __call__(self, x: jax.Array, train: bool = False, cache: KVCache | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if x.shape[-1] % self.num_heads:
+            raise ValueError(f"width {x.shape[-1]} is not divisible by num_heads={self.num_heads}")
+        local = self.kind == "local" and cache is None
+        pattern = functools.partial(local_attention, num_groups=self.num_groups, causal=self.causal,
+                                    implementation=self.local_attention_impl) if local else None
+        attn = MultiHeadAttention(self.num_heads, attention_dropout=0.0 if local else self.attention_dropout,
+                                  attention_impl=self.attention_impl, attention_fn=pattern, name="attn", **kw)
         y = LayerNorm(1e-6, name="norm1", **kw)(x)
-        y = FITSelfAttention(self.num_heads, self.kind, self.num_groups, self.causal, self.chunk_size,
-                             self.attention_dropout, self.attention_impl, self.local_attention_impl,
-                             name="attn", **kw)(y, train, cache, cache_index)
         if cache is not None:
-            y, cache = y
+            if self.kind == "local" and x.shape[1] != 1:  # a multi-token step would see its own future
+                raise ValueError(f"cached local decoding steps take one token; got x of shape {x.shape}")
+            y, cache = attn(y, cache=cache)
+        else:
+            mask = None
+            if self.kind == "global" and self.chunk_size:
+                mask = chunk_causal_mask(y.shape[1] // self.chunk_size, self.chunk_size)[None, None]
+            y = attn(y, mask=mask, train=train)
         x = x + DropPath(self.drop_path)(nn.Dropout(self.dropout)(y, deterministic=not train), train=train)
         y = LayerNorm(1e-6, name="norm2", **kw)(x)
         y = Mlp(int(x.shape[-1] * self.mlp_ratio), dropout=self.dropout, name="mlp", **kw)(y, train=train)

@@ -13,12 +13,12 @@ import optax
 import pytest
 
 import jaxformers
-from jaxformers.layers import dot_product_attention
+from jaxformers.layers import MultiHeadAttention, dot_product_attention
 from jaxformers.models.fit import FITEncoder
 from jaxformers.models.fit_ar import FITAR, ar_loss, generate, init_decode_cache
 from jaxformers.models.fit_diffusion import FITDenoiser, ddpm_loss, ddpm_sample_step, ddpm_schedule
-from jaxformers.models.fit_layers import (FITSelfAttention, chunk_causal_mask, group_grid, groups_to_image,
-                                          image_to_groups, parse_layer_spec)
+from jaxformers.models.fit_layers import (chunk_causal_mask, group_grid, groups_to_image, image_to_groups,
+                                          local_attention, parse_layer_spec)
 from jaxformers.sharding import activate, logical_shardings, make_mesh, shard_batch
 
 
@@ -103,11 +103,17 @@ def _dense_block_diagonal(attn_params, x, num_groups, causal):
     return out.reshape(bt, n, c)
 
 
+def _local_layer(num_groups, causal, impl="xla"):
+    """The attention of FIT's local layers: the shared MultiHeadAttention with local_attention plugged in."""
+    return MultiHeadAttention(num_heads=2, attention_fn=functools.partial(
+        local_attention, num_groups=num_groups, causal=causal, implementation=impl))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_local_attention_equals_block_diagonal_dense(causal):
     t, n, c = 3, 5, 16
     x = jax.random.normal(jax.random.key(1), (2 * t, n, c))
-    layer = FITSelfAttention(num_heads=2, kind="local", num_groups=t, causal=causal)
+    layer = _local_layer(t, causal)
     params = _perturb(nn.unbox(jax.jit(layer.init)(jax.random.key(2), x))["params"])
     out = jax.jit(layer.apply)({"params": params}, x)
     np.testing.assert_allclose(out, _dense_block_diagonal(params, x, t, causal), rtol=1e-5, atol=1e-5)
@@ -117,10 +123,10 @@ def test_local_attention_pallas_path_equals_xla():
     pytest.importorskip("jaxformers.kernels.local_global.pallas_kernel")
     t, n, c = 2, 16, 32
     x = jax.random.normal(jax.random.key(3), (2 * t, n, c))
-    layer = FITSelfAttention(num_heads=2, kind="local", num_groups=t, causal=True)
+    layer = _local_layer(t, True)
     params = _perturb(nn.unbox(jax.jit(layer.init)(jax.random.key(4), x))["params"])
     ref = jax.jit(layer.apply)({"params": params}, x)
-    out = jax.jit(layer.clone(local_attention_impl="pallas").apply)({"params": params}, x)
+    out = jax.jit(_local_layer(t, True, "pallas").apply)({"params": params}, x)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
@@ -292,7 +298,7 @@ def test_ar_cached_decoding_equals_uncached_forward(ar_setup):
     (_, logits), _ = loss_and_grads(params, toks)
     np.testing.assert_allclose(cached, logits, rtol=1e-4, atol=1e-5)
     cache = init_decode_cache(model, 2)
-    assert cache["global"]["0_0"]["k"].shape == (2, 8, 3, 8) and cache["local"]["2_0"]["k"].shape == (2, 6, 2, 8)
+    assert cache["global"]["0_0"].k.shape == (2, 8, 3, 8) and cache["local"]["2_0"].v.shape == (2, 6, 2, 8)
 
 
 # ---------------------------------------------------------------------------------------------
