@@ -225,7 +225,8 @@ def batch_spec(fields: Mapping[str, Field], global_batch: int, mesh) -> dict[str
     compile the step from the declaration, before any batch is read."""
     unresolved = [name for name, f in fields.items() if None in f.shape]
     if unresolved:
-        raise ValueError(f"batch_spec needs resolved fields (input_pipeline.resolve_fields); {unresolved} have None sizes")
+        raise ValueError(f"batch_spec needs resolved fields (input_pipeline.resolve_fields); "
+                         f"{unresolved} have None sizes")
     return {name: jax.ShapeDtypeStruct((global_batch, *f.shape), f.dtype,
                                        sharding=batch_sharding(mesh, 1 + len(f.shape)))
             for name, f in fields.items()}

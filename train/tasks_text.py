@@ -12,8 +12,9 @@ Importing this module (the ``bert_*`` configs do) registers
 
 The corpus is the documentation that ships with Python itself: the docstrings of ~90 standard
 library modules and the Zen of Python (no download; identical for a given Python version). The
-tokenizer is a WordPiece vocabulary trained on that corpus with the ``tokenizers`` library
-(``corpus_tokenizer()``), so a model can be pretrained from scratch fully offline.
+tokenizer is a WordPiece vocabulary learnt on that corpus (``corpus_tokenizer()``, by the
+reproducible ``wordpiece_vocab``; encoding runs in the ``tokenizers`` library), so a model can be
+pretrained from scratch fully offline, with the same ids in every process and after a resume.
 
 Records are typed named fields (see ``train/input_pipeline.py``): a text example is
 ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and ``token_type_ids``, int32 (MAX_LEN,),
@@ -24,8 +25,10 @@ elsewhere); a retrieval example is ``query_input_ids`` / ``query_attention_mask`
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import functools
+import heapq
 import importlib
 import inspect
 import io
@@ -118,20 +121,84 @@ def zen_of_python() -> str:
     return codecs.decode(this.s, "rot13")
 
 
+def wordpiece_vocab(texts: list[str], vocab_size: int, min_frequency: int = 2) -> list[str]:
+    """A WordPiece vocabulary learnt by merging the most frequent adjacent pieces (the algorithm of
+    ``tokenizers``' ``WordPieceTrainer``: BERT-normalised, lower-cased words split into characters,
+    word-internal ones prefixed ``##``; merges stop at ``vocab_size`` or below ``min_frequency``).
+
+    Written out because ``tokenizers``' trainer is not reproducible across processes (its ties
+    follow hash-map order, so ~700 ids move between runs): the ids must be the same in every
+    process of a run and after a resume. Here ties go to the alphabetically first pair."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = collections.Counter(word for text in texts
+                                 for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = [[w[0]] + ["##" + c for c in w[1:]] for w in sorted(counts)]
+    freqs = [counts[w] for w in sorted(counts)]
+    vocab = list(SPECIALS) + sorted({piece for w in words for piece in w} - set(SPECIALS))
+    known = set(vocab)
+    pair_counts: collections.Counter = collections.Counter()
+    holders: dict[tuple[str, str], set[int]] = collections.defaultdict(set)  # pair -> words that (may) hold it
+    for i, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += f
+            holders[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -count:
+            continue  # a stale entry: the pair's count changed since it was pushed
+        if -count < min_frequency:
+            break
+        first, second = pair
+        merged = first + second[2:]  # the second piece is always a "##" continuation
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+        touched = set()
+        for i in sorted(holders.pop(pair)):
+            old, f = words[i], freqs[i]
+            new, j = [], 0
+            while j < len(old):
+                if j + 1 < len(old) and old[j] == first and old[j + 1] == second:
+                    new.append(merged)
+                    j += 2
+                else:
+                    new.append(old[j])
+                    j += 1
+            if len(new) == len(old):
+                continue
+            for p in zip(old, old[1:]):
+                pair_counts[p] -= f
+                touched.add(p)
+            for p in zip(new, new[1:]):
+                pair_counts[p] += f
+                holders[p].add(i)
+                touched.add(p)
+            words[i] = new
+        for p in sorted(touched):
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+            else:
+                del pair_counts[p]
+    return vocab
+
+
 @functools.lru_cache(maxsize=None)
 def corpus_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
-    """A lower-cased BERT WordPiece tokenizer trained on the corpus (deterministic, ~1 s)."""
-    from tokenizers import Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-cased BERT WordPiece tokenizer learnt on the corpus (``wordpiece_vocab``; the same
+    ids in every process for a given Python version, ~1 s)."""
+    from tokenizers import Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
 
-    backend = Backend(models.WordPiece(unk_token="[UNK]"))
+    texts = [d for _, _, d in stdlib_docs()] + [_split_name(n) for _, n, _ in stdlib_docs()] + [zen_of_python()]
+    vocab = wordpiece_vocab(texts, vocab_size)
+    backend = Backend(models.WordPiece({piece: i for i, piece in enumerate(vocab)}, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
-    texts = [d for _, _, d in stdlib_docs()] + [_split_name(n) for _, n, _ in stdlib_docs()] + [zen_of_python()]
-    backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                                                 min_frequency=2, show_progress=False))
-    backend.post_processor = processors.BertProcessing(("[SEP]", backend.token_to_id("[SEP]")),
-                                                       ("[CLS]", backend.token_to_id("[CLS]")))
+    backend.post_processor = processors.BertProcessing(("[SEP]", vocab.index("[SEP]")), ("[CLS]", vocab.index("[CLS]")))
     return Tokenizer(backend, model_max_length=MAX_LEN)
 
 
@@ -167,7 +234,8 @@ def load_topics(split: str) -> dict[str, np.ndarray]:
     """Docstring passages as in ``load_mlm`` plus ``label`` int32 (N,): their area (``TOPICS``' 6)."""
     docs = _split_docs(split)
     names = list(TOPICS)
-    return {**_encode([d for _, _, d in docs], MAX_LEN), "label": np.array([names.index(t) for t, _, _ in docs], np.int32)}
+    labels = np.array([names.index(t) for t, _, _ in docs], np.int32)
+    return {**_encode([d for _, _, d in docs], MAX_LEN), "label": labels}
 
 
 @functools.lru_cache(maxsize=None)

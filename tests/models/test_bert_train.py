@@ -50,3 +50,35 @@ def test_text_data_that_misses_a_task_field_fails_before_compiling(tmp_path, mon
                                          r"\(\) but input.dataset 'stdlib_mlm' split 'train' after pp '' has no field "
                                          r"'label' \(its fields: \['attention_mask', 'input_ids', 'token_type_ids'\]\)"):
         _run("bert_classify", tmp_path, "input.dataset='stdlib_mlm'")
+
+
+def test_corpus_tokenizer_is_the_same_in_every_process():
+    """The vocabulary is learnt at start-up by every process (and again on resume), so its ids must
+    not depend on the process: two interpreters with different hash seeds agree with this one."""
+    import hashlib
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from train import tasks_text
+
+    code = ("import hashlib, json; from train import tasks_text; "
+            "print(hashlib.md5(json.dumps(tasks_text.corpus_tokenizer().backend.get_vocab(), sort_keys=True)"
+            ".encode()).hexdigest())")
+    root = config_lib.pathlib.Path(__file__).resolve().parents[2]
+    vocab = tasks_text.corpus_tokenizer().backend.get_vocab()
+    here = hashlib.md5(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == here
+    # The merges themselves (worked by hand): the alphabet, then the most frequent adjacent pair
+    # first, ties to the alphabetically first: (##o, ##w) and (l, ##o) both occur 5 times.
+    vocab = tasks_text.wordpiece_vocab(["low lower lowest", "low low newest newest"], vocab_size=20)
+    assert vocab[:len(tasks_text.SPECIALS)] == list(tasks_text.SPECIALS)
+    assert vocab[len(tasks_text.SPECIALS):] == ["##e", "##o", "##r", "##s", "##t", "##w", "l", "n",
+                                                "##ow", "low", "##es", "##est", "##ew", "##ewest", "newest"]

@@ -41,7 +41,8 @@ def batches(it, n):
 def test_train_iterator_is_deterministic_and_resumes_exactly():
     source, info = digits("train")
     assert info.num_classes == 10 and info.num_examples == len(source)
-    make = lambda **kw: input_pipeline.TrainIterator(source, PP, fields=IMAGES, global_batch=32, seed=0, **kw)  # noqa: E731
+    make = lambda **kw: input_pipeline.TrainIterator(source, PP, fields=IMAGES, global_batch=32,  # noqa: E731
+                                                     seed=0, **kw)
     a = batches(make(), 5)
     b = batches(make(num_threads=3), 5)
     for x, y in zip(a, b):
