@@ -52,16 +52,22 @@ def test_text_data_that_misses_a_task_field_fails_before_compiling(tmp_path, mon
         _run("bert_classify", tmp_path, "input.dataset='stdlib_mlm'")
 
 
-def test_corpus_tokenizer_is_the_same_in_every_process():
-    """The vocabulary is learnt at start-up by every process (and again on resume), so its ids must
-    not depend on the process: two interpreters with different hash seeds agree with this one."""
+def test_corpus_tokenizer_is_the_same_in_every_process(monkeypatch):
+    """The corpus and its vocabulary are built at start-up by every process (and again on resume),
+    so examples and ids must not depend on the process: not on what it imported or patched, nor on
+    its hash seed. Two fresh interpreters agree with this (pytest) one."""
     import hashlib
+    import inspect
     import json
     import os
     import subprocess
     import sys
 
     from train import tasks_text
+
+    monkeypatch.setattr(inspect, "getfile", lambda obj: "patched")  # as torch does
+    assert tasks_text.stdlib_docs.__wrapped__() == tasks_text.stdlib_docs()
+    monkeypatch.undo()
 
     code = ("import hashlib, json; from train import tasks_text; "
             "print(hashlib.md5(json.dumps(tasks_text.corpus_tokenizer().backend.get_vocab(), sort_keys=True)"
