@@ -68,8 +68,23 @@ def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
             and q.dtype == k.dtype == v.dtype and q.dtype in (jnp.bfloat16, jnp.float16))
 
 
-def _masked(spec: MaskSpec, s, q_pos, k_pos, q_seg, k_seg):
-    """Applies the element mask to a logit tile; positions and segment ids broadcast to its shape."""
+def _logits(spec: MaskSpec, c: float, own, streamed, own_start, block_start, own_seg, block_seg_ref, masked: bool,
+            queries_own: bool = True):
+    """Scaled logits of a resident tile against a streamed block, masked when ``masked``.
+
+    ``own``/``streamed`` are the (rows, D) shared-memory tiles; with ``queries_own`` the resident
+    tile holds the queries (logits (queries, keys)), else the keys (logits transposed, (keys,
+    queries), as the dK/dV kernel wants them). ``own_seg`` holds the resident rows' segment ids
+    (row layout), ``block_seg_ref`` the streamed block's (read only when masked).
+    """
+    shape = (own.shape[0], streamed.shape[0])
+    s = mp.mma(own, streamed.transpose((1, 0)), shape) * c
+    if not masked:
+        return s
+    own_pos, block_pos = own_start + _iota(shape, 0), block_start + _iota(shape, 1)
+    own_seg, block_seg = _rows(own_seg, shape), _cols(mp.load(block_seg_ref, mp.COLS), shape)
+    q_pos, k_pos, q_seg, k_seg = ((own_pos, block_pos, own_seg, block_seg) if queries_own
+                                  else (block_pos, own_pos, block_seg, own_seg))
     ok = allowed(spec, q_pos, k_pos) & (q_seg == k_seg) & (k_seg != 0)
     return jnp.where(ok, s, MASK_VALUE)
 
@@ -113,10 +128,7 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: Mosa
 
     def step(res, blk, q_start, k_start, masked, carry, as_operand):
         m, l, acc, q_seg_rows = carry
-        s = mp.mma(res[Q], blk[K].transpose((1, 0)), (bq, bk)) * c
-        if masked:
-            s = _masked(spec, s, q_start + _iota(s.shape, 0), k_start + _iota(s.shape, 1),
-                        _rows(q_seg_rows, s.shape), _cols(mp.load(blk[KSEG], mp.COLS), s.shape))
+        s = _logits(spec, c, res[Q], blk[K], q_start, k_start, q_seg_rows, blk[KSEG], masked)
         m_new = jnp.maximum(m, s.max(axis=1))
         correction = jnp.exp2(m - m_new)
         p = jnp.exp2(s - _rows(m_new, s.shape))
@@ -170,10 +182,7 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
 
     def dq_step(res, blk, q_start, k_start, masked, carry, as_operand):
         dq, lse_rows, delta_rows, q_seg_rows = carry
-        s = mp.mma(res[Q], blk[K].transpose((1, 0)), (bq, bk)) * c
-        if masked:
-            s = _masked(spec, s, q_start + _iota(s.shape, 0), k_start + _iota(s.shape, 1),
-                        _rows(q_seg_rows, s.shape), _cols(mp.load(blk[KSEG], mp.COLS), s.shape))
+        s = _logits(spec, c, res[Q], blk[K], q_start, k_start, q_seg_rows, blk[KSEG], masked)
         p = jnp.exp2(s - _rows(lse_rows, s.shape))
         dp = mp.mma(res[DO], blk[V].transpose((1, 0)), (bq, bk))
         ds = p * (dp - _rows(delta_rows, s.shape))
@@ -199,10 +208,7 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
 
     def dkv_step(res, blk, k_start, q_start, masked, carry, as_operand):
         dk, dv, k_seg_rows = carry
-        st = mp.mma(res[K], blk[Q].transpose((1, 0)), (bk, bq)) * c
-        if masked:
-            st = _masked(kv_spec, st, q_start + _iota(st.shape, 1), k_start + _iota(st.shape, 0),
-                         _cols(mp.load(blk[QSEG], mp.COLS), st.shape), _rows(k_seg_rows, st.shape))
+        st = _logits(kv_spec, c, res[K], blk[Q], k_start, q_start, k_seg_rows, blk[QSEG], masked, queries_own=False)
         pt = jnp.exp2(st - _cols(mp.load(blk[LSE], mp.COLS), st.shape))
         dv = dv + mp.mma(as_operand(pt), blk[DO], (bk, dim))
         dpt = mp.mma(res[V], blk[DO].transpose((1, 0)), (bk, bq))
