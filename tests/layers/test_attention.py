@@ -125,7 +125,7 @@ def test_mha_attention_fn_replaces_the_pattern_keeping_params():
 
 def _perturbed_mha_params(mha, x, seed=0):
     """Initialised params plus noise (zero-initialised biases would hide bias bugs)."""
-    params = nn.unbox(mha.init(jax.random.key(seed), x))["params"]
+    params = nn.unbox(jax.jit(mha.init)(jax.random.key(seed), x))["params"]
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(lambda p: np.asarray(p) + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
 
@@ -138,7 +138,7 @@ def test_mha_kv_cache_decoding_equals_causal_attention():
     mha = MultiHeadAttention(num_heads=heads)
     params = {"params": _perturbed_mha_params(mha, x)}
     causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    want = np.asarray(mha.apply(params, x, mask=causal))
+    want = np.asarray(jax.jit(lambda x: mha.apply(params, x, mask=causal))(x))
 
     step = jax.jit(lambda cache, x_t, mask=None: mha.apply(params, x_t, mask=mask, cache=cache))
     cache = init_kv_cache(b, max_len, heads, dim // heads)
@@ -156,7 +156,8 @@ def test_mha_kv_cache_decoding_equals_causal_attention():
     np.testing.assert_allclose(cache.k[:, :length], qkv[:, :, 1], rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(cache.v[:, length:]) == 0)
     # a bfloat16 cache stores the keys/values rounded, the step computes in the input dtype
-    _, small = mha.apply(params, x[:, :1], cache=init_kv_cache(b, max_len, heads, dim // heads, jnp.bfloat16))
+    _, small = jax.eval_shape(lambda c: mha.apply(params, x[:, :1], cache=c),
+                              init_kv_cache(b, max_len, heads, dim // heads, jnp.bfloat16))
     assert small.k.dtype == jnp.bfloat16 and small.index.dtype == jnp.int32
 
 
@@ -165,7 +166,7 @@ def test_mha_kv_cache_bad_inputs_raise_clear_errors():
 
     x = jnp.ones((2, 1, 12))
     mha = MultiHeadAttention(num_heads=3)
-    params = mha.init(jax.random.key(0), x)
+    params = jax.jit(mha.init)(jax.random.key(0), x)
     good = init_kv_cache(2, 4, 3, 4)
     cases = [
         (dict(cache=(good.k, good.v, good.index)), TypeError, "KVCache"),
