@@ -6,6 +6,7 @@ import pytest
 
 import jaxformers
 from jaxformers import sharding as S
+from tests.helpers import perturb
 
 
 def test_mesh_config_resolves_minus_one():
@@ -38,12 +39,6 @@ def _tiny_vit(**kw):
                                    patch_size=8, num_classes=10, **kw)
 
 
-def _perturb(params, key):
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-
 @pytest.mark.parametrize("rules", [S.DEFAULT_RULES, S.FSDP_RULES], ids=["default", "fsdp_only"])
 def test_sharded_forward_and_grad_equal_single_device(rules):
     model = _tiny_vit()
@@ -55,7 +50,7 @@ def test_sharded_forward_and_grad_equal_single_device(rules):
     for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)  # same init, born sharded
     assert S.unsharded_params(sharded, mesh, min_size=4096) == []
-    params = _perturb(single["params"], jax.random.key(2))  # the head starts at zero: make logits informative
+    params = perturb(single["params"], seed=2)  # the head starts at zero: make logits informative
     sparams = jax.device_put(params, jax.tree_util.tree_map(lambda a: a.sharding, sharded["params"]))
 
     def loss(p, x):

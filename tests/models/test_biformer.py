@@ -13,7 +13,9 @@ from jaxformers.convert import load_pretrained
 from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.biformer import BiFormerBlock, BiLevelRoutingAttentionLayer, stage_resolutions
 from jaxformers.registry import count_params
-from jaxformers.sharding import activate, logical_shardings, make_mesh, shard_batch, unsharded_params
+from jaxformers.sharding import make_mesh, unsharded_params
+from tests.helpers import (assert_every_param_has_gradient, digits, image, model_and_features, numpy_variables,
+                           random_params, shard_like_init, single_and_sharded)
 
 # Exact counts of the official implementation (rayleizhu/BiFormer models/biformer.py, 1000 classes,
 # BN running statistics excluded), derived from its structure: stem conv3x3 (C/2) + BN + conv3x3 (C)
@@ -29,48 +31,11 @@ TINY = dict(img_size=64, embed_dim=(16, 32, 64, 64), depth=(1, 1, 1, 1), head_di
             num_classes=10)
 
 
-def _image(batch=2, size=64, seed=0):
-    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
-
-
-def _perturb(tree, seed, scale=0.2):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-
-
-def _numpy_variables(model, *inputs, seed=0):
-    """Variables in the model's shapes drawn with NumPy (kernels N(0, 1/fan_in), non-trivial
-    norms, biases and BN statistics): no compiled ``init`` (its random initialisers cost far more
-    XLA compile time on CPU than the forward pass)."""
-    abstract = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)))
-    rng = np.random.default_rng(seed)
-
-    def sample(path, leaf):
-        name, n = path[-1].key, rng.standard_normal(leaf.shape)
-        value = {"scale": 1.0 + 0.1 * n, "var": 1.0 + 0.1 * np.abs(n), "bias": 0.05 * n, "mean": 0.05 * n}.get(name)
-        if value is None:  # a kernel: (..., fan_in dims, out)
-            value = n / np.sqrt(np.prod(leaf.shape[:-1]))
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(sample, abstract)
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    """The tiny model, NumPy-drawn variables (non-trivial BN statistics) and its eval features for ``_image()``."""
-    model = jf.create_model("biformer_tiny", **TINY)
-    variables = _numpy_variables(model, _image())
-    feats = jax.jit(lambda v, x: model.apply(v, x, method="forward_features"))(variables, _image())
-    return model, variables, feats
-
-
-def _random_params(module, *inputs, seed=4):
-    """Random values (norms, biases, LePE and pos-embed weights all non-trivial) in the module's
-    parameter shapes, without compiling its init."""
-    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs))["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32), shapes)
+    """The tiny model, NumPy-drawn variables (non-trivial BN statistics) and its eval features for
+    ``image(2, 64)``."""
+    return model_and_features("biformer_tiny", image(2, 64), **TINY)
 
 
 def test_param_counts_equal_official_implementation():
@@ -89,9 +54,10 @@ def test_forward_shapes_features_and_batch_stats(tiny):
     assert bool(jnp.all(jnp.isfinite(feats["logits"])))
     assert float(jnp.std(feats["logits"][0] - feats["logits"][1])) > 1e-4
     assert set(variables["batch_stats"]) == {"stem", "downsample1", "downsample2", "downsample3", "norm"}
-    assert jax.eval_shape(model.apply, variables, _image()).shape == (2, 10)
+    assert jax.eval_shape(model.apply, variables, image(2, 64)).shape == (2, 10)
     # Training mode normalises with batch statistics and returns updated running ones.
-    _, updated = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, _image())
+    _, updated = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables,
+                                image(2, 64))
     assert jax.tree_util.tree_structure(updated["batch_stats"]) == jax.tree_util.tree_structure(variables["batch_stats"])
 
 
@@ -159,7 +125,7 @@ def _np_block(p, x, num_heads, n_win, topk):
 def test_block_matches_dense_masked_reference(shape, heads, n_win, topk):
     block = BiFormerBlock(num_heads=heads, n_win=n_win, topk=topk)
     x = jax.random.normal(jax.random.key(2), (2,) + shape + (16,))
-    params = _random_params(block, x)
+    params = random_params(block, x)
     out = np.asarray(jax.jit(block.apply)({"params": params}, x))
     ref = _np_block(params, np.asarray(x, np.float64), heads, n_win, topk)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
@@ -239,7 +205,7 @@ def test_converter_maps_every_official_key(tmp_path):
     torch.save({"model": sd}, path)  # the released files hold the state dict under "model"
     variables = load_pretrained("biformer_tiny", path, **TINY)  # strict: every key used, every shape right
     model = jf.create_model("biformer_tiny", **TINY)
-    expected = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), _image(1))))
+    expected = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), image(1, 64))))
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
     p, st = variables["params"], variables["batch_stats"]
     np.testing.assert_array_equal(st["stem"]["bn1"]["var"], sd["downsample_layers.0.4.running_var"].numpy())
@@ -272,36 +238,24 @@ def test_converter_reports_missing_and_extra_keys(tmp_path):
 def test_sharded_equals_single_device(tiny):
     model, variables, _ = tiny
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    x = _image(4)
-    shardings = logical_shardings(jax.eval_shape(lambda: model.init(jax.random.key(0), x)), mesh)
-    sharded_vars = jax.device_put(variables, shardings)
+    x = image(4, 64)
+    sharded_vars = shard_like_init(model, variables, x, mesh)
     assert unsharded_params(sharded_vars, mesh, min_size=4096) == []  # fsdp really splits the large params
     # Training mode: the BatchNorm statistics must be global over the sharded batch.
     fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
-    single, single_stats = fwd(variables, x)
-    with activate(mesh):
-        sharded, sharded_stats = fwd(sharded_vars, shard_batch(x, mesh))
+    (single, single_stats), (sharded, sharded_stats) = single_and_sharded(fwd, variables, sharded_vars, x, mesh)
     assert float(jnp.std(single)) > 1e-3
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
                            sharded_stats, single_stats)
 
 
-def _digits(n=32, size=32):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = d.images[:n].astype(np.float32) / 16.0
-    x = np.kron(x, np.ones((size // 8, size // 8), np.float32))
-    return jnp.asarray(np.repeat(x[..., None], 3, axis=-1) - 0.5), jnp.asarray(d.target[:n])
-
-
 @pytest.mark.slow
 def test_train_steps_reduce_the_loss_and_grad_reaches_every_parameter():
     model = jf.create_model("biformer_tiny", img_size=32, embed_dim=(16, 32, 32, 32), depth=(1, 1, 1, 1), head_dim=8,
                             n_win=2, topks=(1, 2, 4, -2), num_classes=10, drop_path_rate=0.1, remat=True)
-    x, y = _digits()
-    variables = _numpy_variables(model, x[:2])
+    x, y = digits()
+    variables = numpy_variables(model, x[:2])
     params, stats = variables["params"], variables["batch_stats"]
     tx = optax.adamw(3e-3)
     opt = tx.init(params)
@@ -322,9 +276,7 @@ def test_train_steps_reduce_the_loss_and_grad_reaches_every_parameter():
         params, stats, opt, loss, grads = step(params, stats, opt, jax.random.key(i))
         losses.append(float(loss))
         if i == 0:
-            flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-            dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
-            assert not dead, f"parameters without gradient: {dead}"
+            assert_every_param_has_gradient(grads)
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     assert not np.allclose(stats["norm"]["mean"], first_stats["norm"]["mean"])  # running stats move
@@ -344,9 +296,9 @@ def test_bad_inputs_raise_clear_errors(tiny):
     with pytest.raises(TypeError, match="floating-point"):
         model.apply(variables, jnp.zeros((1, 64, 64, 3), jnp.uint8))
     with pytest.raises(ValueError, match="topks entries"):
-        init(jf.create_model("biformer_tiny", **{**TINY, "topks": (1, 2, 0, -2)}), _image(1))
+        init(jf.create_model("biformer_tiny", **{**TINY, "topks": (1, 2, 0, -2)}), image(1, 64))
     with pytest.raises(ValueError, match="topk must be in 1..4"):
-        init(jf.create_model("biformer_tiny", **{**TINY, "topks": (1, 2, 5, -2)}), _image(1))
+        init(jf.create_model("biformer_tiny", **{**TINY, "topks": (1, 2, 5, -2)}), image(1, 64))
 
 
 def test_pallas_attention_matches_xla():
@@ -356,7 +308,7 @@ def test_pallas_attention_matches_xla():
     for topk in (2, -2):
         xla = BiLevelRoutingAttentionLayer(2, n_win=2, topk=topk)
         pallas = BiLevelRoutingAttentionLayer(2, n_win=2, topk=topk, attention_impl="pallas")
-        params = {"params": _random_params(xla, x)}
+        params = {"params": random_params(xla, x)}
         np.testing.assert_allclose(jax.jit(pallas.apply)(params, x), jax.jit(xla.apply)(params, x),
                                    rtol=1e-5, atol=1e-5)
         if topk > 0:

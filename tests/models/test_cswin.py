@@ -13,7 +13,9 @@ from jaxformers.convert import load_pretrained
 from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.cswin import CSWinBlock, stripe_attention
 from jaxformers.registry import count_params
-from jaxformers.sharding import activate, logical_shardings, make_mesh, shard_batch, unsharded_params
+from jaxformers.sharding import make_mesh, unsharded_params
+from tests.helpers import (assert_every_param_has_gradient, digits, image, model_and_features, numpy_variables,
+                           random_params, shard_like_init, single_and_sharded)
 
 # Exact counts of the official implementation (microsoft/CSWin-Transformer models/cswin.py, 1000
 # classes): sum of numel over the parameters of its modules, derived from its structure (stem conv
@@ -38,34 +40,10 @@ TINY = dict(img_size=64, embed_dim=16, depth=(1, 1, 1, 1), num_heads=(2, 2, 4, 4
 TINY_FULL3 = {**TINY, "split_size": (1, 2, 4, 4)}
 
 
-def _image(batch=2, size=64, seed=0):
-    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
-
-
-def _numpy_variables(model, *inputs, seed=0):
-    """Variables in the model's shapes drawn with NumPy (kernels N(0, 1/fan_in), non-trivial
-    norms, biases and BN statistics): no compiled ``init`` (its random initialisers cost far more
-    XLA compile time on CPU than the forward pass)."""
-    abstract = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)))
-    rng = np.random.default_rng(seed)
-
-    def sample(path, leaf):
-        name, n = path[-1].key, rng.standard_normal(leaf.shape)
-        value = {"scale": 1.0 + 0.1 * n, "var": 1.0 + 0.1 * np.abs(n), "bias": 0.05 * n, "mean": 0.05 * n}.get(name)
-        if value is None:  # a kernel: (..., fan_in dims, out)
-            value = n / np.sqrt(np.prod(leaf.shape[:-1]))
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(sample, abstract)
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    """The tiny model, NumPy-drawn variables and its features for ``_image()``."""
-    model = jf.create_model("cswin_tiny_224", **TINY)
-    variables = _numpy_variables(model, _image())
-    feats = jax.jit(lambda v, x: model.apply(v, x, method="forward_features"))(variables, _image())
-    return model, variables, feats
+    """The tiny model, NumPy-drawn variables and its features for ``image(2, 64)``."""
+    return model_and_features("cswin_tiny_224", image(2, 64), **TINY)
 
 
 def test_param_counts_equal_official_implementation():
@@ -92,9 +70,9 @@ def test_forward_shapes_and_features(tiny):
         "pre_logits": (2, 128), "logits": (2, 10)}
     assert bool(jnp.all(jnp.isfinite(feats["logits"])))
     assert float(jnp.std(feats["logits"][0] - feats["logits"][1])) > 1e-4  # the images are told apart
-    assert jax.eval_shape(model.apply, variables, _image()).shape == (2, 10)
+    assert jax.eval_shape(model.apply, variables, image(2, 64)).shape == (2, 10)
     # Other sizes run with the same layout (stripes over the actual resolution).
-    assert jax.eval_shape(model.apply, variables, _image(1, 128)).shape == (1, 10)
+    assert jax.eval_shape(model.apply, variables, image(1, 128)).shape == (1, 10)
 
 
 def _dense_stripe_reference(q, k, v, window, scale):
@@ -118,14 +96,6 @@ def test_stripe_attention_matches_dense_masked_reference(shape, window):
                                     _dense_stripe_reference(q, k, v, window, 0.5)))
     out, ref = both(q, k, v)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-
-
-def _random_params(module, *inputs, seed=4):
-    """Random values (not the default init: norms, biases and LePE weights all non-trivial) in the
-    module's parameter shapes, without compiling its init."""
-    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs))["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32), shapes)
 
 
 def _layer_norm(x, p, eps=1e-5):
@@ -176,7 +146,7 @@ def _reference_block(p, x, num_heads, split, full):
 def test_block_matches_masked_reference(shape, split, full):
     block = CSWinBlock(num_heads=4, split_size=split, full_attention=full)
     x = jax.random.normal(jax.random.key(2), (2,) + shape + (16,))
-    params = _random_params(block, x)
+    params = random_params(block, x)
     out, ref = jax.jit(lambda p, x: (block.apply({"params": p}, x), _reference_block(p, x, 4, split, full)))(params, x)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -243,7 +213,7 @@ def test_converter_maps_every_official_key(cfg, tmp_path):
     torch.save({"state_dict_ema": {}, "state_dict": sd, "epoch": 300}, path)
     variables = load_pretrained("cswin_tiny_224", path, **cfg)  # strict: every key used, every shape right
     model = jf.create_model("cswin_tiny_224", **cfg)
-    expected = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), _image(1), train=False)))
+    expected = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), image(1, 64), train=False)))
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
     p = variables["params"]
     dim = cfg["embed_dim"]
@@ -279,33 +249,21 @@ def test_converter_reports_missing_extra_and_misshaped_keys(tmp_path):
 def test_sharded_equals_single_device(tiny):
     model, variables, _ = tiny
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    x = _image(4)
-    shardings = logical_shardings(jax.eval_shape(lambda: model.init(jax.random.key(0), x)), mesh)
-    sharded_vars = jax.device_put(variables, shardings)
+    x = image(4, 64)
+    sharded_vars = shard_like_init(model, variables, x, mesh)
     assert unsharded_params(sharded_vars, mesh, min_size=4096) == []  # fsdp really splits the large params
     fwd = jax.jit(model.apply)
-    single = fwd(variables, x)
-    with activate(mesh):
-        sharded = fwd(sharded_vars, shard_batch(x, mesh))
+    single, sharded = single_and_sharded(fwd, variables, sharded_vars, x, mesh)
     assert float(jnp.std(single)) > 1e-3  # the logits differ between images (no degenerate head)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
-
-
-def _digits(n=32, size=32):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = d.images[:n].astype(np.float32) / 16.0
-    x = np.kron(x, np.ones((size // 8, size // 8), np.float32))
-    return jnp.asarray(np.repeat(x[..., None], 3, axis=-1) - 0.5), jnp.asarray(d.target[:n])
 
 
 @pytest.mark.slow
 def test_train_steps_reduce_the_loss_and_grad_reaches_every_parameter():
     model = jf.create_model("cswin_tiny_224", img_size=32, embed_dim=16, depth=(1, 1, 1, 1), num_heads=(2, 2, 2, 2),
                             split_size=(1, 2, 2, 1), num_classes=10, drop_path_rate=0.1, remat=True)
-    x, y = _digits()
-    params = _numpy_variables(model, x[:1])["params"]
+    x, y = digits()
+    params = numpy_variables(model, x[:1])["params"]
     tx = optax.adamw(3e-3)
     opt = tx.init(params)
 
@@ -323,16 +281,14 @@ def test_train_steps_reduce_the_loss_and_grad_reaches_every_parameter():
         params, opt, loss, grads = step(params, opt, jax.random.key(i))
         losses.append(float(loss))
         if i == 0:
-            flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-            dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
-            assert not dead, f"parameters without gradient: {dead}"
+            assert_every_param_has_gradient(grads)
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
 
 
 def test_drop_path_is_random_in_training_only(tiny):
     variables = tiny[1]
-    x = _image()
+    x = image(2, 64)
     drop = jf.create_model("cswin_tiny_224", **TINY, drop_path_rate=0.5)
     run = jax.jit(lambda v, x, r, train: drop.apply(v, x, train=train, rngs={"dropout": r}), static_argnums=3)
     a, b = run(variables, x, jax.random.key(0), True), run(variables, x, jax.random.key(1), True)
@@ -359,7 +315,7 @@ def test_bad_inputs_raise_clear_errors(tiny):
 def test_pallas_attention_matches_xla():
     """``attention_impl="pallas"`` sends the stripe attention to the Pallas kernel (interpret mode on CPU)."""
     x = jax.random.normal(jax.random.key(7), (1, 8, 8, 16))
-    params = {"params": _random_params(CSWinBlock(num_heads=4, split_size=2), x)}
+    params = {"params": random_params(CSWinBlock(num_heads=4, split_size=2), x)}
     xla = jax.jit(CSWinBlock(num_heads=4, split_size=2).apply)(params, x)
     pallas = jax.jit(CSWinBlock(num_heads=4, split_size=2, attention_impl="pallas").apply)(params, x)
     np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)

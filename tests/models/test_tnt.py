@@ -2,17 +2,17 @@
 sizes, timm and official key names), features, gradients, sharding, training, and input errors."""
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jaxformers as jf
 from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.tnt import _OFFICIAL_RENAMES
-from jaxformers.sharding import activate, logical_shardings, make_mesh, shard_batch
+from jaxformers.sharding import make_mesh
+from tests.helpers import (assert_logits_match_torch, fast_jit, image, init_variables, perturbed_torch_model,
+                           shard_like_init, single_and_sharded, train_with_remat_check)
 
 # timm 1.0's exact counts (``sum(p.numel() for p in timm.create_model(name).parameters())``).
 TIMM_PARAMS = {
@@ -22,36 +22,6 @@ TIMM_PARAMS = {
 }
 
 TINY = dict(embed_dim=32, inner_dim=8, depth=2, num_heads_outer=2, num_heads_inner=2, num_classes=10)
-
-
-def _image(batch, size, seed=0):
-    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
-
-
-def _perturb(params, seed=1, scale=0.05):
-    """Random offsets on every parameter (zero-initialised heads would make any two models agree)."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-
-
-# The models here are tiny: compile them at XLA's lowest optimisation level (halves compile time).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _jit(fn, **kwargs):
-    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
-
-
-def _init(model, size, batch=2, perturb=False):
-    """Variables from ``model.init`` (one compiled program), optionally with ``_perturb``ed params."""
-
-    def init(rng, x):
-        variables = nn.unbox(model.init({"params": rng}, x))
-        return {**variables, "params": _perturb(variables["params"])} if perturb else variables
-
-    return _jit(init)(jax.random.key(0), _image(batch, size))
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_PARAMS))
@@ -70,11 +40,8 @@ def test_timm_counts_are_current():
 
 
 def _timm_checkpoint(name, img_size, tmp_path, torch, timm):
-    torch.manual_seed(0)
-    ref_model = timm.create_model(name, img_size=img_size, **TINY).eval()
-    with torch.no_grad():
-        for p in ref_model.parameters():  # LayerNorm weights/biases and head away from their init
-            p.add_(0.05 * torch.randn_like(p))
+    """A perturbed timm model at ``img_size`` and the path of its saved state dict."""
+    ref_model = perturbed_torch_model(lambda: timm.create_model(name, img_size=img_size, **TINY))
     path = tmp_path / f"{name}_{img_size}.pth"
     torch.save(ref_model.state_dict(), path)
     return ref_model, path
@@ -87,14 +54,7 @@ def test_logits_match_timm(name, img_size, tmp_path):
     torch = pytest.importorskip("torch")
     timm = pytest.importorskip("timm")
     ref_model, path = _timm_checkpoint(name, img_size, tmp_path, torch, timm)
-    variables = jf.load_pretrained(name, path, img_size=img_size, **TINY)
-    model = jf.create_model(name, img_size=img_size, **TINY)
-    x = np.random.RandomState(1).randn(2, img_size, img_size, 3).astype(np.float32)
-    with torch.no_grad():
-        ref = ref_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-    out = np.asarray(_jit(model.apply)(variables, x))
-    assert np.abs(ref).max() > 0.1
-    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    assert_logits_match_torch(name, ref_model, path, img_size, **TINY)
 
 
 def test_official_key_names_resampling_and_key_errors(tmp_path):
@@ -124,8 +84,8 @@ def test_official_key_names_resampling_and_key_errors(tmp_path):
     from timm.models.tnt import checkpoint_filter_fn  # timm's own loader resamples the same way
     ref = checkpoint_filter_fn(dict(sd), timm.create_model("tnt_s_patch16_224", img_size=96, **TINY))["patch_pos"]
     np.testing.assert_allclose(bigger["params"]["patch_pos"], ref.numpy(), atol=1e-5)
-    assert np.isfinite(np.asarray(_jit(jf.create_model("tnt_s_patch16_224", img_size=96, **TINY).apply)(
-        bigger, _image(1, 96)))).all()
+    assert np.isfinite(np.asarray(fast_jit(jf.create_model("tnt_s_patch16_224", img_size=96, **TINY).apply)(
+        bigger, image(1, 96)))).all()
 
     # wrong model size, extra and missing keys are named
     with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
@@ -140,9 +100,9 @@ def test_official_key_names_resampling_and_key_errors(tmp_path):
 
 def test_features_and_attention_switch():
     model = jf.create_model("tnt_s_patch16_224", img_size=48, **TINY)
-    x = _image(2, 48)
-    params = _init(model, 48, perturb=True)["params"]
-    feats = _jit(lambda p, x: model.apply({"params": p}, x, method="forward_features"))(params, x)
+    x = image(2, 48)
+    params = init_variables(model, 48, perturbed=True)["params"]
+    feats = fast_jit(lambda p, x: model.apply({"params": p}, x, method="forward_features"))(params, x)
     assert [f.shape for f in feats["stages"]] == [(2, 3, 3, 32)] * 2
     assert feats["feature_map"].shape == (2, 3, 3, 32) and feats["pre_logits"].shape == (2, 32)
     assert feats["pixel_tokens"].shape == (2 * 9, 16, 8) and feats["logits"].shape == (2, 10)
@@ -156,60 +116,33 @@ def test_features_and_attention_switch():
 def test_train_steps_lower_the_loss_and_remat_keeps_gradients():
     model = jf.create_model("tnt_s_patch16_224", img_size=32, drop_path_rate=0.1, **TINY)
     remat = jf.create_model("tnt_s_patch16_224", img_size=32, drop_path_rate=0.1, remat=True, **TINY)
-    x = _image(8, 32, seed=4)
+    x = image(8, 32, seed=4)
     y = jnp.arange(8) % 10
-    params = _init(model, 32)["params"]
-    tx = optax.adamw(1e-2, weight_decay=0.05)
-    opt_state = tx.init(params)
-
-    def loss_fn(p, m, rng):
-        logits = m.apply({"params": p}, x, train=True, rngs={"dropout": rng})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @_jit
-    def step(params, opt_state, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(params, model, rng)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, grads
-
-    losses = []
-    for i in range(8):
-        new_params, opt_state, loss, grads = step(params, opt_state, jax.random.key(i))
-        if i == 1:  # rematerialised blocks give the same gradients (same dropout draws)
-            remat_grads = _jit(jax.grad(loss_fn), static_argnums=1)(params, remat, jax.random.key(i))
-            assert np.abs(np.asarray(grads["pixel_pos"])).max() > 0
-            assert np.abs(np.asarray(grads["blocks_0"]["inner"]["attn"]["qkv"]["kernel"])).max() > 0
-            for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(remat_grads)):
-                assert np.isfinite(a).all()
-                np.testing.assert_allclose(a, b, atol=1e-5)
-        params = new_params
-        losses.append(float(loss))
+    losses, grads = train_with_remat_check(model, remat, init_variables(model, 32)["params"], x, y)
+    assert np.abs(np.asarray(grads["pixel_pos"])).max() > 0
+    assert np.abs(np.asarray(grads["blocks_0"]["inner"]["attn"]["qkv"]["kernel"])).max() > 0
     assert np.isfinite(losses).all() and losses[-1] < losses[0] * 0.7, losses
 
 
 def test_sharded_equals_single_device():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = jf.create_model("tnt_s_patch16_224", img_size=32, **TINY)
-    x = _image(4, 32)
-    single = _init(model, 32, perturb=True)
-    # the shardings init_sharded would give (from the parameters' logical axes), without its compile
-    shardings = logical_shardings(jax.eval_shape(model.init, jax.random.key(0), x), mesh)
-    sharded = jax.device_put(single, shardings)
+    x = image(4, 32)
+    single = init_variables(model, 32, perturbed=True)
+    sharded = shard_like_init(model, single, x, mesh)
     qkv = sharded["params"]["blocks_0"]["outer"]["attn"]["qkv"]["kernel"]
     assert tuple(qkv.sharding.spec) == ("fsdp", None, "tensor", None)  # embed=32 over fsdp, heads=2 over tensor
     assert sharded["params"]["blocks_0"]["inner"]["mlp"]["fc1"]["kernel"].sharding.spec[:2] == ("fsdp", "tensor")
-    expected = _jit(model.apply)(single, x)
-    with activate(mesh):
-        got = _jit(model.apply)(sharded, shard_batch(x, mesh))
+    expected, got = single_and_sharded(fast_jit(model.apply), single, sharded, x, mesh)
     assert np.abs(np.asarray(expected)).max() > 0.01
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():
     model = jf.create_model("tnt_s_patch16_224", img_size=32, **TINY)
-    variables = jax.eval_shape(model.init, jax.random.key(0), _image(1, 32))
+    variables = jax.eval_shape(model.init, jax.random.key(0), image(1, 32))
     with pytest.raises(ValueError, match="img_size=32x32"):
-        model.apply(variables, _image(1, 48))
+        model.apply(variables, image(1, 48))
     with pytest.raises(ValueError, match="in_chans=3"):
         model.apply(variables, jnp.zeros((1, 32, 32, 4)))
     with pytest.raises(ValueError, match="in_chans=3"):  # NCHW instead of NHWC

@@ -6,6 +6,7 @@ import pytest
 
 import jaxformers
 from jaxformers.convert.pretrained import CheckpointMismatchError
+from tests.helpers import perturbed_torch_model, torch_logits
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
@@ -82,20 +83,8 @@ def test_patch_not_dividing_image_is_named():
 
 def _timm_vit(**kw):
     timm = pytest.importorskip("timm")
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(**kw).eval()
-    with torch.no_grad():  # timm zero-inits some tensors: randomise everything
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-def _torch_logits(model, x):
-    torch = pytest.importorskip("torch")
-
-    with torch.no_grad():
-        return model(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
+    pytest.importorskip("torch")
+    return perturbed_torch_model(lambda: timm.models.vision_transformer.VisionTransformer(**kw))
 
 
 @pytest.mark.parametrize("extra", [{}, {"global_pool": "avg", "class_token": False}, {"init_values": 0.1}],
@@ -111,7 +100,7 @@ def test_timm_parity(tmp_path, extra):
     v = jaxformers.load_pretrained("vit_tiny_patch16_224", tmp_path / "vit.pth", **ours)
     model = jaxformers.create_model("vit_tiny_patch16_224", **ours)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(model.apply(v, x), _torch_logits(tm, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.apply(v, x), torch_logits(tm, x), rtol=1e-4, atol=1e-4)
 
 
 def test_timm_parity_full_size_variant(tmp_path):
@@ -126,7 +115,7 @@ def test_timm_parity_full_size_variant(tmp_path):
     v = jaxformers.load_pretrained("vit_tiny_patch16_224", tmp_path / "vit.pth")
     x = np.random.default_rng(1).normal(size=(1, 224, 224, 3)).astype(np.float32)
     out = jaxformers.create_model("vit_tiny_patch16_224").apply(v, x)
-    np.testing.assert_allclose(out, _torch_logits(tm, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out, torch_logits(tm, x), rtol=1e-4, atol=1e-4)
 
 
 def test_timm_parity_other_image_size(tmp_path):
@@ -142,7 +131,7 @@ def test_timm_parity_other_image_size(tmp_path):
     v = jaxformers.load_pretrained("vit_tiny_patch16_224", tmp_path / "vit.pth", **{**TINY, "img_size": 48})
     x = np.random.default_rng(2).normal(size=(2, 48, 48, 3)).astype(np.float32)
     model = jaxformers.create_model("vit_tiny_patch16_224", **{**TINY, "img_size": 48})
-    np.testing.assert_allclose(model.apply(v, x), _torch_logits(big, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.apply(v, x), torch_logits(big, x), rtol=1e-4, atol=1e-4)
 
 
 def test_load_pretrained_reports_keys_by_name(tmp_path):

@@ -1,0 +1,189 @@
+"""Helpers shared by the test files: inputs, parameter perturbation, fast-compiling jit, NumPy-drawn
+variables, the digits data set, the train / sharded-vs-single-device drivers and timm-parity plumbing.
+
+Import as ``from tests.helpers import ...``: pytest (``--import-mode=importlib``, rootdir = the repo)
+imports every test module as ``tests.<path>``, with ``tests`` a namespace package rooted at this
+folder, so the import works from any working directory without ``__init__.py`` files or sys.path edits.
+Not collected (the name does not start with ``test_``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxformers as jf
+from jaxformers.sharding import activate, logical_shardings, shard_batch
+
+# The test models are tiny: compile them at XLA's lowest optimisation level (halves compile time).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def fast_jit(fn: Callable, **kwargs) -> Callable:
+    """``jax.jit`` with ``FAST_COMPILE`` options (same numbers, less compile time for tiny models)."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
+def image(batch: int, size: int, seed: int = 0) -> jax.Array:
+    """A standard-normal NHWC float32 batch of ``size`` x ``size`` RGB images."""
+    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
+
+
+def perturb(params: Any, seed: int = 1, scale: float = 0.05) -> Any:
+    """``params`` plus N(0, scale) noise on every leaf (each leaf its own key from ``seed``):
+    zero-initialised heads, biases and LayerNorm offsets would make any two models agree."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def init_variables(model: nn.Module, size: int, batch: int = 2, perturbed: bool = False) -> dict:
+    """``model.init`` on ``image(batch, size)`` with key 0 as one fast-compiled program, unboxed;
+    with ``perturbed`` the params go through ``perturb`` inside the same program."""
+
+    def init(rng, x):
+        variables = nn.unbox(model.init({"params": rng}, x))
+        return {**variables, "params": perturb(variables["params"])} if perturbed else variables
+
+    return fast_jit(init)(jax.random.key(0), image(batch, size))
+
+
+def numpy_variables(model: nn.Module, *inputs, seed: int = 0) -> dict:
+    """Variables in the model's shapes drawn with NumPy (kernels N(0, 1/fan_in), non-trivial
+    norms, biases and BN statistics): no compiled ``init`` (its random initialisers cost far more
+    XLA compile time on CPU than the forward pass)."""
+    abstract = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)))
+    rng = np.random.default_rng(seed)
+
+    def sample(path, leaf):
+        name, n = path[-1].key, rng.standard_normal(leaf.shape)
+        value = {"scale": 1.0 + 0.1 * n, "var": 1.0 + 0.1 * np.abs(n), "bias": 0.05 * n, "mean": 0.05 * n}.get(name)
+        if value is None:  # a kernel: (..., fan_in dims, out)
+            value = n / np.sqrt(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(sample, abstract)
+
+
+def model_and_features(name: str, x: jax.Array, **overrides) -> tuple[nn.Module, dict, dict]:
+    """``create_model(name, **overrides)``, its ``numpy_variables`` for ``x`` and its (jitted, eval-mode)
+    ``forward_features`` on ``x``: what a module-scoped fixture shares between a file's tests."""
+    model = jf.create_model(name, **overrides)
+    variables = numpy_variables(model, x)
+    feats = jax.jit(lambda v, x: model.apply(v, x, method="forward_features"))(variables, x)
+    return model, variables, feats
+
+
+def random_params(module: nn.Module, *inputs, seed: int = 4) -> dict:
+    """N(0, 0.3) values in the module's parameter shapes (norms, biases, LePE and position weights
+    all non-trivial, unlike the default init), without compiling its init."""
+    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32), shapes)
+
+
+def digits(n: int = 32, size: int = 32) -> tuple[jax.Array, jax.Array]:
+    """The first ``n`` scikit-learn digits as (n, size, size, 3) images in [-0.5, 0.5] and their labels:
+    a real (learnable) task for the few-step training tests."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images[:n].astype(np.float32) / 16.0
+    x = np.kron(x, np.ones((size // 8, size // 8), np.float32))
+    return jnp.asarray(np.repeat(x[..., None], 3, axis=-1) - 0.5), jnp.asarray(d.target[:n])
+
+
+def assert_every_param_has_gradient(grads: Any) -> None:
+    """Fails naming every parameter whose gradient is all zeros (a branch cut off from the loss)."""
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+def train_with_remat_check(model: nn.Module, remat: nn.Module, params: Any, x: jax.Array, y: jax.Array,
+                           steps: int = 8, check_step: int = 1) -> tuple[list[float], Any]:
+    """``steps`` AdamW steps (lr 1e-2, weight decay 0.05) of softmax cross-entropy on ``(x, y)`` in
+    training mode (dropout key ``i`` at step ``i``). At ``check_step`` the rematerialised ``remat``
+    must give ``model``'s gradients (same parameters, same dropout draws), all finite.
+    Returns the losses and the gradients of ``check_step``."""
+    tx = optax.adamw(1e-2, weight_decay=0.05)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, m, rng):
+        logits = m.apply({"params": p}, x, train=True, rngs={"dropout": rng})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @fast_jit
+    def step(params, opt_state, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(params, model, rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads
+
+    losses, checked = [], None
+    for i in range(steps):
+        new_params, opt_state, loss, grads = step(params, opt_state, jax.random.key(i))
+        if i == check_step:
+            remat_grads = fast_jit(jax.grad(loss_fn), static_argnums=1)(params, remat, jax.random.key(i))
+            for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(remat_grads)):
+                assert np.isfinite(a).all()
+                np.testing.assert_allclose(a, b, atol=1e-5)
+            checked = grads
+        params = new_params
+        losses.append(float(loss))
+    return losses, checked
+
+
+def shard_like_init(model: nn.Module, variables: Any, x: jax.Array, mesh: jax.sharding.Mesh) -> Any:
+    """``variables`` placed on ``mesh`` as ``init_sharded`` would place them (from the parameters'
+    logical axes), without compiling an init."""
+    return jax.device_put(variables, logical_shardings(jax.eval_shape(model.init, jax.random.key(0), x), mesh))
+
+
+def single_and_sharded(fn: Callable, variables: Any, sharded_variables: Any, x: jax.Array,
+                       mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """``fn(variables, x)`` on one device, and ``fn(sharded_variables, x sharded over the batch)``
+    under the active ``mesh``: the pair a sharded-equals-single-device test compares."""
+    single = fn(variables, x)
+    with activate(mesh):
+        sharded = fn(sharded_variables, shard_batch(x, mesh))
+    return single, sharded
+
+
+def perturbed_torch_model(make: Callable[[], Any], seed: int = 0, scale: float = 0.05) -> Any:
+    """``make()`` built after ``torch.manual_seed(seed)``, in eval mode, with N(0, scale) noise added to
+    every parameter: timm zero-initialises heads and LayerNorm offsets, which would hide mix-ups."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = make().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def torch_logits(model: Any, x: np.ndarray) -> np.ndarray:
+    """A PyTorch image model's output for the NHWC batch ``x`` (passed as NCHW), without autograd."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def assert_logits_match_torch(name: str, ref_model: Any, path, img_size: int, **overrides) -> None:
+    """Model ``name`` at ``img_size``, loaded through its converter from ``path`` (``ref_model``'s saved
+    state dict), gives ``ref_model``'s logits to 1e-4 on two random images; the logits are large
+    enough (> 0.1) for that to mean something."""
+    variables = jf.load_pretrained(name, path, img_size=img_size, **overrides)
+    model = jf.create_model(name, img_size=img_size, **overrides)
+    x = np.random.RandomState(1).randn(2, img_size, img_size, 3).astype(np.float32)
+    ref = torch_logits(ref_model, x)
+    out = np.asarray(fast_jit(model.apply)(variables, x))
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
