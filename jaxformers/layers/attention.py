@@ -245,8 +245,12 @@ class MultiHeadAttention(nn.Module):
             out, cache = cached_attention(q, k, v, cache, mask=mask, bias=bias, scale=self.scale, dropout_rate=rate,
                                           dropout_rng=rng)
         elif self.attention_fn is not None:
-            if mask is not None or bias is not None:
-                raise ValueError("MultiHeadAttention with an attention_fn takes no mask or bias")
+            given = [name for name, on in (("mask", mask is not None), ("bias", bias is not None),
+                                           (f"attention_dropout={self.attention_dropout} while training", rate > 0.0))
+                     if on]
+            if given:
+                raise ValueError("MultiHeadAttention with an attention_fn takes no mask, bias or attention dropout; "
+                                 f"got {', '.join(given)}")
             out = self.attention_fn(q, k, v, segment_ids=segment_ids, scale=self.scale)
         else:
             out = dot_product_attention(

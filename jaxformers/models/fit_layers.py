@@ -88,6 +88,16 @@ def local_attention(q, k, v, *, num_groups: int, causal: bool, implementation: s
     return out.reshape(bt, n, h, v.shape[-1])
 
 
+def chunk_causal_attention(q, k, v, *, chunk_size: int, segment_ids: jax.Array | None = None,
+                           scale: float | None = None) -> jax.Array:
+    """The FIT AR global pattern (``chunk_causal_mask``) through the Pallas kernel of
+    ``local_global_attention``; the signature fits ``MultiHeadAttention.attention_fn``."""
+    from jaxformers.kernels import local_global_attention
+
+    return local_global_attention(q, k, v, causal=True, chunk_size=chunk_size, segment_ids=segment_ids,
+                                  scale=scale, implementation="pallas")
+
+
 class FITLayer(nn.Module):
     """Pre-norm transformer layer: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x))) (timm names
     ``norm1``/``attn``/``norm2``/``mlp``; ``attn`` is the shared ``MultiHeadAttention``).
@@ -119,8 +129,13 @@ class FITLayer(nn.Module):
         if x.shape[-1] % self.num_heads:
             raise ValueError(f"width {x.shape[-1]} is not divisible by num_heads={self.num_heads}")
         local = self.kind == "local" and cache is None
-        pattern = functools.partial(local_attention, num_groups=self.num_groups, causal=self.causal,
-                                    implementation=self.local_attention_impl) if local else None
+        chunked = self.kind == "global" and bool(self.chunk_size) and cache is None
+        pattern = None
+        if local:
+            pattern = functools.partial(local_attention, num_groups=self.num_groups, causal=self.causal,
+                                        implementation=self.local_attention_impl)
+        elif chunked and self.attention_impl == "pallas":  # the kernel takes the chunk-causal rule, not a mask
+            pattern = functools.partial(chunk_causal_attention, chunk_size=self.chunk_size)
         attn = MultiHeadAttention(self.num_heads, attention_dropout=0.0 if local else self.attention_dropout,
                                   attention_impl=self.attention_impl, attention_fn=pattern, name="attn", **kw)
         y = LayerNorm(1e-6, name="norm1", **kw)(x)
@@ -130,7 +145,7 @@ class FITLayer(nn.Module):
             y, cache = attn(y, cache=cache)
         else:
             mask = None
-            if self.kind == "global" and self.chunk_size:
+            if chunked and pattern is None:
                 mask = chunk_causal_mask(y.shape[1] // self.chunk_size, self.chunk_size)[None, None]
             y = attn(y, mask=mask, train=train)
         x = x + DropPath(self.drop_path)(nn.Dropout(self.dropout)(y, deterministic=not train), train=train)

@@ -119,7 +119,7 @@ def test_mha_attention_fn_replaces_the_pattern_keeping_params():
     att = _naive(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=band[None, None])
     ref = np.einsum("blhd,hde->ble", att, p["proj"]["kernel"]) + p["proj"]["bias"]
     np.testing.assert_allclose(windowed.apply(v, x), ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="takes no mask or bias"):
+    with pytest.raises(ValueError, match="takes no mask, bias or attention dropout; got mask"):
         windowed.apply(v, x, mask=jnp.ones((1, 1, 9, 9), bool))
 
 

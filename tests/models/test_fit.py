@@ -282,6 +282,24 @@ def test_ar_shapes_grads_and_causality(ar_setup):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 18), jnp.int32))
 
 
+@pytest.mark.slow
+def test_ar_pallas_attention_equals_xla(ar_setup):
+    """attention_impl='pallas' (chunk-causal global layers through the local_global kernel, in
+    interpret mode here) gives the XLA path's loss and gradients; attention dropout is refused."""
+    pytest.importorskip("jaxformers.kernels.local_global.pallas_kernel")
+    model, params, targets, loss_and_grads = ar_setup
+    pallas = model.clone(attention_impl="pallas", local_attention_impl="pallas")
+    (loss, logits), grads = loss_and_grads(params, targets)
+    (loss_p, logits_p), grads_p = jax.jit(jax.value_and_grad(
+        lambda p: ar_loss(pallas, {"params": p}, targets, return_logits=True), has_aux=True))(params)
+    np.testing.assert_allclose(logits_p, logits, rtol=1e-4, atol=1e-5)
+    for g, w in zip(jax.tree_util.tree_leaves(grads_p), jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="attention dropout"):
+        ar_loss(pallas.clone(attn_drop_rate=0.1), {"params": params}, targets, train=True,
+                rngs={"dropout": jax.random.key(0)})
+
+
 def test_ar_cached_decoding_equals_uncached_forward(ar_setup):
     model, params, targets, loss_and_grads = ar_setup
     (_, logits), _ = loss_and_grads(params, targets)

@@ -3,7 +3,8 @@
 The mask semantics are defined once in ``jaxformers.kernels.local_global.mask`` (see its docstring).
 Implementations:
 
-- ``"xla"``: ``reference.py`` (plain jnp, full mask; O(L²) memory).
+- ``"xla"``: ``reference.py`` (plain jnp: group-structured specs attend group by group, O(L·g)
+  memory; every other spec builds the full mask, O(L²)).
 - ``"pallas"``: on GPU (and CPU, in Pallas interpret mode: slow, for tests) our flash-style
   block-sparse kernels, forward and backward, skipping key blocks that hold no allowed pair:
   on a Hopper GPU for bf16/f16 and head dim 64 or 128 the Mosaic GPU kernels (``mosaic_gpu.py``:
