@@ -52,6 +52,7 @@ CASES = {
     "group-causal-d128": (dict(group_size=64, causal=True), 1, 256, 2, 2, 128, False),
     "packed-gqa": (dict(), 2, 192, 4, 2, 64, True),
     "chunk-causal-window": (dict(window=(96, None), causal=True, chunk_size=32), 1, 256, 2, 1, 64, False),
+    "window-d32": (dict(window=(50, 20)), 1, 128, 2, 2, 32, False),
 }
 
 
@@ -144,16 +145,18 @@ def test_mosaic_kernel_choice_and_errors():
     q, k, v = _inputs(1, 128, 2, 2, 64)
     assert mosaic_gpu.supported(q, k, v)
     assert not mosaic_gpu.supported(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
-    assert not mosaic_gpu.supported(q[..., :32], k[..., :32], v[..., :32])
+    assert mosaic_gpu.supported(q[..., :32], k[..., :32], v[..., :32])
+    assert not mosaic_gpu.supported(q[..., :48], k[..., :48], v[..., :48])
     assert not mosaic_gpu.supported(q, k, v[..., :32].repeat(4, axis=-1))  # head dim 128 for v only
     with pytest.raises(ValueError, match="bfloat16/float16"):
         local_global_attention_pallas(q.astype(jnp.float32), k, v, MaskSpec(), scale=0.125, gpu_kernel="mosaic")
     with pytest.raises(ValueError, match="gpu_kernel must be one of"):
         local_global_attention_pallas(q, k, v, MaskSpec(), scale=0.125, gpu_kernel="cuda")
-    with pytest.raises(ValueError, match="multiple of 64"):
-        mosaic_gpu.MosaicBlocks(block=48)
+    for bad in (dict(block=48), dict(warpgroups=3), dict(stages=0)):
+        with pytest.raises(ValueError, match="multiple of 64, 1..4 stages and 1 or 2 warpgroups"):
+            mosaic_gpu.MosaicBlocks(**bad)
     # Off a Hopper GPU "auto" keeps the Triton kernel (here in interpret mode), which still matches.
     from jaxformers.kernels.local_global import pallas_kernel
 
     assert pallas_kernel._pick_gpu_kernel("auto", "cpu", q, k, v) == "triton"
-    assert pallas_kernel._pick_gpu_kernel("auto", "gpu", q, k, v[..., :32]) == "triton"
+    assert pallas_kernel._pick_gpu_kernel("auto", "gpu", q, k, v[..., :48]) == "triton"

@@ -371,6 +371,26 @@ def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
     return tpu_vmem_bytes(q_shape, v_shape, dtype, **kw) <= _TPU_VMEM_BUDGET
 
 
+GPU_KERNELS = ("auto", "triton", "mosaic")
+
+
+def _use_mosaic(choice: str, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
+    from jaxformers.kernels.bi_level_routing import mosaic_gpu
+    from jaxformers.kernels.local_global.mosaic_pipeline import on_hopper_gpu
+
+    if choice not in GPU_KERNELS:
+        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {choice!r}")
+    fits = mosaic_gpu.supported(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side)
+    if choice == "mosaic" and not fits:
+        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v, one head dim of 32, 64 or 128 and "
+                         f"regions of a multiple of 64 tokens; got {q.dtype}, q/k/v channels {q.shape[-1]}/"
+                         f"{v.shape[-1]} over {num_heads} heads, regions of "
+                         f"{q.shape[1] // regions_per_side}x{q.shape[2] // regions_per_side} tokens")
+    if choice == "auto":
+        return fits and (layout or default_layout()) == "gpu" and on_hopper_gpu()
+    return choice == "mosaic"
+
+
 def bi_level_routing_attention_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -385,6 +405,7 @@ def bi_level_routing_attention_pallas(
     interpret: bool | None = None,
     poison: bool = False,
     direct: bool | None = None,
+    gpu_kernel: str = "auto",
 ) -> jax.Array:
     """The fused kernel on validated NHWC inputs (``topk`` in 1..S*S, ``scale`` resolved).
 
@@ -392,10 +413,17 @@ def bi_level_routing_attention_pallas(
     "tpu") and ``interpret`` default to the current backend (interpret on CPU); ``direct`` picks the
     in-place NHWC tiles of the GPU layout (default: when the shapes allow, see ``_plan``);
     ``poison`` makes outputs start as NaN (tests). Differentiable in q, k and v (kernel backward,
-    custom VJP).
+    custom VJP). ``gpu_kernel``: "triton" (the kernels here), "mosaic" (``mosaic_gpu.py``: Hopper,
+    regions of a multiple of 64 tokens, bf16/f16; Mosaic GPU interpret mode off GPU) or "auto"
+    (Mosaic on a Hopper GPU when the inputs suit it).
     """
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
+    if _use_mosaic(gpu_kernel, q, k, v, num_heads, regions_per_side, layout):
+        from jaxformers.kernels.bi_level_routing.mosaic_gpu import bi_level_routing_attention_mosaic
+
+        return bi_level_routing_attention_mosaic(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,
+                                                 topk=topk, scale=scale, interpret=interpret)
     out_dtype = v.dtype
     q, k, v = (x.astype(jnp.result_type(q, k, v)) for x in (q, k, v))  # one dtype inside the kernels
     cfg, dqk_pad, dv_pad = _plan(q.shape, v.shape, q.dtype, num_heads=num_heads,

@@ -7,7 +7,7 @@ Implementations:
   memory; every other spec builds the full mask, O(L²)).
 - ``"pallas"``: on GPU (and CPU, in Pallas interpret mode: slow, for tests) our flash-style
   block-sparse kernels, forward and backward, skipping key blocks that hold no allowed pair:
-  on a Hopper GPU for bf16/f16 and head dim 64 or 128 the Mosaic GPU kernels (``mosaic_gpu.py``:
+  on a Hopper GPU for bf16/f16 and head dim 32, 64 or 128 the Mosaic GPU kernels (``mosaic_gpu.py``:
   TMA, wgmma, warp specialisation), else the Triton ones (``pallas_kernel.py``); on TPU JAX's
   splash attention driven by the same mask (``splash_tpu.py``).
 - ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.

@@ -17,7 +17,7 @@ lists, through a ring of shared-memory slots).
   wgmma takes its B operand from shared memory as stored. With grouped-query attention each
   query head writes its own dK/dV (in the input dtype) and ``pallas_kernel`` sums them.
 
-Supported: bfloat16/float16 inputs, head dim (of q, k and v alike) 64 or 128. ``pallas_kernel``
+Supported: bfloat16/float16 inputs, head dim (of q, k and v alike) 32, 64 or 128. ``pallas_kernel``
 sends anything else to the Triton kernels. The tests run these kernels in Mosaic GPU interpret
 mode on CPU (which simulates shared memory, barriers, TMA and wgmma, with a race detector) and
 lower them for CUDA from a CPU host; they have not been compiled by ptxas nor timed on a GPU yet.
@@ -46,25 +46,28 @@ interpret_params = mp.interpret_params
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlocks:
-    """Rows per compute warpgroup and per streamed block (multiples of 64), ring depth."""
+    """Rows per compute warpgroup and per streamed block (multiples of 64), ring depth, and compute
+    warpgroups per CUDA block (2; 1 when consecutive 64-row blocks visit different lists)."""
 
     block: int = 64
     stages: int = 2
+    warpgroups: int = 2
 
     def __post_init__(self):
-        if self.block % 64 or not 1 <= self.stages <= 4:
-            raise ValueError(f"MosaicBlocks needs a block that is a multiple of 64 and 1..4 stages; got {self}")
+        if self.block % 64 or not 1 <= self.stages <= 4 or self.warpgroups not in (1, 2):
+            raise ValueError("MosaicBlocks needs a block that is a multiple of 64, 1..4 stages and 1 or 2 "
+                             f"warpgroups; got {self}")
 
     @property
     def tile(self) -> int:
-        """Rows of one CUDA block (both compute warpgroups): the padding multiple of q and k."""
-        return mp.COMPUTE_WARPGROUPS * self.block
+        """Rows of one CUDA block (all compute warpgroups): the padding multiple of q and k."""
+        return self.warpgroups * self.block
 
 
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether these kernels handle these inputs (else the Triton kernels do)."""
     dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
-    return (len(dims) == 1 and dims.pop() in (64, 128)
+    return (len(dims) == 1 and dims.pop() in (32, 64, 128)
             and q.dtype == k.dtype == v.dtype and q.dtype in (jnp.bfloat16, jnp.float16))
 
 
@@ -101,24 +104,50 @@ def _cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
+def visit_tables(any_: jax.Array, full_: jax.Array, q_width: int, k_width: int) -> tuple[tuple, tuple]:
+    """(key blocks per query tile, query blocks per key tile) from (B or 1, n_tiles, n_blocks)
+    masks of visited / fully allowed pairs, both at (query tile, key block) granularity; each is
+    a (table, stride, per_batch) triple (``per_batch``: one block of table rows per batch row).
+
+    ``q_width``/``k_width`` bound the visited blocks of any query tile / key tile. With one compute
+    warpgroup (tile == block) the transposed masks serve dK/dV directly."""
+    per_batch = any_.shape[0] > 1
+    q_major = (*index_table(any_, full_, q_width), per_batch)
+    k_major = (*index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full_, 1, 2), k_width), per_batch)
+    return q_major, k_major
+
+
+def _q_major(spec: MaskSpec, q_seg, k_seg, blocks: MosaicBlocks):
+    """Key blocks per query tile (forward, dQ)."""
+    any_, full_, width, _ = block_kinds(spec, q_seg, k_seg, blocks.tile, blocks.block)
+    return (*index_table(any_, full_, width), any_.shape[0] > 1)
+
+
+def _k_major(spec: MaskSpec, q_seg, k_seg, blocks: MosaicBlocks):
+    """Query blocks per key tile (dK/dV)."""
+    any_, full_, _, width = block_kinds(spec, q_seg, k_seg, blocks.block, blocks.tile)
+    return (*index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full_, 1, 2), width), any_.shape[0] > 1)
+
+
 def _check(q, k, blocks: MosaicBlocks):
     if q.shape[1] % blocks.tile or k.shape[1] % blocks.tile:
         raise ValueError(f"padded lengths must be multiples of {blocks.tile}; got q {q.shape[1]}, k {k.shape[1]}")
 
 
 def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: MosaicBlocks = MosaicBlocks(),
-            interpret=False):
+            interpret=False, table: tuple[jax.Array, int, bool] | None = None):
     """(out, base-2 logsumexp (B, H, Lq)) for padded inputs.
 
     q (B, Lq, H, D), k, v (B, Lk, Hkv, D), lengths multiples of ``blocks.tile``; q_seg/k_seg
     (B or 1, L) int32 with 0 on padding positions. ``interpret``: False (compile for the GPU),
-    True or ``interpret_params(...)`` (run on the CPU).
+    True or ``interpret_params(...)`` (run on the CPU). ``table``: the key blocks per query tile to
+    walk, a (table, stride, per_batch) triple (see ``visit_tables``), instead of the ones ``spec``
+    gives (BRA passes its routing).
     """
     _check(q, k, blocks)
     batch, q_len, heads, dim = q.shape
     bq = bk = blocks.block
-    any_, full_, width, _ = block_kinds(spec, q_seg, k_seg, blocks.tile, bk)
-    table, stride = index_table(any_, full_, width)
+    table, stride, per_batch = table or _q_major(spec, q_seg, k_seg, blocks)
     c = float(scale) * LOG2_E
     Q, QSEG, K, V, KSEG = range(5)
 
@@ -149,32 +178,32 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: Mosa
         outputs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), TOKENS, Q),
                  (jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32), PER_HEAD, None)],
         table=table, stride=stride, tile_rows=bq, block_rows=bk, stages=blocks.stages, rep=heads // k.shape[2],
-        per_batch=q_seg.shape[0] > 1, init=init, step=step, finish=finish, stage_dtype=q.dtype,
-        interpret=interpret)
+        per_batch=per_batch, init=init, step=step, finish=finish, stage_dtype=q.dtype,
+        interpret=interpret, warpgroups=blocks.warpgroups)
 
 
 def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, lse, delta, d_out, *,
-             blocks: MosaicBlocks = MosaicBlocks(), interpret=False):
+             blocks: MosaicBlocks = MosaicBlocks(), interpret=False, tables: tuple | None = None):
     """(dq, dk, dv) for padded inputs; dk, dv are per query head, (B, Lk, H, D) in k's dtype.
 
     ``lse`` is the forward's base-2 logsumexp and ``delta`` = rowsum(out * d_out), both (B, H, Lq)
     float32. ``kv_spec`` is the mask the dK/dV kernel walks (``pallas_kernel`` drops the global
-    keys from it and computes their gradients by a dense side pass).
+    keys from it and computes their gradients by a dense side pass). ``tables``: (key blocks per
+    query tile, query blocks per key tile), each a (table, stride, per_batch), instead of the specs'.
     """
     _check(q, k, blocks)
     batch, q_len, heads, dim = q.shape
     k_len = k.shape[1]
     bq = bk = blocks.block
     rep = heads // k.shape[2]
-    per_batch = q_seg.shape[0] > 1
     c = float(scale) * LOG2_E
-    common = dict(stages=blocks.stages, rep=rep, per_batch=per_batch, stage_dtype=q.dtype, interpret=interpret,
-                  tile_rows=bq, block_rows=bk)
+    common = dict(stages=blocks.stages, rep=rep, stage_dtype=q.dtype, interpret=interpret,
+                  tile_rows=bq, block_rows=bk, warpgroups=blocks.warpgroups)
+    q_major, k_major = tables or (_q_major(spec, q_seg, k_seg, blocks), _k_major(kv_spec, q_seg, k_seg, blocks))
 
     # dQ: query tiles resident, K/V blocks streamed.
     Q, DO, LSE, DELTA, QSEG, K, V, KSEG = range(8)
-    any_, full_, width, _ = block_kinds(spec, q_seg, k_seg, blocks.tile, bk)
-    table, stride = index_table(any_, full_, width)
+    table, stride, per_batch = q_major
 
     def dq_init(res):
         return (mp.full(0.0, (bq, dim), mp.ACC), mp.load(res[LSE], mp.ROWS), mp.load(res[DELTA], mp.ROWS),
@@ -194,13 +223,13 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
                   (k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW)],
         resident=(Q, DO, LSE, DELTA, QSEG), streamed=(K, V, KSEG),
         outputs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), TOKENS, Q)],
-        table=table, stride=stride, init=dq_init, step=dq_step, finish=lambda res, carry: (carry[0] * scale,),
+        table=table, stride=stride, per_batch=per_batch, init=dq_init, step=dq_step,
+        finish=lambda res, carry: (carry[0] * scale,),
         **common)
 
     # dK/dV: key tiles resident (per query head), query-side blocks streamed; tiles are (keys, queries).
     K, V, KSEG, Q, DO, LSE, DELTA, QSEG = range(8)
-    any_, full_, _, width = block_kinds(kv_spec, q_seg, k_seg, bq, blocks.tile)
-    table, stride = index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full_, 1, 2), width)
+    table, stride, per_batch = k_major
 
     def dkv_init(res):
         zeros = mp.full(0.0, (bk, dim), mp.ACC)
@@ -222,6 +251,6 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
                   (lse, PER_HEAD), (delta, PER_HEAD), (q_seg, PER_ROW)],
         resident=(K, V, KSEG), streamed=(Q, DO, LSE, DELTA, QSEG),
         outputs=[(per_head, TOKENS, K), (per_head, TOKENS, V)],  # written over the K/V tiles
-        table=table, stride=stride, init=dkv_init, step=dkv_step,
+        table=table, stride=stride, per_batch=per_batch, init=dkv_init, step=dkv_step,
         finish=lambda res, carry: (carry[0] * scale, carry[1]), **common)
     return dq, dk, dv

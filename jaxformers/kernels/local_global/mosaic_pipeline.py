@@ -1,7 +1,8 @@
 """The block-sparse, warp-specialised pipeline that the Hopper (Mosaic GPU) kernels share.
 
-One CUDA block per (head, tile, batch row) runs three warpgroups. Each of the two compute
-warpgroups owns ``tile_rows`` rows of the tile (the wgmma M dimension) and keeps its *resident*
+One CUDA block per (head, tile, batch row) runs ``warpgroups`` compute warpgroups (2, or 1 when
+consecutive row blocks visit different lists) and one memory warpgroup. Each compute warpgroup
+owns ``tile_rows`` rows of the tile (the wgmma M dimension) and keeps its *resident*
 operands (e.g. the query rows) in shared memory; the memory warpgroup walks the tile's row of
 ``blocks.index_table`` and streams the *streamed* operands of every listed block (e.g. K, V and
 their segment ids) through a ring of ``stages`` shared-memory slots, with TMA copies. Per slot,
@@ -26,7 +27,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-COMPUTE_WARPGROUPS = 2
 ACC = plgpu.Layout.WGMMA
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
@@ -36,6 +36,13 @@ COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 class Operand:
     kind: str  # "tokens" | "per_head" | "per_row"
     kv: bool = False
+
+
+def on_hopper_gpu() -> bool:
+    """True when JAX's default backend is a Hopper (sm90) GPU, where these kernels are the default."""
+    if jax.default_backend() != "gpu":
+        return False
+    return str(getattr(jax.devices("gpu")[0], "compute_capability", "")).startswith("9.")
 
 
 def interpret_params(**options):
@@ -69,36 +76,41 @@ def mma(a, b, shape) -> jax.Array:
     return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 
 
-def _mma_transforms(dtype):
-    """The 128-byte swizzled tiling that wgmma and TMA agree on for 16-bit tiles."""
-    swizzle = 128
-    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+def _mma_transforms(dtype, width: int):
+    """The swizzled tiling that wgmma and TMA agree on for 16-bit tiles ``width`` elements wide:
+    128-byte swizzle, or the row's bytes when narrower (64 for head dim 32)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = min(128, width * itemsize)
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 def _smem(op: Operand, count: int, rows: int, aval) -> Any:
     if op.kind == "tokens":
-        return plgpu.SMEM((count, rows, aval.shape[-1]), aval.dtype, transforms=_mma_transforms(aval.dtype))
+        return plgpu.SMEM((count, rows, aval.shape[-1]), aval.dtype, transforms=_mma_transforms(aval.dtype, aval.shape[-1]))
     return plgpu.SMEM((count, rows), aval.dtype)
 
 
-def _index(op: Operand, start, rows: int, *, b, head, kv_head, seg_row):
+def _index(op: Operand, aval, start, rows: int, *, b, head, kv_head):
     window = pl.ds(start, rows)
     if op.kind == "tokens":
         return b, window, kv_head if op.kv else head
     if op.kind == "per_head":
         return b, head, window
-    return seg_row, window
+    return (b if aval.shape[0] > 1 else 0), window  # per_row: (B, L), or (1, L) shared by the batch
 
 
 def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[jax.Array, Operand]], resident: Sequence[int],
                       streamed: Sequence[int], outputs: Sequence[tuple[jax.ShapeDtypeStruct, Operand, int | None]],
                       table: jax.Array, stride: int, tile_rows: int, block_rows: int, stages: int, rep: int,
-                      per_batch: bool, init: Callable, step: Callable, finish: Callable, stage_dtype, interpret):
+                      per_batch: bool, init: Callable, step: Callable, finish: Callable, stage_dtype, interpret,
+                      warpgroups: int):
     """Runs the pipeline (see the module docstring) on grid (heads, tiles, batch); returns the outputs.
 
     - ``resident``/``streamed``: indices into ``operands``; resident tiles cover the warpgroup's
       own ``tile_rows`` rows (tile t, warpgroup w: rows ``(2t + w) * tile_rows ...``), streamed
-      ones ``block_rows`` rows at ``table entry * block_rows``.
+      ones ``block_rows`` rows at ``table entry * block_rows``. Table row r serves tile r of
+      ``warpgroups * tile_rows`` rows (the table has a block of rows per batch row when
+      ``per_batch``; ``per_row`` operands of batch 1 are shared by the whole batch).
     - ``outputs``: (shape, operand kind, resident index whose shared memory to reuse or None).
     - ``init(res) -> carry``; ``step(res, blk, own_start, block_start, masked, carry, as_operand)
       -> carry``; ``finish(res, carry) -> output tiles``. ``res``/``blk`` map operand indices to
@@ -115,18 +127,18 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
         (res_smem, blk_smem, out_smem, stage), (res_ready, blk_ready), blk_free = scoped
         head, tile, b = lax.axis_index("heads"), lax.axis_index("tiles"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
-        where = dict(b=b, head=head, kv_head=lax.div(head, jnp.int32(rep)), seg_row=b if per_batch else 0)
+        where = dict(b=b, head=head, kv_head=lax.div(head, jnp.int32(rep)))
         row = ((b if per_batch else 0) * tiles + tile) * stride
         n_full = table_ref[row]
         n_visit = n_full + table_ref[row + 1]
 
-        @pl.when(wg < COMPUTE_WARPGROUPS)
+        @pl.when(wg < warpgroups)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            own_start = (tile * COMPUTE_WARPGROUPS + wg) * tile_rows
+            own_start = (tile * warpgroups + wg) * tile_rows
             res = {i: smem.at[wg] for i, smem in zip(resident, res_smem)}
             for i in resident:
-                plgpu.copy_gmem_to_smem(in_refs[i].at[_index(operands[i][1], own_start, tile_rows, **where)],
+                plgpu.copy_gmem_to_smem(in_refs[i].at[_index(operands[i][1], arrays[i], own_start, tile_rows, **where)],
                                         res[i], res_ready.at[wg])
             plgpu.barrier_wait(res_ready.at[wg])
 
@@ -155,10 +167,10 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
                 targets.append(target)
             plgpu.commit_smem()
             for target, out_ref, (_, op, _) in zip(targets, out_refs, outputs):
-                plgpu.copy_smem_to_gmem(target, out_ref.at[_index(op, own_start, tile_rows, **where)])
+                plgpu.copy_smem_to_gmem(target, out_ref.at[_index(op, out_ref, own_start, tile_rows, **where)])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == COMPUTE_WARPGROUPS)
+        @pl.when(wg == warpgroups)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
@@ -172,23 +184,23 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
                     plgpu.barrier_wait(blk_free.at[slot])
 
                 for i, smem in zip(streamed, blk_smem):
-                    plgpu.copy_gmem_to_smem(in_refs[i].at[_index(operands[i][1], start, block_rows, **where)],
+                    plgpu.copy_gmem_to_smem(in_refs[i].at[_index(operands[i][1], arrays[i], start, block_rows, **where)],
                                             smem.at[slot], blk_ready.at[slot])
 
     def entry(table_ref, *refs):
-        smem = ([_smem(operands[i][1], COMPUTE_WARPGROUPS, tile_rows, arrays[i]) for i in resident],
+        smem = ([_smem(operands[i][1], warpgroups, tile_rows, arrays[i]) for i in resident],
                 [_smem(operands[i][1], stages, block_rows, arrays[i]) for i in streamed],
-                [_smem(outputs[o][1], COMPUTE_WARPGROUPS, tile_rows, outputs[o][0]) for o in fresh_outputs],
-                plgpu.SMEM((COMPUTE_WARPGROUPS, tile_rows, block_rows), stage_dtype,
-                           transforms=_mma_transforms(stage_dtype)) if interpret else None)
-        ready = (plgpu.Barrier(num_arrivals=len(resident), num_barriers=COMPUTE_WARPGROUPS),
+                [_smem(outputs[o][1], warpgroups, tile_rows, outputs[o][0]) for o in fresh_outputs],
+                plgpu.SMEM((warpgroups, tile_rows, block_rows), stage_dtype,
+                           transforms=_mma_transforms(stage_dtype, block_rows)) if interpret else None)
+        ready = (plgpu.Barrier(num_arrivals=len(resident), num_barriers=warpgroups),
                  plgpu.Barrier(num_arrivals=len(streamed), num_barriers=stages))
-        free = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)
+        free = plgpu.Barrier(num_arrivals=warpgroups, num_barriers=stages)
         pl.run_scoped(lambda *scoped: kernel(table_ref, *refs, scoped), smem, ready, free, collective_axes="wg")
 
     call = plgpu.kernel(
         entry, out_type=tuple(shape for shape, _, _ in outputs), grid=grid,
-        grid_names=("heads", "tiles", "batch"), num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        grid_names=("heads", "tiles", "batch"), num_threads=warpgroups + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret is True else (interpret or None))
     return call(table, *arrays)

@@ -348,15 +348,15 @@ def _pick_gpu_kernel(choice: str, backend: str, q, k, v) -> str:
     from jaxformers.kernels.local_global import mosaic_gpu
 
     if choice == "mosaic" and not mosaic_gpu.supported(q, k, v):
-        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v with one head dim of 64 or 128; "
+        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v with one head dim of 32, 64 or 128; "
                          f"got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}")
     if choice != "auto":
         return choice
     if backend != "gpu" or not mosaic_gpu.supported(q, k, v):
         return "triton"
-    devices = jax.devices("gpu") if jax.default_backend() == "gpu" else []
-    capability = getattr(devices[0], "compute_capability", "") if devices else ""
-    return "mosaic" if str(capability).startswith("9.") else "triton"
+    from jaxformers.kernels.local_global.mosaic_pipeline import on_hopper_gpu
+
+    return "mosaic" if on_hopper_gpu() else "triton"
 
 
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
@@ -385,7 +385,7 @@ def local_global_attention_pallas(
     ``block_sizes`` defaults to ``BlockSizes()`` shrunk to the sequence; ``interpret`` defaults to
     True off GPU. ``backend`` ("gpu" | "cpu", default: JAX's default backend) picks the lowering;
     naming "gpu" lets ``jax.export`` lower for CUDA from a CPU host. ``gpu_kernel`` picks the
-    kernels: "triton", "mosaic" (Hopper; bf16/f16, head dim 64 or 128; in Mosaic GPU interpret
+    kernels: "triton", "mosaic" (Hopper; bf16/f16, head dim 32, 64 or 128; in Mosaic GPU interpret
     mode off GPU) or "auto" (Mosaic on a Hopper GPU when the inputs suit it, else Triton).
     """
     if gpu_kernel not in GPU_KERNELS:
