@@ -158,33 +158,41 @@ def _try_time(fn, *args, repeats):
         return None
 
 
-def bench_bra(table, shapes, *, dtype, repeats, backward):
+def bench_bra(table, shapes, *, dtype, repeats, backward, on_gpu=False):
     try:
         from jaxformers.kernels import bi_level_routing_attention
-        from jaxformers.kernels.bi_level_routing.api import attention_cost
+        from jaxformers.kernels.bi_level_routing import mosaic_gpu as bra_mosaic
+        from jaxformers.kernels.bi_level_routing.api import attention_cost, resolve_scale
+        from jaxformers.kernels.bi_level_routing.pallas_kernel import bi_level_routing_attention_pallas
     except (ImportError, AttributeError) as e:
         print(f"bra rows skipped: bi_level_routing_attention unavailable ({e})")
         return
     for batch, height, width, channels, heads, regions, topk in shapes:
         q, k, v = _qkv((batch, height, width, channels), dtype, seed=1)
         cost = attention_cost(batch, height, width, channels, channels, regions, topk, q.dtype.itemsize)
-        fns = {impl: _fwd_bwd(lambda q, k, v, impl=impl: bi_level_routing_attention(
-            q, k, v, num_heads=heads, regions_per_side=regions, topk=topk, implementation=impl))
-            for impl in ("pallas", "xla")}
+        kw = dict(num_heads=heads, regions_per_side=regions, topk=topk)
+        fns = {impl: _fwd_bwd(lambda q, k, v, impl=impl: bi_level_routing_attention(q, k, v, **kw, implementation=impl))
+               for impl in ("pallas", "xla")}
+        if on_gpu and bra_mosaic.supported(q, k, v, num_heads=heads, regions_per_side=regions):
+            scale = resolve_scale(None, channels, heads, False)
+            for kernel in ("mosaic", "triton"):  # both GPU kernel sets ("pallas" is what auto picks)
+                fns[f"pallas {kernel}"] = _fwd_bwd(functools.partial(
+                    bi_level_routing_attention_pallas, **kw, scale=scale, gpu_kernel=kernel))
         shape_s = f"{batch}x{height}x{width}x{channels} S{regions} k{topk}"
-        check(f"bra {shape_s}", fns["pallas"], fns["xla"], q, k, v)
+        ours_impls = [impl for impl in fns if impl != "xla"]
+        for impl in ours_impls:
+            check(f"bra {shape_s} {impl}", fns[impl], fns["xla"], q, k, v)
         for mode, index, mult in (("fwd", 0, 1.0), ("fwd+bwd", 1, 3.5))[: 2 if backward else 1]:
-            try:
-                naive = timeit(fns["xla"][index], q, k, v, repeats=repeats)
-                ours = timeit(fns["pallas"][index], q, k, v, repeats=repeats)
-            except Exception as e:  # the other helper's kernel may not support every shape yet
-                print(f"bra {mode} {shape_s} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                continue
+            naive = _try_time(fns["xla"][index], q, k, v, repeats=repeats)
             floor = cost["bytes"] * (2 if index else 1) / 2.5e12  # H100 copy bandwidth (anchors.md)
-            table.row(f"bra {mode}", shape_s, "pallas", ours, cost["flops"] * mult,
-                      cost["bytes"] * (2 if index else 1), {"xla naive gather": naive})
-            if jax.default_backend() == "gpu":
-                print(f"  {ours / floor:.1f}x the H100 memory floor ({floor * 1e3:.3f} ms at 2.5 TB/s)")
+            for impl in ours_impls:
+                ours = _try_time(fns[impl][index], q, k, v, repeats=repeats)
+                if ours is None:
+                    continue
+                table.row(f"bra {mode}", shape_s, impl, ours, cost["flops"] * mult, cost["bytes"] * (2 if index else 1),
+                          {} if naive is None else {"xla naive gather": naive})
+                if on_gpu:
+                    print(f"  {ours / floor:.1f}x the H100 memory floor ({floor * 1e3:.3f} ms at 2.5 TB/s)")
 
 
 def packed_batch(rows: int, length: int, rng: np.random.Generator):
@@ -285,7 +293,7 @@ def main(argv=None):
         except ImportError:
             BIFORMER_STAGE_SHAPES = ()
         shapes = [(2, 14, 14, 64, 2, 7, 4)] if args.small else [tuple(s) for s in BIFORMER_STAGE_SHAPES]
-        bench_bra(table, shapes, dtype=dtype, repeats=repeats, backward=True)
+        bench_bra(table, shapes, dtype=dtype, repeats=repeats, backward=True, on_gpu=on_gpu)
     if "packed" in groups:
         rows, length = (8, 128) if args.small else (64, 512)
         bench_packed(table, rows, length, 4 if args.small else 12, 64, dtype=dtype, repeats=repeats, on_gpu=on_gpu)

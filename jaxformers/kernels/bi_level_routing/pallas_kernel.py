@@ -33,7 +33,8 @@ Backends:
   blocks must fit VMEM (:func:`tpu_vmem_bytes`; the four BiFormer benchmark shapes of
   ``shared/anchors.md`` need 7-15 MiB, and ~41 MiB for 128x128 with S=16); ``"auto"`` falls back
   to the reference when they do not.
-- GPU (Triton lowering; Mosaic GPU would need a separate warpgroup kernel): no scalar prefetch;
+- GPU (Triton lowering; on a Hopper GPU, maps whose regions hold a multiple of 64 tokens go to the
+  Mosaic GPU path instead, ``mosaic_gpu.py``, see ``gpu_kernel``): no scalar prefetch;
   the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Each
   online-softmax step gathers several routed regions into one key tile with a vector-indexed load
   (``regions_per_step``, ~8192 key elements: 16 regions of 2x2 tokens at BiFormer's stage 3), so
