@@ -376,11 +376,14 @@ GPU_KERNELS = ("auto", "triton", "mosaic")
 
 
 def _use_mosaic(choice: str, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
+    """Resolves ``gpu_kernel``: whether this call takes the Mosaic GPU path (``mosaic_gpu.py``)."""
+    if choice not in GPU_KERNELS:
+        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {choice!r}")
+    if choice == "triton" or (choice == "auto" and jax.default_backend() != "gpu"):
+        return False
     from jaxformers.kernels.bi_level_routing import mosaic_gpu
     from jaxformers.kernels.local_global.mosaic_pipeline import on_hopper_gpu
 
-    if choice not in GPU_KERNELS:
-        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {choice!r}")
     fits = mosaic_gpu.supported(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side)
     if choice == "mosaic" and not fits:
         raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v, one head dim of 32, 64 or 128 and "

@@ -6,7 +6,7 @@ owns ``tile_rows`` rows of the tile (the wgmma M dimension) and keeps its *resid
 operands (e.g. the query rows) in shared memory; the memory warpgroup walks the tile's row of
 ``blocks.index_table`` and streams the *streamed* operands of every listed block (e.g. K, V and
 their segment ids) through a ring of ``stages`` shared-memory slots, with TMA copies. Per slot,
-one barrier says "all copies landed" and one says "both compute warpgroups are done with it".
+one barrier says "all copies landed" and one says "the compute warpgroups are done with it".
 The compute warpgroups run ``step`` over the full blocks (no element mask), then the partial
 ones, and ``finish`` turns their carry into output tiles, which go back to global memory by TMA.
 
@@ -179,7 +179,7 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
                 slot = lax.rem(t, stages)
                 start = table_ref[row + 2 + t] * block_rows
 
-                @pl.when(t >= stages)  # both compute warpgroups must be done with the slot's last block
+                @pl.when(t >= stages)  # the compute warpgroups must be done with the slot's last block
                 def _():
                     plgpu.barrier_wait(blk_free.at[slot])
 

@@ -345,18 +345,18 @@ GPU_KERNELS = ("auto", "triton", "mosaic")
 
 def _pick_gpu_kernel(choice: str, backend: str, q, k, v) -> str:
     """Resolves ``gpu_kernel="auto"``: Mosaic GPU on a Hopper (sm90) device for inputs it supports."""
-    from jaxformers.kernels.local_global import mosaic_gpu
-
-    if choice == "mosaic" and not mosaic_gpu.supported(q, k, v):
-        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v with one head dim of 32, 64 or 128; "
-                         f"got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}")
-    if choice != "auto":
-        return choice
-    if backend != "gpu" or not mosaic_gpu.supported(q, k, v):
+    if choice == "triton" or (choice == "auto" and backend != "gpu"):
         return "triton"
+    from jaxformers.kernels.local_global import mosaic_gpu
     from jaxformers.kernels.local_global.mosaic_pipeline import on_hopper_gpu
 
-    return "mosaic" if on_hopper_gpu() else "triton"
+    fits = mosaic_gpu.supported(q, k, v)
+    if choice == "mosaic" and not fits:
+        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v with one head dim of 32, 64 or 128; "
+                         f"got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}")
+    if choice == "mosaic":
+        return "mosaic"
+    return "mosaic" if fits and on_hopper_gpu() else "triton"
 
 
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
