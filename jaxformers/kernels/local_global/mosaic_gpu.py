@@ -32,6 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxformers.kernels.local_global import mosaic_pipeline as mp
 from jaxformers.kernels.local_global.blocks import block_kinds, index_table
@@ -93,7 +94,7 @@ def _logits(spec: MaskSpec, c: float, own, streamed, own_start, block_start, own
 
 
 def _iota(shape, dim):
-    return mp.plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=mp.ACC)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=mp.ACC)
 
 
 def _rows(x, shape):
@@ -105,12 +106,11 @@ def _cols(x, shape):
 
 
 def visit_tables(any_: jax.Array, full_: jax.Array, q_width: int, k_width: int) -> tuple[tuple, tuple]:
-    """(key blocks per query tile, query blocks per key tile) from (B or 1, n_tiles, n_blocks)
-    masks of visited / fully allowed pairs, both at (query tile, key block) granularity; each is
-    a (table, stride, per_batch) triple (``per_batch``: one block of table rows per batch row).
-
-    ``q_width``/``k_width`` bound the visited blocks of any query tile / key tile. With one compute
-    warpgroup (tile == block) the transposed masks serve dK/dV directly."""
+    """Visit tables for kernels with ONE compute warpgroup (tile == block), from (B or 1, n, n)
+    masks of visited / fully allowed (query block, key block) pairs: (key blocks per query block,
+    query blocks per key block), each a (table, stride, per_batch) triple (``per_batch``: one
+    block of table rows per batch row). ``q_width``/``k_width`` bound the visited blocks of any
+    query block / key block."""
     per_batch = any_.shape[0] > 1
     q_major = (*index_table(any_, full_, q_width), per_batch)
     k_major = (*index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full_, 1, 2), k_width), per_batch)
