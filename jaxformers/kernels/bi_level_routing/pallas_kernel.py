@@ -61,6 +61,7 @@ from jax.experimental import pallas as pl
 
 from jaxformers.kernels.bi_level_routing.pallas_bodies import KernelConfig, dkv_kernel, dq_kernel, forward_kernel
 from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
+from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel
 
 __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", "inverse_routing",
            "tpu_fits", "tpu_vmem_bytes"]
@@ -372,27 +373,19 @@ def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
     return tpu_vmem_bytes(q_shape, v_shape, dtype, **kw) <= _TPU_VMEM_BUDGET
 
 
-GPU_KERNELS = ("auto", "triton", "mosaic")
-
-
 def _use_mosaic(choice: str, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
-    """Resolves ``gpu_kernel``: whether this call takes the Mosaic GPU path (``mosaic_gpu.py``)."""
-    if choice not in GPU_KERNELS:
-        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {choice!r}")
-    if choice == "triton" or (choice == "auto" and jax.default_backend() != "gpu"):
-        return False
-    from jaxformers.kernels.bi_level_routing import mosaic_gpu
-    from jaxformers.kernels.local_global.mosaic_pipeline import on_hopper_gpu
+    """Resolves ``gpu_kernel`` (see ``jaxformers.kernels.gpu_kernel``): whether this call takes the
+    Mosaic GPU path (``mosaic_gpu.py``). An explicit TPU layout never does."""
+    def fits():
+        from jaxformers.kernels.bi_level_routing import mosaic_gpu
 
-    fits = mosaic_gpu.supported(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side)
-    if choice == "mosaic" and not fits:
-        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v, one head dim of 32, 64 or 128 and "
-                         f"regions of a multiple of 64 tokens; got {q.dtype}, q/k/v channels {q.shape[-1]}/"
-                         f"{v.shape[-1]} over {num_heads} heads, regions of "
-                         f"{q.shape[1] // regions_per_side}x{q.shape[2] // regions_per_side} tokens")
-    if choice == "auto":
-        return fits and (layout or default_layout()) == "gpu" and on_hopper_gpu()
-    return choice == "mosaic"
+        return mosaic_gpu.supported(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side)
+
+    backend = "tpu" if (layout or default_layout()) == "tpu" else jax.default_backend()
+    return resolve_gpu_kernel(choice, backend=backend, fits=fits, requirement=(
+        "bfloat16/float16 q, k, v, one head dim of 32, 64 or 128 and regions of a multiple of 64 tokens; "
+        f"got {q.dtype}, q/k/v channels {q.shape[-1]}/{v.shape[-1]} over {num_heads} heads, regions of "
+        f"{q.shape[1] // regions_per_side}x{q.shape[2] // regions_per_side} tokens")) == "mosaic"
 
 
 def bi_level_routing_attention_pallas(

@@ -38,13 +38,6 @@ class Operand:
     kv: bool = False
 
 
-def on_hopper_gpu() -> bool:
-    """True when JAX's default backend is a Hopper (sm90) GPU, where these kernels are the default."""
-    if jax.default_backend() != "gpu":
-        return False
-    return str(getattr(jax.devices("gpu")[0], "compute_capability", "")).startswith("9.")
-
-
 def interpret_params(**options):
     """Mosaic GPU interpret mode (CPU simulation of shared memory, barriers, TMA and wgmma);
     ``options`` are ``InterpretGPUParams`` fields, e.g. ``detect_races=True``."""

@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel
 from jaxformers.kernels.local_global.blocks import BlockSizes, block_kinds, index_table, pl_next_pow2
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
@@ -340,23 +341,16 @@ def _attention_bwd(cfg, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-GPU_KERNELS = ("auto", "triton", "mosaic")
-
-
 def _pick_gpu_kernel(choice: str, backend: str, q, k, v) -> str:
-    """Resolves ``gpu_kernel="auto"``: Mosaic GPU on a Hopper (sm90) device for inputs it supports."""
-    if choice == "triton" or (choice == "auto" and backend != "gpu"):
-        return "triton"
-    from jaxformers.kernels.local_global import mosaic_gpu
-    from jaxformers.kernels.local_global.mosaic_pipeline import on_hopper_gpu
+    """Resolves ``gpu_kernel`` (see ``jaxformers.kernels.gpu_kernel``) for these inputs."""
+    def fits():
+        from jaxformers.kernels.local_global import mosaic_gpu
 
-    fits = mosaic_gpu.supported(q, k, v)
-    if choice == "mosaic" and not fits:
-        raise ValueError("gpu_kernel='mosaic' needs bfloat16/float16 q, k, v with one head dim of 32, 64 or 128; "
-                         f"got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}")
-    if choice == "mosaic":
-        return "mosaic"
-    return "mosaic" if fits and on_hopper_gpu() else "triton"
+        return mosaic_gpu.supported(q, k, v)
+
+    return resolve_gpu_kernel(choice, backend=backend, fits=fits, requirement=(
+        "bfloat16/float16 q, k, v with one head dim of 32, 64 or 128; "
+        f"got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}"))
 
 
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
@@ -388,8 +382,6 @@ def local_global_attention_pallas(
     kernels: "triton", "mosaic" (Hopper; bf16/f16, head dim 32, 64 or 128; in Mosaic GPU interpret
     mode off GPU) or "auto" (Mosaic on a Hopper GPU when the inputs suit it, else Triton).
     """
-    if gpu_kernel not in GPU_KERNELS:
-        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {gpu_kernel!r}")
     backend = backend or jax.default_backend()
     n_global = min(spec.global_tokens, q.shape[1])
     if n_global and not spec.is_dense and spec.global_queries:
