@@ -1,20 +1,32 @@
 """Hopper (Mosaic GPU) path of bi-level routing attention: the routed regions become the visited
 blocks of the local/global Mosaic GPU kernels (``jaxformers.kernels.local_global.mosaic_gpu``).
 
-When a region holds a multiple of 64 tokens (BiFormer's 8x8 regions: stage 1 at 224², and the
-128² map with S = 16), a region is a whole number of 64-row wgmma blocks. The maps go
-region-major once (q, k, v: (B, S²·T, heads, d), as the reference's ``to_regions`` lays them
-out), the routing becomes a visit table (each query block walks the blocks of its ``topk`` routed
-regions; each key block, in the backward, the query blocks whose regions chose it: inverse
-routing), and the shared pipeline runs with one compute warpgroup per 64 query rows (two
-consecutive blocks may belong to different regions, hence different lists). Every visited pair
-is allowed, so no element mask is ever computed; nothing is gathered, K/V blocks are streamed by
-TMA from their place in the region-major maps.
+The maps go region-major once (q, k, v: (B, S²·T, heads, d), T tokens per region, as the
+reference's ``to_regions`` lays them out, padded to whole 64-row blocks) and the routing becomes
+visit tables of 64-token blocks: each query block walks the key blocks its regions routed to,
+each key block, in the backward, the query blocks whose regions chose it (inverse routing). The
+shared pipeline runs with one compute warpgroup per 64 query rows (neighbouring blocks route
+differently, hence different lists). Nothing is gathered: K/V blocks are streamed by TMA from
+their place in the region-major maps.
 
-Compared with the Triton path (``pallas_kernel.py``), which reads the NHWC maps in place, this
-one pays for the region-major copies of q, k, v and the output; it wins where wgmma does. Both
-have to be timed on a Hopper GPU (``benchmarks/kernels.py --only bra``), which has not happened
-yet: the tests run it in Mosaic GPU interpret mode on CPU and lower it for CUDA.
+- Regions of a multiple of 64 tokens (BiFormer's 8x8 regions: stage 1 at 224², the 128² map
+  with S = 16): a block lies in one region, every visited pair is allowed, so no element mask is
+  ever computed.
+- Smaller regions of 2..32 tokens (powers of two: the 4x4 and 2x2 regions of stages 2 and 3), the
+  case the issue asks to stack: a 64-row block holds 64/T whole regions, a query block visits the
+  union of the key blocks its regions routed to, and a per-row routing bit mask
+  (``local_global.mosaic_gpu.Route``: for each query token, one bit per key region, and the
+  transpose for the dK/dV kernel) masks the pairs of other regions inside a visited block. That
+  spends wgmma work on masked pairs (a query block of stage 3 sees the whole 14x14 map of 196
+  tokens = 4 blocks, 16 of 49 regions routed) in exchange for full-size tensor-core tiles and
+  one schedule for every region size; blocks where every pair is routed skip the mask.
+- Regions of 1 token, or of a size that neither divides nor is a multiple of 64, stay on the
+  Triton kernels (``pallas_kernel.py``), as do float32 inputs.
+
+Compared with the Triton path, which reads the NHWC maps in place, this one pays for the
+region-major copies of q, k, v and the output; it wins where wgmma does. Both have to be timed on a
+Hopper GPU (``benchmarks/kernels.py --only bra``), which has not happened yet: the tests run it in
+Mosaic GPU interpret mode on CPU and lower it for CUDA.
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
 from jaxformers.kernels.local_global import mosaic_gpu as lg
@@ -30,48 +43,93 @@ from jaxformers.kernels.local_global.mask import MaskSpec
 _BLOCKS = lg.MosaicBlocks(block=64, warpgroups=1)
 
 
+def _tokens_per_region(height: int, width: int, regions_per_side: int) -> int:
+    return (height // regions_per_side) * (width // regions_per_side)
+
+
+def region_sizes_supported(tokens: int) -> bool:
+    """Regions of a multiple of 64 tokens, or of 2..32 tokens that divide 64."""
+    return tokens % 64 == 0 or (2 <= tokens <= 32 and 64 % tokens == 0)
+
+
 def supported(q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int, regions_per_side: int) -> bool:
-    """bf16/f16, one head dim of 32, 64 or 128 for q/k and v, and regions of a multiple of 64 tokens."""
+    """bf16/f16, one head dim of 32, 64 or 128 for q/k and v, and a region size that
+    :func:`region_sizes_supported` accepts."""
     _, height, width, channels = q.shape
-    tokens = (height // regions_per_side) * (width // regions_per_side)
     heads_view = jax.ShapeDtypeStruct((1, 1, num_heads, channels // num_heads), q.dtype)
     v_view = jax.ShapeDtypeStruct((1, 1, num_heads, v.shape[-1] // num_heads), v.dtype)
-    return tokens % 64 == 0 and k.dtype == q.dtype and lg.supported(heads_view, heads_view, v_view)
+    return (region_sizes_supported(_tokens_per_region(height, width, regions_per_side)) and k.dtype == q.dtype
+            and lg.supported(heads_view, heads_view, v_view))
 
 
-def _visit_tables(index: jax.Array, blocks_per_region: int):
-    """Visit tables (``local_global.mosaic_gpu.visit_tables``) of a (B, R, topk) routing."""
-    batch, regions, topk = index.shape
-    routed = jnp.zeros((batch, regions, regions), bool).at[
+def _routed(index: jax.Array, regions: int) -> jax.Array:
+    """(B, R, R) bool: query region r routed to key region c."""
+    batch = index.shape[0]
+    return jnp.zeros((batch, regions, regions), bool).at[
         jnp.arange(batch)[:, None, None], jnp.arange(regions)[None, :, None], index].set(True)
-    per_block = routed.repeat(blocks_per_region, axis=1).repeat(blocks_per_region, axis=2)  # (B, R·m, R·m)
-    return lg.visit_tables(per_block, per_block, topk * blocks_per_region, regions * blocks_per_region)
+
+
+def _visit_tables(routed: jax.Array, tokens: int, topk: int, num_blocks: int):
+    """Visit tables (``local_global.mosaic_gpu.visit_tables``) of 64-token blocks over a (B, R, R)
+    routing of regions of ``tokens`` tokens, region-major and padded to ``num_blocks`` blocks."""
+    block = _BLOCKS.block
+    if tokens % block == 0:  # a block lies in one region: visited pairs are all allowed
+        per_region = tokens // block
+        per_block = routed.repeat(per_region, axis=1).repeat(per_region, axis=2)
+        return lg.visit_tables(per_block, per_block, topk * per_region, num_blocks)
+    group = block // tokens  # whole regions per block; padding regions route nowhere
+    pad = num_blocks * group - routed.shape[1]
+    pairs = jnp.pad(routed, ((0, 0), (0, pad), (0, pad))).reshape(-1, num_blocks, group, num_blocks, group)
+    any_, full_ = pairs.any(axis=(2, 4)), pairs.all(axis=(2, 4))
+    return lg.visit_tables(any_, full_, min(num_blocks, topk * group), num_blocks)
+
+
+def _route_words(routed: jax.Array, tokens: int, length: int) -> lg.Route:
+    """The per-token routing bit masks of regions of ``tokens`` (< 64) tokens (``lg.Route``)."""
+    batch, regions, _ = routed.shape
+    words = -(-regions // 32)
+    weights = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32))
+
+    def pack(rows):  # (B, R, R) bool -> (B, W, R·T padded to length) int32 bit words over the last axis
+        bits = jnp.pad(rows, ((0, 0), (0, 0), (0, words * 32 - regions))).reshape(batch, regions, words, 32)
+        packed = jnp.sum(bits.astype(jnp.uint32) * weights, axis=-1, dtype=jnp.uint32)  # (B, R, W)
+        per_token = jnp.repeat(packed, tokens, axis=1)
+        per_token = jnp.pad(per_token, ((0, 0), (0, length - regions * tokens), (0, 0)))
+        return lax.bitcast_convert_type(per_token, jnp.int32).transpose(0, 2, 1)
+
+    return lg.Route(pack(routed), pack(jnp.swapaxes(routed, 1, 2)), tokens.bit_length() - 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attend(scale, interpret, strides, q, k, v, q_table, k_table):
-    return _forward(scale, interpret, strides, q, k, v, q_table)[0]
+def _attend(scale, interpret, static, q, k, v, q_table, k_table, words):
+    return _forward(scale, interpret, static, q, k, v, q_table, words)[0]
 
 
-def _forward(scale, interpret, strides, q, k, v, q_table):
+def _route(static, words):
+    """``static`` = (q table stride, k table stride, region shift or None); ``words`` = (q, k) words."""
+    return None if static[2] is None else lg.Route(*words, static[2])
+
+
+def _forward(scale, interpret, static, q, k, v, q_table, words):
     ones = jnp.ones((1, q.shape[1]), jnp.int32)
     return lg.forward(MaskSpec(), scale, q, k, v, ones, ones, blocks=_BLOCKS, interpret=interpret,
-                      table=(q_table, strides[0], True))
+                      table=(q_table, static[0], True), route=_route(static, words))
 
 
-def _attend_fwd(scale, interpret, strides, q, k, v, q_table, k_table):
-    out, lse = _forward(scale, interpret, strides, q, k, v, q_table)
-    return out, (q, k, v, out, lse, q_table, k_table)
+def _attend_fwd(scale, interpret, static, q, k, v, q_table, k_table, words):
+    out, lse = _forward(scale, interpret, static, q, k, v, q_table, words)
+    return out, (q, k, v, out, lse, q_table, k_table, words)
 
 
-def _attend_bwd(scale, interpret, strides, residuals, d_out):
-    q, k, v, out, lse, q_table, k_table = residuals
+def _attend_bwd(scale, interpret, static, residuals, d_out):
+    q, k, v, out, lse, q_table, k_table, words = residuals
     ones = jnp.ones((1, q.shape[1]), jnp.int32)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
     dq, dk, dv = lg.backward(MaskSpec(), MaskSpec(), scale, q, k, v, ones, ones, lse, delta, d_out.astype(q.dtype),
                              blocks=_BLOCKS, interpret=interpret,
-                             tables=((q_table, strides[0], True), (k_table, strides[1], True)))
-    return dq, dk, dv, None, None
+                             tables=((q_table, static[0], True), (k_table, static[1], True)),
+                             route=_route(static, words))
+    return dq, dk, dv, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -82,13 +140,21 @@ def bi_level_routing_attention_mosaic(q, k, v, *, num_heads: int, regions_per_si
     """BRA on validated NHWC inputs that :func:`supported` accepts; differentiable in q, k, v."""
     batch, height, width, _ = q.shape
     s = regions_per_side
-    tokens = (height // s) * (width // s)
-    index = route_regions(q, k, s, topk, scale)
-    (q_table, q_stride, _), (k_table, k_stride, _) = _visit_tables(index, tokens // _BLOCKS.block)
+    tokens = _tokens_per_region(height, width, s)
+    regions = s * s
+    length = -(-regions * tokens // _BLOCKS.block) * _BLOCKS.block
+    routed = _routed(route_regions(q, k, s, topk, scale), regions)
+    (q_table, q_stride, _), (k_table, k_stride, _) = _visit_tables(routed, tokens, topk, length // _BLOCKS.block)
+    if tokens % _BLOCKS.block:
+        route = _route_words(routed, tokens, length)
+        static, words = (q_stride, k_stride, route.shift), (route.q_words, route.k_words)
+    else:
+        static, words = (q_stride, k_stride, None), None
 
-    def tokens_layout(x):  # (B, H, W, C) -> (B, S²·T, heads, d), regions row-major
-        return to_regions(x, s).reshape(batch, s * s * tokens, num_heads, x.shape[-1] // num_heads)
+    def tokens_layout(x):  # (B, H, W, C) -> (B, S²·T padded, heads, d), regions row-major
+        x = to_regions(x, s).reshape(batch, regions * tokens, num_heads, x.shape[-1] // num_heads)
+        return jnp.pad(x, ((0, 0), (0, length - regions * tokens), (0, 0), (0, 0)))
 
-    out = _attend(float(scale), interpret, (q_stride, k_stride), *(tokens_layout(x) for x in (q, k, v)),
-                  q_table, k_table)
-    return from_regions(out.reshape(batch, s * s, tokens, v.shape[-1]), s, height, width)
+    out = _attend(float(scale), interpret, static, *(tokens_layout(x) for x in (q, k, v)), q_table, k_table, words)
+    out = out[:, :regions * tokens].reshape(batch, regions, tokens, v.shape[-1])
+    return from_regions(out, s, height, width)

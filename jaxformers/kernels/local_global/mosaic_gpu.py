@@ -16,6 +16,9 @@ lists, through a ring of shared-memory slots).
   segment ids) streamed over the transposed table; computes Sᵀ = K Qᵀ directly, so every
   wgmma takes its B operand from shared memory as stored. With grouped-query attention each
   query head writes its own dK/dV (in the input dtype) and ``pallas_kernel`` sums them.
+- BRA (``bi_level_routing/mosaic_gpu.py``) walks its own visit tables and, for regions smaller
+  than a block, masks partial blocks by per-row routing bit words (:class:`Route`) instead of
+  the window/segment rules.
 
 Supported: bfloat16/float16 inputs, head dim (of q, k and v alike) 32, 64 or 128. ``pallas_kernel``
 sends anything else to the Triton kernels. The tests run these kernels in Mosaic GPU interpret
@@ -41,7 +44,7 @@ from jaxformers.kernels.local_global.mask import MaskSpec, allowed
 LOG2_E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 TOKENS, KV_TOKENS = mp.Operand("tokens"), mp.Operand("tokens", kv=True)
-PER_HEAD, PER_ROW = mp.Operand("per_head"), mp.Operand("per_row")
+PER_HEAD, PER_ROW, BIT_WORDS = mp.Operand("per_head"), mp.Operand("per_row"), mp.Operand("words")
 interpret_params = mp.interpret_params
 
 
@@ -65,6 +68,27 @@ class MosaicBlocks:
         return self.warpgroups * self.block
 
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Region-level routing as the element mask of partial blocks (bi-level routing attention with
+    regions smaller than a block): a query may see a key iff the query's region routed to the key's.
+
+    Rows of q and k are region-major, ``2**shift`` tokens per region (shift 1..5, so a 64-row block
+    holds whole regions and its regions' bits share one word). ``q_words`` (B, W, Lq) int32: bit j of
+    word w of query row i is set iff i's region routed to key region 32w + j; ``k_words`` (B, W, Lk),
+    the transpose: bit j of word w of key row i is set iff query region 32w + j routed to i's region.
+    Padding rows have no bits. The segment ids and ``MaskSpec`` are ignored where a route is given.
+    """
+
+    q_words: jax.Array
+    k_words: jax.Array
+    shift: int
+
+    def __post_init__(self):
+        if not 1 <= self.shift <= 5:
+            raise ValueError(f"Route needs 2..32 tokens per region (shift 1..5); got shift {self.shift}")
+
+
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether these kernels handle these inputs (else the Triton kernels do)."""
     dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
@@ -73,18 +97,25 @@ def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
 
 
 def _logits(spec: MaskSpec, c: float, own, streamed, own_start, block_start, own_seg, block_seg_ref, masked: bool,
-            queries_own: bool = True):
+            queries_own: bool = True, route=None):
     """Scaled logits of a resident tile against a streamed block, masked when ``masked``.
 
     ``own``/``streamed`` are the (rows, D) shared-memory tiles; with ``queries_own`` the resident
     tile holds the queries (logits (queries, keys)), else the keys (logits transposed, (keys,
     queries), as the dK/dV kernel wants them). ``own_seg`` holds the resident rows' segment ids
-    (row layout), ``block_seg_ref`` the streamed block's (read only when masked).
+    (row layout), ``block_seg_ref`` the streamed block's (read only when masked). ``route``: the
+    resident rows' (W, rows) routing words and ``Route.shift``; then the routing alone masks.
     """
     shape = (own.shape[0], streamed.shape[0])
     s = mp.mma(own, streamed.transpose((1, 0)), shape) * c
     if not masked:
         return s
+    if route is not None:
+        words_ref, shift = route
+        region = block_start >> shift  # the streamed block's first region; its regions share a word
+        words = mp.load(words_ref.at[region >> 5], mp.ROWS)
+        bit = (region & 31) + (_iota(shape, 1) >> shift)
+        return jnp.where(((_rows(words, shape) >> bit) & 1) != 0, s, MASK_VALUE)
     own_pos, block_pos = own_start + _iota(shape, 0), block_start + _iota(shape, 1)
     own_seg, block_seg = _rows(own_seg, shape), _cols(mp.load(block_seg_ref, mp.COLS), shape)
     q_pos, k_pos, q_seg, k_seg = ((own_pos, block_pos, own_seg, block_seg) if queries_own
@@ -135,21 +166,22 @@ def _check(q, k, blocks: MosaicBlocks):
 
 
 def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: MosaicBlocks = MosaicBlocks(),
-            interpret=False, table: tuple[jax.Array, int, bool] | None = None):
+            interpret=False, table: tuple[jax.Array, int, bool] | None = None, route: Route | None = None):
     """(out, base-2 logsumexp (B, H, Lq)) for padded inputs.
 
     q (B, Lq, H, D), k, v (B, Lk, Hkv, D), lengths multiples of ``blocks.tile``; q_seg/k_seg
     (B or 1, L) int32 with 0 on padding positions. ``interpret``: False (compile for the GPU),
     True or ``interpret_params(...)`` (run on the CPU). ``table``: the key blocks per query tile to
     walk, a (table, stride, per_batch) triple (see ``visit_tables``), instead of the ones ``spec``
-    gives (BRA passes its routing).
+    gives (BRA passes its routing); ``route``: the routing that masks partial blocks instead of
+    ``spec`` and the segment ids.
     """
     _check(q, k, blocks)
     batch, q_len, heads, dim = q.shape
     bq = bk = blocks.block
     table, stride, per_batch = table or _q_major(spec, q_seg, k_seg, blocks)
     c = float(scale) * LOG2_E
-    Q, QSEG, K, V, KSEG = range(5)
+    Q, QSEG, K, V, KSEG, WORDS = range(6)
 
     def init(res):
         return (mp.full(-jnp.inf, (bq,), mp.ROWS), mp.full(0.0, (bq,), mp.ROWS), mp.full(0.0, (bq, dim), mp.ACC),
@@ -157,7 +189,8 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: Mosa
 
     def step(res, blk, q_start, k_start, masked, carry, as_operand):
         m, l, acc, q_seg_rows = carry
-        s = _logits(spec, c, res[Q], blk[K], q_start, k_start, q_seg_rows, blk[KSEG], masked)
+        s = _logits(spec, c, res[Q], blk[K], q_start, k_start, q_seg_rows, blk[KSEG], masked,
+                    route=route and (res[WORDS], route.shift))
         m_new = jnp.maximum(m, s.max(axis=1))
         correction = jnp.exp2(m - m_new)
         p = jnp.exp2(s - _rows(m_new, s.shape))
@@ -173,8 +206,9 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: Mosa
 
     return mp.block_sparse_call(
         grid=(heads, q_len // blocks.tile, batch),
-        operands=[(q, TOKENS), (q_seg, PER_ROW), (k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW)],
-        resident=(Q, QSEG), streamed=(K, V, KSEG),
+        operands=[(q, TOKENS), (q_seg, PER_ROW), (k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW)]
+        + ([(route.q_words, BIT_WORDS)] if route else []),
+        resident=(Q, QSEG) + ((WORDS,) if route else ()), streamed=(K, V, KSEG),
         outputs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), TOKENS, Q),
                  (jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32), PER_HEAD, None)],
         table=table, stride=stride, tile_rows=bq, block_rows=bk, stages=blocks.stages, rep=heads // k.shape[2],
@@ -183,13 +217,15 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: Mosa
 
 
 def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, lse, delta, d_out, *,
-             blocks: MosaicBlocks = MosaicBlocks(), interpret=False, tables: tuple | None = None):
+             blocks: MosaicBlocks = MosaicBlocks(), interpret=False, tables: tuple | None = None,
+             route: Route | None = None):
     """(dq, dk, dv) for padded inputs; dk, dv are per query head, (B, Lk, H, D) in k's dtype.
 
     ``lse`` is the forward's base-2 logsumexp and ``delta`` = rowsum(out * d_out), both (B, H, Lq)
     float32. ``kv_spec`` is the mask the dK/dV kernel walks (``pallas_kernel`` drops the global
     keys from it and computes their gradients by a dense side pass). ``tables``: (key blocks per
-    query tile, query blocks per key tile), each a (table, stride, per_batch), instead of the specs'.
+    query tile, query blocks per key tile), each a (table, stride, per_batch), instead of the specs';
+    ``route`` as in :func:`forward`.
     """
     _check(q, k, blocks)
     batch, q_len, heads, dim = q.shape
@@ -202,7 +238,7 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
     q_major, k_major = tables or (_q_major(spec, q_seg, k_seg, blocks), _k_major(kv_spec, q_seg, k_seg, blocks))
 
     # dQ: query tiles resident, K/V blocks streamed.
-    Q, DO, LSE, DELTA, QSEG, K, V, KSEG = range(8)
+    Q, DO, LSE, DELTA, QSEG, K, V, KSEG, WORDS = range(9)
     table, stride, per_batch = q_major
 
     def dq_init(res):
@@ -211,7 +247,8 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
 
     def dq_step(res, blk, q_start, k_start, masked, carry, as_operand):
         dq, lse_rows, delta_rows, q_seg_rows = carry
-        s = _logits(spec, c, res[Q], blk[K], q_start, k_start, q_seg_rows, blk[KSEG], masked)
+        s = _logits(spec, c, res[Q], blk[K], q_start, k_start, q_seg_rows, blk[KSEG], masked,
+                    route=route and (res[WORDS], route.shift))
         p = jnp.exp2(s - _rows(lse_rows, s.shape))
         dp = mp.mma(res[DO], blk[V].transpose((1, 0)), (bq, bk))
         ds = p * (dp - _rows(delta_rows, s.shape))
@@ -220,15 +257,15 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
     (dq,) = mp.block_sparse_call(
         grid=(heads, q_len // blocks.tile, batch),
         operands=[(q, TOKENS), (d_out, TOKENS), (lse, PER_HEAD), (delta, PER_HEAD), (q_seg, PER_ROW),
-                  (k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW)],
-        resident=(Q, DO, LSE, DELTA, QSEG), streamed=(K, V, KSEG),
+                  (k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW)] + ([(route.q_words, BIT_WORDS)] if route else []),
+        resident=(Q, DO, LSE, DELTA, QSEG) + ((WORDS,) if route else ()), streamed=(K, V, KSEG),
         outputs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), TOKENS, Q)],
         table=table, stride=stride, per_batch=per_batch, init=dq_init, step=dq_step,
         finish=lambda res, carry: (carry[0] * scale,),
         **common)
 
     # dK/dV: key tiles resident (per query head), query-side blocks streamed; tiles are (keys, queries).
-    K, V, KSEG, Q, DO, LSE, DELTA, QSEG = range(8)
+    K, V, KSEG, Q, DO, LSE, DELTA, QSEG, WORDS = range(9)
     table, stride, per_batch = k_major
 
     def dkv_init(res):
@@ -237,7 +274,8 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
 
     def dkv_step(res, blk, k_start, q_start, masked, carry, as_operand):
         dk, dv, k_seg_rows = carry
-        st = _logits(kv_spec, c, res[K], blk[Q], k_start, q_start, k_seg_rows, blk[QSEG], masked, queries_own=False)
+        st = _logits(kv_spec, c, res[K], blk[Q], k_start, q_start, k_seg_rows, blk[QSEG], masked, queries_own=False,
+                     route=route and (res[WORDS], route.shift))
         pt = jnp.exp2(st - _cols(mp.load(blk[LSE], mp.COLS), st.shape))
         dv = dv + mp.mma(as_operand(pt), blk[DO], (bk, dim))
         dpt = mp.mma(res[V], blk[DO].transpose((1, 0)), (bk, bq))
@@ -248,8 +286,8 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
     dk, dv = mp.block_sparse_call(
         grid=(heads, k_len // blocks.tile, batch),
         operands=[(k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW), (q, TOKENS), (d_out, TOKENS),
-                  (lse, PER_HEAD), (delta, PER_HEAD), (q_seg, PER_ROW)],
-        resident=(K, V, KSEG), streamed=(Q, DO, LSE, DELTA, QSEG),
+                  (lse, PER_HEAD), (delta, PER_HEAD), (q_seg, PER_ROW)] + ([(route.k_words, BIT_WORDS)] if route else []),
+        resident=(K, V, KSEG) + ((WORDS,) if route else ()), streamed=(Q, DO, LSE, DELTA, QSEG),
         outputs=[(per_head, TOKENS, K), (per_head, TOKENS, V)],  # written over the K/V tiles
         table=table, stride=stride, per_batch=per_batch, init=dkv_init, step=dkv_step,
         finish=lambda res, carry: (carry[0] * scale, carry[1]), **common)

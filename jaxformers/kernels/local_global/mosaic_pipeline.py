@@ -12,7 +12,8 @@ ones, and ``finish`` turns their carry into output tiles, which go back to globa
 
 Operands are addressed by kind: ``"tokens"`` (B, L, H, D) tensors (tile (rows, D), swizzled for
 wgmma; ``kv=True`` reads head ``h // rep``), ``"per_head"`` (B, H, L) float vectors such as the
-logsumexp, ``"per_row"`` (B or 1, L) segment ids.
+logsumexp, ``"per_row"`` (B or 1, L) segment ids, ``"words"`` (B, W, L) int32 bit words per row
+(BRA's routing masks; a (W, rows) tile).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 
 @dataclasses.dataclass(frozen=True)
 class Operand:
-    kind: str  # "tokens" | "per_head" | "per_row"
+    kind: str  # "tokens" | "per_head" | "per_row" | "words"
     kv: bool = False
 
 
@@ -80,6 +81,8 @@ def _mma_transforms(dtype, width: int):
 def _smem(op: Operand, count: int, rows: int, aval) -> Any:
     if op.kind == "tokens":
         return plgpu.SMEM((count, rows, aval.shape[-1]), aval.dtype, transforms=_mma_transforms(aval.dtype, aval.shape[-1]))
+    if op.kind == "words":
+        return plgpu.SMEM((count, aval.shape[1], rows), aval.dtype)
     return plgpu.SMEM((count, rows), aval.dtype)
 
 
@@ -89,6 +92,8 @@ def _index(op: Operand, aval, start, rows: int, *, b, head, kv_head):
         return b, window, kv_head if op.kv else head
     if op.kind == "per_head":
         return b, head, window
+    if op.kind == "words":
+        return b, slice(None), window
     return (b if aval.shape[0] > 1 else 0), window  # per_row: (B, L), or (1, L) shared by the batch
 
 
