@@ -39,7 +39,7 @@ class KernelConfig:
     regions_per_side: int  # S
     region_h: int
     region_w: int
-    interpret: bool
+    interpret: bool | object  # or a pltpu.InterpretParams (TPU interpret mode)
     poison: bool  # debug: outputs start as NaN so unwritten elements show up
     exact_f32: bool  # float32 inputs: full-precision dots
 

@@ -308,7 +308,7 @@ def _is_pow2(n: int) -> bool:
 
 
 def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, topk: int, scale: float,
-          block_sizes: BlockSizes | None, layout: str, interpret: bool, poison: bool,
+          block_sizes: BlockSizes | None, layout: str, interpret, poison: bool,
           direct: bool | None = None):
     """The static launch configuration and padded head dims (d_qk_pad, d_v_pad) for one call.
 
@@ -343,7 +343,7 @@ def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, top
                   regions_padded=_round_up(num_regions, math.lcm(rq, rkv)), tokens=tokens,
                   tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, kv_step=step, q_step=step,
                   topk_padded=_round_up(topk, step), layout=layout, direct=direct,
-                  regions_per_side=s, region_h=region_h, region_w=region_w, interpret=bool(interpret),
+                  regions_per_side=s, region_h=region_h, region_w=region_w, interpret=interpret,
                   poison=poison, exact_f32=jnp.dtype(dtype) == jnp.float32)
     return cfg, dqk_pad, dv_pad
 
@@ -401,7 +401,7 @@ def bi_level_routing_attention_pallas(
     scale: float,
     block_sizes: BlockSizes | None = None,
     layout: str | None = None,
-    interpret: bool | None = None,
+    interpret: bool | object | None = None,
     poison: bool = False,
     direct: bool | None = None,
     gpu_kernel: str = "auto",
@@ -409,13 +409,13 @@ def bi_level_routing_attention_pallas(
     """The fused kernel on validated NHWC inputs (``topk`` in 1..S*S, ``scale`` resolved).
 
     Call it through :func:`jaxformers.kernels.bi_level_routing_attention`. ``layout`` ("gpu" |
-    "tpu") and ``interpret`` default to the current backend (interpret on CPU); ``direct`` picks the
+    "tpu") and ``interpret`` default to the current backend (interpret on CPU; ``interpret`` may also be
+    a ``pltpu.InterpretParams`` with the TPU layout, TPU interpret mode); ``direct`` picks the
     in-place NHWC tiles of the GPU layout (default: when the shapes allow, see ``_plan``);
     ``poison`` makes outputs start as NaN (tests). Differentiable in q, k and v (kernel backward,
     custom VJP). ``gpu_kernel``: "triton" (the kernels here), "mosaic" (``mosaic_gpu.py``: Hopper,
     regions of a multiple of 64 tokens or of 2..32 tokens dividing 64, bf16/f16; Mosaic GPU interpret
-    mode off GPU) or "auto"
-    (Mosaic on a Hopper GPU when the inputs suit it).
+    mode off GPU) or "auto" (Mosaic on a Hopper GPU when the inputs suit it).
     """
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
