@@ -7,7 +7,10 @@ visit tables of 64-token blocks: each query block walks the key blocks its regio
 each key block, in the backward, the query blocks whose regions chose it (inverse routing). The
 shared pipeline runs with one compute warpgroup per 64 query rows (neighbouring blocks route
 differently, hence different lists). Nothing is gathered: K/V blocks are streamed by TMA from
-their place in the region-major maps.
+their place in the region-major maps. Deviation from the issue's sketch ("all heads of a region in
+one program", which the Triton and TPU kernels follow): here a CUDA block serves one head, since
+each head's tiles are separate wgmma operands anyway; the grid (heads x blocks x batch, e.g.
+8 x 4 x 128 at stage 3) stays wide, and the routing table is read once per block.
 
 - Regions of a multiple of 64 tokens (BiFormer's 8x8 regions: stage 1 at 224², the 128² map
   with S = 16): a block lies in one region, every visited pair is allowed, so no element mask is
