@@ -1,15 +1,33 @@
 """Which GPU kernel set a Pallas call takes: ``gpu_kernel="auto" | "triton" | "mosaic"``.
 
-Shared by the ops that have both Triton kernels and Hopper (Mosaic GPU) ones. Nothing here imports
-the Mosaic GPU modules, so resolving ``"auto"`` off a GPU costs no import.
+Shared by the ops that have both Triton kernels and Hopper (Mosaic GPU) ones. ``gpu_kernel=None``
+(the default of the public ops) means the process default: the environment variable
+``JAXFORMERS_GPU_KERNEL`` if set, else ``"auto"``. It is read when a call is traced, so it picks the
+kernels of whole models (``attention_impl="pallas"``) without a model argument; set it before the
+first trace (jit caches do not see it). Nothing here imports the Mosaic GPU modules, so resolving
+``"auto"`` off a GPU costs no import.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
 
 GPU_KERNELS = ("auto", "triton", "mosaic")
+ENV_VAR = "JAXFORMERS_GPU_KERNEL"
+
+
+def gpu_kernel_choice(choice: str | None = None) -> str:
+    """``choice``, or the process default when None (``$JAXFORMERS_GPU_KERNEL``, else "auto"), checked."""
+    if choice is None:
+        value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if value not in GPU_KERNELS:
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {GPU_KERNELS}; got {value!r}")
+        return value
+    if choice not in GPU_KERNELS:
+        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS} or None; got {choice!r}")
+    return choice
 
 
 def on_hopper_gpu() -> bool:
@@ -19,17 +37,17 @@ def on_hopper_gpu() -> bool:
     return str(getattr(jax.devices("gpu")[0], "compute_capability", "")).startswith("9.")
 
 
-def resolve_gpu_kernel(choice: str, *, backend: str, fits: Callable[[], bool], requirement: str) -> str:
-    """``"triton"`` or ``"mosaic"`` for ``gpu_kernel=choice`` on ``backend``.
+def resolve_gpu_kernel(choice: str | None, *, backend: str, fits: Callable[[], bool], requirement: str) -> str:
+    """``"triton"`` or ``"mosaic"`` for ``gpu_kernel=choice`` (None: :func:`gpu_kernel_choice`) on ``backend``.
 
     ``fits()`` says whether the Mosaic kernels take these inputs; it is asked only when Mosaic is
     possible. ``"mosaic"`` on inputs that do not fit raises a ValueError
     ``"gpu_kernel='mosaic' needs {requirement}"``; ``"auto"`` picks Mosaic on a Hopper GPU when the
-    inputs fit, else Triton.
+    inputs fit, else Triton. On a TPU backend the choice does not apply: always ``"triton"`` (meaning
+    "not the Mosaic GPU kernels"; the caller runs its TPU kernels).
     """
-    if choice not in GPU_KERNELS:
-        raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS}; got {choice!r}")
-    if choice == "triton" or (choice == "auto" and backend != "gpu"):
+    choice = gpu_kernel_choice(choice)
+    if choice == "triton" or backend == "tpu" or (choice == "auto" and backend != "gpu"):
         return "triton"
     if not fits():
         if choice == "mosaic":

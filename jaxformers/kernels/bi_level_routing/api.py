@@ -40,6 +40,7 @@ from jaxformers.kernels.bi_level_routing.reference import (
     to_regions,
 )
 from jaxformers.kernels.bi_level_routing.reference import route_regions as _route_regions
+from jaxformers.kernels.gpu_kernel import gpu_kernel_choice
 from jaxformers.sharding import per_batch_shard
 
 __all__ = [
@@ -196,6 +197,7 @@ def bi_level_routing_attention(
     scale: float | None = None,
     upstream_compatible: bool = False,
     implementation: Implementation = "auto",
+    gpu_kernel: str | None = None,
 ) -> jax.Array:
     """Bi-level routing attention on NHWC maps: (B, H, W, C_qk) x2, (B, H, W, C_v) -> (B, H, W, C_v).
 
@@ -208,10 +210,14 @@ def bi_level_routing_attention(
       scale: logit scale; default ``head_dim ** -0.5``, or ``C_qk ** -0.5`` when
         ``upstream_compatible`` (the official code's scale, needed for checkpoint parity).
       implementation: ``"auto"`` | ``"pallas"`` | ``"xla"`` (see the module docstring).
+      gpu_kernel: which Pallas kernels run on a GPU: ``"auto"`` (the Hopper/Mosaic GPU kernels on an
+        H100/H200 when the inputs suit them, else Triton), ``"triton"`` or ``"mosaic"``; None (default)
+        takes ``$JAXFORMERS_GPU_KERNEL``, else ``"auto"`` (see ``jaxformers.kernels.gpu_kernel``).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
     _check_inputs(q, k, v, num_heads, regions_per_side)
+    gpu_kernel = gpu_kernel_choice(gpu_kernel)
     num_heads, regions_per_side = int(num_heads), int(regions_per_side)
     topk = resolve_topk(topk, regions_per_side)
     scale = resolve_scale(scale, q.shape[-1], num_heads, upstream_compatible)
@@ -224,5 +230,5 @@ def bi_level_routing_attention(
     from jaxformers.kernels.bi_level_routing.pallas_kernel import bi_level_routing_attention_pallas
 
     kernel = functools.partial(bi_level_routing_attention_pallas, num_heads=num_heads,
-                               regions_per_side=regions_per_side, topk=topk, scale=scale)
+                               regions_per_side=regions_per_side, topk=topk, scale=scale, gpu_kernel=gpu_kernel)
     return per_batch_shard(kernel, q.shape[0])(q, k, v)

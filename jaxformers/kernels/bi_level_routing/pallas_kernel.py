@@ -374,7 +374,7 @@ def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
     return tpu_vmem_bytes(q_shape, v_shape, dtype, **kw) <= _TPU_VMEM_BUDGET
 
 
-def _use_mosaic(choice: str, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
+def _use_mosaic(choice: str | None, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
     """Resolves ``gpu_kernel`` (see ``jaxformers.kernels.gpu_kernel``): whether this call takes the
     Mosaic GPU path (``mosaic_gpu.py``). An explicit TPU layout never does."""
     def fits():
@@ -404,7 +404,7 @@ def bi_level_routing_attention_pallas(
     interpret: bool | object | None = None,
     poison: bool = False,
     direct: bool | None = None,
-    gpu_kernel: str = "auto",
+    gpu_kernel: str | None = None,
 ) -> jax.Array:
     """The fused kernel on validated NHWC inputs (``topk`` in 1..S*S, ``scale`` resolved).
 
@@ -415,7 +415,8 @@ def bi_level_routing_attention_pallas(
     ``poison`` makes outputs start as NaN (tests). Differentiable in q, k and v (kernel backward,
     custom VJP). ``gpu_kernel``: "triton" (the kernels here), "mosaic" (``mosaic_gpu.py``: Hopper,
     regions of a multiple of 64 tokens or of 2..32 tokens dividing 64, bf16/f16; Mosaic GPU interpret
-    mode off GPU) or "auto" (Mosaic on a Hopper GPU when the inputs suit it).
+    mode off GPU), "auto" (Mosaic on a Hopper GPU when the inputs suit it) or None (the process
+    default, ``jaxformers.kernels.gpu_kernel``).
     """
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")

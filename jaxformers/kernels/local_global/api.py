@@ -21,6 +21,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from jaxformers.kernels.gpu_kernel import gpu_kernel_choice
 from jaxformers.kernels.local_global.mask import MaskSpec
 from jaxformers.sharding import per_batch_shard
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
@@ -87,6 +88,7 @@ def local_global_attention(
     chunk_size: int | None = None,
     scale: float | None = None,
     implementation: Implementation = "auto",
+    gpu_kernel: str | None = None,
 ) -> jax.Array:
     """Masked softmax attention; q (B, Lq, H, D), k and v (B, Lk, Hkv, D) -> (B, Lq, H, D) in q's dtype.
 
@@ -103,6 +105,9 @@ def local_global_attention(
         ``chunk_size`` positions (FIT's autoregressive global layers).
       scale: logit scale, default head_dim ** -0.5.
       implementation: ``"auto"`` (Pallas on GPU/TPU, else XLA), ``"pallas"`` or ``"xla"``.
+      gpu_kernel: which Pallas kernels run on a GPU: ``"auto"`` (the Hopper/Mosaic GPU kernels on an
+        H100/H200 when the inputs suit them, else Triton), ``"triton"`` or ``"mosaic"``; None (default)
+        takes ``$JAXFORMERS_GPU_KERNEL``, else ``"auto"`` (see ``jaxformers.kernels.gpu_kernel``).
 
     All restrictions combine by AND; global tokens lift window and group limits only. With no
     option this is dense attention (and with ``segment_ids`` packed variable-length attention).
@@ -113,6 +118,7 @@ def local_global_attention(
     spec = MaskSpec(window=tuple(window) if isinstance(window, list) else window,
                     global_tokens=global_tokens, group_size=group_size, causal=causal, chunk_size=chunk_size)
     _check_inputs(q, k, v, segment_ids, spec)
+    gpu_kernel = gpu_kernel_choice(gpu_kernel)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if implementation == "auto":
         implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
@@ -126,7 +132,7 @@ def local_global_attention(
 
     def kernel(q, k, v, *segment_ids):
         return local_global_attention_pallas(q, k, v, spec, segment_ids=segment_ids[0] if segment_ids else None,
-                                             scale=scale)
+                                             scale=scale, gpu_kernel=gpu_kernel)
 
     # Under an active mesh each device runs its own batch shard (the kernel call is not partitionable).
     return per_batch_shard(kernel, q.shape[0])(q, k, v, *(() if segment_ids is None else (segment_ids,)))

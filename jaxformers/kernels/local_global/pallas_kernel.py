@@ -341,7 +341,7 @@ def _attention_bwd(cfg, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _pick_gpu_kernel(choice: str, backend: str, q, k, v) -> str:
+def _pick_gpu_kernel(choice: str | None, backend: str, q, k, v) -> str:
     """Resolves ``gpu_kernel`` (see ``jaxformers.kernels.gpu_kernel``) for these inputs."""
     def fits():
         from jaxformers.kernels.local_global import mosaic_gpu
@@ -372,7 +372,7 @@ def local_global_attention_pallas(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     backend: str | None = None,
-    gpu_kernel: str = "auto",
+    gpu_kernel: str | None = None,
 ) -> jax.Array:
     """The Pallas path of ``local_global_attention`` (inputs already validated by the API).
 
@@ -380,7 +380,8 @@ def local_global_attention_pallas(
     True off GPU. ``backend`` ("gpu" | "cpu", default: JAX's default backend) picks the lowering;
     naming "gpu" lets ``jax.export`` lower for CUDA from a CPU host. ``gpu_kernel`` picks the
     kernels: "triton", "mosaic" (Hopper; bf16/f16, head dim 32, 64 or 128; in Mosaic GPU interpret
-    mode off GPU) or "auto" (Mosaic on a Hopper GPU when the inputs suit it, else Triton).
+    mode off GPU), "auto" (Mosaic on a Hopper GPU when the inputs suit it, else Triton) or None (the
+    process default, ``jaxformers.kernels.gpu_kernel``).
     """
     backend = backend or jax.default_backend()
     n_global = min(spec.global_tokens, q.shape[1])
