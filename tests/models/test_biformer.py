@@ -301,6 +301,30 @@ def test_bad_inputs_raise_clear_errors(tiny):
         init(jf.create_model("biformer_tiny", **{**TINY, "topks": (1, 2, 5, -2)}), image(1, 64))
 
 
+@pytest.mark.skipif(tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
+                    reason="Mosaic GPU interpret mode needs jax >= 0.11")
+def test_hopper_kernels_through_the_layer(monkeypatch):
+    """A bf16 BRA layer (4x4-token regions: the routing-bit-mask path) with the Hopper kernels chosen
+    for the whole process (``JAXFORMERS_GPU_KERNEL=mosaic``), in Mosaic GPU interpret mode on CPU,
+    agrees with the float32 XLA layer to bf16 accuracy, forward and input gradient."""
+    from jaxformers.kernels.bi_level_routing import mosaic_gpu
+
+    calls = []
+    monkeypatch.setattr(mosaic_gpu, "bi_level_routing_attention_mosaic",
+                        lambda *a, _f=mosaic_gpu.bi_level_routing_attention_mosaic, **kw: calls.append(1) or _f(*a, **kw))
+    monkeypatch.setenv("JAXFORMERS_GPU_KERNEL", "mosaic")
+    x = jax.random.normal(jax.random.key(8), (1, 8, 8, 64)).astype(jnp.bfloat16)
+    xla = BiLevelRoutingAttentionLayer(2, n_win=2, topk=2)
+    mosaic = BiLevelRoutingAttentionLayer(2, n_win=2, topk=2, dtype=jnp.bfloat16, attention_impl="pallas")
+    params = {"params": random_params(xla, x)}
+    loss = lambda m: lambda x: jnp.sum(m.apply(params, x).astype(jnp.float32) ** 2)  # noqa: E731
+    x32 = x.astype(jnp.float32)
+    for got, want in ((mosaic.apply(params, x), xla.apply(params, x32)), (jax.grad(loss(mosaic))(x), jax.grad(loss(xla))(x32))):
+        peak = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got, np.float32) / peak, np.asarray(want) / peak, atol=2e-2)
+    assert len(calls) == 2  # the forward and the gradient both ran the Hopper kernels
+
+
 def test_pallas_attention_matches_xla():
     """``attention_impl="pallas"`` routes BRA to the fused kernel (interpret mode on CPU) and the last
     stage to the Pallas dense path; forward and gradients agree with the XLA reference."""
