@@ -33,6 +33,9 @@ CASES = {  # (batch, height, width), channels, heads, regions per side, topk
     "4x4-regions-3x3-top2": ((2, 12, 12), 64, 2, 3, 2),
     "2x1-regions-8x8-top5": ((1, 16, 8), 64, 2, 8, 5),
     "2x2-regions-all": ((1, 8, 8), 64, 2, 4, 16),
+    # 1-token regions: 64 regions per block, two words of bits per block; 36 regions in one padded block.
+    "1x1-regions-8x8-top5": ((1, 8, 8), 64, 2, 8, 5),
+    "1x1-regions-6x6-top7": ((1, 6, 6), 64, 2, 6, 7),
 }
 
 
@@ -91,13 +94,18 @@ def test_mosaic_bra_route_words():
     assert [r for r in range(42) if bits(route.k_words, 4 * 33 + 1, r)] == [41]
     assert not np.any(np.asarray(route.q_words[..., 168:])) and not np.any(np.asarray(route.k_words[..., 168:]))
     assert int(route.k_words[0, 1, 0]) >> 9 & 1  # region 41 (bit 9 of word 1) chose region 0
+    # 1-token regions: two words per 64-row block, all present (the kernel reads both)
+    one = mosaic_gpu._route_words(routed, tokens=1, length=128)
+    assert one.shift == 0 and one.q_words.shape == (1, 4, 128) and not np.any(np.asarray(one.q_words[:, 2:]))
+    assert [r for r in range(42) if bits(one.q_words, 1, r)] == [1, 40]
 
 
-@pytest.mark.parametrize("stage", ["1: 8x8 regions", "2: 4x4 regions", "3: 2x2 regions"])
+@pytest.mark.parametrize("stage", ["1: 8x8 regions", "2: 4x4 regions", "3: 2x2 regions", "4: 1x1 regions"])
 def test_mosaic_bra_lowers_for_cuda(stage):
     """Forward, dQ and dK/dV lower for CUDA from this CPU host (Mosaic GPU layout inference and
-    lowering) at BiFormer-T's stage shapes (224² input, S = 7); compiling and running need a Hopper GPU."""
-    side, channels, topk = {"1": (56, 64, 1), "2": (28, 128, 4), "3": (14, 256, 16)}[stage[0]]
+    lowering) at BiFormer-T's stage shapes (224² input, S = 7; BiFormer's stage 4 is plain attention,
+    here routed with topk 8); compiling and running need a Hopper GPU."""
+    side, channels, topk = {"1": (56, 64, 1), "2": (28, 128, 4), "3": (14, 256, 16), "4": (7, 512, 8)}[stage[0]]
     q = jax.ShapeDtypeStruct((2, side, side, channels), jnp.bfloat16)
     kw = dict(num_heads=channels // 32, regions_per_side=7, topk=topk, scale=32 ** -0.5, interpret=False,
               gpu_kernel="mosaic")
@@ -114,14 +122,14 @@ def test_mosaic_bra_choice_and_errors():
     q, k, v = _maps((1, 16, 16), 64)
     assert mosaic_gpu.supported(q, k, v, num_heads=2, regions_per_side=2)
     assert mosaic_gpu.supported(q, k, v, num_heads=2, regions_per_side=4)  # 4x4-token regions, bit masks
-    assert not mosaic_gpu.supported(q, k, v, num_heads=2, regions_per_side=16)  # 1-token regions
+    assert mosaic_gpu.supported(q, k, v, num_heads=2, regions_per_side=16)  # 1-token regions
     assert not mosaic_gpu.supported(q[:, :12, :12], k[:, :12, :12], v[:, :12, :12], num_heads=2, regions_per_side=4)
-    assert [t for t in range(1, 257) if mosaic_gpu.region_sizes_supported(t)] == [2, 4, 8, 16, 32, 64, 128, 192, 256]
+    assert [t for t in range(1, 257) if mosaic_gpu.region_sizes_supported(t)] == [1, 2, 4, 8, 16, 32, 64, 128, 192, 256]
     assert not mosaic_gpu.supported(*(x.astype(jnp.float32) for x in (q, k, v)), num_heads=2, regions_per_side=2)
     # off a Hopper GPU, "auto" keeps the Triton kernels
     assert not _use_mosaic("auto", q, k, v, 2, 2, None)
     assert _use_mosaic("mosaic", q, k, v, 2, 2, None)
-    with pytest.raises(ValueError, match="or of 2..32 tokens dividing 64; got .* regions of 3x3 tokens"):
+    with pytest.raises(ValueError, match="or of 1..32 tokens dividing 64; got .* regions of 3x3 tokens"):
         bi_level_routing_attention_pallas(q[:, :12, :12], k[:, :12, :12], v[:, :12, :12], num_heads=2,
                                           regions_per_side=4, topk=2, scale=0.2, gpu_kernel="mosaic")
     with pytest.raises(ValueError, match="gpu_kernel must be one of"):

@@ -11,7 +11,7 @@ Implementations:
 - ``"pallas"``: the fused kernel (``pallas_kernel.py``): online softmax over the routed regions,
   K/V read in place by region index (no gathered copies), backward kernels through a custom VJP
   (dQ by the same routing, dK/dV by inverse routing). On a Hopper GPU, bf16/f16 maps whose regions
-  hold a multiple of 64 tokens, or 2..32 tokens dividing 64 (per-token routing bit masks), take the
+  hold a multiple of 64 tokens, or 1..32 tokens dividing 64 (per-token routing bit masks), take the
   Mosaic GPU kernels instead (``mosaic_gpu.py``: TMA, wgmma).
   On CPU it runs in interpret mode (slow; tests).
   Under an active mesh (``jaxformers.sharding.activate``) the batch is split over (data, fsdp)

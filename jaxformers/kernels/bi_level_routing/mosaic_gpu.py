@@ -15,15 +15,15 @@ each head's tiles are separate wgmma operands anyway; the grid (heads x blocks x
 - Regions of a multiple of 64 tokens (BiFormer's 8x8 regions: stage 1 at 224², the 128² map
   with S = 16): a block lies in one region, every visited pair is allowed, so no element mask is
   ever computed.
-- Smaller regions of 2..32 tokens (powers of two: the 4x4 and 2x2 regions of stages 2 and 3), the
-  case the issue asks to stack: a 64-row block holds 64/T whole regions, a query block visits the
+- Smaller regions of 1..32 tokens (powers of two: the 4x4 and 2x2 regions of stages 2 and 3, 1x1
+  regions of a last stage that routes), the case the issue asks to stack: a 64-row block holds 64/T whole regions, a query block visits the
   union of the key blocks its regions routed to, and a per-row routing bit mask
   (``local_global.mosaic_gpu.Route``: for each query token, one bit per key region, and the
   transpose for the dK/dV kernel) masks the pairs of other regions inside a visited block. That
   spends wgmma work on masked pairs (a query block of stage 3 sees the whole 14x14 map of 196
   tokens = 4 blocks, 16 of 49 regions routed) in exchange for full-size tensor-core tiles and
   one schedule for every region size; blocks where every pair is routed skip the mask.
-- Regions of 1 token, or of a size that neither divides nor is a multiple of 64, stay on the
+- Regions of a size that neither divides nor is a multiple of 64 (3x3 tokens, ...) stay on the
   Triton kernels (``pallas_kernel.py``), as do float32 inputs.
 
 Compared with the Triton path, which reads the NHWC maps in place, this one pays for the
@@ -51,8 +51,8 @@ def _tokens_per_region(height: int, width: int, regions_per_side: int) -> int:
 
 
 def region_sizes_supported(tokens: int) -> bool:
-    """Regions of a multiple of 64 tokens, or of 2..32 tokens that divide 64."""
-    return tokens % 64 == 0 or (2 <= tokens <= 32 and 64 % tokens == 0)
+    """Regions of a multiple of 64 tokens, or of 1..32 tokens that divide 64."""
+    return tokens % 64 == 0 or 64 % tokens == 0
 
 
 def supported(q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int, regions_per_side: int) -> bool:
@@ -90,7 +90,7 @@ def _visit_tables(routed: jax.Array, tokens: int, topk: int, num_blocks: int):
 def _route_words(routed: jax.Array, tokens: int, length: int) -> lg.Route:
     """The per-token routing bit masks of regions of ``tokens`` (< 64) tokens (``lg.Route``)."""
     batch, regions, _ = routed.shape
-    words = -(-regions // 32)
+    words = -(-(length // tokens) // 32)  # every block's words exist (2 per block for 1-token regions)
     weights = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32))
 
     def pack(rows):  # (B, R, R) bool -> (B, W, R·T padded to length) int32 bit words over the last axis

@@ -34,7 +34,7 @@ Backends:
   ``shared/anchors.md`` need 7-15 MiB, and ~41 MiB for 128x128 with S=16); ``"auto"`` falls back
   to the reference when they do not.
 - GPU (Triton lowering; on a Hopper GPU, bf16/f16 maps whose regions hold a multiple of 64 tokens,
-  or 2..32 tokens dividing 64, go to the Mosaic GPU path instead, ``mosaic_gpu.py``, see
+  or 1..32 tokens dividing 64, go to the Mosaic GPU path instead, ``mosaic_gpu.py``, see
   ``gpu_kernel``): no scalar prefetch;
   the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Each
   online-softmax step gathers several routed regions into one key tile with a vector-indexed load
@@ -385,7 +385,7 @@ def _use_mosaic(choice: str | None, q, k, v, num_heads: int, regions_per_side: i
     backend = "tpu" if (layout or default_layout()) == "tpu" else jax.default_backend()
     return resolve_gpu_kernel(choice, backend=backend, fits=fits, requirement=(
         "bfloat16/float16 q, k, v, one head dim of 32, 64 or 128 and regions of a multiple of 64 tokens "
-        "or of 2..32 tokens dividing 64; "
+        "or of 1..32 tokens dividing 64; "
         f"got {q.dtype}, q/k/v channels {q.shape[-1]}/{v.shape[-1]} over {num_heads} heads, regions of "
         f"{q.shape[1] // regions_per_side}x{q.shape[2] // regions_per_side} tokens")) == "mosaic"
 
@@ -414,7 +414,7 @@ def bi_level_routing_attention_pallas(
     in-place NHWC tiles of the GPU layout (default: when the shapes allow, see ``_plan``);
     ``poison`` makes outputs start as NaN (tests). Differentiable in q, k and v (kernel backward,
     custom VJP). ``gpu_kernel``: "triton" (the kernels here), "mosaic" (``mosaic_gpu.py``: Hopper,
-    regions of a multiple of 64 tokens or of 2..32 tokens dividing 64, bf16/f16; Mosaic GPU interpret
+    regions of a multiple of 64 tokens or of 1..32 tokens dividing 64, bf16/f16; Mosaic GPU interpret
     mode off GPU), "auto" (Mosaic on a Hopper GPU when the inputs suit it) or None (the process
     default, ``jaxformers.kernels.gpu_kernel``).
     """

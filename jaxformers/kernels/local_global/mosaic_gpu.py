@@ -73,8 +73,9 @@ class Route:
     """Region-level routing as the element mask of partial blocks (bi-level routing attention with
     regions smaller than a block): a query may see a key iff the query's region routed to the key's.
 
-    Rows of q and k are region-major, ``2**shift`` tokens per region (shift 1..5, so a 64-row block
-    holds whole regions and its regions' bits share one word). ``q_words`` (B, W, Lq) int32: bit j of
+    Rows of q and k are region-major, ``2**shift`` tokens per region (shift 0..5, so a 64-row block
+    holds whole regions; its regions' bits lie in one word, or two for 1-token regions, where the
+    words must extend to 2 per block). ``q_words`` (B, W, Lq) int32: bit j of
     word w of query row i is set iff i's region routed to key region 32w + j; ``k_words`` (B, W, Lk),
     the transpose: bit j of word w of key row i is set iff query region 32w + j routed to i's region.
     Padding rows have no bits. The segment ids and ``MaskSpec`` are ignored where a route is given.
@@ -85,8 +86,8 @@ class Route:
     shift: int
 
     def __post_init__(self):
-        if not 1 <= self.shift <= 5:
-            raise ValueError(f"Route needs 2..32 tokens per region (shift 1..5); got shift {self.shift}")
+        if not 0 <= self.shift <= 5:
+            raise ValueError(f"Route needs 1..32 tokens per region (shift 0..5); got shift {self.shift}")
 
 
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -112,10 +113,13 @@ def _logits(spec: MaskSpec, c: float, own, streamed, own_start, block_start, own
         return s
     if route is not None:
         words_ref, shift = route
-        region = block_start >> shift  # the streamed block's first region; its regions share a word
-        words = mp.load(words_ref.at[region >> 5], mp.ROWS)
-        bit = (region & 31) + (_iota(shape, 1) >> shift)
-        return jnp.where(((_rows(words, shape) >> bit) & 1) != 0, s, MASK_VALUE)
+        region = block_start >> shift  # the streamed block's first region
+        bit = (region & 31) + (_iota(shape, 1) >> shift)  # < 32, or < 64 for 1-token regions
+        words = _rows(mp.load(words_ref.at[region >> 5], mp.ROWS), shape)
+        if shift == 0:  # 64 regions per block: the second half of the columns reads the next word
+            words = jnp.where(bit < 32, words, _rows(mp.load(words_ref.at[(region >> 5) + 1], mp.ROWS), shape))
+            bit = bit & 31
+        return jnp.where(((words >> bit) & 1) != 0, s, MASK_VALUE)
     own_pos, block_pos = own_start + _iota(shape, 0), block_start + _iota(shape, 1)
     own_seg, block_seg = _rows(own_seg, shape), _cols(mp.load(block_seg_ref, mp.COLS), shape)
     q_pos, k_pos, q_seg, k_seg = ((own_pos, block_pos, own_seg, block_seg) if queries_own
