@@ -24,7 +24,7 @@ def test_resolve_gpu_kernel():
     assert resolve_gpu_kernel("auto", backend="gpu", fits=lambda: False, requirement="") == "triton"
     with pytest.raises(ValueError, match="gpu_kernel='mosaic' needs bf16 inputs; got float32"):
         resolve_gpu_kernel("mosaic", backend="gpu", fits=lambda: False, requirement="bf16 inputs; got float32")
-    with pytest.raises(ValueError, match=r"gpu_kernel must be one of \('auto', 'triton', 'mosaic'\) or None; got 'cuda'"):
+    with pytest.raises(ValueError, match=r"must be one of \('auto', 'triton', 'mosaic'\) or None; got 'cuda'"):
         resolve_gpu_kernel("cuda", backend="gpu", fits=_never, requirement="")
 
 

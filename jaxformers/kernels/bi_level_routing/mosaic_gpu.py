@@ -16,8 +16,9 @@ each head's tiles are separate wgmma operands anyway; the grid (heads x blocks x
   with S = 16): a block lies in one region, every visited pair is allowed, so no element mask is
   ever computed.
 - Smaller regions of 1..32 tokens (powers of two: the 4x4 and 2x2 regions of stages 2 and 3, 1x1
-  regions of a last stage that routes), the case the issue asks to stack: a 64-row block holds 64/T whole regions, a query block visits the
-  union of the key blocks its regions routed to, and a per-row routing bit mask
+  regions of a last stage that routes), the case the issue asks to stack: a 64-row block holds
+  64/T whole regions, a query block visits the union of the key blocks its regions routed to, and
+  a per-row routing bit mask
   (``local_global.mosaic_gpu.Route``: for each query token, one bit per key region, and the
   transpose for the dK/dV kernel) masks the pairs of other regions inside a visited block. That
   spends wgmma work on masked pairs (a query block of stage 3 sees the whole 14x14 map of 196
@@ -103,35 +104,35 @@ def _route_words(routed: jax.Array, tokens: int, length: int) -> lg.Route:
     return lg.Route(pack(routed), pack(jnp.swapaxes(routed, 1, 2)), tokens.bit_length() - 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attend(scale, interpret, static, q, k, v, q_table, k_table, words):
-    return _forward(scale, interpret, static, q, k, v, q_table, words)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _attend(scale, interpret, strides, shift, q, k, v, q_table, k_table, words):
+    return _forward(scale, interpret, strides, shift, q, k, v, q_table, words)[0]
 
 
-def _route(static, words):
-    """``static`` = (q table stride, k table stride, region shift or None); ``words`` = (q, k) words."""
-    return None if static[2] is None else lg.Route(*words, static[2])
+def _route(shift, words):
+    """The routing bit masks (``shift``: log2 tokens per region; None for whole-block regions)."""
+    return None if shift is None else lg.Route(*words, shift)
 
 
-def _forward(scale, interpret, static, q, k, v, q_table, words):
+def _forward(scale, interpret, strides, shift, q, k, v, q_table, words):
     ones = jnp.ones((1, q.shape[1]), jnp.int32)
     return lg.forward(MaskSpec(), scale, q, k, v, ones, ones, blocks=_BLOCKS, interpret=interpret,
-                      table=(q_table, static[0], True), route=_route(static, words))
+                      table=(q_table, strides[0], True), route=_route(shift, words))
 
 
-def _attend_fwd(scale, interpret, static, q, k, v, q_table, k_table, words):
-    out, lse = _forward(scale, interpret, static, q, k, v, q_table, words)
+def _attend_fwd(scale, interpret, strides, shift, q, k, v, q_table, k_table, words):
+    out, lse = _forward(scale, interpret, strides, shift, q, k, v, q_table, words)
     return out, (q, k, v, out, lse, q_table, k_table, words)
 
 
-def _attend_bwd(scale, interpret, static, residuals, d_out):
+def _attend_bwd(scale, interpret, strides, shift, residuals, d_out):
     q, k, v, out, lse, q_table, k_table, words = residuals
     ones = jnp.ones((1, q.shape[1]), jnp.int32)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
     dq, dk, dv = lg.backward(MaskSpec(), MaskSpec(), scale, q, k, v, ones, ones, lse, delta, d_out.astype(q.dtype),
                              blocks=_BLOCKS, interpret=interpret,
-                             tables=((q_table, static[0], True), (k_table, static[1], True)),
-                             route=_route(static, words))
+                             tables=((q_table, strides[0], True), (k_table, strides[1], True)),
+                             route=_route(shift, words))
     return dq, dk, dv, None, None, None
 
 
@@ -148,16 +149,16 @@ def bi_level_routing_attention_mosaic(q, k, v, *, num_heads: int, regions_per_si
     length = -(-regions * tokens // _BLOCKS.block) * _BLOCKS.block
     routed = _routed(route_regions(q, k, s, topk, scale), regions)
     (q_table, q_stride, _), (k_table, k_stride, _) = _visit_tables(routed, tokens, topk, length // _BLOCKS.block)
-    if tokens % _BLOCKS.block:
+    shift, words = None, None
+    if tokens % _BLOCKS.block:  # regions smaller than a block: partial blocks need the routing bits
         route = _route_words(routed, tokens, length)
-        static, words = (q_stride, k_stride, route.shift), (route.q_words, route.k_words)
-    else:
-        static, words = (q_stride, k_stride, None), None
+        shift, words = route.shift, (route.q_words, route.k_words)
 
     def tokens_layout(x):  # (B, H, W, C) -> (B, S²·T padded, heads, d), regions row-major
         x = to_regions(x, s).reshape(batch, regions * tokens, num_heads, x.shape[-1] // num_heads)
         return jnp.pad(x, ((0, 0), (0, length - regions * tokens), (0, 0), (0, 0)))
 
-    out = _attend(float(scale), interpret, static, *(tokens_layout(x) for x in (q, k, v)), q_table, k_table, words)
+    out = _attend(float(scale), interpret, (q_stride, k_stride), shift, *(tokens_layout(x) for x in (q, k, v)), q_table,
+                  k_table, words)
     out = out[:, :regions * tokens].reshape(batch, regions, tokens, v.shape[-1])
     return from_regions(out, s, height, width)

@@ -261,7 +261,8 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
     (dq,) = mp.block_sparse_call(
         grid=(heads, q_len // blocks.tile, batch),
         operands=[(q, TOKENS), (d_out, TOKENS), (lse, PER_HEAD), (delta, PER_HEAD), (q_seg, PER_ROW),
-                  (k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW)] + ([(route.q_words, BIT_WORDS)] if route else []),
+                  (k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW)]
+        + ([(route.q_words, BIT_WORDS)] if route else []),
         resident=(Q, DO, LSE, DELTA, QSEG) + ((WORDS,) if route else ()), streamed=(K, V, KSEG),
         outputs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), TOKENS, Q)],
         table=table, stride=stride, per_batch=per_batch, init=dq_init, step=dq_step,
@@ -290,7 +291,8 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
     dk, dv = mp.block_sparse_call(
         grid=(heads, k_len // blocks.tile, batch),
         operands=[(k, KV_TOKENS), (v, KV_TOKENS), (k_seg, PER_ROW), (q, TOKENS), (d_out, TOKENS),
-                  (lse, PER_HEAD), (delta, PER_HEAD), (q_seg, PER_ROW)] + ([(route.k_words, BIT_WORDS)] if route else []),
+                  (lse, PER_HEAD), (delta, PER_HEAD), (q_seg, PER_ROW)]
+        + ([(route.k_words, BIT_WORDS)] if route else []),
         resident=(K, V, KSEG) + ((WORDS,) if route else ()), streamed=(Q, DO, LSE, DELTA, QSEG),
         outputs=[(per_head, TOKENS, K), (per_head, TOKENS, V)],  # written over the K/V tiles
         table=table, stride=stride, per_batch=per_batch, init=dkv_init, step=dkv_step,
