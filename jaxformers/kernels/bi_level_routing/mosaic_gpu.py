@@ -28,9 +28,16 @@ each head's tiles are separate wgmma operands anyway; the grid (heads x blocks x
   Triton kernels (``pallas_kernel.py``), as do float32 inputs.
 
 Compared with the Triton path, which reads the NHWC maps in place, this one pays for the
-region-major copies of q, k, v and the output; it wins where wgmma does. Both have to be timed on a
-Hopper GPU (``benchmarks/kernels.py --only bra``), which has not happened yet: the tests run it in
-Mosaic GPU interpret mode on CPU and lower it for CUDA.
+region-major copies of q, k, v and the output. By arithmetic (not measured), BiFormer's BRA is
+memory-bound on an H100: at stage 1 (B=128, 56², 64 channels, bf16) the FLOPs take ~16 us at
+400 TFLOP/s while one pass over a map (51 MB) takes ~20 us at 2.5 TB/s. The kernel itself moves
+about 4 map passes (q, k, v, out) plus the routing's 2 (region means of q and k); the copies add
+8 (read and write of q, k, v and out), so this path may run near 2x the Triton path's time unless
+the Triton kernels are far from bandwidth. ``"auto"`` still picks this path on Hopper, as the issue
+asks (the Triton lowering is deprecated upstream); ``benchmarks/kernels.py --only bra`` times both
+side by side, which has not happened yet (the tests run this path in Mosaic GPU interpret mode on
+CPU and lower it for CUDA). Reading NHWC in place by TMA would need a region row per copy of at
+least 8 tokens (the 8-row swizzle tile): possible for 8x8 regions, not for 4x4 or 2x2.
 """
 from __future__ import annotations
 
