@@ -8,8 +8,10 @@ Implementations:
 - ``"pallas"``: on GPU (and CPU, in Pallas interpret mode: slow, for tests) our flash-style
   block-sparse kernels, forward and backward, skipping key blocks that hold no allowed pair:
   on a Hopper GPU for bf16/f16 and head dim 32, 64 or 128 the Mosaic GPU kernels (``mosaic_gpu.py``:
-  TMA, wgmma, warp specialisation), else the Triton ones (``pallas_kernel.py``); on TPU JAX's
-  splash attention driven by the same mask (``splash_tpu.py``).
+  TMA, wgmma, warp specialisation), else the Triton ones (``pallas_kernel.py``). On TPU, packed
+  calls (``segment_ids`` given) take our TPU kernels (``tpu_kernel.py``: block tables from the
+  segment ids, so segment-disjoint blocks are skipped) when they fit, the rest JAX's splash
+  attention driven by the same mask (``splash_tpu.py``; see :func:`tpu_route`).
 - ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.
 
 ``segment_ids_from_cu_seqlens`` converts FlashAttention-style cumulative lengths to segment ids.
@@ -75,6 +77,21 @@ def segment_ids_from_cu_seqlens(cu_seqlens: jax.Array, length: int) -> jax.Array
     return jnp.where(pos[None, :] < cu[:, -1:], ids, 0).astype(jnp.int32)
 
 
+def tpu_route(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> str:
+    """Which TPU kernels run a ``"pallas"`` call: ``"tpu_kernel"`` (ours: skips blocks by segments)
+    for packed calls within :func:`tpu_kernel.fits`, else ``"splash"`` (whose blocks are skipped
+    by the static mask only, and which is JAX's tuned kernel for the unpacked case)."""
+    from jaxformers.kernels.local_global import tpu_kernel
+
+    if segment_ids is None:
+        return "splash"
+    pad = lambda n: -(-n // tpu_kernel.BLOCK) * tpu_kernel.BLOCK  # noqa: E731
+    dim = lambda d: max(16, 1 << (d - 1).bit_length())  # noqa: E731
+    ok = tpu_kernel.fits(q.shape[0], pad(q.shape[1]), pad(k.shape[1]), dim(q.shape[-1]), dim(v.shape[-1]),
+                         q.dtype.itemsize)
+    return "tpu_kernel" if ok else "splash"
+
+
 def local_global_attention(
     q: jax.Array,
     k: jax.Array,
@@ -124,7 +141,8 @@ def local_global_attention(
         implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
     if implementation == "xla":
         return local_global_attention_reference(q, k, v, spec, segment_ids=segment_ids, scale=scale)
-    if jax.default_backend() == "tpu":
+    backend = jax.default_backend()
+    if backend == "tpu" and tpu_route(q, k, v, segment_ids) == "splash":
         from jaxformers.kernels.local_global.splash_tpu import local_global_attention_splash
 
         return local_global_attention_splash(q, k, v, spec, segment_ids=segment_ids, scale=scale)
@@ -132,7 +150,8 @@ def local_global_attention(
 
     def kernel(q, k, v, *segment_ids):
         return local_global_attention_pallas(q, k, v, spec, segment_ids=segment_ids[0] if segment_ids else None,
-                                             scale=scale, gpu_kernel=gpu_kernel)
+                                             scale=scale, gpu_kernel=gpu_kernel,
+                                             backend="tpu" if backend == "tpu" else None)
 
     # Under an active mesh each device runs its own batch shard (the kernel call is not partitionable).
     return per_batch_shard(kernel, q.shape[0])(q, k, v, *(() if segment_ids is None else (segment_ids,)))

@@ -23,8 +23,9 @@ Layout and schedule (FlashAttention-2 style):
 Backends: the kernels use only ops that the Pallas Triton (GPU) lowering supports (``pl.ds``
 slices of refs, scalar reads from a flat int32 table, ``jnp.dot``, 2-D iotas, ``fori_loop`` with
 dynamic bounds); the tests lower them for CUDA from a CPU host and run them in interpret mode on
-CPU. They have not been compiled or timed on a GPU yet. TPUs take ``splash_tpu.py`` instead
-(JAX's splash attention with our mask), whose layout rules this kernel does not follow.
+CPU. They have not been compiled or timed on a GPU yet. With ``backend="tpu"`` the same wrapper
+(padding, global tokens, GQA sums, custom VJP) drives the TPU kernels of ``tpu_kernel.py``, whose
+layout rules these kernels do not follow; unpacked TPU calls take ``splash_tpu.py``.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class _Config:
     scale: float
     blocks: BlockSizes
     rep: int  # query heads per kv head
-    interpret: bool
+    interpret: bool | object  # or interpret-mode parameters (TPU: pltpu.InterpretParams)
     backend: str
     gpu_kernel: str = "triton"  # "triton" or "mosaic" (Hopper kernels, mosaic_gpu.py)
 
@@ -220,6 +221,10 @@ def _global_key_grads(cfg: _Config, n: int, q, k, v, q_seg, k_seg, lse, delta, d
 
 
 def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
+    if cfg.backend == "tpu":
+        from jaxformers.kernels.local_global import tpu_kernel
+
+        return tpu_kernel.forward(cfg.spec, cfg.scale, q, k, v, q_seg, k_seg, interpret=cfg.interpret)
     if cfg.gpu_kernel == "mosaic":
         from jaxformers.kernels.local_global import mosaic_gpu
 
@@ -258,7 +263,12 @@ def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
     n_global = min(cfg.spec.global_tokens, k_len) if not (cfg.spec.is_dense or cfg.spec.global_queries) else 0
     kv_spec = dataclasses.replace(cfg.spec, global_tokens=0) if n_global else cfg.spec
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    if cfg.gpu_kernel == "mosaic":
+    if cfg.backend == "tpu":
+        from jaxformers.kernels.local_global import tpu_kernel
+
+        dq, dk, dv = tpu_kernel.backward(cfg.spec, kv_spec, cfg.scale, q, k, v, q_seg, k_seg, lse, delta, d_out,
+                                         interpret=cfg.interpret)
+    elif cfg.gpu_kernel == "mosaic":
         from jaxformers.kernels.local_global import mosaic_gpu
 
         dq, dk, dv = mosaic_gpu.backward(cfg.spec, kv_spec, cfg.scale, q, k, v, q_seg, k_seg, lse, delta, d_out,
@@ -395,15 +405,23 @@ def local_global_attention_pallas(
             kv_segment_ids=segment_ids)
         return jnp.concatenate([rows, local[:, n_global:]], axis=1)
     if interpret is None:
-        interpret = backend != "gpu"
+        interpret = backend not in ("gpu", "tpu")
+    if backend == "tpu" and interpret is True:  # the TPU kernels run in TPU interpret mode off TPU
+        from jax.experimental.pallas import tpu as pltpu
+
+        interpret = pltpu.InterpretParams()
     batch, q_len, heads, dim = q.shape
     k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     blocks = (block_sizes or BlockSizes()).fitted(q_len, k_len)
     gpu_kernel = _pick_gpu_kernel(gpu_kernel, backend, q, k, v)
     cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads,
-                  interpret=bool(interpret), backend=backend, gpu_kernel=gpu_kernel)
+                  interpret=interpret, backend=backend, gpu_kernel=gpu_kernel)
     q_multiple, k_multiple = blocks.q_multiple, blocks.k_multiple
-    if gpu_kernel == "mosaic":
+    if backend == "tpu":
+        from jaxformers.kernels.local_global.tpu_kernel import BLOCK
+
+        q_multiple, k_multiple = max(q_multiple, BLOCK), max(k_multiple, BLOCK)
+    elif gpu_kernel == "mosaic":
         from jaxformers.kernels.local_global.mosaic_gpu import MosaicBlocks
 
         q_multiple, k_multiple = max(q_multiple, MosaicBlocks().tile), max(k_multiple, MosaicBlocks().tile)

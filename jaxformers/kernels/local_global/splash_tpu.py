@@ -16,9 +16,9 @@ empty and the backward stays finite).
 Known gap: splash decides which blocks to skip from the static mask alone (window, groups,
 causal/chunks, global tokens, worked out on the host at trace time); segment ids are runtime data
 that it applies element by element. So on TPU a packed batch does not skip the blocks that share
-no segment, and padding still costs compute, unlike the GPU kernels (whose block tables come from
-the segment ids). Closing it needs our own Pallas TPU kernel driven by the runtime block table
-(``blocks.index_table``) through scalar prefetch, as the BRA TPU kernel does with its routing.
+no segment, and padding still costs compute. Packed calls therefore take our own TPU kernels
+(``tpu_kernel.py``, driven by the runtime block table through scalar prefetch) when they fit;
+splash serves the unpacked calls (``api.tpu_route``).
 
 Lowering for TPU is checked from CPU in the tests (``jax.export``); it has not been run on a TPU
 in this project yet.
