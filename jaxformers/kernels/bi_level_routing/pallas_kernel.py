@@ -63,13 +63,13 @@ from jax.experimental import pallas as pl
 from jaxformers.kernels.bi_level_routing.pallas_bodies import KernelConfig, dkv_kernel, dq_kernel, forward_kernel
 from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
 from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel
+from jaxformers.kernels.tpu_limits import vmem_budget_bytes, vmem_limit_bytes
 
 __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", "inverse_routing",
            "tpu_fits", "tpu_vmem_bytes"]
 
 _SMEM_TABLE_BUDGET = 256 * 1024  # bytes of prefetched int32 tables per TPU call
 _TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small regions
-_TPU_VMEM_BUDGET = 64 << 20  # bytes of double-buffered blocks per TPU kernel
 _GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step
 
 
@@ -201,13 +201,13 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
 
         vmem = _tpu_vmem_bytes([(x.shape, x.dtype, blk) for x, blk in operands]
                                + [(o.shape, o.dtype, True) for o in outputs], regions_per_program)
-        if vmem > _TPU_VMEM_BUDGET:
+        if vmem > vmem_budget_bytes():
             raise ValueError(f"bi_level_routing_attention(implementation='pallas') needs ~{vmem >> 20} MiB of "
                              f"TPU VMEM per image for this map; use implementation='xla' for maps this large")
         grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(tables), grid=grid,
                                                  in_specs=in_specs, out_specs=out_specs)
         params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
-                                      vmem_limit_bytes=int(max(32 << 20, vmem * 1.25 + (4 << 20))))
+                                      vmem_limit_bytes=vmem_limit_bytes(vmem))
         call = pl.pallas_call(kernel_fn, out_shape=outputs, grid_spec=grid_spec, compiler_params=params,
                               input_output_aliases=aliases, interpret=cfg.interpret)
     else:
@@ -371,7 +371,7 @@ def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side:
 
 def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
     """True when :func:`tpu_vmem_bytes` is within the TPU kernels' VMEM budget."""
-    return tpu_vmem_bytes(q_shape, v_shape, dtype, **kw) <= _TPU_VMEM_BUDGET
+    return tpu_vmem_bytes(q_shape, v_shape, dtype, **kw) <= vmem_budget_bytes()
 
 
 def _use_mosaic(choice: str | None, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:

@@ -38,12 +38,12 @@ from jax.experimental import pallas as pl
 
 from jaxformers.kernels.local_global.blocks import block_kinds, index_table
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
+from jaxformers.kernels.tpu_limits import vmem_budget_bytes, vmem_limit_bytes
 
 BLOCK = 128
 LOG2_E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-_SMEM_TABLE_BUDGET = 256 * 1024  # bytes of one scalar-prefetched table
-_VMEM_BUDGET = 64 << 20  # bytes of double-buffered blocks per kernel
+_SMEM_TABLE_BUDGET = 256 * 1024  # bytes of one scalar-prefetched table (SMEM: 1 MiB from v4 on)
 
 
 def _block_table(spec: MaskSpec, q_seg, k_seg, transposed: bool):
@@ -54,13 +54,13 @@ def _block_table(spec: MaskSpec, q_seg, k_seg, transposed: bool):
 
 
 def fits(batch_rows: int, q_len: int, k_len: int, dim: int, dim_v: int, itemsize: int) -> bool:
-    """Whether the padded shapes stay within the SMEM table and resident-VMEM budgets (the worst
-    case: every block visited; ``batch_rows`` = rows of segment ids)."""
+    """Whether the padded shapes stay within the SMEM table and this TPU's resident-VMEM budget
+    (``tpu_limits``; the worst case: every block visited; ``batch_rows`` = rows of segment ids)."""
     n_q, n_k = -(-q_len // BLOCK), -(-k_len // BLOCK)
     table = 4 * batch_rows * max(n_q * (n_k + 2), n_k * (n_q + 2))
     rows = 2 * max(k_len * (dim + dim_v) * itemsize + 8 * k_len * 4,  # forward / dQ: K, V, key segments
                    q_len * (dim + dim_v) * itemsize + 3 * 8 * q_len * 4)  # dK/dV: Q, dO, lse, delta, segments
-    return table <= _SMEM_TABLE_BUDGET and rows + (8 << 20) <= _VMEM_BUDGET
+    return table <= _SMEM_TABLE_BUDGET and rows + (8 << 20) <= vmem_budget_bytes()
 
 
 def _mask(spec: MaskSpec, s, row_start, col_start, row_seg, col_seg, queries_are_rows: bool):
@@ -160,9 +160,9 @@ def _dkv_kernel(table_ref, k_ref, v_ref, k_seg_ref, q_ref, do_ref, lse_ref, delt
 def _call(kernel, table, grid, in_specs, out_specs, out_shape, interpret, name, operands):
     from jax.experimental.pallas import tpu as pltpu
 
-    block_bytes = sum(math.prod(s.block_shape[-2:]) * 4 for s in [*in_specs, *out_specs])
+    block_bytes = sum(math.prod(s.block_shape[-2:]) * 4 for s in [*in_specs, *out_specs])  # >= padded bf16
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                  vmem_limit_bytes=int(max(32 << 20, 2 * block_bytes + (8 << 20))))
+                                  vmem_limit_bytes=vmem_limit_bytes(2 * block_bytes))
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs)
     return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=params,
                           interpret=interpret or False, name=name)(table, *operands)
