@@ -387,8 +387,10 @@ def local_global_attention_pallas(
     """The Pallas path of ``local_global_attention`` (inputs already validated by the API).
 
     ``block_sizes`` defaults to ``BlockSizes()`` shrunk to the sequence; ``interpret`` defaults to
-    True off GPU. ``backend`` ("gpu" | "cpu", default: JAX's default backend) picks the lowering;
-    naming "gpu" lets ``jax.export`` lower for CUDA from a CPU host. ``gpu_kernel`` picks the
+    True off GPU/TPU. ``backend`` ("gpu" | "tpu" | "cpu", default: JAX's default backend) picks the
+    kernels and lowering; naming "gpu" or "tpu" lets ``jax.export`` lower for that platform from a
+    CPU host, and ``backend="tpu", interpret=True`` runs the TPU kernels in Pallas' TPU interpret
+    mode (``interpret`` may also be a ``pltpu.InterpretParams``). ``gpu_kernel`` picks the
     kernels: "triton", "mosaic" (Hopper; bf16/f16, head dim 32, 64 or 128; in Mosaic GPU interpret
     mode off GPU), "auto" (Mosaic on a Hopper GPU when the inputs suit it, else Triton) or None (the
     process default, ``jaxformers.kernels.gpu_kernel``).
