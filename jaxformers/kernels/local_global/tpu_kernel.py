@@ -58,8 +58,9 @@ def fits(batch_rows: int, q_len: int, k_len: int, dim: int, dim_v: int, itemsize
     (``tpu_limits``; the worst case: every block visited; ``batch_rows`` = rows of segment ids)."""
     n_q, n_k = -(-q_len // BLOCK), -(-k_len // BLOCK)
     table = 4 * batch_rows * max(n_q * (n_k + 2), n_k * (n_q + 2))
-    rows = 2 * max(k_len * (dim + dim_v) * itemsize + 8 * k_len * 4,  # forward / dQ: K, V, key segments
-                   q_len * (dim + dim_v) * itemsize + 3 * 8 * q_len * 4)  # dK/dV: Q, dO, lse, delta, segments
+    width = -(-dim // 128) * 128 + -(-dim_v // 128) * 128  # VMEM pads the lane (last) dim to 128
+    rows = 2 * max(k_len * width * itemsize + 8 * k_len * 4,  # forward / dQ: K, V, key segment row
+                   q_len * width * itemsize + 3 * 8 * q_len * 4)  # dK/dV: Q, dO; lse, delta, segment rows
     return table <= _SMEM_TABLE_BUDGET and rows + (8 << 20) <= vmem_budget_bytes()
 
 
@@ -160,7 +161,10 @@ def _dkv_kernel(table_ref, k_ref, v_ref, k_seg_ref, q_ref, do_ref, lse_ref, delt
 def _call(kernel, table, grid, in_specs, out_specs, out_shape, interpret, name, operands):
     from jax.experimental.pallas import tpu as pltpu
 
-    block_bytes = sum(math.prod(s.block_shape[-2:]) * 4 for s in [*in_specs, *out_specs])  # >= padded bf16
+    def padded_bytes(shape):  # a block in VMEM: (8, 128)-tiled, at most 4 bytes an element
+        return -(-shape[-2] // 8) * 8 * -(-shape[-1] // 128) * 128 * 4
+
+    block_bytes = sum(padded_bytes(s.block_shape) for s in [*in_specs, *out_specs])
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
                                   vmem_limit_bytes=vmem_limit_bytes(2 * block_bytes))
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs)
