@@ -240,6 +240,12 @@ def bench_packed(table, rows, length, heads, dim, *, dtype, repeats, on_gpu):
         cudnn_padded = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn"))
         base["padded cudnn"] = _try_time(cudnn_padded, qp, kp, vp, repeats=repeats)
+    if jax.default_backend() == "tpu":  # packed TPU calls ran on splash before: no segment skipping
+        from jaxformers.kernels.local_global.splash_tpu import local_global_attention_splash
+
+        splash_packed = jax.jit(lambda q, k, v: local_global_attention_splash(
+            q, k, v, spec, segment_ids=seg_pack, scale=dim ** -0.5))
+        base["packed splash"] = _try_time(splash_packed, qk, kk, vk, repeats=repeats)
     check("packed", _fwd_bwd(ours_packed), _fwd_bwd(lambda q, k, v: local_global_attention(
         q, k, v, segment_ids=seg_pack, implementation="xla")), qk, kk, vk)
     ours = _try_time(ours_packed, qk, kk, vk, repeats=repeats)
