@@ -1,5 +1,7 @@
 """On-chip memory budgets of the Pallas TPU kernels, from the TPU that runs them.
 
+The scalar-prefetched tables (SMEM) get a fixed budget, :data:`SMEM_TABLE_BUDGET_BYTES`.
+
 VMEM differs a lot between TPU generations (16 MiB per core on v4, 64 MiB on v5p, 128 MiB on
 v5e/v6e), so a kernel whose resident blocks fit one chip may not fit another. The kernels ask
 :func:`vmem_budget_bytes` (3/4 of the current chip's VMEM, leaving room for Mosaic's own scratch)
@@ -13,6 +15,7 @@ import importlib
 import jax
 
 DEFAULT_VMEM_BYTES = 64 << 20  # off a TPU: a v5p core
+SMEM_TABLE_BUDGET_BYTES = 256 * 1024  # scalar-prefetched int32 tables per call (SMEM: 1 MiB from v4 on)
 
 
 def _tpu_info():

@@ -63,12 +63,11 @@ from jax.experimental import pallas as pl
 from jaxformers.kernels.bi_level_routing.pallas_bodies import KernelConfig, dkv_kernel, dq_kernel, forward_kernel
 from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
 from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel
-from jaxformers.kernels.tpu_limits import vmem_budget_bytes, vmem_limit_bytes
+from jaxformers.kernels.tpu_limits import SMEM_TABLE_BUDGET_BYTES, vmem_budget_bytes, vmem_limit_bytes
 
 __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", "inverse_routing",
            "tpu_fits", "tpu_vmem_bytes"]
 
-_SMEM_TABLE_BUDGET = 256 * 1024  # bytes of prefetched int32 tables per TPU call
 _TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small regions
 _GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step
 
@@ -156,8 +155,8 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
     batch = operands[0][0].shape[0]
     tpu = cfg.layout == "tpu"
     table_bytes_per_image = sum(4 * math.prod(t.shape[1:]) for t in tables)
-    if tpu and batch * table_bytes_per_image > _SMEM_TABLE_BUDGET:
-        chunk = max(1, _SMEM_TABLE_BUDGET // table_bytes_per_image)
+    if tpu and batch * table_bytes_per_image > SMEM_TABLE_BUDGET_BYTES:
+        chunk = max(1, SMEM_TABLE_BUDGET_BYTES // table_bytes_per_image)
         parts = [
             _launch(kernel, cfg, [t[i:i + chunk] for t in tables],
                     [(x[i:i + chunk], blk) for x, blk in operands],

@@ -133,6 +133,18 @@ def index_table(any_: jax.Array, full: jax.Array, width: int) -> tuple[jax.Array
     return jnp.pad(flat, (0, size - flat.shape[0])), stride
 
 
+def q_major_table(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int, block_k: int):
+    """(table, stride): the key blocks each query block visits (forward and dQ kernels)."""
+    any_, full, k_width, _ = block_kinds(spec, q_seg, k_seg, block_q, block_k)
+    return index_table(any_, full, k_width)
+
+
+def k_major_table(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int, block_k: int):
+    """(table, stride): the query blocks each key block visits (dK/dV kernels)."""
+    any_, full, _, q_width = block_kinds(spec, q_seg, k_seg, block_q, block_k)
+    return index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
+
+
 def visited_fraction(any_: jax.Array) -> float:
     """Fraction of (query block, key block) pairs the kernels visit (for benchmarks / reports)."""
     return float(jnp.mean(any_.astype(jnp.float32)))

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxformers.kernels.local_global import mosaic_pipeline as mp
-from jaxformers.kernels.local_global.blocks import block_kinds, index_table
+from jaxformers.kernels.local_global.blocks import index_table, k_major_table, q_major_table
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed
 
 LOG2_E = math.log2(math.e)
@@ -154,14 +154,12 @@ def visit_tables(any_: jax.Array, full_: jax.Array, q_width: int, k_width: int) 
 
 def _q_major(spec: MaskSpec, q_seg, k_seg, blocks: MosaicBlocks):
     """Key blocks per query tile (forward, dQ)."""
-    any_, full_, width, _ = block_kinds(spec, q_seg, k_seg, blocks.tile, blocks.block)
-    return (*index_table(any_, full_, width), any_.shape[0] > 1)
+    return (*q_major_table(spec, q_seg, k_seg, blocks.tile, blocks.block), max(q_seg.shape[0], k_seg.shape[0]) > 1)
 
 
 def _k_major(spec: MaskSpec, q_seg, k_seg, blocks: MosaicBlocks):
     """Query blocks per key tile (dK/dV)."""
-    any_, full_, _, width = block_kinds(spec, q_seg, k_seg, blocks.block, blocks.tile)
-    return (*index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full_, 1, 2), width), any_.shape[0] > 1)
+    return (*k_major_table(spec, q_seg, k_seg, blocks.block, blocks.tile), max(q_seg.shape[0], k_seg.shape[0]) > 1)
 
 
 def _check(q, k, blocks: MosaicBlocks):

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel
-from jaxformers.kernels.local_global.blocks import BlockSizes, block_kinds, index_table, pl_next_pow2
+from jaxformers.kernels.local_global.blocks import BlockSizes, k_major_table, pl_next_pow2, q_major_table
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
 
@@ -187,18 +187,6 @@ def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name):
                           compiler_params=params, interpret=cfg.interpret, name=name)
 
 
-def _q_major_table(spec: MaskSpec, q_seg, k_seg, block_q, block_k):
-    """Key blocks per query block (forward and dQ kernels)."""
-    any_, full, k_width, _ = block_kinds(spec, q_seg, k_seg, block_q, block_k)
-    return index_table(any_, full, k_width)
-
-
-def _k_major_table(spec: MaskSpec, q_seg, k_seg, block_q, block_k):
-    """Query blocks per key block (dK/dV kernel)."""
-    any_, full, _, q_width = block_kinds(spec, q_seg, k_seg, block_q, block_k)
-    return index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
-
-
 def _global_key_grads(cfg: _Config, n: int, q, k, v, q_seg, k_seg, lse, delta, d_out):
     """dK, dV of the first n (global) keys by a dense (Lq x n) pass in plain jnp.
 
@@ -232,7 +220,7 @@ def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
     batch, q_len, heads, dim = q.shape
     k_len, dim_v = k.shape[1], v.shape[-1]
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-    table, stride = _q_major_table(cfg.spec, q_seg, k_seg, bq, bk)
+    table, stride = q_major_table(cfg.spec, q_seg, k_seg, bq, bk)
     per_batch = q_seg.shape[0] > 1
     rep = cfg.rep
     grid = (q_len // bq, batch, heads)
@@ -290,8 +278,8 @@ def _triton_backward(cfg: _Config, kv_spec: MaskSpec, q, k, v, q_seg, k_seg, lse
     batch, q_len, heads, dim = q.shape
     k_len, dim_v = k.shape[1], v.shape[-1]
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
-    q_major, q_stride = _q_major_table(cfg.spec, q_seg, k_seg, bq, bk)
-    k_major, k_stride = _k_major_table(kv_spec, q_seg, k_seg, bq, bk)
+    q_major, q_stride = q_major_table(cfg.spec, q_seg, k_seg, bq, bk)
+    k_major, k_stride = k_major_table(kv_spec, q_seg, k_seg, bq, bk)
     kv_cfg = dataclasses.replace(cfg, spec=kv_spec)
     per_batch = q_seg.shape[0] > 1
     seg_b = (lambda b: b) if per_batch else (lambda b: 0)

@@ -29,28 +29,18 @@ Pallas' Mosaic rules; never compiled by libtpu nor timed on a TPU.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxformers.kernels.local_global.blocks import block_kinds, index_table
+from jaxformers.kernels.local_global.blocks import k_major_table, q_major_table
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
-from jaxformers.kernels.tpu_limits import vmem_budget_bytes, vmem_limit_bytes
+from jaxformers.kernels.local_global.pallas_kernel import LOG2_E, MASK_VALUE, _dot, _dot_nt, _walk
+from jaxformers.kernels.tpu_limits import SMEM_TABLE_BUDGET_BYTES, vmem_budget_bytes, vmem_limit_bytes
 
 BLOCK = 128
-LOG2_E = math.log2(math.e)
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-_SMEM_TABLE_BUDGET = 256 * 1024  # bytes of one scalar-prefetched table (SMEM: 1 MiB from v4 on)
-
-
-def _block_table(spec: MaskSpec, q_seg, k_seg, transposed: bool):
-    any_, full, k_width, q_width = block_kinds(spec, q_seg, k_seg, BLOCK, BLOCK)
-    if transposed:
-        return index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
-    return index_table(any_, full, k_width)
 
 
 def fits(batch_rows: int, q_len: int, k_len: int, dim: int, dim_v: int, itemsize: int) -> bool:
@@ -61,7 +51,7 @@ def fits(batch_rows: int, q_len: int, k_len: int, dim: int, dim_v: int, itemsize
     width = -(-dim // 128) * 128 + -(-dim_v // 128) * 128  # VMEM pads the lane (last) dim to 128
     rows = 2 * max(k_len * width * itemsize + 8 * k_len * 4,  # forward / dQ: K, V, key segment row
                    q_len * width * itemsize + 3 * 8 * q_len * 4)  # dK/dV: Q, dO; lse, delta, segment rows
-    return table <= _SMEM_TABLE_BUDGET and rows + (8 << 20) <= vmem_budget_bytes()
+    return table <= SMEM_TABLE_BUDGET_BYTES and rows + (8 << 20) <= vmem_budget_bytes()
 
 
 def _mask(spec: MaskSpec, s, row_start, col_start, row_seg, col_seg, queries_are_rows: bool):
@@ -72,33 +62,15 @@ def _mask(spec: MaskSpec, s, row_start, col_start, row_seg, col_seg, queries_are
     return jnp.where(allowed(spec, q_pos, k_pos) & segments_allowed(q_seg, k_seg), s, MASK_VALUE)
 
 
-def _dot_nt(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _walk(table_ref, row, body, carry):
-    """``body(block_start, carry, masked)`` over the row's full blocks, then its partial ones."""
-    n_full, n_part = table_ref[row], table_ref[row + 1]
-
-    def visit(masked):
-        return lambda t, c: body(pl.multiple_of(table_ref[row + 2 + t] * BLOCK, BLOCK), c, masked)
-
-    carry = lax.fori_loop(0, n_full, visit(False), carry)
-    return lax.fori_loop(n_full, n_full + n_part, visit(True), carry)
-
-
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *, spec, c, stride, n_q,
                     per_batch):
     b, i = pl.program_id(0), pl.program_id(2)
     row = ((b if per_batch else 0) * n_q + i) * stride
     q, q_seg = q_ref[...], q_seg_ref[...]  # (bq, D), (bq, 1)
 
-    def body(start, carry, masked):
+    def body(kb, carry, masked):
         m, l, acc = carry
+        start = pl.multiple_of(kb * BLOCK, BLOCK)
         s = _dot_nt(q, k_ref[pl.ds(start, BLOCK), :]) * c
         if masked:
             s = _mask(spec, s, i * BLOCK, start, q_seg, k_seg_ref[:, pl.ds(start, BLOCK)], True)
@@ -123,7 +95,8 @@ def _dq_kernel(table_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_seg
     row = ((b if per_batch else 0) * n_q + i) * stride
     q, do, q_seg, lse, delta = q_ref[...], do_ref[...], q_seg_ref[...], lse_ref[...], delta_ref[...]
 
-    def body(start, dq, masked):
+    def body(kb, dq, masked):
+        start = pl.multiple_of(kb * BLOCK, BLOCK)
         k = k_ref[pl.ds(start, BLOCK), :]
         s = _dot_nt(q, k) * c
         if masked:
@@ -142,8 +115,9 @@ def _dkv_kernel(table_ref, k_ref, v_ref, k_seg_ref, q_ref, do_ref, lse_ref, delt
     row = ((b if per_batch else 0) * n_k + j) * stride
     k, v, k_seg = k_ref[...], v_ref[...], k_seg_ref[...]  # (bk, D), (bk, Dv), (bk, 1)
 
-    def body(start, carry, masked):  # tiles are (keys, queries): no transposes
+    def body(qb, carry, masked):  # tiles are (keys, queries): no transposes
         dk, dv = carry
+        start = pl.multiple_of(qb * BLOCK, BLOCK)
         q, do = q_ref[pl.ds(start, BLOCK), :], do_ref[pl.ds(start, BLOCK), :]
         s_t = _dot_nt(k, q) * c
         if masked:
@@ -194,7 +168,7 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, interpret=Fa
     k_len, rep, dim_v = k.shape[1], heads // k.shape[2], v.shape[-1]
     per_batch = q_seg.shape[0] > 1
     seg_b = (lambda b: b) if per_batch else (lambda b: 0)
-    table, stride = _block_table(spec, q_seg, k_seg, transposed=False)
+    table, stride = q_major_table(spec, q_seg, k_seg, BLOCK, BLOCK)
     kernel = functools.partial(_forward_kernel, spec=spec, c=float(scale) * LOG2_E, stride=stride,
                                n_q=q_len // BLOCK, per_batch=per_batch)
     q_col, _ = _columns_and_rows(q_seg)
@@ -228,7 +202,7 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
     q_col, q_row = _columns_and_rows(q_seg)
     k_col, k_row = _columns_and_rows(k_seg)
 
-    table, stride = _block_table(spec, q_seg, k_seg, transposed=False)
+    table, stride = q_major_table(spec, q_seg, k_seg, BLOCK, BLOCK)
     kernel = functools.partial(_dq_kernel, spec=spec, c=c, scale=float(scale), stride=stride, n_q=q_len // BLOCK,
                                per_batch=per_batch)
     own = lambda d: pl.BlockSpec((None, None, BLOCK, d), lambda b, h, i, t: (b, h, i, 0))  # noqa: E731
@@ -241,7 +215,7 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
     ], [own(dim)], [jax.ShapeDtypeStruct(qh.shape, q.dtype)], interpret, "local_global_tpu_dq",
         [qh, doh, lse[..., None], delta[..., None], kh, vh, q_col, k_row])
 
-    table, stride = _block_table(kv_spec, q_seg, k_seg, transposed=True)
+    table, stride = k_major_table(kv_spec, q_seg, k_seg, BLOCK, BLOCK)
     kernel = functools.partial(_dkv_kernel, spec=kv_spec, c=c, scale=float(scale), stride=stride,
                                n_k=k_len // BLOCK, per_batch=per_batch)
     whole_row = lambda d: pl.BlockSpec((None, None, q_len, d), lambda b, h, j, t: (b, h, 0, 0))  # noqa: E731
