@@ -187,3 +187,16 @@ def assert_logits_match_torch(name: str, ref_model: Any, path, img_size: int, **
     out = np.asarray(fast_jit(model.apply)(variables, x))
     assert np.abs(ref).max() > 0.1
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def packed_segments(batch: int, length: int) -> jax.Array:
+    """(batch, length) int32 segment ids: rows of packed sequences of uneven lengths, a one-token
+    segment, and a padded tail of 17 zeros (the kernels' packed variable-length tests)."""
+    rng = np.random.default_rng(0)
+    seg = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, length - 20), 3, replace=False))
+        bounds = [0, *cuts, cuts[-1] + 1, length - 17]
+        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            seg[row, a:b] = s + 1
+    return jnp.asarray(seg)

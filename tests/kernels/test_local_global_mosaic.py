@@ -12,6 +12,7 @@ from jaxformers.kernels.local_global import mosaic_gpu
 from jaxformers.kernels.local_global.mask import MaskSpec, dense_mask
 from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
+from tests.helpers import packed_segments
 
 needs_interpreter = pytest.mark.skipif(
     tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
@@ -22,18 +23,6 @@ def _inputs(batch, length, heads, kv_heads, dim, seed=0):
     keys = jax.random.split(jax.random.key(seed), 3)
     return tuple(jax.random.normal(key, (batch, length, h, dim), jnp.float32).astype(jnp.bfloat16)
                  for key, h in zip(keys, (heads, kv_heads, kv_heads)))
-
-
-def _packed(batch, length):
-    """Rows of packed sequences of uneven lengths, a one-token segment, and a padded tail."""
-    rng = np.random.default_rng(0)
-    seg = np.zeros((batch, length), np.int32)
-    for row in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, length - 20), 3, replace=False))
-        bounds = [0, *cuts, cuts[-1] + 1, length - 17]
-        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            seg[row, a:b] = s + 1
-    return jnp.asarray(seg)
 
 
 def _reference_lse(spec, q, k, seg, scale):
@@ -62,7 +51,7 @@ def test_mosaic_forward_matches_reference(name):
     case, batch, length, heads, kv_heads, dim, packed = CASES[name]
     spec = MaskSpec(**case)
     q, k, v = _inputs(batch, length, heads, kv_heads, dim)
-    seg = _packed(batch, length) if packed else None
+    seg = packed_segments(batch, length) if packed else None
     scale = dim ** -0.5
     got = local_global_attention_pallas(q, k, v, spec, segment_ids=seg, scale=scale, gpu_kernel="mosaic")
     want = local_global_attention_reference(*(t.astype(jnp.float32) for t in (q, k, v)), spec,
@@ -82,7 +71,7 @@ def test_mosaic_kernel_logsumexp_and_no_races():
 
     spec = MaskSpec(window=(64, 32))
     q, k, v = _inputs(1, 256, 2, 2, 64, seed=1)
-    seg = _packed(1, 256)
+    seg = packed_segments(1, 256)
     params = mosaic_gpu.interpret_params(detect_races=True)
     out, lse = mosaic_gpu.forward(spec, 0.125, q, k, v, seg, seg, interpret=params)
     assert not interp.get_races().races_found
@@ -109,7 +98,7 @@ def test_mosaic_gradients_match_reference(name):
     case, batch, length, heads, kv_heads, dim, packed = GRAD_CASES[name]
     spec = MaskSpec(**case)
     q, k, v = _inputs(batch, length, heads, kv_heads, dim, seed=2)
-    seg = _packed(batch, length) if packed else None
+    seg = packed_segments(batch, length) if packed else None
 
     def loss(fn, *qkv):
         return jnp.sum(fn(*qkv).astype(jnp.float32) * jnp.cos(jnp.arange(dim, dtype=jnp.float32)))

@@ -12,20 +12,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxformers.kernels.local_global import tpu_kernel
 from jaxformers.kernels.local_global.api import tpu_route
+from jaxformers.kernels.local_global.blocks import q_major_table
 from jaxformers.kernels.local_global.mask import MaskSpec
 from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
-
-
-def _packed(batch, length, seed=0):
-    """Rows of 3 packed sequences of uneven lengths and a padded tail (segment 0)."""
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((batch, length), np.int32)
-    for row in range(batch):
-        bounds = [0, *np.sort(rng.choice(np.arange(1, length - 20), 2, replace=False)), length - 17]
-        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            seg[row, a:b] = s + 1
-    return jnp.asarray(seg)
+from tests.helpers import packed_segments
 
 
 CASES = {  # mask options, batch, length, heads, kv heads, head dim, packed, dtype
@@ -44,7 +35,7 @@ def test_tpu_kernels_match_reference(name):
     q = jax.random.normal(keys[0], (batch, length, heads, dim), dtype)
     k, v = (jax.random.normal(key, (batch, length, kv_heads, dim), dtype) for key in keys[1:3])
     cotangent = jax.random.normal(keys[3], q.shape, dtype)
-    seg = _packed(batch, length) if packed else None
+    seg = packed_segments(batch, length) if packed else None
     ours = functools.partial(local_global_attention_pallas, spec=spec, segment_ids=seg, scale=0.2, backend="tpu",
                              interpret=pltpu.InterpretParams(detect_races=True))
     reference = functools.partial(local_global_attention_reference, spec=spec, segment_ids=seg, scale=0.2)
@@ -64,7 +55,7 @@ def test_tpu_kernels_skip_blocks_that_share_no_segment():
     length, block = 1024, tpu_kernel.BLOCK
     seg = np.zeros((1, length), np.int32)
     seg[0, :300], seg[0, 300:700], seg[0, 700:900] = 1, 2, 3  # then 124 padding tokens
-    table, stride = tpu_kernel._block_table(MaskSpec(), jnp.asarray(seg), jnp.asarray(seg), transposed=False)
+    table, stride = q_major_table(MaskSpec(), jnp.asarray(seg), jnp.asarray(seg), block, block)
     rows = np.asarray(table)[: (length // block) * stride].reshape(-1, stride)
     blocks = [set(seg[0, i * block:(i + 1) * block]) - {0} for i in range(length // block)]
     want = [[j for j in range(len(blocks)) if blocks[i] & blocks[j]] for i in range(len(blocks))]
