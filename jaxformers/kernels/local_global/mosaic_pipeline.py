@@ -172,18 +172,24 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            @pl.loop(0, n_visit)
+            # Visit t reuses the slot of visit t - stages once the compute warpgroups are done with it.
+            # The last ``stages`` steps only wait (no fetch): the memory warpgroup then observes every
+            # phase of every barrier it waits on, which jax 0.11's interpreter checks at deallocation.
+            @pl.loop(0, n_visit + stages)
             def _fetch(t):
                 slot = lax.rem(t, stages)
-                start = table_ref[row + 2 + t] * block_rows
 
-                @pl.when(t >= stages)  # the compute warpgroups must be done with the slot's last block
+                @pl.when((t >= stages) & (t - stages < n_visit))
                 def _():
                     plgpu.barrier_wait(blk_free.at[slot])
 
-                for i, smem in zip(streamed, blk_smem):
-                    plgpu.copy_gmem_to_smem(in_refs[i].at[_index(operands[i][1], arrays[i], start, block_rows, **where)],
-                                            smem.at[slot], blk_ready.at[slot])
+                @pl.when(t < n_visit)
+                def _():
+                    start = table_ref[row + 2 + t] * block_rows
+                    for i, smem in zip(streamed, blk_smem):
+                        plgpu.copy_gmem_to_smem(
+                            in_refs[i].at[_index(operands[i][1], arrays[i], start, block_rows, **where)],
+                            smem.at[slot], blk_ready.at[slot])
 
     def entry(table_ref, *refs):
         smem = ([_smem(operands[i][1], warpgroups, tile_rows, arrays[i]) for i in resident],
