@@ -195,6 +195,7 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
         kernel_fn = functools.partial(kernel, cfg=cfg)
 
     grid = (batch, cfg.regions_padded // regions_per_program)
+    name = "bra_" + kernel.__name__.removesuffix("_kernel")  # names the kernel in profiles and compiler dumps
     if tpu:
         from jax.experimental.pallas import tpu as pltpu
 
@@ -208,7 +209,7 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
         params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                       vmem_limit_bytes=vmem_limit_bytes(vmem))
         call = pl.pallas_call(kernel_fn, out_shape=outputs, grid_spec=grid_spec, compiler_params=params,
-                              input_output_aliases=aliases, interpret=cfg.interpret)
+                              input_output_aliases=aliases, interpret=cfg.interpret, name=name)
     else:
         params = None
         if not cfg.interpret:
@@ -217,7 +218,8 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
             params = pltriton.CompilerParams(num_warps=4, num_stages=2)
         call = pl.pallas_call(kernel_fn, out_shape=outputs, grid=grid,
                               in_specs=[pl.BlockSpec() for _ in tables] + in_specs, out_specs=out_specs,
-                              compiler_params=params, input_output_aliases=aliases, interpret=cfg.interpret)
+                              compiler_params=params, input_output_aliases=aliases, interpret=cfg.interpret,
+                              name=name)
     return call(*tables, *args)
 
 

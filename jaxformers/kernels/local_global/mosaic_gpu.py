@@ -162,6 +162,11 @@ def _k_major(spec: MaskSpec, q_seg, k_seg, blocks: MosaicBlocks):
     return (*k_major_table(spec, q_seg, k_seg, blocks.block, blocks.tile), max(q_seg.shape[0], k_seg.shape[0]) > 1)
 
 
+def _name(routed: bool, kernel: str) -> str:
+    """The kernel's name in profiles and compiler dumps (a given table or route is BRA's routing)."""
+    return f"mosaic_{'bra' if routed else 'local_global'}_{kernel}"
+
+
 def _check(q, k, blocks: MosaicBlocks):
     if q.shape[1] % blocks.tile or k.shape[1] % blocks.tile:
         raise ValueError(f"padded lengths must be multiples of {blocks.tile}; got q {q.shape[1]}, k {k.shape[1]}")
@@ -181,6 +186,7 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: Mosa
     _check(q, k, blocks)
     batch, q_len, heads, dim = q.shape
     bq = bk = blocks.block
+    name = _name(route is not None or table is not None, "fwd")
     table, stride, per_batch = table or _q_major(spec, q_seg, k_seg, blocks)
     c = float(scale) * LOG2_E
     Q, QSEG, K, V, KSEG, WORDS = range(6)
@@ -215,7 +221,7 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: Mosa
                  (jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32), PER_HEAD, None)],
         table=table, stride=stride, tile_rows=bq, block_rows=bk, stages=blocks.stages, rep=heads // k.shape[2],
         per_batch=per_batch, init=init, step=step, finish=finish, stage_dtype=q.dtype,
-        interpret=interpret, warpgroups=blocks.warpgroups)
+        interpret=interpret, warpgroups=blocks.warpgroups, name=name)
 
 
 def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, lse, delta, d_out, *,
@@ -264,8 +270,7 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
         resident=(Q, DO, LSE, DELTA, QSEG) + ((WORDS,) if route else ()), streamed=(K, V, KSEG),
         outputs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), TOKENS, Q)],
         table=table, stride=stride, per_batch=per_batch, init=dq_init, step=dq_step,
-        finish=lambda res, carry: (carry[0] * scale,),
-        **common)
+        finish=lambda res, carry: (carry[0] * scale,), name=_name(route is not None or tables is not None, "dq"), **common)
 
     # dK/dV: key tiles resident (per query head), query-side blocks streamed; tiles are (keys, queries).
     K, V, KSEG, Q, DO, LSE, DELTA, QSEG, WORDS = range(9)
@@ -294,5 +299,5 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
         resident=(K, V, KSEG) + ((WORDS,) if route else ()), streamed=(Q, DO, LSE, DELTA, QSEG),
         outputs=[(per_head, TOKENS, K), (per_head, TOKENS, V)],  # written over the K/V tiles
         table=table, stride=stride, per_batch=per_batch, init=dkv_init, step=dkv_step,
-        finish=lambda res, carry: (carry[0] * scale, carry[1]), **common)
+        finish=lambda res, carry: (carry[0] * scale, carry[1]), name=_name(route is not None or tables is not None, "dkv"), **common)
     return dq, dk, dv

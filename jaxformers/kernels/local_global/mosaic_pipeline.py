@@ -101,7 +101,7 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
                       streamed: Sequence[int], outputs: Sequence[tuple[jax.ShapeDtypeStruct, Operand, int | None]],
                       table: jax.Array, stride: int, tile_rows: int, block_rows: int, stages: int, rep: int,
                       per_batch: bool, init: Callable, step: Callable, finish: Callable, stage_dtype, interpret,
-                      warpgroups: int):
+                      warpgroups: int, name: str):
     """Runs the pipeline (see the module docstring) on grid (heads, tiles, batch); returns the outputs.
 
     - ``resident``/``streamed``: indices into ``operands``; resident tiles cover the warpgroup's
@@ -114,6 +114,7 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
       -> carry``; ``finish(res, carry) -> output tiles``. ``res``/``blk`` map operand indices to
       this warpgroup's / this slot's shared-memory refs; ``as_operand(x)`` makes a register tile
       usable as a wgmma A operand (interpret mode stages it through shared memory).
+    - ``name``: the kernel's name in profiles and in Mosaic GPU's compiler dumps.
     """
     tiles = grid[1]
     arrays = [a for a, _ in operands]
@@ -132,7 +133,7 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
 
         @pl.when(wg < warpgroups)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(240, action="increase")
             own_start = (tile * warpgroups + wg) * tile_rows
             res = {i: smem.at[wg] for i, smem in zip(resident, res_smem)}
             for i in resident:
@@ -170,7 +171,7 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
 
         @pl.when(wg == warpgroups)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(24, action="decrease")
 
             # Visit t reuses the slot of visit t - stages once the compute warpgroups are done with it.
             # The last ``stages`` steps only wait (no fetch): the memory warpgroup then observes every
@@ -201,6 +202,8 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
                  plgpu.Barrier(num_arrivals=len(streamed), num_barriers=stages))
         free = plgpu.Barrier(num_arrivals=warpgroups, num_barriers=stages)
         pl.run_scoped(lambda *scoped: kernel(table_ref, *refs, scoped), smem, ready, free, collective_axes="wg")
+
+    entry.__name__ = entry.__qualname__ = name
 
     call = plgpu.kernel(
         entry, out_type=tuple(shape for shape, _, _ in outputs), grid=grid,
