@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2 --durations=25
 
-.PHONY: setup demo test test-latest test-device-jax model-table clean
+.PHONY: setup demo test test-latest test-device-jax compile-h100 model-table clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,8 +56,18 @@ test-device-jax:
 	  tests/kernels/test_local_global.py::test_kernels_lower_for_gpu_triton \
 	  tests/kernels/test_local_global.py::test_tpu_splash_path_lowers_for_tpu)
 
+# Not in CI (a ~5 GB install): compile every GPU kernel and BiFormer-T's train step for an H100 on
+# this host, no GPU needed (benchmarks/compile_h100.py); run it before spending device time.
+VENV_H100 ?= .venv-compile-h100
+compile-h100:
+	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
+	test -x $(VENV_H100)/bin/python || $(PY312) -m venv $(VENV_H100)
+	$(VENV_H100)/bin/python -m pip install -q --upgrade pip
+	$(VENV_H100)/bin/python -m pip install -q -e . "jax[cuda13]==$(DEVICE_JAX)" jaxlib==$(DEVICE_JAX)
+	$(VENV_H100)/bin/python benchmarks/compile_h100.py
+
 model-table: setup
 	$(PY) scripts/model_table.py --write README.md
 
 clean:
-	rm -rf $(VENV) $(VENV312) $(VENV_DEVICE_JAX) workdir
+	rm -rf $(VENV) $(VENV312) $(VENV_DEVICE_JAX) $(VENV_H100) workdir

@@ -37,11 +37,13 @@ part kernels_bra 100 python3 benchmarks/kernels.py --only bra --repeats 20
 part kernels_dense 70 python3 benchmarks/kernels.py --only dense --repeats 20
 # 2. Training throughput against timm eager in the same run (torch.compile would eat the part's
 #    time; shared/anchors.md has its compiled/eager ratio). One model per part.
-#    BiFormer's attention takes the Hopper (Mosaic GPU) kernels by default; should they fail to
-#    compile, the step is timed again on the Triton kernels.
+#    BiFormer runs on our BRA kernels (attention_impl=pallas; the model's default is the XLA
+#    gather), the Hopper (Mosaic GPU) ones on an H100/H200; should they fail, the step is timed
+#    again on the Triton kernels.
 part train_biformer_tiny 90 python3 benchmarks/train_throughput.py biformer_tiny --steps 10 --torch-compile off \
+  --override attention_impl=pallas \
   || part train_biformer_tiny_triton 50 env JAXFORMERS_GPU_KERNEL=triton \
-       python3 benchmarks/train_throughput.py biformer_tiny --steps 10 --torch-compile off
+       python3 benchmarks/train_throughput.py biformer_tiny --steps 10 --torch-compile off --override attention_impl=pallas
 part train_vit_small_patch16_224 90 python3 benchmarks/train_throughput.py vit_small_patch16_224 --steps 10 \
   --torch-compile off
 part bert_throughput 40 python3 benchmarks/bert_throughput.py --repeats 10

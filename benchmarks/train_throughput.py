@@ -41,15 +41,16 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def bench_ours(name: str, overrides: dict, batch_size: int, steps: int, warmup: int, dtype: str) -> dict:
+def build_step(name: str, overrides: dict, batch_size: int, dtype: str, mesh=None):
+    """(jitted train step, state spec, host batch of random numpy inputs, mesh) for model ``name`` over
+    ``mesh`` (default: all local devices; ``benchmarks/compile_h100.py`` passes a compile-only one)."""
     import jaxformers
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxformers.registry import example_inputs
-    from jaxformers.sharding import DEFAULT_RULES, activate, make_mesh
+    from jaxformers.sharding import DEFAULT_RULES, make_mesh
     from train import config_lib, optim, steps as train_steps
     from train.tasks import Task
-    from train.trainer import peak_flops
 
     class LastAxisCrossEntropy(Task):
         """Random inputs -> softmax cross-entropy of the output's last axis against random targets."""
@@ -69,7 +70,7 @@ def bench_ours(name: str, overrides: dict, batch_size: int, steps: int, warmup: 
     model = jaxformers.create_model(name, **model_kwargs)
     if dtype == "bfloat16" and hasattr(model, "dtype"):
         model = model.clone(dtype=jnp.bfloat16)
-    mesh = make_mesh()
+    mesh = mesh or make_mesh()
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % n_batch:
         raise SystemExit(f"--batch {batch_size} must be divisible by the {n_batch} devices")
@@ -91,6 +92,15 @@ def bench_ours(name: str, overrides: dict, batch_size: int, steps: int, warmup: 
     step = jax.jit(train_steps.make_train_step(model, LastAxisCrossEntropy(), tx, schedule, config),
                    in_shardings=(spec.shardings, train_steps.batch_shardings(batch, mesh)),
                    out_shardings=(spec.shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    return step, spec, batch, mesh
+
+
+def bench_ours(name: str, overrides: dict, batch_size: int, steps: int, warmup: int, dtype: str) -> dict:
+    from jaxformers.sharding import DEFAULT_RULES, activate
+    from train import steps as train_steps
+    from train.trainer import peak_flops
+
+    step, spec, batch, mesh = build_step(name, overrides, batch_size, dtype)
     with activate(mesh, DEFAULT_RULES):
         state = train_steps.init_state(spec)
         global_batch = train_steps.to_global(batch, mesh, batch_size)

@@ -1,0 +1,58 @@
+"""benchmarks/compile_h100.py: its report parsing, and its message on a host without the CUDA plugin
+(the compile itself needs jax[cuda13]; `make compile-h100` runs it)."""
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+PTXAS = """ptxas info    : Compiling entry function 'mosaic_bra_dkv_kernel' for 'sm_90a'
+ptxas info    : Function properties for mosaic_bra_dkv_kernel
+    16 bytes stack frame, 812 bytes spill stores, 712 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 16 bytes cumulative stack size, 1 bytes smem
+"""
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("compile_h100", ROOT / "benchmarks" / "compile_h100.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ptxas_report_groups_identical_kernels_and_reads_spills(tmp_path):
+    mod = load()
+    mod.DUMP["dir"] = str(tmp_path)
+    for i in (0, 3):
+        (tmp_path / f"mosaic_bra_dkv_{i}.ptxas").write_text(PTXAS)
+        (tmp_path / f"mosaic_bra_dkv_{i}.resources.txt").write_text("Resources(smem_scratch_bytes=135168, x=1)")
+    (tmp_path / "mosaic_local_global_fwd_1.ptxas").write_text(
+        PTXAS.replace("812 bytes spill stores, 712", "0 bytes spill stores, 0").replace("Used 168", "Used 232"))
+    lines = mod.ptxas_report()
+    assert len(lines) == 2
+    assert "mosaic_bra_dkv" in lines[0] and "x2" in lines[0] and "168 registers" in lines[0]
+    assert "812/712 B" in lines[0] and "132 KiB" in lines[0]
+    assert "mosaic_local_global_fwd" in lines[1] and "232 registers" in lines[1] and " 0/0 B" in lines[1]
+    assert "?" in lines[1]  # no resources dump: unknown shared memory, not a made-up number
+    assert not any(tmp_path.iterdir())  # consumed: the next row starts from an empty dump
+
+
+def test_kernels_in_names_each_kind():
+    class Compiled:
+        def as_text(self):
+            return ('custom_call_target="__gpu$xla.gpu.triton" custom_call_target="mosaic_gpu_v2" '
+                    'custom_call_target="mosaic_gpu_v2" custom_call_target="__cudnn$convForward" '
+                    'custom_call_target="__cublas$gemm"')
+
+    assert load().kernels_in(Compiled()) == "1 cudnn, 2 mosaic, 1 triton"
+
+
+def test_without_the_cuda_plugin_it_says_what_to_install(monkeypatch):
+    if importlib.util.find_spec("jax_plugins") and any(
+            importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
+        pytest.skip("the CUDA plugin is installed here")
+    mod = load()
+    monkeypatch.setattr(mod.os, "environ", dict(mod.os.environ))  # main() sets compile variables
+    with pytest.raises(SystemExit, match="make compile-h100"):
+        mod.main(["--only", "dense"])
