@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,7 @@ dnn_version_info { major: 9 minor: 10 }
 runtime_version { major: 13 minor: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
+H100_MEMORY = int(re.search(r"device_memory_size: (\d+)", H100_TARGET_CONFIG).group(1))
 
 
 def compile_only_h100():
@@ -100,8 +102,7 @@ def ptxas_report() -> list[str]:
 
 def kernels_in(compiled) -> str:
     counts = Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))
-    names = {"__gpu$xla.gpu.triton": "triton", "mosaic_gpu_v2": "mosaic", "mosaic_gpu": "mosaic",
-             "__cudnn$fmhaSoftmax": "cudnn"}
+    names = {"__gpu$xla.gpu.triton": "triton", "mosaic_gpu_v2": "mosaic", "mosaic_gpu": "mosaic"}
     found = Counter()
     for target, n in counts.items():
         found[names.get(target, "cudnn" if "cudnn" in target else None)] += n
@@ -120,18 +121,20 @@ def fwd_bwd(fn):
 FAILED: list[str] = []
 
 
-def compile_row(label: str, fn, *args) -> None:
+def compile_row(label: str, lower: Callable[[], Any]):
+    """Compiles ``lower()``'s program and prints what it holds; the compiled program, or None on failure."""
     start = time.perf_counter()
     try:
-        compiled = jax.jit(fn).lower(*args).compile()
+        compiled = lower().compile()
     except Exception as e:  # noqa: BLE001 - a failure is the finding; report it and go on
         FAILED.append(label)
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
         ptxas_report()
-        return
+        return None
     print(f"ok   {label:<58} {time.perf_counter() - start:5.1f}s  {kernels_in(compiled)}", flush=True)
     for line in ptxas_report():
         print(line, flush=True)
+    return compiled
 
 
 def kernel_rows(device, groups: set[str]) -> None:
@@ -148,8 +151,9 @@ def kernel_rows(device, groups: set[str]) -> None:
             for batch, height, width, channels, heads, regions, topk in BIFORMER_STAGE_SHAPES:
                 fn = functools.partial(bi_level_routing_attention, num_heads=heads, regions_per_side=regions,
                                        topk=topk, implementation="pallas", gpu_kernel=kernel)
-                compile_row(f"bra {batch}x{height}x{width}x{channels} S{regions} k{topk} [{kernel}]", fwd_bwd(fn),
-                            *arrays(*[(batch, height, width, channels)] * 3))
+                args = arrays(*[(batch, height, width, channels)] * 3)
+                compile_row(f"bra {batch}x{height}x{width}x{channels} S{regions} k{topk} [{kernel}]",
+                            lambda: jax.jit(fwd_bwd(fn)).lower(*args))
         attention = []
         if "dense" in groups:
             attention += [("dense", s, {}) for s in [(256, 197, 6, 64), (8, 4096, 16, 64), (8, 4096, 16, 128)]]
@@ -158,7 +162,8 @@ def kernel_rows(device, groups: set[str]) -> None:
             attention += [("window ±256 + 16 global", (2, 16384, 16, 64), {"window": (256, 256), "global_tokens": 16})]
         for name, shape, kw in attention:
             fn = functools.partial(local_global_attention, **kw, implementation="pallas", gpu_kernel=kernel)
-            compile_row(f"{name} {'x'.join(map(str, shape))} [{kernel}]", fwd_bwd(fn), *arrays(*[shape] * 3))
+            compile_row(f"{name} {'x'.join(map(str, shape))} [{kernel}]",
+                        lambda: jax.jit(fwd_bwd(fn)).lower(*arrays(*[shape] * 3)))
         if "packed" in groups:  # BERT rows packed with segment ids (their values are runtime data)
             shape = (40, 512, 12, 64)
             (segments,) = arrays(shape[:2], dtype=jnp.int32)
@@ -167,8 +172,8 @@ def kernel_rows(device, groups: set[str]) -> None:
                 return fwd_bwd(functools.partial(local_global_attention, segment_ids=segment_ids,
                                                  implementation="pallas", gpu_kernel=kernel))(q, k, v)
 
-            compile_row(f"packed {'x'.join(map(str, shape))} [{kernel}]", packed,
-                        *arrays(*[shape] * 3), segments)
+            compile_row(f"packed {'x'.join(map(str, shape))} [{kernel}]",
+                        lambda: jax.jit(packed).lower(*arrays(*[shape] * 3), segments))
 
 
 def train_row(device, model: str, batch: int, overrides: list[str]) -> None:
@@ -176,33 +181,23 @@ def train_row(device, model: str, batch: int, overrides: list[str]) -> None:
     from train_throughput import _parse_overrides, build_step
 
     from jaxformers.sharding import DEFAULT_RULES, activate, make_mesh
-
-    mesh = make_mesh(devices=[device])
-    overrides = _parse_overrides(overrides)
-    step, spec, host_batch, mesh = build_step(model, overrides, batch, "bfloat16", mesh)
     from train import steps as train_steps
+
+    overrides = _parse_overrides(overrides)
+    step, spec, host_batch, mesh = build_step(model, overrides, batch, "bfloat16", make_mesh(devices=[device]))
 
     shardings = train_steps.batch_shardings(host_batch, mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in host_batch.items()}
     label = f"train step {model} {' '.join(f'{k}={v}' for k, v in overrides.items())} batch {batch} bf16"
-    start = time.perf_counter()
-    try:
-        with activate(mesh, DEFAULT_RULES):
-            compiled = step.lower(spec.abstract, abstract_batch).compile()
-    except Exception as e:  # noqa: BLE001
-        FAILED.append(label)
-        print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-        ptxas_report()
-        return
-    m = compiled.memory_analysis()
-    gib = 1 << 30
-    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    print(f"ok   {label:<58} {time.perf_counter() - start:5.1f}s  {kernels_in(compiled)}")
-    print(f"    memory: arguments {m.argument_size_in_bytes / gib:.2f} GiB, outputs {m.output_size_in_bytes / gib:.2f} "
-          f"GiB (aliased {m.alias_size_in_bytes / gib:.2f}), temporaries {m.temp_size_in_bytes / gib:.2f} GiB: "
-          f"{total / gib:.1f} of the H100's {int(H100_TARGET_CONFIG.split('device_memory_size: ')[1].split()[0]) / gib:.0f} GiB")
-    for line in ptxas_report():
-        print(line, flush=True)
+    with activate(mesh, DEFAULT_RULES):
+        compiled = compile_row(label, lambda: step.lower(spec.abstract, abstract_batch))
+    if compiled is not None:
+        m = compiled.memory_analysis()
+        gib = 1 << 30
+        total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        print(f"    memory: arguments {m.argument_size_in_bytes / gib:.2f} GiB, outputs "
+              f"{m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), temporaries "
+              f"{m.temp_size_in_bytes / gib:.2f} GiB: {total / gib:.1f} of the H100's {H100_MEMORY / gib:.0f} GiB")
 
 
 def stderr_to(path: str) -> None:
