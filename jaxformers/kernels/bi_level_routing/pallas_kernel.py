@@ -26,7 +26,8 @@ and runs separate softmax passes. Here nothing is gathered:
 
 Backends:
 
-- TPU (Mosaic): ``PrefetchScalarGridSpec`` prefetches the routing tables into SMEM; the image's
+- TPU (Mosaic): ``PrefetchScalarGridSpec`` prefetches the routing tables into SMEM, flattened
+  (SMEM pads a multi-dimensional array's last two dims to (8, 128) words); the image's
   K/V block index depends only on the batch index, so Pallas fetches it once per image (HBM reads
   of K/V = one pass, the memory floor) and the kernel indexes routed regions in VMEM. Batches whose
   tables would overflow SMEM are split into chunks. T padded to a multiple of 8. The resident
@@ -144,6 +145,20 @@ def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, request
 
 
 # ----------------------------------------------------------------------------- launching
+@dataclasses.dataclass(frozen=True)
+class _FlatTable:
+    """A flattened int32 table (TPU SMEM) indexed like the array it was: ``t[b, r, j]`` with scalars."""
+
+    ref: object
+    shape: tuple[int, ...]
+
+    def __getitem__(self, index):
+        flat = 0
+        for i, n in zip(index, self.shape):
+            flat = flat * n + i
+        return self.ref[flat]
+
+
 def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_program: int):
     """Runs ``kernel`` over grid (batch, R_pad / regions_per_program).
 
@@ -196,7 +211,12 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
 
     grid = (batch, cfg.regions_padded // regions_per_program)
     name = "bra_" + kernel.__name__.removesuffix("_kernel")  # names the kernel in profiles and compiler dumps
-    if tpu:
+    if tpu:  # SMEM pads an array's last two dims to (8, 128) words: flat tables, read through _FlatTable
+        shapes, tables = [t.shape for t in tables], [t.reshape(-1) for t in tables]
+        with_flat_tables = kernel_fn
+
+        def kernel_fn(*refs):
+            return with_flat_tables(*map(_FlatTable, refs, shapes), *refs[len(shapes):])
         from jax.experimental.pallas import tpu as pltpu
 
         vmem = _tpu_vmem_bytes([(x.shape, x.dtype, blk) for x, blk in operands]
