@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2 --durations=25
 
-.PHONY: setup demo test test-latest test-device-jax compile-h100 model-table clean
+.PHONY: setup demo test test-latest test-device-jax compile-h100 compile-tpu model-table clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,18 +56,27 @@ test-device-jax:
 	  tests/kernels/test_local_global.py::test_kernels_lower_for_gpu_triton \
 	  tests/kernels/test_local_global.py::test_tpu_splash_path_lowers_for_tpu)
 
-# Not in CI (a ~5 GB install): compile every GPU kernel and BiFormer-T's train step for an H100 on
-# this host, no GPU needed (benchmarks/compile_h100.py); run it before spending device time.
+# Not in CI (big installs): compile every kernel and BiFormer-T's train step for an H100 (~5 GB of
+# CUDA wheels) or a TPU v5e (libtpu, ~1.5 GB) on this host, no accelerator needed
+# (benchmarks/compile_check.py); run them before spending device time.
 VENV_H100 ?= .venv-compile-h100
+VENV_TPU ?= .venv-compile-tpu
+TPU_TARGET ?= v5e
 compile-h100:
 	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
 	test -x $(VENV_H100)/bin/python || $(PY312) -m venv $(VENV_H100)
 	$(VENV_H100)/bin/python -m pip install -q --upgrade pip
 	$(VENV_H100)/bin/python -m pip install -q -e . "jax[cuda13]==$(DEVICE_JAX)" jaxlib==$(DEVICE_JAX)
-	$(VENV_H100)/bin/python benchmarks/compile_h100.py
+	$(VENV_H100)/bin/python benchmarks/compile_check.py --target h100
+compile-tpu:
+	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
+	test -x $(VENV_TPU)/bin/python || $(PY312) -m venv $(VENV_TPU)
+	$(VENV_TPU)/bin/python -m pip install -q --upgrade pip
+	$(VENV_TPU)/bin/python -m pip install -q -e . "jax[tpu]==$(DEVICE_JAX)" jaxlib==$(DEVICE_JAX)
+	$(VENV_TPU)/bin/python benchmarks/compile_check.py --target $(TPU_TARGET)
 
 model-table: setup
 	$(PY) scripts/model_table.py --write README.md
 
 clean:
-	rm -rf $(VENV) $(VENV312) $(VENV_DEVICE_JAX) $(VENV_H100) workdir
+	rm -rf $(VENV) $(VENV312) $(VENV_DEVICE_JAX) $(VENV_H100) $(VENV_TPU) workdir

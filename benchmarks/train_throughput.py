@@ -43,7 +43,7 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def build_step(name: str, overrides: dict, batch_size: int, dtype: str, mesh=None):
     """(jitted train step, state spec, host batch of random numpy inputs, mesh) for model ``name`` over
-    ``mesh`` (default: all local devices; ``benchmarks/compile_h100.py`` passes a compile-only one)."""
+    ``mesh`` (default: all local devices; ``benchmarks/compile_check.py`` passes a compile-only one)."""
     import jaxformers
     from jax.sharding import NamedSharding, PartitionSpec as P
 

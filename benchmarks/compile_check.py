@@ -1,23 +1,27 @@
-"""Compile every GPU kernel, and BiFormer-T's train step, for an H100 on a host that has none.
+"""Compile every kernel, and BiFormer-T's train step, for an H100 or a TPU on a host that has neither.
 
-    make compile-h100        # a venv with jax[cuda13] at the GPU machines' jax (~5 GB), then this script
-    python benchmarks/compile_h100.py --only bra,train      # in such a venv
+    make compile-h100      # a venv with jax[cuda13] at the GPU machines' jax (~5 GB), then --target h100
+    make compile-tpu       # a venv with jax[tpu] (libtpu, ~1.5 GB), then --target v5e
+    python benchmarks/compile_check.py --target v4 --only bra,train         # in such a venv
 
-Deviceless ahead-of-time compilation: the CUDA plugin describes an H100 from a target config (no
-GPU, no driver needed) and ``jit(...).lower(...).compile()`` runs XLA's whole GPU pipeline for it:
-Triton kernels to cubin, Mosaic GPU kernels through their MLIR passes, PTX and ptxas. What a first
-device session would otherwise learn at compile time (a kernel over the shared-memory budget, an
-op a lowering rejects, a ptxas error, register spills, a train step too big for 80 GB) costs no
-device time here. Nothing runs: no numerics and no timings (``benchmarks/kernels.py`` has those).
+Deviceless ahead-of-time compilation: the CUDA plugin describes an H100 from a target config, and
+libtpu a TPU slice by name (no accelerator, no driver needed); ``jit(...).lower(...).compile()``
+then runs XLA's whole pipeline for it: on the H100 Triton kernels to cubin and Mosaic GPU kernels
+through their MLIR passes, PTX and ptxas; on a TPU the Pallas Mosaic kernels through Mosaic's
+compiler, with the chip's SMEM and VMEM limits. What a first device session would otherwise learn
+at compile time (a kernel over a memory budget, an op a lowering rejects, a ptxas error, register
+spills, a train step too big for the device) costs no device time here. Nothing runs: no numerics
+and no timings (``benchmarks/kernels.py`` has those).
 
-Rows: the shapes of ``benchmarks/kernels.py`` (``shared/anchors.md``), forward + backward, once per
-GPU kernel set (``gpu_kernel="mosaic"`` and ``"triton"``). Each row prints the kernels in the
-compiled program and, for Mosaic GPU kernels, ptxas' registers per thread, spill bytes and the
-shared memory each reserves (Mosaic GPU's compiler dumps). The train step (BiFormer-T on our kernels by
-default) prints XLA's memory analysis against the H100's memory. Exit status 1 if anything failed to compile.
+Rows: the shapes of ``benchmarks/kernels.py`` (``shared/anchors.md``), forward + backward; on the
+H100 once per GPU kernel set (``gpu_kernel="mosaic"`` and ``"triton"``). Each row prints the
+kernels in the compiled program and, for Mosaic GPU kernels, ptxas' registers per thread, spill
+bytes and the shared memory each reserves (Mosaic GPU's compiler dumps). The train step (BiFormer-T
+on our kernels by default) prints XLA's memory analysis against the device's memory. Exit status
+1 if anything failed to compile.
 
-Our ops choose kernels by ``jax.default_backend()`` and the GPU's compute capability; this script
-makes those answer "gpu" and the compile-only H100 (it runs nothing else, so nothing else sees it).
+Our ops choose kernels by ``jax.default_backend()`` and the device's generation; this script makes
+those answer for the compile-only device (it runs nothing else, so nothing else sees it).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -59,31 +64,57 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 H100_MEMORY = int(re.search(r"device_memory_size: (\d+)", H100_TARGET_CONFIG).group(1))
 
 
-def compile_only_h100():
-    """The compile-only H100 device, with our kernel dispatch and Pallas' Triton lowering pointed at it."""
+# target: (libtpu topology, jax's ChipVersion, HBM bytes per chip)
+TPU_TOPOLOGIES = {"v4": ("v4:2x2x1", "TPU_V4", 32 << 30), "v5e": ("v5e:2x2", "TPU_V5E", 16 << 30),
+                  "v5p": ("v5p:2x2x1", "TPU_V5P", 95 << 30), "v6e": ("v6e:2x2", "TPU_V6E", 32 << 30)}
+TARGETS = ("h100",) + tuple(TPU_TOPOLOGIES)
+
+
+def _pretend_backend(platform: str, device) -> None:
+    """Makes our kernel dispatch (``jax.default_backend()``, ``jax.devices(platform)``) see ``device``."""
+    host_devices = jax.devices
+    jax.default_backend = lambda: platform
+    jax.devices = lambda backend=None: [device] if backend in (platform, "cuda") else host_devices(backend)
+
+
+def compile_only_device(target: str):
+    """The compile-only device of ``target``, with our kernel dispatch and Pallas' lowerings pointed at it."""
     from jax.experimental import topologies
 
+    host_kind = jax.devices()[0].device_kind
     try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1")
-    except Exception as e:  # noqa: BLE001 - no CUDA plugin, or one without deviceless topologies
-        raise SystemExit(f"cannot describe an H100 without one ({type(e).__name__}: {e}); install "
-                         "jax[cuda13] at the GPU machines' jax version (make compile-h100)") from e
+        if target == "h100":
+            topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG,
+                                                    topology="1x1x1")
+        else:
+            topology = topologies.get_topology_desc(TPU_TOPOLOGIES[target][0], platform="tpu")
+    except Exception as e:  # noqa: BLE001 - no plugin, or one without deviceless topologies
+        install = ("jax[cuda13] at the GPU machines' jax version (make compile-h100)" if target == "h100"
+                   else "jax[tpu] (libtpu; make compile-tpu)")
+        raise SystemExit(f"cannot describe a {target} without one ({type(e).__name__}: {e}); install {install}") from e
     device = topology.devices[0]
-    host_devices = jax.devices
-    jax.default_backend = lambda: "gpu"
-    jax.devices = lambda backend=None: [device] if backend in ("gpu", "cuda") else host_devices(backend)
-    try:  # newer Pallas reads the GPU generation for its Triton lowering from the default (host) device
-        from jax._src.pallas.triton import gpu_info
+    _pretend_backend("gpu" if target == "h100" else "tpu", device)
+    # Newer Pallas reads the generation for its lowering from the default (host) device's kind.
+    try:
+        if target == "h100":
+            from jax._src.pallas.triton import gpu_info
+
+            gpu_info.registry[host_kind] = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+        else:
+            from jax._src import tpu_info
+
+            chip = tpu_info.ChipVersion[TPU_TOPOLOGIES[target][1]]
+            tpu_info.registry[host_kind] = lambda: tpu_info.get_tpu_info_for_chip(chip, 1)
     except ImportError:
-        return device
-    gpu_info.registry[host_devices()[0].device_kind] = lambda: gpu_info.get_gpu_info_from_version(
-        gpu_info.GpuVersion.H100)
+        pass
     return device
 
 
 def ptxas_report() -> list[str]:
     """One line per Mosaic GPU kernel compiled since the last call, identical ones counted once (then
     the dumps are removed): ptxas' registers per thread and spill bytes, and the shared memory."""
+    if not DUMP["dir"]:  # main() has not made the dump directory: nothing was dumped
+        return []
     seen = Counter()
     for path in sorted(Path(DUMP["dir"]).glob("*.ptxas")):
         text = path.read_text()
@@ -102,7 +133,8 @@ def ptxas_report() -> list[str]:
 
 def kernels_in(compiled) -> str:
     counts = Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))
-    names = {"__gpu$xla.gpu.triton": "triton", "mosaic_gpu_v2": "mosaic", "mosaic_gpu": "mosaic"}
+    names = {"__gpu$xla.gpu.triton": "triton", "mosaic_gpu_v2": "mosaic", "mosaic_gpu": "mosaic",
+             "tpu_custom_call": "pallas tpu"}
     found = Counter()
     for target, n in counts.items():
         found[names.get(target, "cudnn" if "cudnn" in target else None)] += n
@@ -121,11 +153,31 @@ def fwd_bwd(fn):
 FAILED: list[str] = []
 
 
+def _raised_by_jaxformers(error: BaseException) -> bool:
+    import jaxformers
+
+    frames = traceback.extract_tb(error.__traceback__)
+    package = os.path.dirname(os.path.abspath(jaxformers.__file__)) + os.sep
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package)
+
+
 def compile_row(label: str, lower: Callable[[], Any]):
-    """Compiles ``lower()``'s program and prints what it holds; the compiled program, or None on failure."""
+    """Compiles ``lower()``'s program and prints what it holds; the compiled program, or None.
+
+    A ValueError raised by our own code while tracing is our ops refusing the inputs on this device
+    by design (e.g. a BRA map whose resident blocks exceed a TPU v4's VMEM; ``implementation="auto"``
+    then takes the XLA path): reported as "refused", not as a failure. Anything else is a failure
+    (Mosaic's own "exceeds available shared memory" ValueError included)."""
     start = time.perf_counter()
     try:
-        compiled = lower().compile()
+        try:
+            lowered = lower()
+        except ValueError as e:
+            if not _raised_by_jaxformers(e):
+                raise
+            print(f"refused {label}: {str(e).splitlines()[0][:300]}", flush=True)
+            return None
+        compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - a failure is the finding; report it and go on
         FAILED.append(label)
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
@@ -137,22 +189,25 @@ def compile_row(label: str, lower: Callable[[], Any]):
     return compiled
 
 
-def kernel_rows(device, groups: set[str]) -> None:
+def kernel_rows(device, groups: set[str], gpu_kernels: tuple[str, ...]) -> None:
     from jaxformers.kernels import bi_level_routing_attention, local_global_attention
     from jaxformers.kernels.bi_level_routing.api import BIFORMER_STAGE_SHAPES
 
     sharding = jax.sharding.SingleDeviceSharding(device)
 
+    def tag(kernel):
+        return f" [{kernel}]" if len(gpu_kernels) > 1 else ""
+
     def arrays(*shapes, dtype=jnp.bfloat16):
         return [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
 
-    for kernel in ("mosaic", "triton"):
+    for kernel in gpu_kernels:
         if "bra" in groups:
             for batch, height, width, channels, heads, regions, topk in BIFORMER_STAGE_SHAPES:
                 fn = functools.partial(bi_level_routing_attention, num_heads=heads, regions_per_side=regions,
                                        topk=topk, implementation="pallas", gpu_kernel=kernel)
                 args = arrays(*[(batch, height, width, channels)] * 3)
-                compile_row(f"bra {batch}x{height}x{width}x{channels} S{regions} k{topk} [{kernel}]",
+                compile_row(f"bra {batch}x{height}x{width}x{channels} S{regions} k{topk}{tag(kernel)}",
                             lambda: jax.jit(fwd_bwd(fn)).lower(*args))
         attention = []
         if "dense" in groups:
@@ -162,7 +217,7 @@ def kernel_rows(device, groups: set[str]) -> None:
             attention += [("window ±256 + 16 global", (2, 16384, 16, 64), {"window": (256, 256), "global_tokens": 16})]
         for name, shape, kw in attention:
             fn = functools.partial(local_global_attention, **kw, implementation="pallas", gpu_kernel=kernel)
-            compile_row(f"{name} {'x'.join(map(str, shape))} [{kernel}]",
+            compile_row(f"{name} {'x'.join(map(str, shape))}{tag(kernel)}",
                         lambda: jax.jit(fwd_bwd(fn)).lower(*arrays(*[shape] * 3)))
         if "packed" in groups:  # BERT rows packed with segment ids (their values are runtime data)
             shape = (40, 512, 12, 64)
@@ -172,11 +227,11 @@ def kernel_rows(device, groups: set[str]) -> None:
                 return fwd_bwd(functools.partial(local_global_attention, segment_ids=segment_ids,
                                                  implementation="pallas", gpu_kernel=kernel))(q, k, v)
 
-            compile_row(f"packed {'x'.join(map(str, shape))} [{kernel}]",
+            compile_row(f"packed {'x'.join(map(str, shape))}{tag(kernel)}",
                         lambda: jax.jit(packed).lower(*arrays(*[shape] * 3), segments))
 
 
-def train_row(device, model: str, batch: int, overrides: list[str]) -> None:
+def train_row(device, model: str, batch: int, overrides: list[str], memory: int) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_throughput import _parse_overrides, build_step
 
@@ -197,7 +252,7 @@ def train_row(device, model: str, batch: int, overrides: list[str]) -> None:
         total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         print(f"    memory: arguments {m.argument_size_in_bytes / gib:.2f} GiB, outputs "
               f"{m.output_size_in_bytes / gib:.2f} GiB (aliased {m.alias_size_in_bytes / gib:.2f}), temporaries "
-              f"{m.temp_size_in_bytes / gib:.2f} GiB: {total / gib:.1f} of the H100's {H100_MEMORY / gib:.0f} GiB")
+              f"{m.temp_size_in_bytes / gib:.2f} GiB: {total / gib:.1f} of the device's {memory / gib:.0f} GiB")
 
 
 def stderr_to(path: str) -> None:
@@ -208,6 +263,7 @@ def stderr_to(path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=TARGETS, default="h100", help="the device to compile for")
     parser.add_argument("--only", default="bra,window,dense,packed,train", help="comma-separated row groups")
     parser.add_argument("--train-model", default="biformer_tiny")
     parser.add_argument("--train-batch", type=int, default=128)
@@ -215,17 +271,21 @@ def main(argv=None) -> int:
                         help="model override KEY=VALUE (repeatable; default attention_impl=pallas)")
     args = parser.parse_args(argv)
     groups = set(args.only.split(","))
-    os.environ.update(CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")  # before the CUDA backend starts
-    device = compile_only_h100()
-    DUMP["dir"] = tempfile.mkdtemp(prefix="mosaic-gpu-dump-")  # Mosaic GPU reads these as it compiles each kernel
+    os.environ.update(CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")  # before any backend starts
+    device = compile_only_device(args.target)
+    DUMP["dir"] = tempfile.mkdtemp(prefix="compile-check-")  # Mosaic GPU reads these as it compiles each kernel
     os.environ.update(MOSAIC_GPU_DUMP_TO=DUMP["dir"], MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1")
     log = DUMP["dir"] + ".log"
     print(f"compiler logs: {log}")
     stderr_to(log)
-    print(f"jax {jax.__version__}: compiling for {device.device_kind} (compile-only, sm_90a) on a host without one")
-    kernel_rows(device, groups)
+    print(f"jax {jax.__version__}: compiling for {device.device_kind} ({args.target}, compile-only) on a host "
+          "without one")
+    gpu = args.target == "h100"
+    kernel_rows(device, groups, ("mosaic", "triton") if gpu else ("auto",))
     if "train" in groups:
-        train_row(device, args.train_model, args.train_batch, args.train_override or ["attention_impl=pallas"])
+        memory = H100_MEMORY if gpu else TPU_TOPOLOGIES[args.target][2]
+        train_row(device, args.train_model, args.train_batch, args.train_override or ["attention_impl=pallas"],
+                  memory)
     shutil.rmtree(DUMP["dir"], ignore_errors=True)
     print(f"{len(FAILED)} failed" + (": " + "; ".join(FAILED) if FAILED else ""))
     return 1 if FAILED else 0

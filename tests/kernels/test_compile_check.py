@@ -1,5 +1,5 @@
-"""benchmarks/compile_h100.py: its report parsing, and its message on a host without the CUDA plugin
-(the compile itself needs jax[cuda13]; `make compile-h100` runs it)."""
+"""benchmarks/compile_check.py: its report parsing, and its message on a host without the CUDA plugin
+or libtpu (the compile itself needs jax[cuda13] or jax[tpu]; `make compile-h100` / `compile-tpu`)."""
 import importlib.util
 import pathlib
 
@@ -15,7 +15,7 @@ ptxas info    : Used 168 registers, used 16 barriers, 16 bytes cumulative stack 
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("compile_h100", ROOT / "benchmarks" / "compile_h100.py")
+    spec = importlib.util.spec_from_file_location("compile_check", ROOT / "benchmarks" / "compile_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,9 +43,9 @@ def test_kernels_in_names_each_kind():
         def as_text(self):
             return ('custom_call_target="__gpu$xla.gpu.triton" custom_call_target="mosaic_gpu_v2" '
                     'custom_call_target="mosaic_gpu_v2" custom_call_target="__cudnn$convForward" '
-                    'custom_call_target="__cublas$gemm"')
+                    'custom_call_target="__cublas$gemm" custom_call_target="tpu_custom_call"')
 
-    assert load().kernels_in(Compiled()) == "1 cudnn, 2 mosaic, 1 triton"
+    assert load().kernels_in(Compiled()) == "1 cudnn, 2 mosaic, 1 pallas tpu, 1 triton"
 
 
 def test_without_the_cuda_plugin_it_says_what_to_install(monkeypatch):
@@ -55,4 +55,39 @@ def test_without_the_cuda_plugin_it_says_what_to_install(monkeypatch):
     mod = load()
     monkeypatch.setattr(mod.os, "environ", dict(mod.os.environ))  # main() sets compile variables
     with pytest.raises(SystemExit, match="make compile-h100"):
-        mod.main(["--only", "dense"])
+        mod.main(["--target", "h100", "--only", "dense"])
+
+
+def test_without_libtpu_it_says_what_to_install(monkeypatch):
+    if importlib.util.find_spec("libtpu"):
+        pytest.skip("libtpu is installed here")
+    mod = load()
+    monkeypatch.setattr(mod.os, "environ", dict(mod.os.environ))
+    with pytest.raises(SystemExit, match="make compile-tpu"):
+        mod.main(["--target", "v5e", "--only", "dense"])
+
+
+def test_compile_row_tells_our_refusals_from_failures(capsys, tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxformers.kernels import bi_level_routing_attention
+
+    mod = load()
+    mod.FAILED.clear()
+    assert mod.ptxas_report() == []  # no dump directory yet: nothing read, nothing removed
+    mod.DUMP["dir"] = str(tmp_path)
+    x = jax.ShapeDtypeStruct((1, 6, 6, 8), jnp.float32)
+    refuse = lambda: jax.jit(lambda q: bi_level_routing_attention(  # noqa: E731 - 6 is not divisible by 4
+        q, q, q, num_heads=2, regions_per_side=4, topk=1)).trace(x).lower()
+    assert mod.compile_row("refused row", refuse) is None and mod.FAILED == []
+    assert "refused refused row" in capsys.readouterr().out
+
+    def broken():
+        raise ValueError("not ours")  # raised outside the jaxformers package: a failure
+
+    assert mod.compile_row("broken row", broken) is None and mod.FAILED == ["broken row"]
+    compiled = mod.compile_row("fine row", lambda: jax.jit(lambda q: q * 2).trace(x).lower())
+    assert compiled is not None and mod.FAILED == ["broken row"]
+    out = capsys.readouterr().out
+    assert "FAIL broken row: ValueError: not ours" in out and "ok   fine row" in out
