@@ -217,6 +217,7 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
 
         def kernel_fn(*refs):
             return with_flat_tables(*map(_FlatTable, refs, shapes), *refs[len(shapes):])
+
         from jax.experimental.pallas import tpu as pltpu
 
         vmem = _tpu_vmem_bytes([(x.shape, x.dtype, blk) for x, blk in operands]

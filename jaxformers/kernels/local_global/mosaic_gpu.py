@@ -238,6 +238,7 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
     _check(q, k, blocks)
     batch, q_len, heads, dim = q.shape
     k_len = k.shape[1]
+    routed = route is not None or tables is not None  # BRA's routing (names the kernels)
     bq = bk = blocks.block
     rep = heads // k.shape[2]
     c = float(scale) * LOG2_E
@@ -270,7 +271,7 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
         resident=(Q, DO, LSE, DELTA, QSEG) + ((WORDS,) if route else ()), streamed=(K, V, KSEG),
         outputs=[(jax.ShapeDtypeStruct(q.shape, q.dtype), TOKENS, Q)],
         table=table, stride=stride, per_batch=per_batch, init=dq_init, step=dq_step,
-        finish=lambda res, carry: (carry[0] * scale,), name=_name(route is not None or tables is not None, "dq"), **common)
+        finish=lambda res, carry: (carry[0] * scale,), name=_name(routed, "dq"), **common)
 
     # dK/dV: key tiles resident (per query head), query-side blocks streamed; tiles are (keys, queries).
     K, V, KSEG, Q, DO, LSE, DELTA, QSEG, WORDS = range(9)
@@ -299,5 +300,6 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
         resident=(K, V, KSEG) + ((WORDS,) if route else ()), streamed=(Q, DO, LSE, DELTA, QSEG),
         outputs=[(per_head, TOKENS, K), (per_head, TOKENS, V)],  # written over the K/V tiles
         table=table, stride=stride, per_batch=per_batch, init=dkv_init, step=dkv_step,
-        finish=lambda res, carry: (carry[0] * scale, carry[1]), name=_name(route is not None or tables is not None, "dkv"), **common)
+        finish=lambda res, carry: (carry[0] * scale, carry[1]), name=_name(routed, "dkv"),
+        **common)
     return dq, dk, dv
