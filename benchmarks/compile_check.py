@@ -73,8 +73,9 @@ TARGETS = ("h100",) + tuple(TPU_TOPOLOGIES)
 def _pretend_backend(platform: str, device) -> None:
     """Makes our kernel dispatch (``jax.default_backend()``, ``jax.devices(platform)``) see ``device``."""
     host_devices = jax.devices
+    names = ("gpu", "cuda") if platform == "gpu" else (platform,)
     jax.default_backend = lambda: platform
-    jax.devices = lambda backend=None: [device] if backend in (platform, "cuda") else host_devices(backend)
+    jax.devices = lambda backend=None: [device] if backend in names else host_devices(backend)
 
 
 def compile_only_device(target: str):
@@ -240,7 +241,6 @@ def train_row(device, model: str, batch: int, overrides: list[str], memory: int)
 
     overrides = _parse_overrides(overrides)
     step, spec, host_batch, mesh = build_step(model, overrides, batch, "bfloat16", make_mesh(devices=[device]))
-
     shardings = train_steps.batch_shardings(host_batch, mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in host_batch.items()}
     label = f"train step {model} {' '.join(f'{k}={v}' for k, v in overrides.items())} batch {batch} bf16"
