@@ -6,6 +6,11 @@ layouts and the custom VJP live in ``pallas_kernel.py``. The shared path (one ro
 step) uses only ops both Pallas' Triton (GPU) and Mosaic (TPU) lowerings accept: 2-D tiles,
 ``dot_general`` with f32 accumulation, ``fori_loop`` (also with dynamic bounds), scalar reads of
 the routing tables. The GPU-only path (``kv_step``/``q_step`` > 1) adds vector-indexed gathers.
+
+Every layout keeps a region's heads side by side on the minor (lane) axis, ``(T, heads * d)``, so
+head dims below 128 do not each pad a TPU tile's 128 lanes. A head's tile is a slice of lanes; Mosaic
+slices lanes at static offsets only, so on TPU the heads are a Python loop (unrolled) inside the
+loop over regions.
 """
 from __future__ import annotations
 
@@ -88,16 +93,36 @@ def _batch_of_resident(cfg: KernelConfig):
     return 0 if cfg.layout == "tpu" else pl.program_id(0)
 
 
+def _each_region_head(cfg: KernelConfig, count: int, body) -> None:
+    """Calls ``body(r, h)`` for regions ``r < count`` and heads ``h``: a loop over both on GPU; on
+    TPU a loop over regions with the heads unrolled (their tiles are lane slices at static offsets)."""
+    if cfg.layout == "tpu":
+        def one_region(r, carry):
+            for h in range(cfg.num_heads):
+                body(r, h)
+            return carry
+
+        jax.lax.fori_loop(0, count, one_region, 0)
+        return
+
+    def one_region_head(i, carry):
+        body(*_div_mod(i, cfg.num_heads))
+        return carry
+
+    jax.lax.fori_loop(0, count * cfg.num_heads, one_region_head, 0)
+
+
 def _get(cfg: KernelConfig, ref, where, head):
     """The (T_pad, d) tile of one region and head; ``where`` = (image index in ref, region index).
 
-    Blocked layouts index ``ref[image, region, head]``; the direct layout cuts the region's
-    ``region_h x region_w`` window and the head's channels out of the NHWC map in place."""
+    Blocked layouts ``(B, R_pad, T_pad, heads * d)`` slice the head's lanes of ``ref[image,
+    region]``; the direct layout cuts the region's ``region_h x region_w`` window and the head's
+    channels out of the NHWC map in place."""
     image, region = where
-    if not cfg.direct:
-        return ref[image, region, head]
-    row, col = _div_mod(region, cfg.regions_per_side)
     d = ref.shape[-1] // cfg.num_heads
+    if not cfg.direct:
+        return ref[image, region, :, pl.ds(head * d, d)]
+    row, col = _div_mod(region, cfg.regions_per_side)
     tile = ref[image, pl.ds(row * cfg.region_h, cfg.region_h), pl.ds(col * cfg.region_w, cfg.region_w),
                pl.ds(head * d, d)]
     return tile.reshape(cfg.tokens, d)
@@ -107,11 +132,11 @@ def _set(cfg: KernelConfig, ref, where, head, value):
     """Writes one (T_pad, d) region/head tile (see :func:`_get`)."""
     image, region = where
     value = value.astype(ref.dtype)
+    d = ref.shape[-1] // cfg.num_heads
     if not cfg.direct:
-        ref[image, region, head] = value
+        ref[image, region, :, pl.ds(head * d, d)] = value
         return
     row, col = _div_mod(region, cfg.regions_per_side)
-    d = ref.shape[-1] // cfg.num_heads
     ref[image, pl.ds(row * cfg.region_h, cfg.region_h), pl.ds(col * cfg.region_w, cfg.region_w),
         pl.ds(head * d, d)] = value.reshape(cfg.region_h, cfg.region_w, d)
 
@@ -121,11 +146,11 @@ def _gather(cfg: KernelConfig, ref, image, regions, tokens, head):
 
     A gather of whole routed regions in one load (vector-indexed ref read: GPU and interpret mode),
     so a program handles several small regions per step instead of many tiny tiles."""
+    d = ref.shape[-1] // cfg.num_heads
     if not cfg.direct:
-        return ref[image, regions, head, tokens]
+        return ref[image, regions, tokens, pl.ds(head * d, d)]
     row, col = _div_mod(regions, cfg.regions_per_side)
     token_row, token_col = _div_mod(tokens, cfg.region_w)
-    d = ref.shape[-1] // cfg.num_heads
     return ref[image, row * cfg.region_h + token_row, col * cfg.region_w + token_col, pl.ds(head * d, d)]
 
 
@@ -140,18 +165,27 @@ def _routed(cfg: KernelConfig, table_ref, k_ref, v_ref, b, kv_b, region, step, h
     return (_gather(cfg, k_ref, kv_b, regions, token, head), _gather(cfg, v_ref, kv_b, regions, token, head))
 
 
+def _stat_column(ref, region, head):
+    """The (T_pad, 1) log-sum-exp or delta column of one region and head: statistics are blocked
+    ``(B, R_pad, T_pad, heads)``."""
+    return ref[0, region, :, pl.ds(head, 1)]
+
+
 def _consumers(cfg: KernelConfig, rows_ref, q_ref, do_ref, lse_ref, delta_ref, b, q_b, first, head):
     """q, dO (q_step * T_pad, d) and log-sum-exp, delta rows (1, q_step * T_pad) of the consumer
-    query regions listed at ``rows[first : first + q_step]``."""
+    query regions listed at ``rows[first : first + q_step]``. The statistics come as rows here,
+    ``(B, R_pad, 1, heads * T_pad)``: one region's heads side by side."""
+    tp = cfg.tokens_padded
     if cfg.q_step == 1:
         q_region = rows_ref[b, first]
+        lanes = pl.ds(head * tp, tp)
         return (_get(cfg, q_ref, (q_b, q_region), head), _get(cfg, do_ref, (q_b, q_region), head),
-                lse_ref[q_b, q_region, head], delta_ref[q_b, q_region, head])
-    n = cfg.q_step * cfg.tokens_padded
-    entry, token = _div_mod(jax.lax.broadcasted_iota(jnp.int32, (n,), 0), cfg.tokens_padded)
-    regions = rows_ref[b, first + entry]
+                lse_ref[q_b, q_region, :, lanes], delta_ref[q_b, q_region, :, lanes])
+    n = cfg.q_step * tp
+    entry, token = _div_mod(jax.lax.broadcasted_iota(jnp.int32, (n,), 0), tp)
+    regions, lanes = rows_ref[b, first + entry], head * tp + token
     return (_gather(cfg, q_ref, q_b, regions, token, head), _gather(cfg, do_ref, q_b, regions, token, head),
-            lse_ref[q_b, regions, head, 0, token].reshape(1, n), delta_ref[q_b, regions, head, 0, token].reshape(1, n))
+            lse_ref[q_b, regions, 0, lanes].reshape(1, n), delta_ref[q_b, regions, 0, lanes].reshape(1, n))
 
 
 def _own(cfg: KernelConfig, image, local, region):
@@ -168,11 +202,10 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: Kerne
     kv_b = _batch_of_resident(cfg)
     tp = cfg.tokens_padded
 
-    def one_region_head(i, _):
-        r, h = _div_mod(i, cfg.num_heads)
+    def one_region_head(r, h):
         region = group * cfg.query_regions + r
         q = _get(cfg, q_ref, _own(cfg, b, r, region), h)
-        d_v = v_ref.shape[-1] // cfg.num_heads if cfg.direct else v_ref.shape[-1]
+        d_v = v_ref.shape[-1] // cfg.num_heads
 
         def one_step(step, carry):
             m, l, acc = carry
@@ -192,21 +225,19 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: Kerne
                 jnp.zeros((tp, d_v), jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, cfg.topk_padded // cfg.kv_step, one_step, init)
         _set(cfg, o_ref, _own(cfg, b, r, region), h, acc / l)
-        lse_ref[0, r, h] = m + jnp.log(l)
-        return 0
+        lse_ref[0, r, :, pl.ds(h, 1)] = m + jnp.log(l)
 
-    jax.lax.fori_loop(0, cfg.query_regions * cfg.num_heads, one_region_head, 0)
+    _each_region_head(cfg, cfg.query_regions, one_region_head)
 
 
 def dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: KernelConfig):
     b, group = pl.program_id(0), pl.program_id(1)
     kv_b = _batch_of_resident(cfg)
 
-    def one_region_head(i, _):
-        r, h = _div_mod(i, cfg.num_heads)
+    def one_region_head(r, h):
         region = group * cfg.query_regions + r
         q, do = _get(cfg, q_ref, _own(cfg, b, r, region), h), _get(cfg, do_ref, _own(cfg, b, r, region), h)
-        lse, delta = lse_ref[0, r, h], delta_ref[0, r, h]  # (T_pad, 1) columns
+        lse, delta = _stat_column(lse_ref, r, h), _stat_column(delta_ref, r, h)
 
         def one_step(step, dq):
             k, v = _routed(cfg, table_ref, k_ref, v_ref, b, kv_b, region, step, h)
@@ -219,9 +250,8 @@ def dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
 
         dq = jax.lax.fori_loop(0, cfg.topk_padded // cfg.kv_step, one_step, jnp.zeros(q.shape, jnp.float32))
         _set(cfg, dq_ref, _own(cfg, b, r, region), h, dq * cfg.scale)
-        return 0
 
-    jax.lax.fori_loop(0, cfg.query_regions * cfg.num_heads, one_region_head, 0)
+    _each_region_head(cfg, cfg.query_regions, one_region_head)
 
 
 def dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
@@ -229,8 +259,7 @@ def dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, 
     b, group = pl.program_id(0), pl.program_id(1)
     q_b = _batch_of_resident(cfg)
 
-    def one_region_head(i, _):
-        r, h = _div_mod(i, cfg.num_heads)
+    def one_region_head(r, h):
         region = group * cfg.kv_regions + r
         k, v = _get(cfg, k_ref, _own(cfg, b, r, region), h), _get(cfg, v_ref, _own(cfg, b, r, region), h)
         first, end = offsets_ref[b, region], offsets_ref[b, region + 1]
@@ -259,6 +288,5 @@ def dkv_kernel(rows_ref, offsets_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, 
         dk, dv = jax.lax.fori_loop(0, steps, one_step, init)
         _set(cfg, dk_ref, _own(cfg, b, r, region), h, dk * cfg.scale)
         _set(cfg, dv_ref, _own(cfg, b, r, region), h, dv)
-        return 0
 
-    jax.lax.fori_loop(0, cfg.kv_regions * cfg.num_heads, one_region_head, 0)
+    _each_region_head(cfg, cfg.kv_regions, one_region_head)

@@ -10,9 +10,11 @@ and runs separate softmax passes. Here nothing is gathered:
   4x4, 2x2, 1x1 regions, head dim 32), the kernels read and write the NHWC maps IN PLACE: a region's
   (h, w, d) window of one head is one strided tile load, so no layout copies are made at all
   ("direct" layout). Otherwise (and on TPU, whose tiles must be (8, 128)-aligned) the wrapper
-  rearranges q/k/v once (one fused XLA copy, as the reference does) into region-major, head-major
-  blocks ``(B, R_pad, heads, T_pad, d_pad)``; R = S*S regions, T = tokens per region. T and the head
-  dims are padded there (padded keys are masked), so any region size works (3x3 tokens, ...).
+  rearranges q/k/v once (one fused XLA copy, as the reference does) into region-major blocks
+  ``(B, R_pad, T_pad, heads * d_pad)``; R = S*S regions, T = tokens per region, a region's heads
+  side by side on the minor axis (a head is a slice of it), so BiFormer's head dim 32 does not pad
+  TPU tiles' 128 lanes four times over. T (and on GPU the head dims) are padded there (padded keys
+  are masked), so any region size works (3x3 tokens, ...).
 - Forward (grid = (batch, query-region groups)): one program owns ``query_regions`` query regions
   and ALL their heads (on TPU small regions are stacked, ~128 query tokens per program, to amortise
   the per-step cost; on GPU one region per program keeps the grid wide). K and V of the whole image
@@ -31,9 +33,10 @@ Backends:
   K/V block index depends only on the batch index, so Pallas fetches it once per image (HBM reads
   of K/V = one pass, the memory floor) and the kernel indexes routed regions in VMEM. Batches whose
   tables would overflow SMEM are split into chunks. T padded to a multiple of 8. The resident
-  blocks must fit VMEM (:func:`tpu_vmem_bytes`; the four BiFormer benchmark shapes of
-  ``shared/anchors.md`` need 7-15 MiB, and ~41 MiB for 128x128 with S=16); ``"auto"`` falls back
-  to the reference when they do not.
+  blocks must fit VMEM (:func:`tpu_vmem_bytes`; the BiFormer stage shapes of ``shared/anchors.md``
+  need 2-4 MiB per image, its 128x128 map with S=16 ~20 MiB; with a 128-lane tile per head of 32
+  channels they needed 7-15 MiB and ~41 MiB); ``"auto"`` falls back to the reference
+  when they do not. Heads are unrolled in the kernels (Mosaic slices lanes at static offsets only).
 - GPU (Triton lowering; on a Hopper GPU, bf16/f16 maps whose regions hold a multiple of 64 tokens,
   or 1..32 tokens dividing 64, go to the Mosaic GPU path instead, ``mosaic_gpu.py``, see
   ``gpu_kernel``): no scalar prefetch;
@@ -47,9 +50,10 @@ Backends:
 - CPU: the same kernel bodies in interpret mode, with the GPU layout by default (tests also run the
   TPU layout and grid spec, and both the direct and blocked GPU layouts, in interpret mode).
 
-Verified without an accelerator only: numerics in interpret mode, and that all three kernels lower
-through Pallas' Triton and Mosaic rules (tests/kernels/test_bi_level_routing.py). The device
-compilers (Triton -> PTX, Mosaic layout passes in libtpu) and speed are unverified.
+Verified without an accelerator only: numerics in interpret mode (also Pallas' TPU interpret mode),
+lowering through Pallas' Triton and Mosaic rules (tests/kernels/test_bi_level_routing.py), and
+deviceless compilation for an H100 and TPU v4/v5e/v5p/v6e (``benchmarks/compile_check.py``). Speed
+is unmeasured.
 """
 from __future__ import annotations
 
@@ -246,7 +250,7 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
 
 def _forward(cfg: KernelConfig, q, k, v, table):
     own = not cfg.direct  # this program's own q/o tiles are blocks, except in the direct layout
-    stats = (q.shape[0], cfg.regions_padded, cfg.num_heads, cfg.tokens_padded, 1)
+    stats = (q.shape[0], cfg.regions_padded, cfg.tokens_padded, cfg.num_heads)
     outputs = [(jax.ShapeDtypeStruct(v.shape, v.dtype), own),
                (jax.ShapeDtypeStruct(stats, jnp.float32), True)]  # log-sum-exp, a column per tile
     o, lse = _launch(forward_kernel, cfg, [table], [(q, own), (k, False), (v, False)], outputs,
@@ -255,14 +259,13 @@ def _forward(cfg: KernelConfig, q, k, v, table):
 
 
 def _delta(cfg: KernelConfig, o, do):
-    """Row sums of dO * O per token and head, in the statistics layout (B, R_pad, heads, T_pad, 1)."""
+    """Row sums of dO * O per token and head, in the statistics layout (B, R_pad, T_pad, heads)."""
     prod = do.astype(jnp.float32) * o.astype(jnp.float32)
+    per_head = prod.reshape(prod.shape[:-1] + (cfg.num_heads, -1)).sum(-1)
     if not cfg.direct:
-        return jnp.sum(prod, axis=-1, keepdims=True)
-    b, height, width, c = prod.shape
-    per_head = prod.reshape(b, height, width, cfg.num_heads, c // cfg.num_heads).sum(-1)
-    delta = to_regions(per_head, cfg.regions_per_side).transpose(0, 1, 3, 2)[..., None]
-    return jnp.pad(delta, ((0, 0), (0, cfg.regions_padded - cfg.num_regions), (0, 0), (0, 0), (0, 0)))
+        return per_head
+    delta = to_regions(per_head, cfg.regions_per_side)
+    return jnp.pad(delta, ((0, 0), (0, cfg.regions_padded - cfg.num_regions), (0, 0), (0, 0)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -282,9 +285,9 @@ def _attend_bwd(cfg, residuals, do):
     (dq,) = _launch(dq_kernel, cfg, [table],
                     [(q, own), (k, False), (v, False), (do, own), (lse, True), (delta, True)],
                     [(jax.ShapeDtypeStruct(q.shape, q.dtype), own)], cfg.query_regions)
-    # dK/dV keeps a whole image's statistics resident and uses them as rows: (T, 1) -> (1, T) is a
-    # free reshape in HBM and saves the (8, 128)-padding of column tiles in TPU VMEM.
-    as_rows = lambda x: x.reshape(x.shape[:3] + (1, x.shape[3]))  # noqa: E731
+    # dK/dV keeps a whole image's statistics resident and uses them as rows, a region's heads side by
+    # side, (B, R_pad, 1, heads * T_pad): no (8, 128)-padded column tiles in TPU VMEM.
+    as_rows = lambda x: x.transpose(0, 1, 3, 2).reshape(x.shape[:2] + (1, -1))  # noqa: E731
     dk, dv = _launch(dkv_kernel, cfg, [rows, offsets],
                      [(q, False), (do, False), (as_rows(lse), False), (as_rows(delta), False), (k, own), (v, own)],
                      [(jax.ShapeDtypeStruct(k.shape, k.dtype), own), (jax.ShapeDtypeStruct(v.shape, v.dtype), own)],
@@ -312,17 +315,18 @@ def inverse_routing(index: jax.Array, regions_padded: int) -> tuple[jax.Array, j
 
 
 def _to_blocks(x, s: int, num_heads: int, r_pad: int, t_pad: int, d_pad: int):
-    """(B, H, W, C) -> (B, R_pad, heads, T_pad, d_pad), zero padded."""
+    """(B, H, W, C) -> (B, R_pad, T_pad, heads * d_pad), zero padded."""
     xr = to_regions(x, s)
     b, r, t, c = xr.shape
-    xr = xr.reshape(b, r, t, num_heads, c // num_heads).transpose(0, 1, 3, 2, 4)
-    return jnp.pad(xr, ((0, 0), (0, r_pad - r), (0, 0), (0, t_pad - t), (0, d_pad - c // num_heads)))
+    xr = xr.reshape(b, r, t, num_heads, c // num_heads)
+    xr = jnp.pad(xr, ((0, 0), (0, r_pad - r), (0, t_pad - t), (0, 0), (0, d_pad - c // num_heads)))
+    return xr.reshape(b, r_pad, t_pad, num_heads * d_pad)
 
 
-def _from_blocks(xb, s: int, height: int, width: int, r: int, t: int, d: int):
-    b, _, nh = xb.shape[:3]
-    x = xb[:, :r, :, :t, :d].transpose(0, 1, 3, 2, 4).reshape(b, r, t, nh * d)
-    return from_regions(x, s, height, width)
+def _from_blocks(xb, s: int, height: int, width: int, r: int, t: int, num_heads: int, d: int):
+    b, _, t_pad, c_pad = xb.shape
+    x = xb.reshape(b, -1, t_pad, num_heads, c_pad // num_heads)[:, :r, :t, :, :d]
+    return from_regions(x.reshape(b, r, t, num_heads * d), s, height, width)
 
 
 def _is_pow2(n: int) -> bool:
@@ -379,9 +383,9 @@ def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side:
     cfg, dqk, dv = _plan(q_shape, v_shape, dtype, num_heads=num_heads, regions_per_side=regions_per_side,
                          topk=topk, scale=1.0, block_sizes=block_sizes, layout="tpu", interpret=False,
                          poison=False)
-    tile = (cfg.regions_padded, num_heads, cfg.tokens_padded)
-    qk, v, stat = (1,) + tile + (dqk,), (1,) + tile + (dv,), (1,) + tile + (1,)
-    stat_rows = (1,) + tile[:2] + (1, cfg.tokens_padded)
+    tile = (1, cfg.regions_padded, cfg.tokens_padded)
+    qk, v, stat = tile + (num_heads * dqk,), tile + (num_heads * dv,), tile + (num_heads,)
+    stat_rows = (1, cfg.regions_padded, 1, num_heads * cfg.tokens_padded)
     f32 = jnp.float32
     forward = [(qk, dtype, True), (qk, dtype, False), (v, dtype, False), (v, dtype, True), (stat, f32, True)]
     dq = forward[:3] + [(v, dtype, True), (stat, f32, True), (stat, f32, True), (qk, dtype, True)]
@@ -467,4 +471,4 @@ def bi_level_routing_attention_pallas(
     kb = _to_blocks(k, s, num_heads, r_pad, t_pad, dqk_pad)
     vb = _to_blocks(v, s, num_heads, r_pad, t_pad, dv_pad)
     ob = _attend(cfg, qb, kb, vb, table, rows, offsets)
-    return _from_blocks(ob, s, height, width, r, cfg.tokens, v.shape[-1] // num_heads).astype(out_dtype)
+    return _from_blocks(ob, s, height, width, r, cfg.tokens, num_heads, v.shape[-1] // num_heads).astype(out_dtype)
