@@ -23,9 +23,11 @@ lists, through a ring of shared-memory slots).
 Supported: bfloat16/float16 inputs, head dim (of q, k and v alike) 32, 64 or 128. ``pallas_kernel``
 sends anything else to the Triton kernels. The tests run these kernels in Mosaic GPU interpret
 mode on CPU (which simulates shared memory, barriers, TMA and wgmma, with a race detector) and
-lower them for CUDA from a CPU host; they have not been compiled by ptxas nor timed on a GPU yet.
-Interpret mode differs in one place: its wgmma reads the A operand from shared memory only, so
-there the probability tiles are staged through shared memory instead of registers.
+lower them for CUDA from a CPU host; ``benchmarks/compile_check.py`` compiles them for an H100
+(ptxas: no spills at head dims 32-128); they have not been timed on a GPU yet. Interpret mode
+differs in one place: its wgmma reads the A operand from shared memory only and takes no
+accumulator input, so there the probability tiles are staged through shared memory and each
+product is added to its accumulator (on the GPU wgmma accumulates in place).
 """
 from __future__ import annotations
 
@@ -195,15 +197,15 @@ def forward(spec: MaskSpec, scale: float, q, k, v, q_seg, k_seg, *, blocks: Mosa
         return (mp.full(-jnp.inf, (bq,), mp.ROWS), mp.full(0.0, (bq,), mp.ROWS), mp.full(0.0, (bq, dim), mp.ACC),
                 mp.load(res[QSEG], mp.ROWS))
 
-    def step(res, blk, q_start, k_start, masked, carry, as_operand):
+    def step(res, blk, q_start, k_start, masked, carry, accumulate):
         m, l, acc, q_seg_rows = carry
         s = _logits(spec, c, res[Q], blk[K], q_start, k_start, q_seg_rows, blk[KSEG], masked,
                     route=route and (res[WORDS], route.shift))
         m_new = jnp.maximum(m, s.max(axis=1))
         correction = jnp.exp2(m - m_new)
         p = jnp.exp2(s - _rows(m_new, s.shape))
-        pv = mp.mma(as_operand(p), blk[V], (bq, dim))
-        return m_new, l * correction + p.sum(axis=1), acc * _rows(correction, acc.shape) + pv, q_seg_rows
+        acc = accumulate(acc * _rows(correction, acc.shape), p, blk[V])
+        return m_new, l * correction + p.sum(axis=1), acc, q_seg_rows
 
     def finish(res, carry):
         m, l, acc, _ = carry
@@ -254,14 +256,14 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
         return (mp.full(0.0, (bq, dim), mp.ACC), mp.load(res[LSE], mp.ROWS), mp.load(res[DELTA], mp.ROWS),
                 mp.load(res[QSEG], mp.ROWS))
 
-    def dq_step(res, blk, q_start, k_start, masked, carry, as_operand):
+    def dq_step(res, blk, q_start, k_start, masked, carry, accumulate):
         dq, lse_rows, delta_rows, q_seg_rows = carry
         s = _logits(spec, c, res[Q], blk[K], q_start, k_start, q_seg_rows, blk[KSEG], masked,
                     route=route and (res[WORDS], route.shift))
         p = jnp.exp2(s - _rows(lse_rows, s.shape))
         dp = mp.mma(res[DO], blk[V].transpose((1, 0)), (bq, bk))
         ds = p * (dp - _rows(delta_rows, s.shape))
-        return dq + mp.mma(as_operand(ds), blk[K], (bq, dim)), lse_rows, delta_rows, q_seg_rows
+        return accumulate(dq, ds, blk[K]), lse_rows, delta_rows, q_seg_rows
 
     (dq,) = mp.block_sparse_call(
         grid=(heads, q_len // blocks.tile, batch),
@@ -281,15 +283,15 @@ def backward(spec: MaskSpec, kv_spec: MaskSpec, scale: float, q, k, v, q_seg, k_
         zeros = mp.full(0.0, (bk, dim), mp.ACC)
         return zeros, zeros, mp.load(res[KSEG], mp.ROWS)
 
-    def dkv_step(res, blk, k_start, q_start, masked, carry, as_operand):
+    def dkv_step(res, blk, k_start, q_start, masked, carry, accumulate):
         dk, dv, k_seg_rows = carry
         st = _logits(kv_spec, c, res[K], blk[Q], k_start, q_start, k_seg_rows, blk[QSEG], masked, queries_own=False,
                      route=route and (res[WORDS], route.shift))
         pt = jnp.exp2(st - _cols(mp.load(blk[LSE], mp.COLS), st.shape))
-        dv = dv + mp.mma(as_operand(pt), blk[DO], (bk, dim))
+        dv = accumulate(dv, pt, blk[DO])
         dpt = mp.mma(res[V], blk[DO].transpose((1, 0)), (bk, bq))
         dst = pt * (dpt - _cols(mp.load(blk[DELTA], mp.COLS), st.shape))
-        return dk + mp.mma(as_operand(dst), blk[Q], (bk, dim)), dv, k_seg_rows
+        return accumulate(dk, dst, blk[Q]), dv, k_seg_rows
 
     per_head = jax.ShapeDtypeStruct((batch, k_len, heads, dim), k.dtype)
     dk, dv = mp.block_sparse_call(

@@ -70,6 +70,15 @@ def mma(a, b, shape) -> jax.Array:
     return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 
 
+def mma_into(acc: jax.Array, a, b) -> jax.Array:
+    """acc + a @ b, with wgmma accumulating into ``acc`` itself: no second accumulator in registers
+    beside it (with head dim 128 the dK/dV kernel's two accumulators spilled 688 B that way)."""
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(scope)(plgpu.ACC.init(acc))
+
+
 def _mma_transforms(dtype, width: int):
     """The swizzled tiling that wgmma and TMA agree on for 16-bit tiles ``width`` elements wide:
     128-byte swizzle, or the row's bytes when narrower (64 for head dim 32)."""
@@ -110,10 +119,13 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
       ``warpgroups * tile_rows`` rows (the table has a block of rows per batch row when
       ``per_batch``; ``per_row`` operands of batch 1 are shared by the whole batch).
     - ``outputs``: (shape, operand kind, resident index whose shared memory to reuse or None).
-    - ``init(res) -> carry``; ``step(res, blk, own_start, block_start, masked, carry, as_operand)
+    - ``init(res) -> carry``; ``step(res, blk, own_start, block_start, masked, carry, accumulate)
       -> carry``; ``finish(res, carry) -> output tiles``. ``res``/``blk`` map operand indices to
-      this warpgroup's / this slot's shared-memory refs; ``as_operand(x)`` makes a register tile
-      usable as a wgmma A operand (interpret mode stages it through shared memory).
+      this warpgroup's / this slot's shared-memory refs; ``accumulate(acc, x, b)`` is ``acc + x @
+      b`` for a float32 register tile ``x`` (cast to ``stage_dtype``) and a shared-memory ``b``:
+      wgmma accumulating in place (:func:`mma_into`) on the GPU; in interpret mode, whose wgmma
+      reads A from shared memory only and takes no accumulator input, ``x`` is staged through shared
+      memory and the product added.
     - ``name``: the kernel's name in profiles and in Mosaic GPU's compiler dumps.
     """
     tiles = grid[1]
@@ -141,18 +153,18 @@ def block_sparse_call(*, grid: tuple[int, int, int], operands: Sequence[tuple[ja
                                         res[i], res_ready.at[wg])
             plgpu.barrier_wait(res_ready.at[wg])
 
-            def as_operand(x):
+            def accumulate(acc, x, b):
                 if stage is None:
-                    return x.astype(stage_dtype)
-                stage.at[wg][...] = x.astype(stage_dtype)  # the interpreter's wgmma reads A from a ref only
+                    return mma_into(acc, x.astype(stage_dtype), b)
+                stage.at[wg][...] = x.astype(stage_dtype)
                 plgpu.commit_smem()
-                return stage.at[wg]
+                return acc + mma(stage.at[wg], b, acc.shape)
 
             def visit(t, carry, masked: bool):
                 slot = lax.rem(t, stages)
                 plgpu.barrier_wait(blk_ready.at[slot])
                 blk = {i: smem.at[slot] for i, smem in zip(streamed, blk_smem)}
-                carry = step(res, blk, own_start, table_ref[row + 2 + t] * block_rows, masked, carry, as_operand)
+                carry = step(res, blk, own_start, table_ref[row + 2 + t] * block_rows, masked, carry, accumulate)
                 plgpu.barrier_arrive(blk_free.at[slot])
                 return carry
 
