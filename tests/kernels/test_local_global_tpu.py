@@ -99,3 +99,6 @@ def test_tpu_route():
     long = jnp.zeros((8, 1 << 16, 4, 64), jnp.bfloat16)  # the block table would overflow SMEM
     assert tpu_route(long, long, long, jnp.ones((8, 1 << 16), jnp.int32)) == "splash"
     assert tpu_kernel.fits(1, 4096, 4096, 64, 64, 2) and not tpu_kernel.fits(1, 1 << 20, 1 << 20, 128, 128, 2)
+    # fits() pads a call's shapes as the wrapper does: 260 channels become 512 (a power of two), twice
+    # the VMEM of 256, and 10200 rows become 10240 (128-row blocks).
+    assert tpu_kernel.fits(1, 10200, 10200, 256, 256, 2) and not tpu_kernel.fits(1, 10200, 10200, 260, 260, 2)

@@ -82,14 +82,10 @@ def tpu_route(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     for packed calls within :func:`tpu_kernel.fits`, else ``"splash"`` (whose blocks are skipped
     by the static mask only, and which is JAX's tuned kernel for the unpacked case)."""
     from jaxformers.kernels.local_global import tpu_kernel
-    from jaxformers.kernels.local_global.blocks import pl_next_pow2
 
     if segment_ids is None:
         return "splash"
-    pad = lambda n: -(-n // tpu_kernel.BLOCK) * tpu_kernel.BLOCK  # noqa: E731  (as the kernel wrapper pads)
-    dim = lambda d: pl_next_pow2(max(d, 16))  # noqa: E731
-    ok = tpu_kernel.fits(q.shape[0], pad(q.shape[1]), pad(k.shape[1]), dim(q.shape[-1]), dim(v.shape[-1]),
-                         q.dtype.itemsize)
+    ok = tpu_kernel.fits(q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], q.dtype.itemsize)
     return "tpu_kernel" if ok else "splash"
 
 

@@ -351,6 +351,11 @@ def _pick_gpu_kernel(choice: str | None, backend: str, q, k, v) -> str:
         f"got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}"))
 
 
+def padded_head_dim(dim: int) -> int:
+    """The head dim the kernels see: the next power of two >= 16 (zero padding changes no dot product)."""
+    return pl_next_pow2(max(dim, 16))
+
+
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
     if segment_ids is None:
         seg = jnp.ones((batch_or_one, length), jnp.int32)
@@ -417,7 +422,7 @@ def local_global_attention_pallas(
         q_multiple, k_multiple = max(q_multiple, MosaicBlocks().tile), max(k_multiple, MosaicBlocks().tile)
     q_pad = -q_len % q_multiple
     k_pad = -k_len % k_multiple
-    d_pad, dv_pad = pl_next_pow2(max(dim, 16)) - dim, pl_next_pow2(max(dim_v, 16)) - dim_v
+    d_pad, dv_pad = padded_head_dim(dim) - dim, padded_head_dim(dim_v) - dim_v
     qp = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, d_pad)))
     kp = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
     vp = jnp.pad(v, ((0, 0), (0, k_pad), (0, 0), (0, dv_pad)))

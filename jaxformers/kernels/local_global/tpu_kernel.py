@@ -37,18 +37,21 @@ from jax.experimental import pallas as pl
 
 from jaxformers.kernels.local_global.blocks import k_major_table, q_major_table
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
-from jaxformers.kernels.local_global.pallas_kernel import LOG2_E, MASK_VALUE, _dot, _dot_nt, _walk
+from jaxformers.kernels.local_global.pallas_kernel import LOG2_E, MASK_VALUE, _dot, _dot_nt, _walk, padded_head_dim
 from jaxformers.kernels.tpu_limits import SMEM_TABLE_BUDGET_BYTES, vmem_budget_bytes, vmem_limit_bytes
 
 BLOCK = 128
 
 
 def fits(batch_rows: int, q_len: int, k_len: int, dim: int, dim_v: int, itemsize: int) -> bool:
-    """Whether the padded shapes stay within the SMEM table and this TPU's resident-VMEM budget
-    (``tpu_limits``; the worst case: every block visited; ``batch_rows`` = rows of segment ids)."""
+    """Whether a call's lengths and head dims, once padded as the wrapper pads them, stay within the
+    SMEM table and this TPU's resident-VMEM budget (``tpu_limits``; the worst case: every block
+    visited; ``batch_rows`` = rows of segment ids)."""
     n_q, n_k = -(-q_len // BLOCK), -(-k_len // BLOCK)
+    q_len, k_len = n_q * BLOCK, n_k * BLOCK
     table = 4 * batch_rows * max(n_q * (n_k + 2), n_k * (n_q + 2))
-    width = -(-dim // 128) * 128 + -(-dim_v // 128) * 128  # VMEM pads the lane (last) dim to 128
+    # VMEM pads the lane (last) dim to 128
+    width = sum(-(-padded_head_dim(d) // 128) * 128 for d in (dim, dim_v))
     rows = 2 * max(k_len * width * itemsize + 8 * k_len * 4,  # forward / dQ: K, V, key segment row
                    q_len * width * itemsize + 3 * 8 * q_len * 4)  # dK/dV: Q, dO; lse, delta, segment rows
     return table <= SMEM_TABLE_BUDGET_BYTES and rows + (8 << 20) <= vmem_budget_bytes()
