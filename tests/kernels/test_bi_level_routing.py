@@ -288,8 +288,37 @@ def test_tpu_vmem_estimate_gates_large_maps():
     # Stage 3 (8 heads of 32 channels, 2x2-token regions): heads share the 128 lanes; with a lane tile
     # per head it needed 15 MiB, over a TPU v4's budget.
     assert estimate(stage3) < 4 << 20
-    huge = (1, 256, 256, 64)
+    huge = (1, 384, 384, 64)
     assert not pallas_kernel.tpu_fits(huge, huge, jnp.bfloat16, num_heads=2, regions_per_side=8, topk=4)
+
+
+def test_tpu_single_buffers_resident_blocks_when_two_do_not_fit(monkeypatch):
+    """Where two copies of an image's resident blocks exceed the VMEM budget (a v4's 12 MiB and a
+    128x128 map), the TPU kernels keep one (the next image's is fetched after this one) rather than
+    giving up; below even that they refuse."""
+    shape, kw = (2, 8, 8, 16), dict(num_heads=2, regions_per_side=4, topk=3)
+    double, single = (pallas_kernel.tpu_vmem_bytes(shape, shape, jnp.float32, resident_buffers=n, **kw) for n in (2, 1))
+    assert single < double
+    monkeypatch.setattr(pallas_kernel, "vmem_budget_bytes", lambda: (single + double) // 2)
+    assert pallas_kernel.tpu_fits(shape, shape, jnp.float32, **kw)
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, k, v = _inputs(11, *shape, shape[-1])
+    kernel = functools.partial(pallas_kernel.bi_level_routing_attention_pallas, layout="tpu", poison=True,
+                               interpret=pltpu.InterpretParams(), scale=0.3, **kw)
+    got_out, got_grads = _value_and_grads(kernel, q, k, v, seed=12)
+    want_out, want_grads = _value_and_grads(functools.partial(bi_level_routing_attention_reference, scale=0.3, **kw),
+                                            q, k, v, seed=12)
+    for got, want in zip((got_out, *got_grads), (want_out, *want_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(kernel, q, k, v)[1](kernel(q, k, v)))(q, k, v)
+    buffers = [getattr(m.pipeline_mode, "buffer_count", 2) for eqn in _pallas_calls(jaxpr.jaxpr)
+               for m in eqn.params["grid_mapping"].block_mappings if m.pipeline_mode is not None]
+    assert 1 in buffers
+    monkeypatch.setattr(pallas_kernel, "vmem_budget_bytes", lambda: single - 1)
+    assert not pallas_kernel.tpu_fits(shape, shape, jnp.float32, **kw)
+    with pytest.raises(ValueError, match="TPU VMEM"):
+        _value_and_grads(kernel, q, k, v, seed=12)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

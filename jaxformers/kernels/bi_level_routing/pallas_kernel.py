@@ -35,8 +35,10 @@ Backends:
   tables would overflow SMEM are split into chunks. T padded to a multiple of 8. The resident
   blocks must fit VMEM (:func:`tpu_vmem_bytes`; the BiFormer stage shapes of ``shared/anchors.md``
   need 2-4 MiB per image, its 128x128 map with S=16 ~20 MiB; with a 128-lane tile per head of 32
-  channels they needed 7-15 MiB and ~41 MiB); ``"auto"`` falls back to the reference
-  when they do not. Heads are unrolled in the kernels (Mosaic slices lanes at static offsets only).
+  channels they needed 7-15 MiB and ~41 MiB). Resident blocks are double-buffered (the next
+  image's fetched during this one) or, where two copies exceed the budget (a v4's 12 MiB and the
+  128x128 map), single (a pause per image); ``"auto"`` falls back to the reference when even one
+  copy does not fit. Heads are unrolled in the kernels (Mosaic slices lanes at static offsets only).
 - GPU (Triton lowering; on a Hopper GPU, bf16/f16 maps whose regions hold a multiple of 64 tokens,
   or 1..32 tokens dividing 64, go to the Mosaic GPU path instead, ``mosaic_gpu.py``, see
   ``gpu_kernel``): no scalar prefetch;
@@ -77,17 +79,17 @@ _TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small 
 _GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step
 
 
-def _tpu_vmem_bytes(blocks, regions_per_program: int) -> int:
-    """Double-buffered VMEM of the blocks of one TPU launch, with (8 x 128) tile padding.
+def _tpu_vmem_bytes(blocks, regions_per_program: int, resident_buffers: int = 2) -> int:
+    """VMEM of the blocks of one TPU launch, with (8 x 128) tile padding.
 
     ``blocks``: (array shape, dtype, blocked) triples; blocked arrays hold ``regions_per_program``
-    regions per block, resident ones the whole image."""
+    regions per block (double-buffered), resident ones the whole image (``resident_buffers``)."""
     total = 0
     for shape, dtype, blocked in blocks:
         itemsize = jnp.dtype(dtype).itemsize
         lead = math.prod(shape[2:-2]) * (regions_per_program if blocked else shape[1])
         sublanes = _round_up(shape[-2], 8 * max(1, 4 // itemsize))
-        total += 2 * lead * sublanes * _round_up(shape[-1], 128) * itemsize
+        total += (2 if blocked else resident_buffers) * lead * sublanes * _round_up(shape[-1], 128) * itemsize
     return total
 
 
@@ -186,13 +188,26 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
         ]
         return [jnp.concatenate(p, axis=0) for p in zip(*parts)]
 
+    resident_buffers = 2
+    if tpu:  # the next image's resident blocks are fetched during this one, or, when two copies
+        # would not fit VMEM, after it (one copy: a pause per image rather than the XLA path)
+        blocks = ([(x.shape, x.dtype, blk) for x, blk in operands]
+                  + [(o.shape, o.dtype, True) for o, _ in outputs])
+        vmem = _tpu_vmem_bytes(blocks, regions_per_program)
+        if vmem > vmem_budget_bytes():
+            resident_buffers, vmem = 1, _tpu_vmem_bytes(blocks, regions_per_program, resident_buffers=1)
+        if vmem > vmem_budget_bytes():
+            raise ValueError(f"bi_level_routing_attention(implementation='pallas') needs ~{vmem >> 20} MiB of "
+                             f"TPU VMEM per image for this map; use implementation='xla' for maps this large")
+
     def blocked_spec(shape):
         tail = len(shape) - 2
         return pl.BlockSpec((1, regions_per_program) + tuple(shape[2:]), lambda b, g, *_: (b, g) + (0,) * tail)
 
     def resident_spec(shape):
         if tpu:  # the block index depends on the image only: fetched once per image
-            return pl.BlockSpec((1,) + tuple(shape[1:]), lambda b, g, *_: (b,) + (0,) * (len(shape) - 1))
+            return pl.BlockSpec((1,) + tuple(shape[1:]), lambda b, g, *_: (b,) + (0,) * (len(shape) - 1),
+                                pipeline_mode=pl.Buffered(resident_buffers))
         return pl.BlockSpec()  # whole array; the kernel indexes the image itself
 
     in_specs = [blocked_spec(x.shape) if blk else resident_spec(x.shape) for x, blk in operands]
@@ -224,11 +239,6 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
 
         from jax.experimental.pallas import tpu as pltpu
 
-        vmem = _tpu_vmem_bytes([(x.shape, x.dtype, blk) for x, blk in operands]
-                               + [(o.shape, o.dtype, True) for o in outputs], regions_per_program)
-        if vmem > vmem_budget_bytes():
-            raise ValueError(f"bi_level_routing_attention(implementation='pallas') needs ~{vmem >> 20} MiB of "
-                             f"TPU VMEM per image for this map; use implementation='xla' for maps this large")
         grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(tables), grid=grid,
                                                  in_specs=in_specs, out_specs=out_specs)
         params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
@@ -375,11 +385,13 @@ def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, top
 
 
 def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, topk: int,
-                   block_sizes: BlockSizes | None = None) -> int:
+                   block_sizes: BlockSizes | None = None, resident_buffers: int = 2) -> int:
     """Largest VMEM footprint (bytes) of the three TPU kernels (forward, dQ, dK/dV) for one call.
 
-    The TPU kernels keep one image's K/V (forward, dQ) or q/dO/statistics (dK/dV) resident in VMEM;
-    ``"auto"`` falls back to the reference on TPU when this exceeds the budget."""
+    The TPU kernels keep one image's K/V (forward, dQ) or q/dO/statistics (dK/dV) resident in VMEM,
+    in two buffers (the next image's fetched during this one) or, where two do not fit the budget,
+    one (``resident_buffers=1``); ``"auto"`` falls back to the reference on TPU when even one does
+    not fit."""
     cfg, dqk, dv = _plan(q_shape, v_shape, dtype, num_heads=num_heads, regions_per_side=regions_per_side,
                          topk=topk, scale=1.0, block_sizes=block_sizes, layout="tpu", interpret=False,
                          poison=False)
@@ -391,13 +403,13 @@ def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side:
     dq = forward[:3] + [(v, dtype, True), (stat, f32, True), (stat, f32, True), (qk, dtype, True)]
     dkv = [(qk, dtype, False), (v, dtype, False), (stat_rows, f32, False), (stat_rows, f32, False),
            (qk, dtype, True), (v, dtype, True), (qk, dtype, True), (v, dtype, True)]
-    return max(_tpu_vmem_bytes(forward, cfg.query_regions), _tpu_vmem_bytes(dq, cfg.query_regions),
-               _tpu_vmem_bytes(dkv, cfg.kv_regions))
+    return max(_tpu_vmem_bytes(blocks, regions, resident_buffers)
+               for blocks, regions in ((forward, cfg.query_regions), (dq, cfg.query_regions), (dkv, cfg.kv_regions)))
 
 
 def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
-    """True when :func:`tpu_vmem_bytes` is within the TPU kernels' VMEM budget."""
-    return tpu_vmem_bytes(q_shape, v_shape, dtype, **kw) <= vmem_budget_bytes()
+    """True when the TPU kernels fit the VMEM budget (:func:`tpu_vmem_bytes`, one resident buffer)."""
+    return tpu_vmem_bytes(q_shape, v_shape, dtype, resident_buffers=1, **kw) <= vmem_budget_bytes()
 
 
 def _use_mosaic(choice: str | None, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
