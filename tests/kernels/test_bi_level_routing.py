@@ -220,8 +220,8 @@ def test_pallas_matches_reference_bfloat16():
         assert _rel_err(got, want) < 2e-2, f"d{name}"
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 16, 16, 2, 4, 3), (1, 9, 9, 8, 4, 2, 3, 2)],
-                         ids=["2x2-token-regions-stacked", "3x3-token-regions-padded-qk!=v"])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 16, 16, 2, 4, 3), (1, 9, 9, 8, 4, 2, 3, 2), (1, 8, 8, 32, 16, 4, 2, 2)],
+                         ids=["2x2-token-regions-stacked", "3x3-token-regions-padded-qk!=v", "4-heads-on-lanes-qk!=v"])
 def test_tpu_layout_in_tpu_interpret_mode(shape):
     """The TPU kernels under Pallas' TPU interpret mode, which simulates what the generic interpreter
     does not: scalar-prefetched tables in SMEM, VMEM blocks fetched by DMA per grid step, the
