@@ -22,14 +22,15 @@ def test_off_tpu_defaults():
 
 
 def test_small_vmem_chip_sends_large_rows_elsewhere(monkeypatch):
-    """A (B=1, L=16384, D=128) packed row fits a 128 MiB v5e core but not a 16 MiB v4 core; the BRA
-    128² map with S = 16 (~41 MiB resident) likewise."""
+    """A (B=1, L=16384, D=128) packed row fits a 128 MiB v5e core but not a 16 MiB v4 core; a BRA
+    256² map with S = 16 (~81 MiB resident, 41 MiB single-buffered) likewise, while the 128² map
+    (~20 MiB, 10 MiB single-buffered) fits both."""
     args = (1, 16384, 16384, 128, 128, 2)
-    bra_shape = ((16, 128, 128, 64), (16, 128, 128, 64), jnp.bfloat16)
     bra_kw = dict(num_heads=2, regions_per_side=16, topk=4)
+    big, small = ((shape, shape, jnp.bfloat16) for shape in ((16, 256, 256, 64), (16, 128, 128, 64)))
     _on_tpu_with(monkeypatch, 128 << 20)
-    assert tpu_kernel.fits(*args) and bra.tpu_fits(*bra_shape, **bra_kw)
+    assert tpu_kernel.fits(*args) and bra.tpu_fits(*big, **bra_kw) and bra.tpu_fits(*small, **bra_kw)
     assert tpu_limits.vmem_limit_bytes(100 << 20) == 128 << 20
     _on_tpu_with(monkeypatch, 16 << 20)
-    assert not tpu_kernel.fits(*args) and not bra.tpu_fits(*bra_shape, **bra_kw)
+    assert not tpu_kernel.fits(*args) and not bra.tpu_fits(*big, **bra_kw) and bra.tpu_fits(*small, **bra_kw)
     assert tpu_limits.vmem_limit_bytes(1 << 20) == 16 << 20  # the chip's whole VMEM, not 32 MiB
