@@ -40,7 +40,7 @@ class KernelConfig:
     q_step: int  # consumer query regions gathered per step (dK/dV); 1 on TPU
     topk_padded: int  # topk rounded up to kv_step (the routing table's padded width)
     layout: str  # "tpu" | "gpu"
-    direct: bool  # GPU: kernels read/write the NHWC maps in place (no layout copies)
+    direct: bool  # kernels read/write the NHWC maps in place (no layout copies)
     regions_per_side: int  # S
     region_h: int
     region_w: int
@@ -189,11 +189,13 @@ def _consumers(cfg: KernelConfig, rows_ref, q_ref, do_ref, lse_ref, delta_ref, b
 
 
 def _own(cfg: KernelConfig, image, local, region):
-    """Where-tuple of this program's own (blocked) tile: its block slot, or its place in the map.
+    """Where-tuple of this program's own tile: its slot in the program's block (region blocks; on
+    TPU's direct layout the block is one row of regions of the map, so slot = column), or its place
+    in the whole map (GPU's direct layout).
 
     ``image`` is ``pl.program_id(0)`` read at the kernel's top level (interpret mode cannot
     evaluate ``program_id`` inside loop bodies)."""
-    return (image, region) if cfg.direct else (0, local)
+    return (image, region) if cfg.direct and cfg.layout == "gpu" else (0, local)
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -9,7 +9,9 @@ and runs separate softmax passes. Here nothing is gathered:
 - Layout. On GPU, when region sides and head dims are powers of two (all BiFormer stages: 8x8,
   4x4, 2x2, 1x1 regions, head dim 32), the kernels read and write the NHWC maps IN PLACE: a region's
   (h, w, d) window of one head is one strided tile load, so no layout copies are made at all
-  ("direct" layout). Otherwise (and on TPU, whose tiles must be (8, 128)-aligned) the wrapper
+  ("direct" layout). On TPU the same holds for regions a multiple of 8 tokens wide (BiFormer's
+  stage 1; a routed region's rows start at a dynamic sublane offset, which Mosaic takes at
+  multiples of 8), a program then owning one row of regions. Otherwise the wrapper
   rearranges q/k/v once (one fused XLA copy, as the reference does) into region-major blocks
   ``(B, R_pad, T_pad, heads * d_pad)``; R = S*S regions, T = tokens per region, a region's heads
   side by side on the minor axis (a head is a slice of it), so BiFormer's head dim 32 does not pad
@@ -79,17 +81,17 @@ _TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small 
 _GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step
 
 
-def _tpu_vmem_bytes(blocks, regions_per_program: int, resident_buffers: int = 2) -> int:
+def _tpu_vmem_bytes(blocks, resident_buffers: int = 2) -> int:
     """VMEM of the blocks of one TPU launch, with (8 x 128) tile padding.
 
-    ``blocks``: (array shape, dtype, blocked) triples; blocked arrays hold ``regions_per_program``
-    regions per block (double-buffered), resident ones the whole image (``resident_buffers``)."""
+    ``blocks``: (array shape, dtype, rows) triples: a block holds ``rows`` entries of the array's
+    axis 1 (double-buffered), or with ``rows=None`` the whole image (resident, ``resident_buffers``)."""
     total = 0
-    for shape, dtype, blocked in blocks:
+    for shape, dtype, rows in blocks:
         itemsize = jnp.dtype(dtype).itemsize
-        lead = math.prod(shape[2:-2]) * (regions_per_program if blocked else shape[1])
+        lead = math.prod(shape[2:-2]) * (shape[1] if rows is None else rows)
         sublanes = _round_up(shape[-2], 8 * max(1, 4 // itemsize))
-        total += (2 if blocked else resident_buffers) * lead * sublanes * _round_up(shape[-1], 128) * itemsize
+        total += (resident_buffers if rows is None else 2) * lead * sublanes * _round_up(shape[-1], 128) * itemsize
     return total
 
 
@@ -170,8 +172,9 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
 
     ``tables``: int32 routing tables (scalar-prefetched on TPU, whole-array refs elsewhere).
     ``operands`` and ``outputs``: (array or ShapeDtypeStruct, blocked) pairs. Blocked ones are
-    (B, R_pad, ...) arrays tiled by region groups; the others are "resident" (the whole image; on
-    GPU the whole array), which is also how the direct layout passes its NHWC maps.
+    (B, R_pad, ...) arrays tiled by region groups, or with ``blocked="rows"`` (TPU's direct
+    layout) NHWC maps tiled by rows of regions; the others are "resident" (the whole image; on GPU
+    the whole array), which is also how GPU's direct layout passes its NHWC maps.
     """
     batch = operands[0][0].shape[0]
     tpu = cfg.layout == "tpu"
@@ -188,21 +191,23 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
         ]
         return [jnp.concatenate(p, axis=0) for p in zip(*parts)]
 
+    def block_rows(blocked):  # entries of axis 1 per block; None: resident
+        return None if not blocked else cfg.region_h if blocked == "rows" else regions_per_program
+
     resident_buffers = 2
     if tpu:  # the next image's resident blocks are fetched during this one, or, when two copies
         # would not fit VMEM, after it (one copy: a pause per image rather than the XLA path)
-        blocks = ([(x.shape, x.dtype, blk) for x, blk in operands]
-                  + [(o.shape, o.dtype, True) for o, _ in outputs])
-        vmem = _tpu_vmem_bytes(blocks, regions_per_program)
+        blocks = [(x.shape, x.dtype, block_rows(blk)) for x, blk in operands + outputs]
+        vmem = _tpu_vmem_bytes(blocks)
         if vmem > vmem_budget_bytes():
-            resident_buffers, vmem = 1, _tpu_vmem_bytes(blocks, regions_per_program, resident_buffers=1)
+            resident_buffers, vmem = 1, _tpu_vmem_bytes(blocks, resident_buffers=1)
         if vmem > vmem_budget_bytes():
             raise ValueError(f"bi_level_routing_attention(implementation='pallas') needs ~{vmem >> 20} MiB of "
                              f"TPU VMEM per image for this map; use implementation='xla' for maps this large")
 
-    def blocked_spec(shape):
+    def blocked_spec(shape, blocked):
         tail = len(shape) - 2
-        return pl.BlockSpec((1, regions_per_program) + tuple(shape[2:]), lambda b, g, *_: (b, g) + (0,) * tail)
+        return pl.BlockSpec((1, block_rows(blocked)) + tuple(shape[2:]), lambda b, g, *_: (b, g) + (0,) * tail)
 
     def resident_spec(shape):
         if tpu:  # the block index depends on the image only: fetched once per image
@@ -210,8 +215,8 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
                                 pipeline_mode=pl.Buffered(resident_buffers))
         return pl.BlockSpec()  # whole array; the kernel indexes the image itself
 
-    in_specs = [blocked_spec(x.shape) if blk else resident_spec(x.shape) for x, blk in operands]
-    out_specs = [blocked_spec(o.shape) if blk else resident_spec(o.shape) for o, blk in outputs]
+    in_specs = [blocked_spec(x.shape, blk) if blk else resident_spec(x.shape) for x, blk in operands]
+    out_specs = [blocked_spec(o.shape, blk) if blk else resident_spec(o.shape) for o, blk in outputs]
     outputs = [o for o, _ in outputs]
     args = [x for x, _ in operands]
     aliases = {}
@@ -258,8 +263,16 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
     return call(*tables, *args)
 
 
+def _own_blocks(cfg: KernelConfig):
+    """How a program's own q/o (dK/dV: k/v) tiles reach it: region blocks (True), one row of regions
+    of the NHWC map ("rows", TPU's direct layout) or the whole map (False, GPU's direct layout)."""
+    if not cfg.direct:
+        return True
+    return "rows" if cfg.layout == "tpu" else False
+
+
 def _forward(cfg: KernelConfig, q, k, v, table):
-    own = not cfg.direct  # this program's own q/o tiles are blocks, except in the direct layout
+    own = _own_blocks(cfg)
     stats = (q.shape[0], cfg.regions_padded, cfg.tokens_padded, cfg.num_heads)
     outputs = [(jax.ShapeDtypeStruct(v.shape, v.dtype), own),
                (jax.ShapeDtypeStruct(stats, jnp.float32), True)]  # log-sum-exp, a column per tile
@@ -290,7 +303,7 @@ def _attend_fwd(cfg, q, k, v, table, rows, offsets):
 
 def _attend_bwd(cfg, residuals, do):
     q, k, v, table, rows, offsets, o, lse = residuals
-    own = not cfg.direct
+    own = _own_blocks(cfg)
     delta = _delta(cfg, o, do)
     (dq,) = _launch(dq_kernel, cfg, [table],
                     [(q, own), (k, False), (v, False), (do, own), (lse, True), (delta, True)],
@@ -348,10 +361,12 @@ def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, top
           direct: bool | None = None):
     """The static launch configuration and padded head dims (d_qk_pad, d_v_pad) for one call.
 
-    ``direct`` (GPU layout only; default: whenever possible) makes the kernels read the NHWC maps in
-    place, which needs power-of-two region sides and head dims (Triton tiles); BiFormer's 8x8, 4x4,
-    2x2 and 1x1 regions with head dim 32 all qualify. Block sizes then do not apply (one region per
-    program)."""
+    ``direct`` (default: whenever possible) makes the kernels read the NHWC maps in place. On GPU
+    that needs power-of-two region sides and head dims (Triton tiles; BiFormer's 8x8, 4x4, 2x2 and
+    1x1 regions with head dim 32 all qualify) and a program takes one region. On TPU it needs
+    regions a multiple of 8 tokens wide (a routed region's rows start at a dynamic sublane offset,
+    which Mosaic takes at multiples of 8; BiFormer's stage 1 and larger maps' 8x8 and 16x16 regions)
+    and a program takes one row of regions. Block sizes then do not apply."""
     block_sizes = block_sizes or BlockSizes()
     if layout not in ("gpu", "tpu"):
         raise ValueError(f"layout must be 'gpu' or 'tpu'; got {layout!r}")
@@ -360,17 +375,21 @@ def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, top
     region_h, region_w = height // s, width // s
     num_regions, tokens = s * s, region_h * region_w
     d_qk, d_v = c_qk // num_heads, v_shape[-1] // num_heads
-    direct_ok = layout == "gpu" and all(_is_pow2(n) for n in (region_h, region_w, d_qk, d_v))
+    if layout == "gpu":
+        direct_ok, need = all(_is_pow2(n) for n in (region_h, region_w, d_qk, d_v)), \
+            "power-of-two region sides and head dims on the GPU layout"
+    else:
+        direct_ok, need = region_w % 8 == 0, "regions a multiple of 8 tokens wide on the TPU layout"
     if direct and not direct_ok:
-        raise ValueError("the direct NHWC layout needs layout='gpu' and power-of-two region sides and head "
-                         f"dims; got regions {region_h}x{region_w}, head dims {d_qk}/{d_v}, layout {layout!r}")
+        raise ValueError(f"the direct NHWC layout needs {need}; got regions {region_h}x{region_w}, "
+                         f"head dims {d_qk}/{d_v}")
     direct = direct_ok if direct is None else direct
     if layout == "gpu":
         t_pad, dqk_pad, dv_pad = _next_pow2(tokens), _next_pow2(d_qk), _next_pow2(d_v)
     else:
         t_pad, dqk_pad, dv_pad = _round_up(tokens, 8), d_qk, d_v
     if direct:
-        rq = rkv = 1
+        rq = rkv = 1 if layout == "gpu" else s
     else:
         rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions, layout)
         rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions, layout)
@@ -396,15 +415,18 @@ def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side:
                          topk=topk, scale=1.0, block_sizes=block_sizes, layout="tpu", interpret=False,
                          poison=False)
     tile = (1, cfg.regions_padded, cfg.tokens_padded)
-    qk, v, stat = tile + (num_heads * dqk,), tile + (num_heads * dv,), tile + (num_heads,)
-    stat_rows = (1, cfg.regions_padded, 1, num_heads * cfg.tokens_padded)
+    stat, stat_rows = tile + (num_heads,), (1, cfg.regions_padded, 1, num_heads * cfg.tokens_padded)
+    if cfg.direct:  # the NHWC maps, own tiles by rows of regions
+        qk, v, own = (1,) + tuple(q_shape[1:]), (1,) + tuple(v_shape[1:]), cfg.region_h
+    else:
+        qk, v, own = tile + (num_heads * dqk,), tile + (num_heads * dv,), cfg.query_regions
+    rq, rkv = cfg.query_regions, (cfg.region_h if cfg.direct else cfg.kv_regions)
     f32 = jnp.float32
-    forward = [(qk, dtype, True), (qk, dtype, False), (v, dtype, False), (v, dtype, True), (stat, f32, True)]
-    dq = forward[:3] + [(v, dtype, True), (stat, f32, True), (stat, f32, True), (qk, dtype, True)]
-    dkv = [(qk, dtype, False), (v, dtype, False), (stat_rows, f32, False), (stat_rows, f32, False),
-           (qk, dtype, True), (v, dtype, True), (qk, dtype, True), (v, dtype, True)]
-    return max(_tpu_vmem_bytes(blocks, regions, resident_buffers)
-               for blocks, regions in ((forward, cfg.query_regions), (dq, cfg.query_regions), (dkv, cfg.kv_regions)))
+    forward = [(qk, dtype, own), (qk, dtype, None), (v, dtype, None), (v, dtype, own), (stat, f32, rq)]
+    dq = forward[:3] + [(v, dtype, own), (stat, f32, rq), (stat, f32, rq), (qk, dtype, own)]
+    dkv = [(qk, dtype, None), (v, dtype, None), (stat_rows, f32, None), (stat_rows, f32, None),
+           (qk, dtype, rkv), (v, dtype, rkv), (qk, dtype, rkv), (v, dtype, rkv)]
+    return max(_tpu_vmem_bytes(blocks, resident_buffers) for blocks in (forward, dq, dkv))
 
 
 def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
