@@ -36,7 +36,7 @@ Backends:
   of K/V = one pass, the memory floor) and the kernel indexes routed regions in VMEM. Batches whose
   tables would overflow SMEM are split into chunks. T padded to a multiple of 8. The resident
   blocks must fit VMEM (:func:`tpu_vmem_bytes`; the BiFormer stage shapes of ``shared/anchors.md``
-  need 2-4 MiB per image, its 128x128 map with S=16 ~20 MiB; with a 128-lane tile per head of 32
+  need 2-5 MiB per image, its 128x128 map with S=16 ~22 MiB; with a 128-lane tile per head of 32
   channels they needed 7-15 MiB and ~41 MiB). Resident blocks are double-buffered (the next
   image's fetched during this one) or, where two copies exceed the budget (a v4's 12 MiB and the
   128x128 map), single (a pause per image); ``"auto"`` falls back to the reference when even one
@@ -416,16 +416,17 @@ def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side:
                          poison=False)
     tile = (1, cfg.regions_padded, cfg.tokens_padded)
     stat, stat_rows = tile + (num_heads,), (1, cfg.regions_padded, 1, num_heads * cfg.tokens_padded)
-    if cfg.direct:  # the NHWC maps, own tiles by rows of regions
-        qk, v, own = (1,) + tuple(q_shape[1:]), (1,) + tuple(v_shape[1:]), cfg.region_h
+    if cfg.direct:  # the NHWC maps; a program's own tiles are the map rows of one row of regions
+        qk, v = (1,) + tuple(q_shape[1:]), (1,) + tuple(v_shape[1:])
+        own_q = own_kv = cfg.region_h
     else:
-        qk, v, own = tile + (num_heads * dqk,), tile + (num_heads * dv,), cfg.query_regions
-    rq, rkv = cfg.query_regions, (cfg.region_h if cfg.direct else cfg.kv_regions)
-    f32 = jnp.float32
-    forward = [(qk, dtype, own), (qk, dtype, None), (v, dtype, None), (v, dtype, own), (stat, f32, rq)]
-    dq = forward[:3] + [(v, dtype, own), (stat, f32, rq), (stat, f32, rq), (qk, dtype, own)]
+        qk, v = tile + (num_heads * dqk,), tile + (num_heads * dv,)
+        own_q, own_kv = cfg.query_regions, cfg.kv_regions
+    rq, f32 = cfg.query_regions, jnp.float32
+    forward = [(qk, dtype, own_q), (qk, dtype, None), (v, dtype, None), (v, dtype, own_q), (stat, f32, rq)]
+    dq = forward[:3] + [(v, dtype, own_q), (stat, f32, rq), (stat, f32, rq), (qk, dtype, own_q)]
     dkv = [(qk, dtype, None), (v, dtype, None), (stat_rows, f32, None), (stat_rows, f32, None),
-           (qk, dtype, rkv), (v, dtype, rkv), (qk, dtype, rkv), (v, dtype, rkv)]
+           (qk, dtype, own_kv), (v, dtype, own_kv), (qk, dtype, own_kv), (v, dtype, own_kv)]
     return max(_tpu_vmem_bytes(blocks, resident_buffers) for blocks in (forward, dq, dkv))
 
 
