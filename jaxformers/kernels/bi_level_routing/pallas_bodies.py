@@ -165,10 +165,10 @@ def _routed(cfg: KernelConfig, table_ref, k_ref, v_ref, b, kv_b, region, step, h
     return (_gather(cfg, k_ref, kv_b, regions, token, head), _gather(cfg, v_ref, kv_b, regions, token, head))
 
 
-def _stat_column(ref, region, head):
-    """The (T_pad, 1) log-sum-exp or delta column of one region and head: statistics are blocked
-    ``(B, R_pad, T_pad, heads)``."""
-    return ref[0, region, :, pl.ds(head, 1)]
+def _stat_column(region, head):
+    """Index of the (T_pad, 1) log-sum-exp or delta column of one region and head in a block of
+    statistics ``(B, R_pad, T_pad, heads)``: the forward writes it, dQ reads it."""
+    return 0, region, slice(None), pl.ds(head, 1)
 
 
 def _consumers(cfg: KernelConfig, rows_ref, q_ref, do_ref, lse_ref, delta_ref, b, q_b, first, head):
@@ -227,7 +227,7 @@ def forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: Kerne
                 jnp.zeros((tp, d_v), jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, cfg.topk_padded // cfg.kv_step, one_step, init)
         _set(cfg, o_ref, _own(cfg, b, r, region), h, acc / l)
-        lse_ref[0, r, :, pl.ds(h, 1)] = m + jnp.log(l)
+        lse_ref[_stat_column(r, h)] = m + jnp.log(l)
 
     _each_region_head(cfg, cfg.query_regions, one_region_head)
 
@@ -239,7 +239,7 @@ def dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
     def one_region_head(r, h):
         region = group * cfg.query_regions + r
         q, do = _get(cfg, q_ref, _own(cfg, b, r, region), h), _get(cfg, do_ref, _own(cfg, b, r, region), h)
-        lse, delta = _stat_column(lse_ref, r, h), _stat_column(delta_ref, r, h)
+        lse, delta = lse_ref[_stat_column(r, h)], delta_ref[_stat_column(r, h)]
 
         def one_step(step, dq):
             k, v = _routed(cfg, table_ref, k_ref, v_ref, b, kv_b, region, step, h)

@@ -81,20 +81,6 @@ _TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small 
 _GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step
 
 
-def _tpu_vmem_bytes(blocks, resident_buffers: int = 2) -> int:
-    """VMEM of the blocks of one TPU launch, with (8 x 128) tile padding.
-
-    ``blocks``: (array shape, dtype, rows) triples: a block holds ``rows`` entries of the array's
-    axis 1 (double-buffered), or with ``rows=None`` the whole image (resident, ``resident_buffers``)."""
-    total = 0
-    for shape, dtype, rows in blocks:
-        itemsize = jnp.dtype(dtype).itemsize
-        lead = math.prod(shape[2:-2]) * (shape[1] if rows is None else rows)
-        sublanes = _round_up(shape[-2], 8 * max(1, 4 // itemsize))
-        total += (resident_buffers if rows is None else 2) * lead * sublanes * _round_up(shape[-1], 128) * itemsize
-    return total
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Regions per program (forward/dQ and dK/dV) and, on GPU, routed regions gathered per step.
@@ -153,6 +139,27 @@ def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, request
 
 
 # ----------------------------------------------------------------------------- launching
+def _block_rows(cfg: KernelConfig, blocked, regions_per_program: int):
+    """Entries of an operand's axis 1 in one block: a group of regions (region blocks), the map rows
+    of one row of regions (``blocked="rows"``: TPU's direct layout), or None: resident (whole image)."""
+    if not blocked:
+        return None
+    return cfg.region_h if blocked == "rows" else regions_per_program
+
+
+def _tpu_vmem_bytes(cfg: KernelConfig, operands, outputs, regions_per_program: int, resident_buffers: int = 2) -> int:
+    """VMEM of the blocks of one TPU launch (arguments as :func:`_launch`'s), with (8 x 128) tile
+    padding: own blocks are double-buffered, resident ones in ``resident_buffers``."""
+    total = 0
+    for x, blocked in operands + outputs:
+        rows, itemsize = _block_rows(cfg, blocked, regions_per_program), jnp.dtype(x.dtype).itemsize
+        lead = math.prod(x.shape[2:-2]) * (x.shape[1] if rows is None else rows)
+        sublanes = _round_up(x.shape[-2], 8 * max(1, 4 // itemsize))
+        buffers = resident_buffers if rows is None else 2
+        total += buffers * lead * sublanes * _round_up(x.shape[-1], 128) * itemsize
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class _FlatTable:
     """A flattened int32 table (TPU SMEM) indexed like the array it was: ``t[b, r, j]`` with scalars."""
@@ -191,23 +198,19 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
         ]
         return [jnp.concatenate(p, axis=0) for p in zip(*parts)]
 
-    def block_rows(blocked):  # entries of axis 1 per block; None: resident
-        return None if not blocked else cfg.region_h if blocked == "rows" else regions_per_program
-
     resident_buffers = 2
     if tpu:  # the next image's resident blocks are fetched during this one, or, when two copies
         # would not fit VMEM, after it (one copy: a pause per image rather than the XLA path)
-        blocks = [(x.shape, x.dtype, block_rows(blk)) for x, blk in operands + outputs]
-        vmem = _tpu_vmem_bytes(blocks)
+        vmem = _tpu_vmem_bytes(cfg, operands, outputs, regions_per_program)
         if vmem > vmem_budget_bytes():
-            resident_buffers, vmem = 1, _tpu_vmem_bytes(blocks, resident_buffers=1)
+            resident_buffers, vmem = 1, _tpu_vmem_bytes(cfg, operands, outputs, regions_per_program, 1)
         if vmem > vmem_budget_bytes():
             raise ValueError(f"bi_level_routing_attention(implementation='pallas') needs ~{vmem >> 20} MiB of "
                              f"TPU VMEM per image for this map; use implementation='xla' for maps this large")
 
     def blocked_spec(shape, blocked):
         tail = len(shape) - 2
-        return pl.BlockSpec((1, block_rows(blocked)) + tuple(shape[2:]), lambda b, g, *_: (b, g) + (0,) * tail)
+        return pl.BlockSpec((1, _block_rows(cfg, blocked, regions_per_program)) + tuple(shape[2:]), lambda b, g, *_: (b, g) + (0,) * tail)
 
     def resident_spec(shape):
         if tpu:  # the block index depends on the image only: fetched once per image
@@ -271,13 +274,44 @@ def _own_blocks(cfg: KernelConfig):
     return "rows" if cfg.layout == "tpu" else False
 
 
-def _forward(cfg: KernelConfig, q, k, v, table):
+def _like(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _as_rows(stats):
+    """Statistics (B, R_pad, T_pad, heads) as rows (B, R_pad, 1, heads * T_pad), a region's heads side
+    by side: dK/dV keeps a whole image's resident without (8, 128)-padded column tiles in TPU VMEM."""
+    return stats.transpose(0, 1, 3, 2).reshape(stats.shape[:2] + (1, -1))
+
+
+# The three launches' operands and outputs ((array or ShapeDtypeStruct, blocked) pairs, see
+# :func:`_launch`) and regions per program; ``tpu_vmem_bytes`` plans with the same lists from shapes.
+def _stats(cfg: KernelConfig, batch: int):
+    """Per-token, per-head statistics (log-sum-exp, delta): (B, R_pad, T_pad, heads) float32."""
+    return jax.ShapeDtypeStruct((batch, cfg.regions_padded, cfg.tokens_padded, cfg.num_heads), jnp.float32)
+
+
+def _forward_io(cfg: KernelConfig, q, k, v):
     own = _own_blocks(cfg)
-    stats = (q.shape[0], cfg.regions_padded, cfg.tokens_padded, cfg.num_heads)
-    outputs = [(jax.ShapeDtypeStruct(v.shape, v.dtype), own),
-               (jax.ShapeDtypeStruct(stats, jnp.float32), True)]  # log-sum-exp, a column per tile
-    o, lse = _launch(forward_kernel, cfg, [table], [(q, own), (k, False), (v, False)], outputs,
-                     cfg.query_regions)
+    return ([(q, own), (k, False), (v, False)],
+            [(_like(v), own), (_stats(cfg, q.shape[0]), True)],  # log-sum-exp, a column per tile
+            cfg.query_regions)
+
+
+def _dq_io(cfg: KernelConfig, q, k, v, do, lse, delta):
+    own = _own_blocks(cfg)
+    return ([(q, own), (k, False), (v, False), (do, own), (lse, True), (delta, True)],
+            [(_like(q), own)], cfg.query_regions)
+
+
+def _dkv_io(cfg: KernelConfig, q, k, v, do, lse_rows, delta_rows):
+    own = _own_blocks(cfg)
+    return ([(q, False), (do, False), (lse_rows, False), (delta_rows, False), (k, own), (v, own)],
+            [(_like(k), own), (_like(v), own)], cfg.kv_regions)
+
+
+def _forward(cfg: KernelConfig, q, k, v, table):
+    o, lse = _launch(forward_kernel, cfg, [table], *_forward_io(cfg, q, k, v))
     return o, lse
 
 
@@ -303,18 +337,9 @@ def _attend_fwd(cfg, q, k, v, table, rows, offsets):
 
 def _attend_bwd(cfg, residuals, do):
     q, k, v, table, rows, offsets, o, lse = residuals
-    own = _own_blocks(cfg)
     delta = _delta(cfg, o, do)
-    (dq,) = _launch(dq_kernel, cfg, [table],
-                    [(q, own), (k, False), (v, False), (do, own), (lse, True), (delta, True)],
-                    [(jax.ShapeDtypeStruct(q.shape, q.dtype), own)], cfg.query_regions)
-    # dK/dV keeps a whole image's statistics resident and uses them as rows, a region's heads side by
-    # side, (B, R_pad, 1, heads * T_pad): no (8, 128)-padded column tiles in TPU VMEM.
-    as_rows = lambda x: x.transpose(0, 1, 3, 2).reshape(x.shape[:2] + (1, -1))  # noqa: E731
-    dk, dv = _launch(dkv_kernel, cfg, [rows, offsets],
-                     [(q, False), (do, False), (as_rows(lse), False), (as_rows(delta), False), (k, own), (v, own)],
-                     [(jax.ShapeDtypeStruct(k.shape, k.dtype), own), (jax.ShapeDtypeStruct(v.shape, v.dtype), own)],
-                     cfg.kv_regions)
+    (dq,) = _launch(dq_kernel, cfg, [table], *_dq_io(cfg, q, k, v, do, lse, delta))
+    dk, dv = _launch(dkv_kernel, cfg, [rows, offsets], *_dkv_io(cfg, q, k, v, do, _as_rows(lse), _as_rows(delta)))
     return dq, dk, dv, None, None, None
 
 
@@ -344,6 +369,13 @@ def _to_blocks(x, s: int, num_heads: int, r_pad: int, t_pad: int, d_pad: int):
     xr = xr.reshape(b, r, t, num_heads, c // num_heads)
     xr = jnp.pad(xr, ((0, 0), (0, r_pad - r), (0, t_pad - t), (0, 0), (0, d_pad - c // num_heads)))
     return xr.reshape(b, r_pad, t_pad, num_heads * d_pad)
+
+
+def _kernel_layout(cfg: KernelConfig, d_pad: int, x):
+    """One (B, H, W, C) map as the kernels take it: in place (direct layouts) or as region blocks."""
+    if cfg.direct:
+        return x
+    return _to_blocks(x, cfg.regions_per_side, cfg.num_heads, cfg.regions_padded, cfg.tokens_padded, d_pad)
 
 
 def _from_blocks(xb, s: int, height: int, width: int, r: int, t: int, num_heads: int, d: int):
@@ -411,23 +443,16 @@ def tpu_vmem_bytes(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side:
     in two buffers (the next image's fetched during this one) or, where two do not fit the budget,
     one (``resident_buffers=1``); ``"auto"`` falls back to the reference on TPU when even one does
     not fit."""
-    cfg, dqk, dv = _plan(q_shape, v_shape, dtype, num_heads=num_heads, regions_per_side=regions_per_side,
-                         topk=topk, scale=1.0, block_sizes=block_sizes, layout="tpu", interpret=False,
-                         poison=False)
-    tile = (1, cfg.regions_padded, cfg.tokens_padded)
-    stat, stat_rows = tile + (num_heads,), (1, cfg.regions_padded, 1, num_heads * cfg.tokens_padded)
-    if cfg.direct:  # the NHWC maps; a program's own tiles are the map rows of one row of regions
-        qk, v = (1,) + tuple(q_shape[1:]), (1,) + tuple(v_shape[1:])
-        own_q = own_kv = cfg.region_h
-    else:
-        qk, v = tile + (num_heads * dqk,), tile + (num_heads * dv,)
-        own_q, own_kv = cfg.query_regions, cfg.kv_regions
-    rq, f32 = cfg.query_regions, jnp.float32
-    forward = [(qk, dtype, own_q), (qk, dtype, None), (v, dtype, None), (v, dtype, own_q), (stat, f32, rq)]
-    dq = forward[:3] + [(v, dtype, own_q), (stat, f32, rq), (stat, f32, rq), (qk, dtype, own_q)]
-    dkv = [(qk, dtype, None), (v, dtype, None), (stat_rows, f32, None), (stat_rows, f32, None),
-           (qk, dtype, own_kv), (v, dtype, own_kv), (qk, dtype, own_kv), (v, dtype, own_kv)]
-    return max(_tpu_vmem_bytes(blocks, resident_buffers) for blocks in (forward, dq, dkv))
+    cfg, dqk_pad, dv_pad = _plan(q_shape, v_shape, dtype, num_heads=num_heads, regions_per_side=regions_per_side,
+                                 topk=topk, scale=1.0, block_sizes=block_sizes, layout="tpu", interpret=False,
+                                 poison=False)
+    image = lambda shape: jax.ShapeDtypeStruct((1,) + tuple(shape[1:]), dtype)  # noqa: E731
+    q = jax.eval_shape(functools.partial(_kernel_layout, cfg, dqk_pad), image(q_shape))
+    v = jax.eval_shape(functools.partial(_kernel_layout, cfg, dv_pad), image(v_shape))
+    lse = _stats(cfg, 1)
+    rows = jax.eval_shape(_as_rows, lse)
+    launches = (_forward_io(cfg, q, q, v), _dq_io(cfg, q, q, v, v, lse, lse), _dkv_io(cfg, q, q, v, v, rows, rows))
+    return max(_tpu_vmem_bytes(cfg, *io, resident_buffers) for io in launches)
 
 
 def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
@@ -494,16 +519,14 @@ def bi_level_routing_attention_pallas(
                                  interpret=interpret, poison=poison, direct=direct)
     s = regions_per_side
     _, height, width, _ = q.shape
-    r, r_pad, t_pad = cfg.num_regions, cfg.regions_padded, cfg.tokens_padded
+    r, r_pad = cfg.num_regions, cfg.regions_padded
     index = route_regions(q, k, s, topk, scale)
     # Padded query regions and routes point at region 0; the kernels mask padded routes.
     table = jnp.pad(index, ((0, 0), (0, r_pad - r), (0, cfg.topk_padded - topk)))
     rows, offsets = inverse_routing(index, r_pad)
     rows = jnp.pad(rows, ((0, 0), (0, cfg.q_step)))  # room for the last gathered step
+    qk = functools.partial(_kernel_layout, cfg, dqk_pad)
+    ob = _attend(cfg, qk(q), qk(k), _kernel_layout(cfg, dv_pad, v), table, rows, offsets)
     if cfg.direct:
-        return _attend(cfg, q, k, v, table, rows, offsets).astype(out_dtype)
-    qb = _to_blocks(q, s, num_heads, r_pad, t_pad, dqk_pad)
-    kb = _to_blocks(k, s, num_heads, r_pad, t_pad, dqk_pad)
-    vb = _to_blocks(v, s, num_heads, r_pad, t_pad, dv_pad)
-    ob = _attend(cfg, qb, kb, vb, table, rows, offsets)
+        return ob.astype(out_dtype)
     return _from_blocks(ob, s, height, width, r, cfg.tokens, num_heads, v.shape[-1] // num_heads).astype(out_dtype)
