@@ -15,8 +15,9 @@ and no timings (``benchmarks/kernels.py`` has those).
 
 Rows: the shapes of ``benchmarks/kernels.py`` (``shared/anchors.md``), forward + backward; on the
 H100 once per GPU kernel set (``gpu_kernel="mosaic"`` and ``"triton"``). Each row prints the
-kernels in the compiled program and, for Mosaic GPU kernels, ptxas' registers per thread, spill
-bytes and the shared memory each reserves (Mosaic GPU's compiler dumps). The train step (BiFormer-T
+kernels in the compiled program and, for each of our GPU kernels, ptxas' registers per thread and
+spill bytes (Mosaic GPU's compiler dumps, and for the Pallas Triton kernels the ``ptxas -v`` output
+XLA logs when asked), for Mosaic kernels also the shared memory each reserves. The train step (BiFormer-T
 on our kernels by default) prints XLA's memory analysis against the device's memory. Exit status
 1 if anything failed to compile.
 
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DUMP = {"dir": ""}  # Mosaic GPU's compiler dumps land here (set by main)
+DUMP = {"dir": "", "log": "", "log_offset": 0}  # Mosaic GPU's dumps and the compiler log (set by main)
 
 # XLA's GpuTargetConfig of an H100 SXM (132 SMs, 227 KiB opt-in shared memory per block, 50 MiB L2,
 # 3.35 TB/s, 80 GB): what the compiler would otherwise ask the device.
@@ -111,6 +112,23 @@ def compile_only_device(target: str):
     return device
 
 
+def ptxas_entries(text: str) -> list[tuple[str, str, str]]:
+    """(kernel, registers per thread, "spill stores/loads" bytes) of each entry function in ``ptxas -v``
+    output; "?" where a figure is missing."""
+    entries = []
+    for block in re.split(r"Compiling entry function '", text)[1:]:
+        regs = re.search(r"Used (\d+) registers", block)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        entries.append((block.split("'", 1)[0], regs.group(1) if regs else "?",
+                        f"{spills.group(1)}/{spills.group(2)}" if spills else "?"))
+    return entries
+
+
+def _report_lines(seen: Counter) -> list[str]:
+    return [f"    {name:<26} x{n:<3} {regs:>4} registers  spills {spill:>7} B (st/ld)  shared memory {smem:>4} KiB"
+            for (name, regs, spill, smem), n in sorted(seen.items())]
+
+
 def ptxas_report() -> list[str]:
     """One line per Mosaic GPU kernel compiled since the last call, identical ones counted once (then
     the dumps are removed): ptxas' registers per thread and spill bytes, and the shared memory."""
@@ -118,18 +136,28 @@ def ptxas_report() -> list[str]:
         return []
     seen = Counter()
     for path in sorted(Path(DUMP["dir"]).glob("*.ptxas")):
-        text = path.read_text()
-        regs = re.search(r"Used (\d+) registers", text)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
         resources = path.with_suffix(".resources.txt")
         smem = re.search(r"smem_scratch_bytes=(\d+)", resources.read_text()) if resources.exists() else None
-        seen[(path.stem.rsplit("_", 1)[0], regs.group(1) if regs else "?",
-              f"{spills.group(1)}/{spills.group(2)}" if spills else "?",
-              str(int(smem.group(1)) // 1024) if smem else "?")] += 1
+        for _, regs, spill in ptxas_entries(path.read_text())[:1]:
+            seen[(path.stem.rsplit("_", 1)[0], regs, spill, str(int(smem.group(1)) // 1024) if smem else "?")] += 1
     for path in Path(DUMP["dir"]).iterdir():
         path.unlink()
-    return [f"    {name:<26} x{n:<3} {regs:>4} registers  spills {spill:>7} B (st/ld)  shared memory {smem:>4} KiB"
-            for (name, regs, spill, smem), n in sorted(seen.items())]
+    return _report_lines(seen)
+
+
+def triton_report(compiled) -> list[str]:
+    """One line per Pallas Triton kernel of ``compiled`` (named by its ``pallas_call``), from the
+    ``ptxas -v`` output XLA wrote to the compiler log since the last call (main() asks for it):
+    registers per thread and spill bytes. Triton's shared memory is dynamic, which ptxas does not see."""
+    if not DUMP["log"]:
+        return []
+    with open(DUMP["log"], errors="replace") as f:
+        f.seek(DUMP["log_offset"])
+        text = f.read()
+        DUMP["log_offset"] = f.tell()
+    ours = set(re.findall(r'xla\.gpu\.triton".*?name = "([^"]+)"', compiled.as_text()))
+    seen = Counter((name, regs, spill, "?") for name, regs, spill in ptxas_entries(text) if name in ours)
+    return _report_lines(seen)
 
 
 def kernels_in(compiled) -> str:
@@ -185,7 +213,7 @@ def compile_row(label: str, lower: Callable[[], Any]):
         ptxas_report()
         return None
     print(f"ok   {label:<58} {time.perf_counter() - start:5.1f}s  {kernels_in(compiled)}", flush=True)
-    for line in ptxas_report():
+    for line in ptxas_report() + triton_report(compiled):
         print(line, flush=True)
     return compiled
 
@@ -272,10 +300,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     groups = set(args.only.split(","))
     os.environ.update(CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")  # before any backend starts
+    # XLA runs ptxas with -v and logs what it says (the Pallas Triton kernels' registers and spills)
+    os.environ.update(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_ptx_compiler_extra_flags=-v").strip(),
+                      TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="subprocess_compilation=2")
     device = compile_only_device(args.target)
     DUMP["dir"] = tempfile.mkdtemp(prefix="compile-check-")  # Mosaic GPU reads these as it compiles each kernel
     os.environ.update(MOSAIC_GPU_DUMP_TO=DUMP["dir"], MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1")
-    log = DUMP["dir"] + ".log"
+    DUMP["log"] = log = DUMP["dir"] + ".log"
     print(f"compiler logs: {log}")
     stderr_to(log)
     print(f"jax {jax.__version__}: compiling for {device.device_kind} ({args.target}, compile-only) on a host "

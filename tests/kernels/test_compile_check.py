@@ -38,6 +38,27 @@ def test_ptxas_report_groups_identical_kernels_and_reads_spills(tmp_path):
     assert not any(tmp_path.iterdir())  # consumed: the next row starts from an empty dump
 
 
+def test_triton_report_reads_our_kernels_from_the_compiler_log(tmp_path):
+    mod = load()
+    log = tmp_path / "compile.log"
+    fusion = PTXAS.replace("mosaic_bra_dkv_kernel", "loop_pad_fusion").replace("812", "4")
+    log.write_text("I1127 old line\n" + PTXAS.replace("mosaic_bra_dkv_kernel", "bra_dq").replace("812", "8"))
+    mod.DUMP.update(log=str(log), log_offset=log.stat().st_size)  # written before this row: not reported
+
+    class Compiled:
+        def as_text(self):
+            return ('custom_call(a), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={}, '
+                    'backend_config={grid_x = 16 : i32, ir = "ML\\EFR", name = "bra_dkv", num_warps = 4 : i32}')
+
+    with open(log, "a") as f:
+        f.write(fusion + "I1127 ptxas info    : 0 bytes gmem\n" + PTXAS.replace("mosaic_bra_dkv_kernel", "bra_dkv"))
+    lines = mod.triton_report(Compiled())
+    assert len(lines) == 1  # XLA's own fusion kernels are left out
+    assert "bra_dkv" in lines[0] and "168 registers" in lines[0] and "812/712 B" in lines[0]
+    assert mod.triton_report(Compiled()) == []  # read once: the next row starts after it
+    assert mod.ptxas_entries("no ptxas here") == []
+
+
 def test_kernels_in_names_each_kind():
     class Compiled:
         def as_text(self):
