@@ -277,6 +277,23 @@ def test_pallas_rejects_unknown_layout_and_impossible_direct_tiles():
         pallas_kernel.bi_level_routing_attention_pallas(q, k, v, layout="gpu", direct=True, **kw)
 
 
+def test_gpu_steps_gather_small_regions_within_a_register_budget():
+    """Regions gathered per GPU online-softmax step: small regions batched, a step's score tile (a
+    region's queries x the gathered keys) at most 8192 floats: 8x8-token regions at top-4 took 4 per
+    step and ptxas spilled the dK/dV and dQ kernels (compile_check for an H100); 2 do not."""
+    def step(stage, **kw):
+        region = (stage.height // stage.regions_per_side) * (stage.width // stage.regions_per_side)
+        return pallas_kernel._plan((1, stage.height, stage.width, stage.channels),
+                                   (1, stage.height, stage.width, stage.channels), jnp.bfloat16,
+                                   num_heads=stage.num_heads, regions_per_side=stage.regions_per_side,
+                                   topk=stage.topk, scale=1.0, block_sizes=None, interpret=True, poison=False,
+                                   **kw)[0].kv_step, region
+
+    stage1, stage2, stage3, large = api.BIFORMER_STAGE_SHAPES
+    assert [step(s, layout="gpu") for s in (stage1, stage2, stage3, large)] == [(1, 64), (4, 16), (16, 4), (2, 64)]
+    assert all(step(s, layout="tpu")[0] == 1 for s in (stage2, stage3))  # one region per step on TPU
+
+
 def test_tpu_reads_the_maps_in_place_where_regions_are_8_tokens_wide():
     """On TPU, regions a multiple of 8 tokens wide (BiFormer's stage 1) are read from the NHWC maps in
     place, a row of regions per program: no layout copies in or out. Narrower ones go through

@@ -46,9 +46,10 @@ Backends:
   ``gpu_kernel``): no scalar prefetch;
   the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Each
   online-softmax step gathers several routed regions into one key tile with a vector-indexed load
-  (``regions_per_step``, ~8192 key elements: 16 regions of 2x2 tokens at BiFormer's stage 3), so
-  small regions do not serialise into many tiny dependent steps; dK/dV gathers its consumer query
-  regions the same way. K/V come straight from global memory (L2-cached); no copies are written.
+  (``regions_per_step``, ~8192 key elements and at most 8192 scores: 16 regions of 2x2 tokens at
+  BiFormer's stage 3, 2 of 8x8 tokens), so small regions do not serialise into many tiny dependent
+  steps, and no kernel spills registers (ptxas for an H100, ``benchmarks/compile_check.py``); dK/dV
+  gathers its consumer query regions the same way. K/V come straight from global memory (L2-cached); no copies are written.
   Triton needs power-of-two tiles: T and head dims are padded to powers of two where needed, and
   products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``.
 - CPU: the same kernel bodies in interpret mode, with the GPU layout by default (tests also run the
@@ -78,7 +79,8 @@ __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", 
            "tpu_fits", "tpu_vmem_bytes"]
 
 _TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small regions
-_GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step
+_GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step, and at most
+# queries x keys in a step's score tile (float32 in registers: 64 per thread at Triton's 4 warps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +128,9 @@ def _pick_regions_per_program(num_regions: int, tokens_padded: int, requested: i
 def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, requested: int | None, layout: str) -> int:
     """Routed regions one GPU step gathers into a single key tile (the TPU path reads one region per
     step: Mosaic has no vector-indexed loads). Small regions are batched up to ~8192 key elements so
-    a 2x2-token region does not cost a whole dependent load-and-dot round trip; a power of two."""
+    a 2x2-token region does not cost a whole dependent load-and-dot round trip, and at most ~8192
+    scores per step (a region's queries x the gathered keys: with more, ptxas spills the dK/dV and dQ
+    kernels' tiles to local memory, e.g. 8x8-token regions at top-4); a power of two."""
     if layout != "gpu":
         if requested not in (None, 1):
             raise ValueError(f"regions_per_step must be 1 on the TPU layout; got {requested}")
@@ -135,7 +139,8 @@ def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, request
         if requested < 1 or requested & (requested - 1):
             raise ValueError(f"regions_per_step must be a power of two; got {requested}")
         return requested
-    return max(1, min(_next_pow2(topk), _GPU_STEP_ELEMENTS // (tokens_padded * head_dim)))
+    per_step = _GPU_STEP_ELEMENTS // (tokens_padded * max(head_dim, tokens_padded))
+    return max(1, min(_next_pow2(topk), per_step))
 
 
 # ----------------------------------------------------------------------------- launching
