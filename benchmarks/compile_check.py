@@ -1,13 +1,14 @@
-"""Compile every kernel, and BiFormer-T's train step, for an H100 or a TPU on a host that has neither.
+"""Compile every kernel, and BiFormer-T's train step, for a GPU or a TPU on a host that has neither.
 
     make compile-h100      # a venv with jax[cuda13] at the GPU machines' jax (~5 GB), then --target h100
     make compile-tpu       # a venv with jax[tpu] (libtpu, ~1.5 GB), then --target v5e
     python benchmarks/compile_check.py --target v4 --only bra,train         # in such a venv
+    python benchmarks/compile_check.py --target a100                        # or b200: the Triton kernels
 
-Deviceless ahead-of-time compilation: the CUDA plugin describes an H100 from a target config, and
+Deviceless ahead-of-time compilation: the CUDA plugin describes a GPU from a target config, and
 libtpu a TPU slice by name (no accelerator, no driver needed); ``jit(...).lower(...).compile()``
-then runs XLA's whole pipeline for it: on the H100 Triton kernels to cubin and Mosaic GPU kernels
-through their MLIR passes, PTX and ptxas; on a TPU the Pallas Mosaic kernels through Mosaic's
+then runs XLA's whole pipeline for it: on a GPU Triton kernels to cubin and (Hopper) Mosaic GPU
+kernels through their MLIR passes, PTX and ptxas; on a TPU the Pallas Mosaic kernels through Mosaic's
 compiler, with the chip's SMEM and VMEM limits. What a first device session would otherwise learn
 at compile time (a kernel over a memory budget, an op a lowering rejects, a ptxas error, register
 spills, a train step too big for the device) costs no device time here. Nothing runs: no numerics
@@ -17,9 +18,9 @@ Rows: the shapes of ``benchmarks/kernels.py`` (``shared/anchors.md``), forward +
 H100 once per GPU kernel set (``gpu_kernel="mosaic"`` and ``"triton"``). Each row prints the
 kernels in the compiled program and, for each of our GPU kernels, ptxas' registers per thread and
 spill bytes (Mosaic GPU's compiler dumps, and for the Pallas Triton kernels the ``ptxas -v`` output
-XLA logs when asked), for Mosaic kernels also the shared memory each reserves. The train step (BiFormer-T
-on our kernels by default) prints XLA's memory analysis against the device's memory. Exit status
-1 if anything failed to compile.
+XLA logs when asked), for Mosaic kernels also the shared memory each reserves. The train step
+(BiFormer-T on our kernels by default) prints XLA's memory analysis against the device's memory.
+Exit status 1 if anything failed to compile.
 
 Our ops choose kernels by ``jax.default_backend()`` and the device's generation; this script makes
 those answer for the compile-only device (it runs nothing else, so nothing else sees it).
@@ -45,30 +46,40 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DUMP = {"dir": "", "log": "", "log_offset": 0}  # Mosaic GPU's dumps and the compiler log (set by main)
 
-# XLA's GpuTargetConfig of an H100 SXM (132 SMs, 227 KiB opt-in shared memory per block, 50 MiB L2,
-# 3.35 TB/s, 80 GB): what the compiler would otherwise ask the device.
-H100_TARGET_CONFIG = """
-gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 minor: 0 }
-  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+# XLA's GpuTargetConfig of a GPU: what the compiler would otherwise ask the device. Per GPU: SMs,
+# shared memory per SM and opt-in per block, HBM bytes/s, L2 bytes, clock GHz, HBM bytes, compute
+# capability, FP32 units per SM and the device's name. An A100 (sm80) and a B200 (sm100) take our
+# Triton kernels (the Mosaic GPU ones are Hopper's).
+GPU_SPECS = {
+    "h100": (132, 233472, 232448, 3352320000000, 52428800, 1.98, 84929347584, (9, 0), 128, "NVIDIA H100 80GB HBM3"),
+    "a100": (108, 167936, 166912, 2039040000000, 41943040, 1.41, 85100068864, (8, 0), 64, "NVIDIA A100-SXM4-80GB"),
+    "b200": (148, 233472, 232448, 7672320000000, 132644864, 1.965, 191514411008, (10, 0), 128, "NVIDIA B200"),
 }
+
+
+def gpu_target_config(target: str) -> str:
+    sms, smem_core, smem_optin, bandwidth, l2, clock, memory, (major, minor), fpus, name = GPU_SPECS[target]
+    return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_core} threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth} l2_cache_size: {l2} clock_rate_ghz: {clock}
+  device_memory_size: {memory} shared_memory_per_block_optin: {smem_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
 platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 10 }
-runtime_version { major: 13 minor: 0 }
-device_description_str: "NVIDIA H100 80GB HBM3"
+dnn_version_info {{ major: 9 minor: 10 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{name}"
 """
-H100_MEMORY = int(re.search(r"device_memory_size: (\d+)", H100_TARGET_CONFIG).group(1))
 
 
 # target: (libtpu topology, jax's ChipVersion, HBM bytes per chip)
 TPU_TOPOLOGIES = {"v4": ("v4:2x2x1", "TPU_V4", 32 << 30), "v5e": ("v5e:2x2", "TPU_V5E", 16 << 30),
                   "v5p": ("v5p:2x2x1", "TPU_V5P", 95 << 30), "v6e": ("v6e:2x2", "TPU_V6E", 32 << 30)}
-TARGETS = ("h100",) + tuple(TPU_TOPOLOGIES)
+TARGETS = tuple(GPU_SPECS) + tuple(TPU_TOPOLOGIES)
 
 
 def _pretend_backend(platform: str, device) -> None:
@@ -85,29 +96,30 @@ def compile_only_device(target: str):
 
     host_kind = jax.devices()[0].device_kind
     try:
-        if target == "h100":
-            topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG,
+        if target in GPU_SPECS:
+            topology = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target),
                                                     topology="1x1x1")
         else:
             topology = topologies.get_topology_desc(TPU_TOPOLOGIES[target][0], platform="tpu")
     except Exception as e:  # noqa: BLE001 - no plugin, or one without deviceless topologies
-        install = ("jax[cuda13] at the GPU machines' jax version (make compile-h100)" if target == "h100"
+        install = ("jax[cuda13] at the GPU machines' jax version (make compile-h100)" if target in GPU_SPECS
                    else "jax[tpu] (libtpu; make compile-tpu)")
         raise SystemExit(f"cannot describe a {target} without one ({type(e).__name__}: {e}); install {install}") from e
     device = topology.devices[0]
-    _pretend_backend("gpu" if target == "h100" else "tpu", device)
+    _pretend_backend("gpu" if target in GPU_SPECS else "tpu", device)
     # Newer Pallas reads the generation for its lowering from the default (host) device's kind.
     try:
-        if target == "h100":
+        if target in GPU_SPECS:
             from jax._src.pallas.triton import gpu_info
 
-            gpu_info.registry[host_kind] = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+            version = gpu_info.GpuVersion[target.upper()]
+            gpu_info.registry[host_kind] = lambda: gpu_info.get_gpu_info_from_version(version)
         else:
             from jax._src import tpu_info
 
             chip = tpu_info.ChipVersion[TPU_TOPOLOGIES[target][1]]
             tpu_info.registry[host_kind] = lambda: tpu_info.get_tpu_info_for_chip(chip, 1)
-    except ImportError:
+    except (ImportError, KeyError):  # an older jax: the lowering asks the compile-only device itself
         pass
     return device
 
@@ -156,7 +168,8 @@ def triton_report(compiled) -> list[str]:
         text = f.read()
         DUMP["log_offset"] = f.tell()
     ours = set(re.findall(r'xla\.gpu\.triton".*?name = "([^"]+)"', compiled.as_text()))
-    seen = Counter((name, regs, spill, "?") for name, regs, spill in ptxas_entries(text) if name in ours)
+    seen = Counter((name, regs, spill, "?") for name, regs, spill in ptxas_entries(text)
+                   if re.sub(r"__\d+$", "", name) in ours)  # XLA names a call's other variants name__1, ...
     return _report_lines(seen)
 
 
@@ -311,10 +324,10 @@ def main(argv=None) -> int:
     stderr_to(log)
     print(f"jax {jax.__version__}: compiling for {device.device_kind} ({args.target}, compile-only) on a host "
           "without one")
-    gpu = args.target == "h100"
-    kernel_rows(device, groups, ("mosaic", "triton") if gpu else ("auto",))
+    gpu = args.target in GPU_SPECS
+    kernel_rows(device, groups, ("mosaic", "triton") if args.target == "h100" else ("auto",))
     if "train" in groups:
-        memory = H100_MEMORY if gpu else TPU_TOPOLOGIES[args.target][2]
+        memory = GPU_SPECS[args.target][6] if gpu else TPU_TOPOLOGIES[args.target][2]
         train_row(device, args.train_model, args.train_batch, args.train_override or ["attention_impl=pallas"],
                   memory)
     shutil.rmtree(DUMP["dir"], ignore_errors=True)

@@ -51,12 +51,25 @@ def test_triton_report_reads_our_kernels_from_the_compiler_log(tmp_path):
                     'backend_config={grid_x = 16 : i32, ir = "ML\\EFR", name = "bra_dkv", num_warps = 4 : i32}')
 
     with open(log, "a") as f:
-        f.write(fusion + "I1127 ptxas info    : 0 bytes gmem\n" + PTXAS.replace("mosaic_bra_dkv_kernel", "bra_dkv"))
+        f.write(fusion + "I1127 ptxas info    : 0 bytes gmem\n" + PTXAS.replace("mosaic_bra_dkv_kernel", "bra_dkv")
+                + PTXAS.replace("mosaic_bra_dkv_kernel", "bra_dkv__1").replace("168", "96"))
     lines = mod.triton_report(Compiled())
-    assert len(lines) == 1  # XLA's own fusion kernels are left out
-    assert "bra_dkv" in lines[0] and "168 registers" in lines[0] and "812/712 B" in lines[0]
+    assert len(lines) == 2  # XLA's own fusion kernels are left out
+    assert "bra_dkv " in lines[0] and "168 registers" in lines[0] and "812/712 B" in lines[0]
+    assert "bra_dkv__1" in lines[1] and "96 registers" in lines[1]  # another shape of the same call
     assert mod.triton_report(Compiled()) == []  # read once: the next row starts after it
     assert mod.ptxas_entries("no ptxas here") == []
+
+
+def test_gpu_target_configs_describe_each_gpu():
+    mod = load()
+    assert {"h100", "a100", "b200"} <= set(mod.TARGETS)
+    for target, (sms, *_, (major, minor), _, name) in mod.GPU_SPECS.items():
+        config = mod.gpu_target_config(target)
+        assert config.count("{") == config.count("}") == 4  # device info, compute capability, dnn, runtime
+        assert f"core_count: {sms} " in config and f"major: {major} minor: {minor}" in config
+        assert f'device_description_str: "{name}"' in config
+        assert name.startswith(f"NVIDIA {target.upper()}")  # Pallas' GpuVersion is looked up by this name
 
 
 def test_kernels_in_names_each_kind():
