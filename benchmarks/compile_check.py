@@ -231,7 +231,7 @@ def compile_row(label: str, lower: Callable[[], Any]):
     return compiled
 
 
-def kernel_rows(device, groups: set[str], gpu_kernels: tuple[str, ...]) -> None:
+def kernel_rows(device, groups: set[str], gpu_kernels: tuple[str, ...], dtype=jnp.bfloat16) -> None:
     from jaxformers.kernels import bi_level_routing_attention, local_global_attention
     from jaxformers.kernels.bi_level_routing.api import BIFORMER_STAGE_SHAPES
 
@@ -240,7 +240,7 @@ def kernel_rows(device, groups: set[str], gpu_kernels: tuple[str, ...]) -> None:
     def tag(kernel):
         return f" [{kernel}]" if len(gpu_kernels) > 1 else ""
 
-    def arrays(*shapes, dtype=jnp.bfloat16):
+    def arrays(*shapes, dtype=dtype):
         return [jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in shapes]
 
     for kernel in gpu_kernels:
@@ -273,7 +273,7 @@ def kernel_rows(device, groups: set[str], gpu_kernels: tuple[str, ...]) -> None:
                         lambda: jax.jit(packed).lower(*arrays(*[shape] * 3), segments))
 
 
-def train_row(device, model: str, batch: int, overrides: list[str], memory: int) -> None:
+def train_row(device, model: str, batch: int, overrides: list[str], memory: int, dtype: str = "bfloat16") -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_throughput import _parse_overrides, build_step
 
@@ -281,10 +281,10 @@ def train_row(device, model: str, batch: int, overrides: list[str], memory: int)
     from train import steps as train_steps
 
     overrides = _parse_overrides(overrides)
-    step, spec, host_batch, mesh = build_step(model, overrides, batch, "bfloat16", make_mesh(devices=[device]))
+    step, spec, host_batch, mesh = build_step(model, overrides, batch, dtype, make_mesh(devices=[device]))
     shardings = train_steps.batch_shardings(host_batch, mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in host_batch.items()}
-    label = f"train step {model} {' '.join(f'{k}={v}' for k, v in overrides.items())} batch {batch} bf16"
+    label = f"train step {model} {' '.join(f'{k}={v}' for k, v in overrides.items())} batch {batch} {dtype}"
     with activate(mesh, DEFAULT_RULES):
         compiled = compile_row(label, lambda: step.lower(spec.abstract, abstract_batch))
     if compiled is not None:
@@ -306,6 +306,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=TARGETS, default="h100", help="the device to compile for")
     parser.add_argument("--only", default="bra,window,dense,packed,train", help="comma-separated row groups")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the kernel rows' and the train step's compute dtype")
     parser.add_argument("--train-model", default="biformer_tiny")
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--train-override", action="append", default=None,
@@ -325,11 +327,13 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__}: compiling for {device.device_kind} ({args.target}, compile-only) on a host "
           "without one")
     gpu = args.target in GPU_SPECS
-    kernel_rows(device, groups, ("mosaic", "triton") if args.target == "h100" else ("auto",))
+    # On Hopper both GPU kernel sets; the Mosaic ones take bf16/f16 only ("auto" is Triton's for float32)
+    both = args.target == "h100" and args.dtype == "bfloat16"
+    kernel_rows(device, groups, ("mosaic", "triton") if both else ("auto",), jnp.dtype(args.dtype))
     if "train" in groups:
         memory = GPU_SPECS[args.target][6] if gpu else TPU_TOPOLOGIES[args.target][2]
         train_row(device, args.train_model, args.train_batch, args.train_override or ["attention_impl=pallas"],
-                  memory)
+                  memory, args.dtype)
     shutil.rmtree(DUMP["dir"], ignore_errors=True)
     print(f"{len(FAILED)} failed" + (": " + "; ".join(FAILED) if FAILED else ""))
     return 1 if FAILED else 0
