@@ -284,14 +284,40 @@ def test_gpu_steps_gather_small_regions_within_a_register_budget():
     def step(stage, **kw):
         region = (stage.height // stage.regions_per_side) * (stage.width // stage.regions_per_side)
         return pallas_kernel._plan((1, stage.height, stage.width, stage.channels),
-                                   (1, stage.height, stage.width, stage.channels), jnp.bfloat16,
+                                   (1, stage.height, stage.width, stage.channels), kw.pop("dtype", jnp.bfloat16),
                                    num_heads=stage.num_heads, regions_per_side=stage.regions_per_side,
                                    topk=stage.topk, scale=1.0, block_sizes=None, interpret=True, poison=False,
                                    **kw)[0].kv_step, region
 
     stage1, stage2, stage3, large = api.BIFORMER_STAGE_SHAPES
     assert [step(s, layout="gpu") for s in (stage1, stage2, stage3, large)] == [(1, 64), (4, 16), (16, 4), (2, 64)]
+    # float32 keys take twice the registers: one 8x8 region per step (two spilled 276 B in dK/dV)
+    assert [step(s, layout="gpu", dtype=jnp.float32)[0] for s in (stage2, stage3, large)] == [4, 16, 1]
     assert all(step(s, layout="tpu")[0] == 1 for s in (stage2, stage3))  # one region per step on TPU
+
+
+def test_kernel_dots_follow_the_default_matmul_precision():
+    """float32 dots take jax's default matmul precision, as the reference's einsums do (TF32 tensor
+    cores on GPU): at Precision.HIGHEST the GPU kernels spilled up to 26 KB per thread (ptxas, H100).
+    ``jax.default_matmul_precision("float32")`` still gets exact dots."""
+    q = jnp.zeros((1, 32, 32, 64), jnp.float32)  # 8x8-token regions, head dim 32: tl.dot-sized tiles
+    fn = functools.partial(pallas_kernel.bi_level_routing_attention_pallas, num_heads=2, regions_per_side=4,
+                           topk=2, scale=0.25, layout="gpu", interpret=False)
+
+    def precisions():
+        jaxpr = jax.make_jaxpr(lambda q: jax.vjp(fn, q, q, q)[1](q))(q)
+        found = set()
+        for call in _pallas_calls(jaxpr.jaxpr):
+            body = call.params["jaxpr"]
+            found |= {str(e.params["precision"]) for sub in [body, *_subjaxprs(body)] for e in sub.eqns
+                      if e.primitive.name == "dot_general"}
+        return found
+
+    with jax.default_matmul_precision("default"):  # jax's own default (the tests' conftest asks for "highest")
+        found = precisions()
+    assert found and not any("HIGHEST" in p for p in found)
+    with jax.default_matmul_precision("float32"):
+        assert precisions() == {str((jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST))}
 
 
 def test_tpu_reads_the_maps_in_place_where_regions_are_8_tokens_wide():
@@ -408,6 +434,17 @@ def _pallas_calls(jaxpr):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     yield from _pallas_calls(inner)
+
+
+def _subjaxprs(jaxpr):
+    """The jaxprs nested in ``jaxpr``'s equations (loop bodies, conds), recursively."""
+    for eqn in jaxpr.eqns:
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield inner
+                    yield from _subjaxprs(inner)
 
 
 def test_tpu_routing_tables_reach_smem_flat():

@@ -46,7 +46,6 @@ class KernelConfig:
     region_w: int
     interpret: bool | object  # or a pltpu.InterpretParams (TPU interpret mode)
     poison: bool  # debug: outputs start as NaN so unwritten elements show up
-    exact_f32: bool  # float32 inputs: full-precision dots
 
 
 # ----------------------------------------------------------------------------- in-kernel math
@@ -63,9 +62,9 @@ def _dot(a, b, contract_b: int, cfg: KernelConfig):
         if contract_b == 1:
             return jnp.sum(a32[:, None, :] * b32[None, :, :], axis=2)
         return jnp.sum(a32[:, :, None] * b32[None, :, :], axis=1)
-    precision = jax.lax.Precision.HIGHEST if cfg.exact_f32 else None
-    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
+    # Default precision, as the reference's einsums: jax's default matmul precision (TF32 tensor cores
+    # for float32 on GPU, unless ``jax.default_matmul_precision("float32")`` asks for more).
+    return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _route_mask(cfg: KernelConfig, shape, axis: int, step):

@@ -46,12 +46,15 @@ Backends:
   ``gpu_kernel``): no scalar prefetch;
   the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Each
   online-softmax step gathers several routed regions into one key tile with a vector-indexed load
-  (``regions_per_step``, ~8192 key elements and at most 8192 scores: 16 regions of 2x2 tokens at
-  BiFormer's stage 3, 2 of 8x8 tokens), so small regions do not serialise into many tiny dependent
+  (``regions_per_step``, up to 8 KiB of keys and 8192 scores: 16 regions of 2x2 tokens at
+  BiFormer's stage 3, 2 of 8x8 tokens in bf16), so small regions do not serialise into many tiny dependent
   steps, and no kernel spills registers (ptxas for an H100, ``benchmarks/compile_check.py``); dK/dV
   gathers its consumer query regions the same way. K/V come straight from global memory (L2-cached); no copies are written.
   Triton needs power-of-two tiles: T and head dims are padded to powers of two where needed, and
   products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``.
+- Precision: the kernels' dots take jax's default matmul precision, as the reference's einsums do
+  (float32 inputs: TF32 tensor cores on GPU, unless ``jax.default_matmul_precision("float32")``
+  asks for exact dots, which cost registers: at exact precision the GPU kernels spill).
 - CPU: the same kernel bodies in interpret mode, with the GPU layout by default (tests also run the
   TPU layout and grid spec, and both the direct and blocked GPU layouts, in interpret mode).
 
@@ -79,8 +82,8 @@ __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", 
            "tpu_fits", "tpu_vmem_bytes"]
 
 _TARGET_QUERY_TOKENS = 128  # TPU: query tokens per program when stacking small regions
-_GPU_STEP_ELEMENTS = 8192  # GPU: keys x head dim gathered per online-softmax step, and at most
-# queries x keys in a step's score tile (float32 in registers: 64 per thread at Triton's 4 warps)
+_GPU_STEP_KEY_BYTES = 8192  # GPU: bytes of keys (x head dim) gathered per online-softmax step
+_GPU_STEP_SCORES = 8192  # GPU: queries x keys in a step's score tile (float32: 64 per thread at 4 warps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +128,14 @@ def _pick_regions_per_program(num_regions: int, tokens_padded: int, requested: i
     return min(candidates, key=lambda n: (_round_up(num_regions, n) - num_regions, -n))
 
 
-def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, requested: int | None, layout: str) -> int:
+def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, itemsize: int, requested: int | None,
+                           layout: str) -> int:
     """Routed regions one GPU step gathers into a single key tile (the TPU path reads one region per
-    step: Mosaic has no vector-indexed loads). Small regions are batched up to ~8192 key elements so
-    a 2x2-token region does not cost a whole dependent load-and-dot round trip, and at most ~8192
-    scores per step (a region's queries x the gathered keys: with more, ptxas spills the dK/dV and dQ
-    kernels' tiles to local memory, e.g. 8x8-token regions at top-4); a power of two."""
+    step: Mosaic has no vector-indexed loads). Small regions are batched up to 8 KiB of keys (4096
+    bf16 elements) so a 2x2-token region does not cost a whole dependent load-and-dot round trip,
+    and at most 8192 scores per step (a region's queries x the gathered keys): with more, ptxas
+    spills the dK/dV and dQ kernels' tiles to local memory (8x8-token regions at top-4 did with 4
+    regions per step). A power of two."""
     if layout != "gpu":
         if requested not in (None, 1):
             raise ValueError(f"regions_per_step must be 1 on the TPU layout; got {requested}")
@@ -139,7 +144,8 @@ def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, request
         if requested < 1 or requested & (requested - 1):
             raise ValueError(f"regions_per_step must be a power of two; got {requested}")
         return requested
-    per_step = _GPU_STEP_ELEMENTS // (tokens_padded * max(head_dim, tokens_padded))
+    per_step = min(_GPU_STEP_KEY_BYTES // (itemsize * tokens_padded * head_dim),
+                   _GPU_STEP_SCORES // (tokens_padded * tokens_padded))
     return max(1, min(_next_pow2(topk), per_step))
 
 
@@ -430,13 +436,14 @@ def _plan(q_shape, v_shape, dtype, *, num_heads: int, regions_per_side: int, top
     else:
         rq = _pick_regions_per_program(num_regions, t_pad, block_sizes.query_regions, layout)
         rkv = _pick_regions_per_program(num_regions, t_pad, block_sizes.kv_regions, layout)
-    step = _pick_regions_per_step(topk, t_pad, max(dqk_pad, dv_pad), block_sizes.regions_per_step, layout)
+    step = _pick_regions_per_step(topk, t_pad, max(dqk_pad, dv_pad), jnp.dtype(dtype).itemsize,
+                                  block_sizes.regions_per_step, layout)
     cfg = KernelConfig(num_heads=num_heads, scale=float(scale), topk=topk, num_regions=num_regions,
                   regions_padded=_round_up(num_regions, math.lcm(rq, rkv)), tokens=tokens,
                   tokens_padded=t_pad, query_regions=rq, kv_regions=rkv, kv_step=step, q_step=step,
                   topk_padded=_round_up(topk, step), layout=layout, direct=direct,
                   regions_per_side=s, region_h=region_h, region_w=region_w, interpret=interpret,
-                  poison=poison, exact_f32=jnp.dtype(dtype) == jnp.float32)
+                  poison=poison)
     return cfg, dqk_pad, dv_pad
 
 
