@@ -347,6 +347,27 @@ def test_kernels_lower_for_gpu_triton(lower_as_h100):
         assert f'name = "{name}"' in text
 
 
+def test_float32_gpu_kernels_default_to_smaller_tiles():
+    """Compiled float32 Triton kernels take FLOAT32_GPU_BLOCKS (at the bf16 tiles ptxas spilled up to
+    ~16 KB per thread: compile_check for an A100); bf16, interpret mode and explicit sizes keep theirs."""
+    import math
+
+    def grids(dtype, **kw):  # programs per kernel: smaller tiles, more programs
+        x = jnp.zeros((1, 256, 2, 64), dtype)
+        fn = functools.partial(local_global_attention_pallas, spec=MaskSpec(window=(32, 32)), scale=0.125,
+                               backend="gpu", gpu_kernel="triton", **kw)
+        jaxpr = jax.make_jaxpr(lambda x: jax.vjp(lambda *a: fn(*a), x, x, x)[1](x))(x)
+        calls = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+        assert len(calls) == 3  # forward, dQ, dK/dV
+        return [math.prod(e.params["grid_mapping"].grid) for e in calls]
+
+    f32, bf16 = grids(jnp.float32, interpret=False), grids(jnp.bfloat16, interpret=False)
+    # 256 tokens: forward 64- instead of 128-query tiles, dQ and dK/dV 32- instead of 64-token tiles
+    assert f32 == [2 * n for n in bf16]
+    assert grids(jnp.float32, interpret=True) == bf16
+    assert grids(jnp.float32, interpret=False, block_sizes=BlockSizes()) == bf16
+
+
 @pytest.mark.parametrize("case,seg", [(dict(window=(3, 5), global_tokens=2), PACKED),
                                       (dict(causal=True, chunk_size=4), None)], ids=["window-global-packed", "chunk-causal"])
 def test_tpu_splash_path_matches_reference(case, seg):

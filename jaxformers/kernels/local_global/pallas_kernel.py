@@ -40,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel
-from jaxformers.kernels.local_global.blocks import BlockSizes, k_major_table, pl_next_pow2, q_major_table
+from jaxformers.kernels.local_global.blocks import (FLOAT32_GPU_BLOCKS, BlockSizes, k_major_table, pl_next_pow2,
+                                                    q_major_table)
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
 
@@ -379,8 +380,8 @@ def local_global_attention_pallas(
 ) -> jax.Array:
     """The Pallas path of ``local_global_attention`` (inputs already validated by the API).
 
-    ``block_sizes`` defaults to ``BlockSizes()`` shrunk to the sequence; ``interpret`` defaults to
-    True off GPU/TPU. ``backend`` ("gpu" | "tpu" | "cpu", default: JAX's default backend) picks the
+    ``block_sizes`` defaults to ``BlockSizes()`` (compiled float32 on a GPU: ``FLOAT32_GPU_BLOCKS``)
+    shrunk to the sequence; ``interpret`` defaults to True off GPU/TPU. ``backend`` ("gpu" | "tpu" | "cpu", default: JAX's default backend) picks the
     kernels and lowering; naming "gpu" or "tpu" lets ``jax.export`` lower for that platform from a
     CPU host, and ``backend="tpu", interpret=True`` runs the TPU kernels in Pallas' TPU interpret
     mode (``interpret`` may also be a ``pltpu.InterpretParams``). ``gpu_kernel`` picks the
@@ -407,7 +408,10 @@ def local_global_attention_pallas(
         interpret = pltpu.InterpretParams()
     batch, q_len, heads, dim = q.shape
     k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    blocks = (block_sizes or BlockSizes()).fitted(q_len, k_len)
+    if block_sizes is None:  # float32 Triton kernels take smaller tiles (registers; see FLOAT32_GPU_BLOCKS)
+        compiled_f32 = backend == "gpu" and not interpret and jnp.result_type(q, k, v) == jnp.float32
+        block_sizes = FLOAT32_GPU_BLOCKS if compiled_f32 else BlockSizes()
+    blocks = block_sizes.fitted(q_len, k_len)
     gpu_kernel = _pick_gpu_kernel(gpu_kernel, backend, q, k, v)
     cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads,
                   interpret=interpret, backend=backend, gpu_kernel=gpu_kernel)
