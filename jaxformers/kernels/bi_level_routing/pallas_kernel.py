@@ -47,9 +47,10 @@ Backends:
   the tables and K/V are whole-array refs read at routed offsets from inside the kernel. Each
   online-softmax step gathers several routed regions into one key tile with a vector-indexed load
   (``regions_per_step``, up to 8 KiB of keys and 8192 scores: 16 regions of 2x2 tokens at
-  BiFormer's stage 3, 2 of 8x8 tokens in bf16), so small regions do not serialise into many tiny dependent
-  steps, and no kernel spills registers (ptxas for an H100, ``benchmarks/compile_check.py``); dK/dV
-  gathers its consumer query regions the same way. K/V come straight from global memory (L2-cached); no copies are written.
+  BiFormer's stage 3, 2 of 8x8 tokens in bf16), so small regions do not serialise into many tiny
+  dependent steps, and no kernel spills registers (ptxas for an H100, ``compile_check.py``); dK/dV
+  gathers its consumer query regions the same way. K/V come straight from global memory
+  (L2-cached); no copies are written.
   Triton needs power-of-two tiles: T and head dims are padded to powers of two where needed, and
   products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``.
 - Precision: the kernels' dots take jax's default matmul precision, as the reference's einsums do
@@ -221,7 +222,8 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
 
     def blocked_spec(shape, blocked):
         tail = len(shape) - 2
-        return pl.BlockSpec((1, _block_rows(cfg, blocked, regions_per_program)) + tuple(shape[2:]), lambda b, g, *_: (b, g) + (0,) * tail)
+        rows = _block_rows(cfg, blocked, regions_per_program)
+        return pl.BlockSpec((1, rows) + tuple(shape[2:]), lambda b, g, *_: (b, g) + (0,) * tail)
 
     def resident_spec(shape):
         if tpu:  # the block index depends on the image only: fetched once per image

@@ -381,13 +381,14 @@ def local_global_attention_pallas(
     """The Pallas path of ``local_global_attention`` (inputs already validated by the API).
 
     ``block_sizes`` defaults to ``BlockSizes()`` (compiled float32 on a GPU: ``FLOAT32_GPU_BLOCKS``)
-    shrunk to the sequence; ``interpret`` defaults to True off GPU/TPU. ``backend`` ("gpu" | "tpu" | "cpu", default: JAX's default backend) picks the
-    kernels and lowering; naming "gpu" or "tpu" lets ``jax.export`` lower for that platform from a
-    CPU host, and ``backend="tpu", interpret=True`` runs the TPU kernels in Pallas' TPU interpret
-    mode (``interpret`` may also be a ``pltpu.InterpretParams``). ``gpu_kernel`` picks the
-    kernels: "triton", "mosaic" (Hopper; bf16/f16, head dim 32, 64 or 128; in Mosaic GPU interpret
-    mode off GPU), "auto" (Mosaic on a Hopper GPU when the inputs suit it, else Triton) or None (the
-    process default, ``jaxformers.kernels.gpu_kernel``).
+    shrunk to the sequence; ``interpret`` defaults to True off GPU/TPU. ``backend`` ("gpu" | "tpu" |
+    "cpu", default: JAX's default backend) picks the kernels and lowering; naming "gpu" or "tpu" lets
+    ``jax.export`` lower for that platform from a CPU host, and ``backend="tpu", interpret=True`` runs
+    the TPU kernels in Pallas' TPU interpret mode (``interpret`` may also be a
+    ``pltpu.InterpretParams``). ``gpu_kernel`` picks the kernels: "triton", "mosaic" (Hopper;
+    bf16/f16, head dim 32, 64 or 128; in Mosaic GPU interpret mode off GPU), "auto" (Mosaic on a
+    Hopper GPU when the inputs suit it, else Triton) or None (the process default,
+    ``jaxformers.kernels.gpu_kernel``).
     """
     backend = backend or jax.default_backend()
     n_global = min(spec.global_tokens, q.shape[1])
