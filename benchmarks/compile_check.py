@@ -39,7 +39,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,33 +47,48 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DUMP = {"dir": "", "log": "", "log_offset": 0}  # Mosaic GPU's dumps and the compiler log (set by main)
 
-# XLA's GpuTargetConfig of a GPU: what the compiler would otherwise ask the device. Per GPU: SMs,
-# shared memory per SM and opt-in per block, HBM bytes/s, L2 bytes, clock GHz, HBM bytes, compute
-# capability, FP32 units per SM and the device's name. An A100 (sm80) and a B200 (sm100) take our
-# Triton kernels (the Mosaic GPU ones are Hopper's).
+class GpuSpec(NamedTuple):
+    """What XLA's GpuTargetConfig says of a GPU (what the compiler would otherwise ask the device)."""
+
+    sms: int
+    smem_per_sm: int  # bytes
+    smem_per_block_optin: int  # bytes
+    bandwidth: int  # HBM bytes/s
+    l2: int  # bytes
+    clock_ghz: float
+    memory: int  # HBM bytes
+    capability: tuple[int, int]
+    fp32_units_per_sm: int
+    name: str
+
+
+# An A100 (sm80) and a B200 (sm100) take our Triton kernels (the Mosaic GPU ones are Hopper's).
 GPU_SPECS = {
-    "h100": (132, 233472, 232448, 3352320000000, 52428800, 1.98, 84929347584, (9, 0), 128, "NVIDIA H100 80GB HBM3"),
-    "a100": (108, 167936, 166912, 2039040000000, 41943040, 1.41, 85100068864, (8, 0), 64, "NVIDIA A100-SXM4-80GB"),
-    "b200": (148, 233472, 232448, 7672320000000, 132644864, 1.965, 191514411008, (10, 0), 128, "NVIDIA B200"),
+    "h100": GpuSpec(132, 233472, 232448, 3352320000000, 52428800, 1.98, 84929347584, (9, 0), 128,
+                    "NVIDIA H100 80GB HBM3"),
+    "a100": GpuSpec(108, 167936, 166912, 2039040000000, 41943040, 1.41, 85100068864, (8, 0), 64,
+                    "NVIDIA A100-SXM4-80GB"),
+    "b200": GpuSpec(148, 233472, 232448, 7672320000000, 132644864, 1.965, 191514411008, (10, 0), 128, "NVIDIA B200"),
 }
 
 
 def gpu_target_config(target: str) -> str:
-    sms, smem_core, smem_optin, bandwidth, l2, clock, memory, (major, minor), fpus, name = GPU_SPECS[target]
+    g = GPU_SPECS[target]
     return f"""
 gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: {smem_core} threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: {fpus}
+  shared_memory_per_core: {g.smem_per_sm} threads_per_core_limit: 2048 core_count: {g.sms}
+  fpus_per_core: {g.fp32_units_per_sm}
   block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: {bandwidth} l2_cache_size: {l2} clock_rate_ghz: {clock}
-  device_memory_size: {memory} shared_memory_per_block_optin: {smem_optin}
-  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  memory_bandwidth: {g.bandwidth} l2_cache_size: {g.l2} clock_rate_ghz: {g.clock_ghz}
+  device_memory_size: {g.memory} shared_memory_per_block_optin: {g.smem_per_block_optin}
+  cuda_compute_capability {{ major: {g.capability[0]} minor: {g.capability[1]} }}
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
 }}
 platform_name: "CUDA"
 dnn_version_info {{ major: 9 minor: 10 }}
 runtime_version {{ major: 13 minor: 0 }}
-device_description_str: "{name}"
+device_description_str: "{g.name}"
 """
 
 
@@ -151,8 +166,8 @@ def ptxas_report() -> list[str]:
     for path in sorted(Path(DUMP["dir"]).glob("*.ptxas")):
         resources = path.with_suffix(".resources.txt")
         smem = re.search(r"smem_scratch_bytes=(\d+)", resources.read_text()) if resources.exists() else None
-        for _, regs, spill in ptxas_entries(path.read_text())[:1]:
-            seen[(path.stem.rsplit("_", 1)[0], regs, spill, str(int(smem.group(1)) // 1024) if smem else "?")] += 1
+        ((_, regs, spill),) = ptxas_entries(path.read_text())[:1] or [("", "?", "?")]  # one kernel per dump
+        seen[(path.stem.rsplit("_", 1)[0], regs, spill, str(int(smem.group(1)) // 1024) if smem else "?")] += 1
     for path in Path(DUMP["dir"]).iterdir():
         path.unlink()
     return _report_lines(seen)
@@ -332,7 +347,7 @@ def main(argv=None) -> int:
     both = args.target == "h100" and args.dtype == "bfloat16"
     kernel_rows(device, groups, ("mosaic", "triton") if both else ("auto",), jnp.dtype(args.dtype))
     if "train" in groups:
-        memory = GPU_SPECS[args.target][6] if gpu else TPU_TOPOLOGIES[args.target][2]
+        memory = GPU_SPECS[args.target].memory if gpu else TPU_TOPOLOGIES[args.target][2]
         train_row(device, args.train_model, args.train_batch, args.train_override or ["attention_impl=pallas"],
                   memory, args.dtype)
     shutil.rmtree(DUMP["dir"], ignore_errors=True)

@@ -64,12 +64,13 @@ def test_triton_report_reads_our_kernels_from_the_compiler_log(tmp_path):
 def test_gpu_target_configs_describe_each_gpu():
     mod = load()
     assert {"h100", "a100", "b200"} <= set(mod.TARGETS)
-    for target, (sms, *_, (major, minor), _, name) in mod.GPU_SPECS.items():
+    for target, spec in mod.GPU_SPECS.items():
         config = mod.gpu_target_config(target)
         assert config.count("{") == config.count("}") == 4  # device info, compute capability, dnn, runtime
-        assert f"core_count: {sms} " in config and f"major: {major} minor: {minor}" in config
-        assert f'device_description_str: "{name}"' in config
-        assert name.startswith(f"NVIDIA {target.upper()}")  # Pallas' GpuVersion is looked up by this name
+        major, minor = spec.capability
+        assert f"core_count: {spec.sms}\n" in config and f"major: {major} minor: {minor}" in config
+        assert f'device_description_str: "{spec.name}"' in config
+        assert spec.name.startswith(f"NVIDIA {target.upper()}")  # Pallas' GpuVersion is looked up by this name
 
 
 def test_kernels_in_names_each_kind():
