@@ -424,20 +424,8 @@ def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, monkeypatch, l
         assert text.count(target) >= 3, f"expected forward, dQ and dK/dV kernels for {platform}"
 
 
-def _pallas_calls(jaxpr):
-    """Every pallas_call equation in ``jaxpr`` and the jaxprs nested in it (custom VJPs, jits)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _pallas_calls(inner)
-
-
 def _subjaxprs(jaxpr):
-    """The jaxprs nested in ``jaxpr``'s equations (loop bodies, conds), recursively."""
+    """The jaxprs nested in ``jaxpr``'s equations (custom VJPs, jits, loop bodies, kernels), recursively."""
     for eqn in jaxpr.eqns:
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
@@ -445,6 +433,11 @@ def _subjaxprs(jaxpr):
                 if hasattr(inner, "eqns"):
                     yield inner
                     yield from _subjaxprs(inner)
+
+
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation in ``jaxpr`` and the jaxprs nested in it."""
+    return [eqn for j in [jaxpr, *_subjaxprs(jaxpr)] for eqn in j.eqns if eqn.primitive.name == "pallas_call"]
 
 
 def test_tpu_routing_tables_reach_smem_flat():
