@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import os
 import time
 from typing import Any
 
@@ -95,18 +96,30 @@ def build_step(name: str, overrides: dict, batch_size: int, dtype: str, mesh=Non
     return step, spec, batch, mesh
 
 
-def bench_ours(name: str, overrides: dict, batch_size: int, steps: int, warmup: int, dtype: str) -> dict:
+def _wait_for(path: str | None) -> None:
+    """Block until ``path`` exists (None: return at once)."""
+    if path:
+        print(f"  compiled; waiting for {path} before running", flush=True)
+        while not os.path.exists(path):
+            time.sleep(0.2)
+
+
+def bench_ours(name: str, overrides: dict, batch_size: int, steps: int, warmup: int, dtype: str,
+               wait_for: str | None = None) -> dict:
     from jaxformers.sharding import DEFAULT_RULES, activate
     from train import steps as train_steps
     from train.trainer import peak_flops
 
     step, spec, batch, mesh = build_step(name, overrides, batch_size, dtype)
     with activate(mesh, DEFAULT_RULES):
+        shardings = train_steps.batch_shardings(batch, mesh)
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+        t = time.perf_counter()
+        compiled = step.lower(spec.abstract, abstract_batch).compile()  # nothing runs on the device yet
+        compile_s = time.perf_counter() - t
+        _wait_for(wait_for)
         state = train_steps.init_state(spec)
         global_batch = train_steps.to_global(batch, mesh, batch_size)
-        t = time.perf_counter()
-        compiled = step.lower(state, global_batch).compile()
-        compile_s = time.perf_counter() - t
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float((cost or {}).get("flops", 0.0))
@@ -189,6 +202,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--torch-compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--no-timm", action="store_true")
+    parser.add_argument("--wait-for", default=None, metavar="PATH",
+                        help="compile first, then wait until PATH exists before running anything on the device "
+                             "(to compile while another benchmark has the device)")
     args = parser.parse_args(argv)
     on_cpu = jax.default_backend() == "cpu"
     batch = args.batch or (8 if on_cpu else 128)
@@ -196,7 +212,7 @@ def main(argv=None) -> dict:
     dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
     overrides = _parse_overrides(args.override)
 
-    ours = bench_ours(args.model, overrides, batch, n_steps, args.warmup, dtype)
+    ours = bench_ours(args.model, overrides, batch, n_steps, args.warmup, dtype, args.wait_for)
     print(f"{args.model} {overrides or ''} | batch {batch} | {dtype} | {ours['params']:,} params | {ours['device']}")
     mfu = f"{100 * ours['mfu']:.1f}%" if ours["mfu"] is not None else "n/a (peak FLOP/s of this device unknown)"
     print(f"  jaxformers : {ours['examples_per_sec']:9.1f} ex/s  {ours['step_ms']:8.2f} ms/step  "

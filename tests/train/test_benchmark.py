@@ -1,6 +1,7 @@
 """benchmarks/train_throughput.py runs on CPU at a small size and, with timm installed, compares."""
 import importlib.util
 import pathlib
+import threading
 
 import pytest
 
@@ -15,16 +16,21 @@ def load_benchmark():
 
 
 @pytest.mark.slow
-def test_train_throughput_benchmark_on_cpu(capsys):
+def test_train_throughput_benchmark_on_cpu(capsys, tmp_path):
     bench = load_benchmark()
+    go = tmp_path / "go"  # --wait-for: compiles, then runs only once this file exists
+    timer = threading.Timer(1.0, go.touch)
+    timer.start()
     result = bench.main(["vit_tiny_patch16_224", "--batch", "8", "--steps", "2", "--warmup", "1",
                          "--override", "img_size=32", "--override", "patch_size=8", "--override", "depth=1",
-                         "--override", "embed_dim=48", "--override", "num_heads=4", "--override", "num_classes=10"])
+                         "--override", "embed_dim=48", "--override", "num_heads=4", "--override", "num_classes=10",
+                         "--wait-for", str(go)])
+    timer.join()
     ours = result["ours"]
     assert ours["examples_per_sec"] > 0 and ours["flops_per_step_per_device"] > 0
     assert ours["mfu"] is None  # the CPU's peak is unknown: no MFU is invented
     text = capsys.readouterr().out
-    assert "jaxformers :" in text and "MFU n/a" in text
+    assert f"waiting for {go}" in text and "jaxformers :" in text and "MFU n/a" in text
     if importlib.util.find_spec("timm") and importlib.util.find_spec("torch"):
         assert result["timm"]["examples_per_sec"] > 0 and result["ratio"] > 0
         assert "ratio jaxformers / timm" in text
