@@ -326,6 +326,14 @@ def test_dot_product_attention_pallas_route():
     assert np.all(np.asarray(got)[~valid] == 0)
 
 
+def test_same_shaped_calls_share_one_lowering():
+    """A model's same-shaped layers lower the kernels once (compile time)."""
+    x = jax.random.normal(jax.random.key(5), (1, 40, 2, 16))
+    attend = functools.partial(local_global_attention, window=(3, 3), implementation="pallas")
+    text = jax.jit(lambda x: attend(attend(x, x, x), x, x)).lower(x).as_text()
+    assert text.count("func.func private @_pallas(") == 1 and text.count("call @_pallas(") == 2
+
+
 def test_kernels_lower_for_gpu_triton(lower_as_h100):
     """Lowers forward and backward for a CUDA device from this CPU host (no GPU needed): catches ops
     the Triton lowering does not support. Compiling and running need a GPU."""

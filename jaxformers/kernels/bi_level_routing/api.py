@@ -227,8 +227,17 @@ def bi_level_routing_attention(
         return bi_level_routing_attention_reference(
             q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk, scale=scale
         )
+    kernel = functools.partial(_pallas, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk,
+                               scale=scale, gpu_kernel=gpu_kernel)
+    return per_batch_shard(kernel, q.shape[0])(q, k, v)
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "regions_per_side", "topk", "scale", "gpu_kernel"))
+def _pallas(q, k, v, *, num_heads, regions_per_side, topk, scale, gpu_kernel):
+    """The Pallas path under one jit: a model's same-shaped blocks share one trace and one lowering of
+    their kernels (BiFormer-T's train step lowers 12 Pallas kernels instead of 42), and an eager call
+    runs as one program."""
     from jaxformers.kernels.bi_level_routing.pallas_kernel import bi_level_routing_attention_pallas
 
-    kernel = functools.partial(bi_level_routing_attention_pallas, num_heads=num_heads,
-                               regions_per_side=regions_per_side, topk=topk, scale=scale, gpu_kernel=gpu_kernel)
-    return per_batch_shard(kernel, q.shape[0])(q, k, v)
+    return bi_level_routing_attention_pallas(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,
+                                             topk=topk, scale=scale, gpu_kernel=gpu_kernel)

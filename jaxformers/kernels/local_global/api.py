@@ -18,6 +18,7 @@ Implementations:
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -143,12 +144,17 @@ def local_global_attention(
         from jaxformers.kernels.local_global.splash_tpu import local_global_attention_splash
 
         return local_global_attention_splash(q, k, v, spec, segment_ids=segment_ids, scale=scale)
-    from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
-
-    def kernel(q, k, v, *segment_ids):
-        return local_global_attention_pallas(q, k, v, spec, segment_ids=segment_ids[0] if segment_ids else None,
-                                             scale=scale, gpu_kernel=gpu_kernel,
-                                             backend="tpu" if backend == "tpu" else None)
-
+    kernel = functools.partial(_pallas, spec=spec, scale=scale, gpu_kernel=gpu_kernel,
+                               backend="tpu" if backend == "tpu" else None)
     # Under an active mesh each device runs its own batch shard (the kernel call is not partitionable).
     return per_batch_shard(kernel, q.shape[0])(q, k, v, *(() if segment_ids is None else (segment_ids,)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale", "gpu_kernel", "backend"))
+def _pallas(q, k, v, *segment_ids, spec, scale, gpu_kernel, backend):
+    """The Pallas path under one jit: a model's same-shaped layers share one trace and one lowering of
+    their kernels, and an eager call runs as one program."""
+    from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
+
+    return local_global_attention_pallas(q, k, v, spec, segment_ids=segment_ids[0] if segment_ids else None,
+                                         scale=scale, gpu_kernel=gpu_kernel, backend=backend)
