@@ -127,7 +127,8 @@ def bench_attention(table, name, shape, spec_kwargs, *, dtype, repeats, on_gpu, 
     flops = 4.0 * pairs * dim
     nbytes = 4.0 * q.size * q.dtype.itemsize
     ours = {impl: _fwd_bwd(functools.partial(local_global_attention, **spec_kwargs, implementation="pallas",
-                                             gpu_kernel=kernel)) for impl, kernel in _gpu_kernel_sets(mosaic_gpu.supported(*args[:3]))}
+                                             gpu_kernel=kernel))
+            for impl, kernel in _gpu_kernel_sets(mosaic_gpu.supported(*args[:3]))}
     reference = _fwd_bwd(lambda q, k, v: local_global_attention(q, k, v, **spec_kwargs, implementation="xla"))
     for impl, fns in ours.items():
         check(f"{name} {impl}", fns, reference, *args)
