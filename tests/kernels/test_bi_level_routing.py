@@ -314,13 +314,17 @@ def test_gpu_steps_gather_small_regions_within_a_register_budget():
     assert all(step(s, layout="tpu")[0] == 1 for s in (stage2, stage3))  # one region per step on TPU
 
 
-def test_kernel_dots_follow_the_default_matmul_precision():
+@pytest.mark.parametrize("entry", ["kernel", "public op"])
+def test_kernel_dots_follow_the_default_matmul_precision(entry):
     """float32 dots take jax's default matmul precision, as the reference's einsums do (TF32 tensor
     cores on GPU): at Precision.HIGHEST the GPU kernels spilled up to 26 KB per thread (ptxas, H100).
-    ``jax.default_matmul_precision("float32")`` still gets exact dots."""
+    ``jax.default_matmul_precision("float32")`` still gets exact dots, also through the public op's
+    cached jit (the precision context is part of its cache key)."""
     q = jnp.zeros((1, 32, 32, 64), jnp.float32)  # 8x8-token regions, head dim 32: tl.dot-sized tiles
-    fn = functools.partial(pallas_kernel.bi_level_routing_attention_pallas, num_heads=2, regions_per_side=4,
-                           topk=2, scale=0.25, layout="gpu", interpret=False)
+    kw = dict(num_heads=2, regions_per_side=4, topk=2, scale=0.25)
+    fn = (functools.partial(pallas_kernel.bi_level_routing_attention_pallas, **kw, layout="gpu", interpret=False)
+          if entry == "kernel" else
+          functools.partial(bi_level_routing_attention, **kw, implementation="pallas", gpu_kernel="triton"))
 
     def precisions():
         jaxpr = jax.make_jaxpr(lambda q: jax.vjp(fn, q, q, q)[1](q))(q)
