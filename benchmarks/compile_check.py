@@ -291,18 +291,15 @@ def kernel_rows(device, groups: set[str], gpu_kernels: tuple[str, ...], dtype=jn
 
 def train_row(device, model: str, batch: int, overrides: list[str], memory: int, dtype: str = "bfloat16") -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_throughput import _parse_overrides, build_step
+    from train_throughput import _parse_overrides, abstract_batch, build_step
 
     from jaxformers.sharding import DEFAULT_RULES, activate, make_mesh
-    from train import steps as train_steps
 
     overrides = _parse_overrides(overrides)
     step, spec, host_batch, mesh = build_step(model, overrides, batch, dtype, make_mesh(devices=[device]))
-    shardings = train_steps.batch_shardings(host_batch, mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in host_batch.items()}
     label = f"train step {model} {' '.join(f'{k}={v}' for k, v in overrides.items())} batch {batch} {dtype}"
     with activate(mesh, DEFAULT_RULES):
-        compiled = compile_row(label, lambda: step.lower(spec.abstract, abstract_batch))
+        compiled = compile_row(label, lambda: step.lower(spec.abstract, abstract_batch(host_batch, mesh)))
     if compiled is not None:
         m = compiled.memory_analysis()
         gib = 1 << 30

@@ -96,6 +96,14 @@ def build_step(name: str, overrides: dict, batch_size: int, dtype: str, mesh=Non
     return step, spec, batch, mesh
 
 
+def abstract_batch(batch: dict, mesh) -> dict:
+    """The host batch as sharded ShapeDtypeStructs: lowers the step without data on the device."""
+    from train import steps as train_steps
+
+    shardings = train_steps.batch_shardings(batch, mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+
+
 def _wait_for(path: str | None) -> None:
     """Block until ``path`` exists (None: return at once)."""
     if path:
@@ -112,10 +120,8 @@ def bench_ours(name: str, overrides: dict, batch_size: int, steps: int, warmup: 
 
     step, spec, batch, mesh = build_step(name, overrides, batch_size, dtype)
     with activate(mesh, DEFAULT_RULES):
-        shardings = train_steps.batch_shardings(batch, mesh)
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
         t = time.perf_counter()
-        compiled = step.lower(spec.abstract, abstract_batch).compile()  # nothing runs on the device yet
+        compiled = step.lower(spec.abstract, abstract_batch(batch, mesh)).compile()  # nothing runs on the device yet
         compile_s = time.perf_counter() - t
         _wait_for(wait_for)
         state = train_steps.init_state(spec)
