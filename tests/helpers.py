@@ -8,6 +8,7 @@ Not collected (the name does not start with ``test_``).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -200,3 +201,10 @@ def packed_segments(batch: int, length: int) -> jax.Array:
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             seg[row, a:b] = s + 1
     return jnp.asarray(seg)
+
+
+def lowered_functions(text: str, name: str) -> dict[str, int]:
+    """The private functions named ``name`` (or ``name_N``) in a lowered module's StableHLO text, and
+    how many calls each has (one function called from every call site = one shared lowering)."""
+    names = re.findall(rf"func\.func private @({name}(?:_\d+)?)\(", text)
+    return {n: text.count(f"call @{n}(") for n in names}

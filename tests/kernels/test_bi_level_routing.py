@@ -3,7 +3,6 @@ reference (forward and gradients), bad-input errors."""
 from __future__ import annotations
 
 import functools
-import re
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 from jaxformers.kernels import bi_level_routing_attention
 from jaxformers.kernels.bi_level_routing import api, pallas_kernel
 from jaxformers.kernels.bi_level_routing.reference import bi_level_routing_attention_reference
+from tests.helpers import lowered_functions
 
 
 def _inputs(seed, b, height, width, c_qk, c_v, dtype=jnp.float32):
@@ -253,20 +253,14 @@ def test_public_api_pallas_path_under_jit():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
-def _private_functions(text: str, name: str) -> dict[str, int]:
-    """StableHLO functions named ``name``(_N) and how many calls each has."""
-    names = re.findall(rf"func\.func private @({name}(?:_\d+)?)\(", text)
-    return {n: text.count(f"call @{n}(") for n in names}
-
-
 def test_same_shaped_calls_share_one_lowering():
     """A model's same-shaped blocks lower the kernels once, forward and backward (compile time)."""
     q = _inputs(8, 1, 8, 8, 8, 4)[0]
     attend = functools.partial(bi_level_routing_attention, num_heads=2, regions_per_side=2, topk=2,
                                implementation="pallas")
     twice = lambda q: attend(attend(q, q, q), q, q)  # noqa: E731
-    assert _private_functions(jax.jit(twice).lower(q).as_text(), "_pallas") == {"_pallas": 2}
-    grads = _private_functions(jax.jit(jax.grad(lambda q: twice(q).sum())).lower(q).as_text(), "_pallas")
+    assert lowered_functions(jax.jit(twice).lower(q).as_text(), "_pallas") == {"_pallas": 2}
+    grads = lowered_functions(jax.jit(jax.grad(lambda q: twice(q).sum())).lower(q).as_text(), "_pallas")
     assert len(grads) == 2 and set(grads.values()) == {2}, grads  # forward and backward, each called twice
 
 
