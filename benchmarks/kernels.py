@@ -15,8 +15,7 @@ kernels by name (``"pallas"`` is what ``auto`` picks on this device).
 - window: bidirectional ±256 sliding window (and + global tokens) vs XLA with a dense mask and vs
   dense cuDNN over the whole sequence (cuDNN refuses bidirectional windows).
 - bra: bi-level routing attention (``jaxformers.kernels.bi_level_routing_attention``) Pallas vs the
-  naive gather version (``implementation="xla"``), forward and forward+backward; skipped if the
-  op is not installed.
+  naive gather version (``implementation="xla"``), forward and forward+backward.
 - packed: BERT-shaped attention where half the tokens are padding: packed rows with segment ids vs
   the same sequences padded (our kernel with a padding mask, and cuDNN/XLA with a mask). Throughput
   is counted in real tokens.
@@ -38,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformers.kernels import local_global_attention
+from jaxformers.kernels import bi_level_routing_attention, local_global_attention
+from jaxformers.kernels.bi_level_routing import mosaic_gpu as bra_mosaic
+from jaxformers.kernels.bi_level_routing.api import BIFORMER_STAGE_SHAPES, attention_cost
 from jaxformers.kernels.local_global import mosaic_gpu
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
 from jaxformers.kernels.gpu_kernel import on_hopper_gpu
@@ -184,13 +185,6 @@ def _try_time(fn, *args, repeats):
 
 
 def bench_bra(table, shapes, *, dtype, repeats, backward, on_gpu=False, bandwidth=2.5e12):
-    try:
-        from jaxformers.kernels import bi_level_routing_attention
-        from jaxformers.kernels.bi_level_routing import mosaic_gpu as bra_mosaic
-        from jaxformers.kernels.bi_level_routing.api import attention_cost
-    except (ImportError, AttributeError) as e:
-        print(f"bra rows skipped: bi_level_routing_attention unavailable ({e})")
-        return
     for batch, height, width, channels, heads, regions, topk in shapes:
         args = _qkv((batch, height, width, channels), dtype, seed=1)
         q, k, v = args[:3]
@@ -347,10 +341,6 @@ def main(argv=None):
         bench_attention(table, f"window ±{w} + 16 global", shape, {"window": (w, w), "global_tokens": 16},
                         dtype=dtype, repeats=repeats, on_gpu=on_gpu, backward=False)
     if "bra" in groups:
-        try:
-            from jaxformers.kernels.bi_level_routing.api import BIFORMER_STAGE_SHAPES
-        except ImportError:
-            BIFORMER_STAGE_SHAPES = ()
         shapes = [(2, 14, 14, 64, 2, 7, 4)] if args.small else [tuple(s) for s in BIFORMER_STAGE_SHAPES]
         bench_bra(table, shapes, dtype=dtype, repeats=repeats, backward=True, on_gpu=on_gpu,
                   bandwidth=bandwidth)
