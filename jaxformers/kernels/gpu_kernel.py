@@ -6,9 +6,15 @@ Shared by the ops that have both Triton kernels and Hopper (Mosaic GPU) ones. ``
 kernels of whole models (``attention_impl="pallas"``) without a model argument; set it before the
 first trace (jit caches do not see it). Nothing here imports the Mosaic GPU modules, so resolving
 ``"auto"`` off a GPU costs no import.
+
+JAX 0.12 deprecated the Pallas Triton backend ("will be removed in a future JAX version"). Where a
+jax no longer has it (:func:`triton_available`), the ops' ``implementation="auto"`` runs on a GPU
+the Mosaic GPU kernels where they take the inputs and the XLA reference elsewhere, and a call that
+needs the Triton kernels raises :func:`triton_compiler_params`' error instead of a lowering trace.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable
 
@@ -28,6 +34,34 @@ def gpu_kernel_choice(choice: str | None = None) -> str:
     if choice not in GPU_KERNELS:
         raise ValueError(f"gpu_kernel must be one of {GPU_KERNELS} or None; got {choice!r}")
     return choice
+
+
+def triton_available() -> bool:
+    """Whether this jax still lowers Pallas calls to Triton on a GPU: ``jax.experimental.pallas.triton``
+    imports and its deprecation (``"jax-pallas-triton"``, registered since jax 0.12) is not made an
+    error."""
+    try:
+        importlib.import_module("jax.experimental.pallas.triton")
+    except ImportError:
+        return False
+    try:
+        from jax._src import deprecations
+
+        return not deprecations.is_accelerated("jax-pallas-triton")
+    except Exception:  # jax < 0.12: not deprecated; or its internals moved (the import above decides)
+        return True
+
+
+def triton_compiler_params(**kwargs):
+    """``jax.experimental.pallas.triton.CompilerParams(**kwargs)`` for a compiled Triton kernel, or a
+    ValueError that says what to use instead when this jax no longer has the Triton backend."""
+    if not triton_available():
+        raise ValueError(
+            f"these inputs need the Pallas Triton kernels on this GPU, and jax {jax.__version__} no longer "
+            "has the Pallas Triton backend (deprecated in jax 0.12); use implementation='xla', or "
+            "implementation='auto' (which then falls back to it), or on a Hopper GPU bfloat16/float16 "
+            "inputs that the Mosaic GPU kernels take (gpu_kernel='mosaic' names what they need)")
+    return importlib.import_module("jax.experimental.pallas.triton").CompilerParams(**kwargs)
 
 
 def on_hopper_gpu() -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxformers.kernels.bi_level_routing import mosaic_gpu
-from jaxformers.kernels.bi_level_routing.pallas_kernel import _use_mosaic, bi_level_routing_attention_pallas
+from jaxformers.kernels.bi_level_routing.pallas_kernel import uses_mosaic_gpu, bi_level_routing_attention_pallas
 from jaxformers.kernels.bi_level_routing.reference import bi_level_routing_attention_reference
 
 needs_interpreter = pytest.mark.skipif(
@@ -127,8 +127,8 @@ def test_mosaic_bra_choice_and_errors():
     assert [t for t in range(1, 257) if mosaic_gpu.region_sizes_supported(t)] == [1, 2, 4, 8, 16, 32, 64, 128, 192, 256]
     assert not mosaic_gpu.supported(*(x.astype(jnp.float32) for x in (q, k, v)), num_heads=2, regions_per_side=2)
     # off a Hopper GPU, "auto" keeps the Triton kernels
-    assert not _use_mosaic("auto", q, k, v, 2, 2, None)
-    assert _use_mosaic("mosaic", q, k, v, 2, 2, None)
+    assert not uses_mosaic_gpu("auto", q, k, v, 2, 2, None)
+    assert uses_mosaic_gpu("mosaic", q, k, v, 2, 2, None)
     with pytest.raises(ValueError, match="or of 1..32 tokens dividing 64; got .* regions of 3x3 tokens"):
         bi_level_routing_attention_pallas(q[:, :12, :12], k[:, :12, :12], v[:, :12, :12], num_heads=2,
                                           regions_per_side=4, topk=2, scale=0.2, gpu_kernel="mosaic")

@@ -147,5 +147,5 @@ def test_mosaic_kernel_choice_and_errors():
     # Off a Hopper GPU "auto" keeps the Triton kernel (here in interpret mode), which still matches.
     from jaxformers.kernels.local_global import pallas_kernel
 
-    assert pallas_kernel._pick_gpu_kernel("auto", "cpu", q, k, v) == "triton"
-    assert pallas_kernel._pick_gpu_kernel("auto", "gpu", q, k, v[..., :48]) == "triton"
+    assert pallas_kernel.pick_gpu_kernel("auto", "cpu", q, k, v) == "triton"
+    assert pallas_kernel.pick_gpu_kernel("auto", "gpu", q, k, v[..., :48]) == "triton"

@@ -17,7 +17,9 @@ Implementations:
   Under an active mesh (``jaxformers.sharding.activate``) the batch is split over (data, fsdp)
   with ``shard_map``, since XLA cannot partition the kernel call itself.
 - ``"auto"``: Pallas on GPU/TPU, the reference elsewhere (and on TPU for maps whose per-image
-  resident blocks would not fit VMEM, see ``pallas_kernel.tpu_vmem_bytes``).
+  resident blocks would not fit VMEM, see ``pallas_kernel.tpu_vmem_bytes``; on a GPU where this jax
+  no longer has the deprecated Pallas Triton backend, for calls the Mosaic GPU kernels do not take,
+  see ``jaxformers.kernels.gpu_kernel``).
 
 Also exported for models, benchmarks and notebooks: :func:`route_regions` (the routing indices),
 :func:`to_regions` / :func:`from_regions` (layout helpers), :func:`attention_cost` (FLOPs and
@@ -40,7 +42,7 @@ from jaxformers.kernels.bi_level_routing.reference import (
     to_regions,
 )
 from jaxformers.kernels.bi_level_routing.reference import route_regions as _route_regions
-from jaxformers.kernels.gpu_kernel import gpu_kernel_choice
+from jaxformers.kernels.gpu_kernel import gpu_kernel_choice, triton_available
 from jaxformers.sharding import per_batch_shard
 
 __all__ = [
@@ -172,11 +174,16 @@ def attention_cost(
     return {"flops": flops, "bytes": least_bytes}
 
 
-def _auto_implementation(q, v, num_heads: int, regions_per_side: int, topk: int) -> str:
-    """Pallas on GPU, and on TPU when one image's resident blocks fit VMEM; the reference elsewhere."""
+def _auto_implementation(q, k, v, num_heads: int, regions_per_side: int, topk: int, gpu_kernel: str) -> str:
+    """Pallas on GPU (where this jax has the Triton backend or the Mosaic GPU kernels take the call),
+    and on TPU when one image's resident blocks fit VMEM; the reference elsewhere."""
     backend = jax.default_backend()
     if backend == "gpu":
-        return "pallas"
+        if triton_available():
+            return "pallas"
+        from jaxformers.kernels.bi_level_routing.pallas_kernel import uses_mosaic_gpu
+
+        return "pallas" if uses_mosaic_gpu(gpu_kernel, q, k, v, num_heads, regions_per_side, None) else "xla"
     if backend == "tpu":
         from jaxformers.kernels.bi_level_routing.pallas_kernel import tpu_fits
 
@@ -222,7 +229,7 @@ def bi_level_routing_attention(
     topk = resolve_topk(topk, regions_per_side)
     scale = resolve_scale(scale, q.shape[-1], num_heads, upstream_compatible)
     if implementation == "auto":
-        implementation = _auto_implementation(q, v, num_heads, regions_per_side, topk)
+        implementation = _auto_implementation(q, k, v, num_heads, regions_per_side, topk, gpu_kernel)
     if implementation == "xla":
         return bi_level_routing_attention_reference(
             q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk, scale=scale

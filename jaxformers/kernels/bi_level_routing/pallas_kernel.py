@@ -76,7 +76,7 @@ from jax.experimental import pallas as pl
 
 from jaxformers.kernels.bi_level_routing.pallas_bodies import KernelConfig, dkv_kernel, dq_kernel, forward_kernel
 from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
-from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel
+from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel, triton_compiler_params
 from jaxformers.kernels.tpu_limits import SMEM_TABLE_BUDGET_BYTES, vmem_budget_bytes, vmem_limit_bytes
 
 __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", "inverse_routing",
@@ -267,11 +267,7 @@ def _launch(kernel, cfg: KernelConfig, tables, operands, outputs, regions_per_pr
         call = pl.pallas_call(kernel_fn, out_shape=outputs, grid_spec=grid_spec, compiler_params=params,
                               input_output_aliases=aliases, interpret=cfg.interpret, name=name)
     else:
-        params = None
-        if not cfg.interpret:
-            from jax.experimental.pallas import triton as pltriton
-
-            params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+        params = None if cfg.interpret else triton_compiler_params(num_warps=4, num_stages=2)
         call = pl.pallas_call(kernel_fn, out_shape=outputs, grid=grid,
                               in_specs=[pl.BlockSpec() for _ in tables] + in_specs, out_specs=out_specs,
                               compiler_params=params, input_output_aliases=aliases, interpret=cfg.interpret,
@@ -474,7 +470,7 @@ def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
     return tpu_vmem_bytes(q_shape, v_shape, dtype, resident_buffers=1, **kw) <= vmem_budget_bytes()
 
 
-def _use_mosaic(choice: str | None, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
+def uses_mosaic_gpu(choice: str | None, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
     """Resolves ``gpu_kernel`` (see ``jaxformers.kernels.gpu_kernel``): whether this call takes the
     Mosaic GPU path (``mosaic_gpu.py``). An explicit TPU layout never does."""
     def fits():
@@ -520,7 +516,7 @@ def bi_level_routing_attention_pallas(
     """
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
-    if _use_mosaic(gpu_kernel, q, k, v, num_heads, regions_per_side, layout):
+    if uses_mosaic_gpu(gpu_kernel, q, k, v, num_heads, regions_per_side, layout):
         from jaxformers.kernels.bi_level_routing.mosaic_gpu import bi_level_routing_attention_mosaic
 
         return bi_level_routing_attention_mosaic(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,

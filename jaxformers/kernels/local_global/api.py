@@ -12,7 +12,9 @@ Implementations:
   calls (``segment_ids`` given) take our TPU kernels (``tpu_kernel.py``: block tables from the
   segment ids, so segment-disjoint blocks are skipped) when they fit, the rest JAX's splash
   attention driven by the same mask (``splash_tpu.py``; see :func:`tpu_route`).
-- ``"auto"``: Pallas on GPU/TPU, the reference elsewhere.
+- ``"auto"``: Pallas on GPU/TPU, the reference elsewhere (and on a GPU where this jax no longer has
+  the deprecated Pallas Triton backend, for calls the Mosaic GPU kernels do not take; see
+  ``jaxformers.kernels.gpu_kernel``).
 
 ``segment_ids_from_cu_seqlens`` converts FlashAttention-style cumulative lengths to segment ids.
 """
@@ -24,7 +26,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxformers.kernels.gpu_kernel import gpu_kernel_choice
+from jaxformers.kernels.gpu_kernel import gpu_kernel_choice, triton_available
 from jaxformers.kernels.local_global.mask import MaskSpec
 from jaxformers.sharding import per_batch_shard
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
@@ -90,6 +92,19 @@ def tpu_route(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     return "tpu_kernel" if ok else "splash"
 
 
+def _auto_implementation(q, k, v, gpu_kernel: str) -> str:
+    """Pallas on TPU, and on GPU where this jax has the Triton backend or the Mosaic GPU kernels take
+    the call; the reference elsewhere."""
+    backend = jax.default_backend()
+    if backend == "tpu" or (backend == "gpu" and triton_available()):
+        return "pallas"
+    if backend == "gpu":
+        from jaxformers.kernels.local_global.pallas_kernel import pick_gpu_kernel
+
+        return "pallas" if pick_gpu_kernel(gpu_kernel, backend, q, k, v) == "mosaic" else "xla"
+    return "xla"
+
+
 def local_global_attention(
     q: jax.Array,
     k: jax.Array,
@@ -136,7 +151,7 @@ def local_global_attention(
     gpu_kernel = gpu_kernel_choice(gpu_kernel)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if implementation == "auto":
-        implementation = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        implementation = _auto_implementation(q, k, v, gpu_kernel)
     if implementation == "xla":
         return local_global_attention_reference(q, k, v, spec, segment_ids=segment_ids, scale=scale)
     backend = jax.default_backend()

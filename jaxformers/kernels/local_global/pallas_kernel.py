@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel
+from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel, triton_compiler_params
 from jaxformers.kernels.local_global.blocks import (FLOAT32_GPU_BLOCKS, BlockSizes, k_major_table, pl_next_pow2,
                                                     q_major_table)
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
@@ -180,10 +180,8 @@ def _table_spec(cfg: _Config) -> pl.BlockSpec:
 def _call(kernel, cfg: _Config, grid, in_specs, out_specs, out_shape, name):
     params = None
     if cfg.backend == "gpu" and not cfg.interpret:
-        from jax.experimental.pallas import triton as plgpu
-
         width = in_specs[3].block_shape[-1]
-        params = plgpu.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=2)
+        params = triton_compiler_params(num_warps=4 if width <= 64 else 8, num_stages=2)
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           compiler_params=params, interpret=cfg.interpret, name=name)
 
@@ -340,7 +338,7 @@ def _attention_bwd(cfg, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _pick_gpu_kernel(choice: str | None, backend: str, q, k, v) -> str:
+def pick_gpu_kernel(choice: str | None, backend: str, q, k, v) -> str:
     """Resolves ``gpu_kernel`` (see ``jaxformers.kernels.gpu_kernel``) for these inputs."""
     def fits():
         from jaxformers.kernels.local_global import mosaic_gpu
@@ -413,7 +411,7 @@ def local_global_attention_pallas(
         compiled_f32 = backend == "gpu" and not interpret and jnp.result_type(q, k, v) == jnp.float32
         block_sizes = FLOAT32_GPU_BLOCKS if compiled_f32 else BlockSizes()
     blocks = block_sizes.fitted(q_len, k_len)
-    gpu_kernel = _pick_gpu_kernel(gpu_kernel, backend, q, k, v)
+    gpu_kernel = pick_gpu_kernel(gpu_kernel, backend, q, k, v)
     cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads,
                   interpret=interpret, backend=backend, gpu_kernel=gpu_kernel)
     q_multiple, k_multiple = blocks.q_multiple, blocks.k_multiple
