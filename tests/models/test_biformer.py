@@ -319,6 +319,7 @@ def test_hopper_kernels_through_the_layer(monkeypatch):
     params = {"params": random_params(xla, x)}
     loss = lambda m: lambda x: jnp.sum(m.apply(params, x).astype(jnp.float32) ** 2)  # noqa: E731
     x32 = x.astype(jnp.float32)
+
     def fresh(fn, *args):  # traced afresh (not from the op's jit cache), so through the patched kernel
         api._pallas.clear_cache()
         return fn(*args)
