@@ -152,22 +152,35 @@ def ptxas_entries(text: str) -> list[tuple[str, str, str]]:
     return entries
 
 
+def performance_losses(text: str) -> str:
+    """ptxas' "Potential Performance Loss" notes in ``text``, shortened and joined (empty when none):
+    e.g. "'setmaxnreg' ignored (C7504)" when the warpgroups' register reallocation is dropped, or
+    "wgmma.mma_async instructions are serialized (C7512)"."""
+    notes = re.findall(r"\((C\d+)\) Potential Performance Loss: (.+?)(?: to | due to |;|\.?$)", text, re.M)
+    return ", ".join(dict.fromkeys(f"{what} ({code})" for code, what in notes))
+
+
 def _report_lines(seen: Counter) -> list[str]:
     return [f"    {name:<26} x{n:<3} {regs:>4} registers  spills {spill:>7} B (st/ld)  shared memory {smem:>4} KiB"
-            for (name, regs, spill, smem), n in sorted(seen.items())]
+            + (f"  ptxas: {losses}" if losses else "")
+            for (name, regs, spill, smem, losses), n in sorted(seen.items())]
 
 
 def ptxas_report() -> list[str]:
     """One line per Mosaic GPU kernel compiled since the last call, identical ones counted once (then
-    the dumps are removed): ptxas' registers per thread and spill bytes, and the shared memory."""
+    the dumps are removed): ptxas' registers per thread and spill bytes, the shared memory, and
+    ptxas' performance-loss notes (with jax 0.12's separable compilation ptxas drops the kernels'
+    ``setmaxnreg`` register reallocation, C7504)."""
     if not DUMP["dir"]:  # main() has not made the dump directory: nothing was dumped
         return []
     seen = Counter()
     for path in sorted(Path(DUMP["dir"]).glob("*.ptxas")):
         resources = path.with_suffix(".resources.txt")
         smem = re.search(r"smem_scratch_bytes=(\d+)", resources.read_text()) if resources.exists() else None
-        ((_, regs, spill),) = ptxas_entries(path.read_text())[:1] or [("", "?", "?")]  # one kernel per dump
-        seen[(path.stem.rsplit("_", 1)[0], regs, spill, str(int(smem.group(1)) // 1024) if smem else "?")] += 1
+        text = path.read_text(errors="replace")
+        ((_, regs, spill),) = ptxas_entries(text)[:1] or [("", "?", "?")]  # one kernel per dump
+        seen[(path.stem.rsplit("_", 1)[0], regs, spill, str(int(smem.group(1)) // 1024) if smem else "?",
+              performance_losses(text))] += 1
     for path in Path(DUMP["dir"]).iterdir():
         path.unlink()
     return _report_lines(seen)
@@ -184,7 +197,7 @@ def triton_report(compiled) -> list[str]:
         text = f.read()
         DUMP["log_offset"] = f.tell()
     ours = set(re.findall(r'xla\.gpu\.triton".*?name = "([^"]+)"', compiled.as_text()))
-    seen = Counter((name, regs, spill, "?") for name, regs, spill in ptxas_entries(text)
+    seen = Counter((name, regs, spill, "?", "") for name, regs, spill in ptxas_entries(text)
                    if re.sub(r"__\d+$", "", name) in ours)  # XLA names a call's other variants name__1, ...
     return _report_lines(seen)
 
