@@ -9,10 +9,11 @@ their segment ids) through a ring of ``stages`` shared-memory slots, with TMA co
 one barrier says "all copies landed" and one says "the compute warpgroups are done with it".
 The compute warpgroups run ``step`` over the full blocks (no element mask), then the partial
 ones, and ``finish`` turns their carry into output tiles, which go back to global memory by TMA.
-The compute warpgroups ask for 240 registers and the memory warpgroup gives its up (``setmaxnreg``);
-jax >= 0.12 compiles Mosaic GPU kernels separably, and ptxas then ignores that (C7504): every
-thread keeps 65536 / threads (168 with two compute warpgroups), and the head-dim-128 dK/dV kernel
-spills (``benchmarks/RESULTS.md``, eighth session; ``compile_check`` prints these notes).
+The compute warpgroups ask for 240 registers and the memory warpgroup gives most of its own up
+(``setmaxnreg``); jax 0.12 compiles Mosaic GPU kernels separably, and ptxas then ignores that
+(C7504): every thread keeps 65536 / threads (168 with two compute warpgroups), and the
+head-dim-128 dK/dV kernel spills (``benchmarks/RESULTS.md``, eighth session; ``compile_check``
+prints these notes).
 
 Operands are addressed by kind: ``"tokens"`` (B, L, H, D) tensors (tile (rows, D), swizzled for
 wgmma; ``kv=True`` reads head ``h // rep``), ``"per_head"`` (B, H, L) float vectors such as the
