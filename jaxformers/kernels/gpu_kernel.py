@@ -11,11 +11,18 @@ JAX 0.12 deprecated the Pallas Triton backend ("will be removed in a future JAX 
 jax no longer has it (:func:`triton_available`), the ops' ``implementation="auto"`` runs on a GPU
 the Mosaic GPU kernels where they take the inputs and the XLA reference elsewhere, and a call that
 needs the Triton kernels raises :func:`triton_compiler_params`' error instead of a lowering trace.
+The same holds on a GPU that XLA's Triton does not compile for (compute capability below 8.0: a
+T4 or V100), so ``"auto"`` runs there, e.g. on a free Colab GPU.
+
+The Triton kernels size their tiles to the GPU's shared memory per block
+(:func:`gpu_shared_memory_bytes`): an A100 has 163 KiB, a Hopper or Blackwell data-centre GPU 227 KiB,
+an A10, L4, RTX 3090/4090/5090 only 99 KiB.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Callable
 
 import jax
@@ -52,23 +59,73 @@ def triton_available() -> bool:
         return True
 
 
+TRITON_MIN_CAPABILITY = (8, 0)  # XLA compiles Triton kernels for Ampere and newer only
+
+# Opt-in shared memory per CUDA block by compute capability (CUDA C++ Programming Guide's technical
+# specifications); any other NVIDIA GPU (8.6, 8.9, 12.x) has 99 KiB.
+_SHARED_MEMORY_PER_BLOCK = {(8, 0): 163 << 10, (8, 7): 163 << 10, (9, 0): 227 << 10, (10, 0): 227 << 10,
+                            (10, 3): 227 << 10}
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of JAX's default GPU; None off a GPU backend or where the device does not say
+    (a ROCm GPU)."""
+    if jax.default_backend() != "gpu":
+        return None
+    match = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(jax.devices("gpu")[0], "compute_capability", "")))
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def gpu_shared_memory_bytes() -> int:
+    """Shared memory one CUDA block of JAX's default GPU may opt in to: 163 KiB on an A100, 227 KiB on
+    Hopper and Blackwell data-centre GPUs, 99 KiB on other NVIDIA GPUs, 64 KiB on a GPU that does not
+    give its compute capability (a ROCm GPU's LDS). Off a GPU (lowering for CUDA from a CPU host) an
+    A100's."""
+    if jax.default_backend() != "gpu":
+        return _SHARED_MEMORY_PER_BLOCK[(8, 0)]
+    capability = gpu_compute_capability()
+    return 64 << 10 if capability is None else _SHARED_MEMORY_PER_BLOCK.get(capability, 99 << 10)
+
+
+def triton_shared_memory_budget() -> int:
+    """Bytes that our Triton kernels' shared memory estimates (fitted to what an A100's Triton
+    requests) may reach on JAX's default GPU: its per-block opt-in (:func:`gpu_shared_memory_bytes`)
+    less 5% for other Triton versions, divided by 1.75 on Blackwell data-centre GPUs (compute
+    capability 10.x, whose Triton requested up to 1.71x an A100's for the same tiles)."""
+    capability = gpu_compute_capability()
+    blackwell = capability is not None and capability[0] == 10
+    return int(0.95 * gpu_shared_memory_bytes() / (1.75 if blackwell else 1.0))
+
+
+def triton_unsupported() -> str | None:
+    """Why the Pallas Triton kernels cannot run here, or None when they can: this jax has no Pallas
+    Triton backend, or JAX's default GPU is older than XLA's Triton supports."""
+    if not triton_available():
+        return f"jax {jax.__version__} no longer has the Pallas Triton backend (deprecated in jax 0.12)"
+    capability = gpu_compute_capability()
+    if capability is not None and capability < TRITON_MIN_CAPABILITY:
+        return (f"XLA compiles Triton kernels for GPUs of compute capability 8.0 (Ampere) or newer only; "
+                f"this {jax.devices('gpu')[0].device_kind} is {capability[0]}.{capability[1]}")
+    return None
+
+
 def triton_compiler_params(**kwargs):
     """``jax.experimental.pallas.triton.CompilerParams(**kwargs)`` for a compiled Triton kernel, or a
-    ValueError that says what to use instead when this jax no longer has the Triton backend."""
-    if not triton_available():
-        raise ValueError(
-            f"these inputs need the Pallas Triton kernels on this GPU, and jax {jax.__version__} no longer "
-            "has the Pallas Triton backend (deprecated in jax 0.12); use implementation='xla', or "
-            "implementation='auto' (which then falls back to it), or on a Hopper GPU bfloat16/float16 "
-            "inputs that the Mosaic GPU kernels take (gpu_kernel='mosaic' names what they need)")
+    ValueError that says what to use instead where the Triton kernels cannot run
+    (:func:`triton_unsupported`)."""
+    reason = triton_unsupported()
+    if reason is not None:
+        hint = (", or on a Hopper GPU bfloat16/float16 inputs that the Mosaic GPU kernels take (gpu_kernel="
+                "'mosaic' names what they need)") if not triton_available() else ""
+        raise ValueError(f"these inputs need the Pallas Triton kernels on this GPU, and {reason}; use "
+                         f"implementation='xla', or implementation='auto' (which then falls back to it){hint}")
     return importlib.import_module("jax.experimental.pallas.triton").CompilerParams(**kwargs)
 
 
 def on_hopper_gpu() -> bool:
     """True when JAX's default backend is a Hopper (sm90) GPU, where the Mosaic kernels are the default."""
-    if jax.default_backend() != "gpu":
-        return False
-    return str(getattr(jax.devices("gpu")[0], "compute_capability", "")).startswith("9.")
+    capability = gpu_compute_capability()
+    return capability is not None and capability[0] == 9
 
 
 def resolve_gpu_kernel(choice: str | None, *, backend: str, fits: Callable[[], bool], requirement: str) -> str:

@@ -1,4 +1,6 @@
 """jaxformers.kernels.gpu_kernel: the Triton / Mosaic GPU choice shared by the kernel ops."""
+import functools
+import math
 import sys
 
 import jax
@@ -11,6 +13,7 @@ from jaxformers.kernels.bi_level_routing import api as bra_api
 from jaxformers.kernels.gpu_kernel import (ENV_VAR, GPU_KERNELS, gpu_kernel_choice, on_hopper_gpu, resolve_gpu_kernel,
                                            triton_available, triton_compiler_params)
 from jaxformers.kernels.local_global import api as local_global_api
+from jaxformers.kernels.local_global.mask import MaskSpec
 
 
 def _never():
@@ -72,6 +75,21 @@ def test_public_ops_pass_gpu_kernel_down():
                                    gpu_kernel="mosaic")
 
 
+class _FakeGpu:
+    def __init__(self, capability, kind):
+        if capability is not None:
+            self.compute_capability = capability
+        self.device_kind = kind
+
+
+def _on_gpu(monkeypatch, capability, kind="NVIDIA GPU"):
+    """JAX's default backend as a GPU of this compute capability (None: one that does not say, ROCm)."""
+    devices = jax.devices
+    fake = _FakeGpu(capability, kind)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda backend=None: [fake] if backend in ("gpu", "cuda") else devices(backend))
+
+
 def _remove_triton(monkeypatch):
     """This process's jax as one without the Pallas Triton backend (deprecated in jax 0.12)."""
     monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # import -> ImportError
@@ -98,8 +116,7 @@ def test_auto_on_a_gpu_without_triton(monkeypatch, hopper):
     """On a GPU whose jax has lost the Triton backend, ``implementation="auto"`` takes the Mosaic GPU
     kernels where they take the call (a Hopper GPU, bf16) and the XLA reference elsewhere, and
     ``"pallas"`` that needs Triton raises the clear error, not a lowering trace."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(gpu_kernel, "on_hopper_gpu", lambda: hopper)
+    _on_gpu(monkeypatch, "9.0" if hopper else "8.0")
     maps = jnp.asarray(np.random.default_rng(0).normal(size=(3, 1, 16, 16, 64)), jnp.bfloat16)
     seq = jnp.asarray(np.random.default_rng(1).normal(size=(3, 1, 64, 2, 32)), jnp.bfloat16)
     auto = {
@@ -128,3 +145,119 @@ def test_auto_on_a_gpu_without_triton(monkeypatch, hopper):
                                    implementation="pallas")
     with pytest.raises(ValueError, match="no longer has the Pallas Triton backend"):
         local_global_attention(q, k, v, window=(8, 8), implementation="pallas")
+
+
+def test_shared_memory_of_the_gpu(monkeypatch):
+    """Compute capability and opt-in shared memory per block of the default GPU (CUDA's tables)."""
+    assert gpu_kernel.gpu_compute_capability() is None  # CPU
+    assert gpu_kernel.gpu_shared_memory_bytes() == 163 << 10  # lowering for CUDA from a CPU host: an A100's
+    for capability, kib, budget in (("8.0", 163, 0.95 * 163), ("8.9", 99, 0.95 * 99), ("8.6", 99, 0.95 * 99),
+                                    ("9.0", 227, 0.95 * 227), ("10.0", 227, 0.95 * 227 / 1.75),
+                                    ("12.0", 99, 0.95 * 99), (None, 64, 0.95 * 64)):
+        _on_gpu(monkeypatch, capability)
+        assert gpu_kernel.gpu_shared_memory_bytes() == kib << 10, capability
+        assert gpu_kernel.triton_shared_memory_budget() == int(budget * 1024), capability
+        assert gpu_kernel.on_hopper_gpu() == (capability == "9.0")
+    _on_gpu(monkeypatch, "8.9")
+    assert gpu_kernel.gpu_compute_capability() == (8, 9)
+
+
+def test_auto_on_a_gpu_older_than_ampere(monkeypatch):
+    """XLA compiles Triton kernels for Ampere and newer only: on a T4 (a free Colab GPU) "auto" takes
+    the reference for both ops, and "pallas" raises a clear error instead of XLA's."""
+    _on_gpu(monkeypatch, "7.5", "Tesla T4")
+    reason = gpu_kernel.triton_unsupported()
+    assert "compute capability 8.0" in reason and "Tesla T4 is 7.5" in reason
+    maps = jnp.asarray(np.random.default_rng(0).normal(size=(3, 1, 16, 16, 64)), jnp.float32)
+    seq = jnp.asarray(np.random.default_rng(1).normal(size=(3, 1, 64, 2, 32)), jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert bra_api._auto_implementation(*maps.astype(dtype), 2, 2, 2, "auto") == "xla"
+        assert local_global_api._auto_implementation(*seq.astype(dtype), "auto") == "xla"
+    out = bi_level_routing_attention(*maps, num_heads=2, regions_per_side=2, topk=2)
+    ref = bi_level_routing_attention(*maps, num_heads=2, regions_per_side=2, topk=2, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    out = local_global_attention(*seq, window=(8, 8))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(local_global_attention(*seq, window=(8, 8),
+                                                                                     implementation="xla")))
+    bra_api._pallas.clear_cache()
+    local_global_api._pallas.clear_cache()
+    with pytest.raises(ValueError, match=r"compute capability 8.0 \(Ampere\) or newer only.*implementation='xla'"):
+        bi_level_routing_attention(*maps, num_heads=2, regions_per_side=2, topk=2, implementation="pallas")
+    with pytest.raises(ValueError, match=r"compute capability 8.0 \(Ampere\) or newer only"):
+        local_global_attention(*seq, window=(8, 8), implementation="pallas")
+
+
+# Shared memory that jax 0.11.2's Triton requested for an A100 (compiled for a GPU with too little,
+# whose error names the request): local/global (kernel, block_q, block_k, head dim, itemsize) and
+# BRA (tokens per region, regions per step, head dim, itemsize).
+LOCAL_GLOBAL_REQUESTS = {("fwd", 128, 64, 128, 2): 65792, ("dq", 64, 64, 128, 2): 73984, ("dkv", 64, 64, 128, 2): 107008,
+                         ("dkv", 64, 64, 256, 2): 205312, ("fwd", 64, 64, 128, 4): 114944,
+                         ("dkv", 32, 32, 128, 4): 65924, ("dq", 32, 32, 256, 4): 131200, ("fwd", 16, 32, 64, 2): 11264}
+BRA_REQUESTS = {(64, 1, 128, 4): 147968, (64, 1, 128, 2): 74240, (256, 1, 32, 4): 133120, (16, 4, 32, 2): 12800,
+                (64, 2, 64, 2): 50688}
+
+
+def test_triton_shared_memory_estimates_bound_the_requests():
+    from jaxformers.kernels.bi_level_routing.pallas_kernel import triton_shared_memory as bra_estimate
+    from jaxformers.kernels.local_global.blocks import triton_shared_memory
+
+    for args, request in LOCAL_GLOBAL_REQUESTS.items():
+        assert request <= triton_shared_memory(*args) <= 1.35 * request, args
+    for args, request in BRA_REQUESTS.items():
+        assert request <= bra_estimate(*args) <= 1.35 * request, args
+
+
+def test_local_global_triton_tiles_follow_the_gpu(monkeypatch):
+    """Tiles shrink where the defaults exceed the GPU's shared memory (head dim 128 on an L4's 99 KiB)
+    or the register bound (head dim 256); unchanged for head dims up to 128 on A100/H100/B200."""
+    from jaxformers.kernels.local_global.blocks import FLOAT32_GPU_BLOCKS, BlockSizes, triton_blocks, triton_shared_memory
+
+    a100, h100, b200, l4 = (int(0.95 * (kib << 10) / f) for kib, f in ((163, 1), (227, 1), (227, 1.75), (99, 1)))
+    for budget in (a100, h100, b200):
+        for dim in (32, 64, 128):
+            assert triton_blocks(2, dim, budget) == BlockSizes() and triton_blocks(4, dim, budget) == FLOAT32_GPU_BLOCKS
+    assert triton_blocks(2, 128, l4) == BlockSizes(128, 64, 64, 32)
+    assert triton_blocks(4, 128, l4) == BlockSizes(64, 32, 32, 32)
+    assert triton_blocks(2, 256, a100) == BlockSizes(64, 64, 32, 32)
+    assert triton_blocks(4, 256, a100) == BlockSizes(32, 32, 16, 16)
+    assert triton_blocks(4, 512, l4) is None
+    for budget in (a100, h100, b200, l4):
+        for itemsize, dim in ((2, 32), (2, 128), (2, 256), (4, 64), (4, 256)):
+            blocks = triton_blocks(itemsize, dim, budget)
+            assert triton_shared_memory("fwd", blocks.block_q, blocks.block_k, dim, itemsize) <= budget
+            for kernel in ("dq", "dkv"):
+                assert triton_shared_memory(kernel, blocks.block_q_bwd, blocks.block_k_bwd, dim, itemsize) <= budget
+
+    from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
+
+    def grids(dim, dtype=jnp.bfloat16):  # programs of the forward, dQ and dK/dV kernels
+        x = jnp.zeros((1, 256, 2, dim), dtype)
+        fn = functools.partial(local_global_attention_pallas, spec=MaskSpec(window=(32, 32)), scale=0.125,
+                               interpret=False, gpu_kernel="triton")
+        jaxpr = jax.make_jaxpr(lambda x: jax.vjp(lambda *a: fn(*a), x, x, x)[1](x))(x)
+        return [math.prod(e.params["grid_mapping"].grid) for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+
+    _on_gpu(monkeypatch, "8.0", "NVIDIA A100-SXM4-80GB")
+    on_a100 = grids(128)
+    _on_gpu(monkeypatch, "8.9", "NVIDIA L4")
+    assert grids(128) == on_a100[:2] + [2 * on_a100[2]]  # dK/dV: 32- instead of 64-key tiles
+    x = jnp.zeros((1, 64, 2, 512), jnp.float32)
+    assert local_global_api._auto_implementation(x, x, x, "auto") == "xla"
+    with pytest.raises(ValueError, match=r"head dims 512/512 in float32 need more shared memory than this GPU's 99 KiB"):
+        grids(512, jnp.float32)
+
+
+def test_bra_triton_kernels_refuse_regions_too_large_for_the_gpu(monkeypatch):
+    """A region is one query tile: 8x8-token regions at head dim 128 in float32 need ~150 KiB, which an
+    A100 holds and an L4 does not ("auto" then takes the reference); BiFormer's shapes fit both."""
+    from jaxformers.kernels.bi_level_routing.pallas_kernel import triton_fits
+
+    big = jnp.zeros((1, 16, 16, 256), jnp.float32)  # 2x2 regions of 8x8 tokens, 2 heads of 128
+    biformer = jnp.zeros((1, 56, 56, 64), jnp.bfloat16)  # stage 1: 7x7 regions of 8x8 tokens, head dim 32
+    for capability, fits in (("8.0", True), ("8.9", False)):
+        _on_gpu(monkeypatch, capability)
+        assert triton_fits(big, big, big, num_heads=2, regions_per_side=2, topk=2) == fits
+        assert bra_api._auto_implementation(big, big, big, 2, 2, 2, "auto") == ("pallas" if fits else "xla")
+        assert triton_fits(biformer, biformer, biformer, num_heads=2, regions_per_side=7, topk=1)
+    with pytest.raises(ValueError, match=r"regions of 8x8 tokens at head dim 128 in float32 need ~\d+ KiB of shared"):
+        bi_level_routing_attention(big, big, big, num_heads=2, regions_per_side=2, topk=2, implementation="pallas")

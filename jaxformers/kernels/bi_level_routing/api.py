@@ -17,9 +17,10 @@ Implementations:
   Under an active mesh (``jaxformers.sharding.activate``) the batch is split over (data, fsdp)
   with ``shard_map``, since XLA cannot partition the kernel call itself.
 - ``"auto"``: Pallas on GPU/TPU, the reference elsewhere (and on TPU for maps whose per-image
-  resident blocks would not fit VMEM, see ``pallas_kernel.tpu_vmem_bytes``; on a GPU where this jax
-  no longer has the deprecated Pallas Triton backend, for calls the Mosaic GPU kernels do not take,
-  see ``jaxformers.kernels.gpu_kernel``).
+  resident blocks would not fit VMEM, see ``pallas_kernel.tpu_vmem_bytes``; on a GPU, for calls the
+  Mosaic GPU kernels do not take, where the Triton ones cannot run: a jax without the deprecated
+  Pallas Triton backend, a GPU older than Ampere (T4, V100), regions too large for the GPU's shared
+  memory, see ``pallas_kernel.triton_fits`` and ``jaxformers.kernels.gpu_kernel``).
 
 Also exported for models, benchmarks and notebooks: :func:`route_regions` (the routing indices),
 :func:`to_regions` / :func:`from_regions` (layout helpers), :func:`attention_cost` (FLOPs and
@@ -42,7 +43,7 @@ from jaxformers.kernels.bi_level_routing.reference import (
     to_regions,
 )
 from jaxformers.kernels.bi_level_routing.reference import route_regions as _route_regions
-from jaxformers.kernels.gpu_kernel import gpu_kernel_choice, triton_available
+from jaxformers.kernels.gpu_kernel import gpu_kernel_choice, triton_unsupported
 from jaxformers.sharding import per_batch_shard
 
 __all__ = [
@@ -175,15 +176,18 @@ def attention_cost(
 
 
 def _auto_implementation(q, k, v, num_heads: int, regions_per_side: int, topk: int, gpu_kernel: str) -> str:
-    """Pallas on GPU (where this jax has the Triton backend or the Mosaic GPU kernels take the call),
-    and on TPU when one image's resident blocks fit VMEM; the reference elsewhere."""
+    """Pallas on GPU where the Mosaic GPU kernels take the call or the Triton ones can run it (this jax
+    and GPU have Triton; the tiles fit the GPU's shared memory), and on TPU when one image's resident
+    blocks fit VMEM; the reference elsewhere."""
     backend = jax.default_backend()
     if backend == "gpu":
-        if triton_available():
-            return "pallas"
-        from jaxformers.kernels.bi_level_routing.pallas_kernel import uses_mosaic_gpu
+        from jaxformers.kernels.bi_level_routing.pallas_kernel import triton_fits, uses_mosaic_gpu
 
-        return "pallas" if uses_mosaic_gpu(gpu_kernel, q, k, v, num_heads, regions_per_side, None) else "xla"
+        if uses_mosaic_gpu(gpu_kernel, q, k, v, num_heads, regions_per_side, None):
+            return "pallas"
+        ok = triton_unsupported() is None and triton_fits(q, k, v, num_heads=num_heads,
+                                                           regions_per_side=regions_per_side, topk=topk)
+        return "pallas" if ok else "xla"
     if backend == "tpu":
         from jaxformers.kernels.bi_level_routing.pallas_kernel import tpu_fits
 

@@ -76,7 +76,7 @@ from jax.experimental import pallas as pl
 
 from jaxformers.kernels.bi_level_routing.pallas_bodies import KernelConfig, dkv_kernel, dq_kernel, forward_kernel
 from jaxformers.kernels.bi_level_routing.reference import from_regions, route_regions, to_regions
-from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel, triton_compiler_params
+from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel, triton_compiler_params, triton_shared_memory_budget
 from jaxformers.kernels.tpu_limits import SMEM_TABLE_BUDGET_BYTES, vmem_budget_bytes, vmem_limit_bytes
 
 __all__ = ["BlockSizes", "bi_level_routing_attention_pallas", "default_layout", "inverse_routing",
@@ -127,6 +127,18 @@ def _pick_regions_per_program(num_regions: int, tokens_padded: int, requested: i
     cap = max(1, min(num_regions, _TARGET_QUERY_TOKENS // tokens_padded))
     candidates = range(max(1, (cap + 1) // 2), cap + 1)
     return min(candidates, key=lambda n: (_round_up(num_regions, n) - num_regions, -n))
+
+
+def triton_shared_memory(tokens_padded: int, regions_per_step: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of shared memory XLA's Triton asks for the largest of our three GPU kernels (dQ or dK/dV)
+    with regions of ``tokens_padded`` tokens gathered ``regions_per_step`` at a time: an upper bound
+    fitted to what jax 0.11.2 requested for an A100 over 1-256 tokens, head dims 32-256, 1-4 regions
+    per step, bf16 and float32 (compiled for a GPU with too little shared memory, whose error names
+    the request; at most 35% over the largest request where that exceeds 16 KiB; regions under 16 tokens
+    take a broadcast product that needs almost none). A region is one query tile, so this does
+    not shrink with the step; steps of more than one region are small (``_pick_regions_per_step``)."""
+    e, t, d = itemsize, tokens_padded, head_dim
+    return e * d * t * (4 + 5 * regions_per_step) // 2 + 4096
 
 
 def _pick_regions_per_step(topk: int, tokens_padded: int, head_dim: int, itemsize: int, requested: int | None,
@@ -470,6 +482,24 @@ def tpu_fits(q_shape, v_shape, dtype, **kw) -> bool:
     return tpu_vmem_bytes(q_shape, v_shape, dtype, resident_buffers=1, **kw) <= vmem_budget_bytes()
 
 
+def triton_fits(q, k, v, *, num_heads: int, regions_per_side: int, topk: int) -> bool:
+    """Whether the Triton kernels' tiles for these maps fit the shared memory of JAX's default GPU
+    (:func:`triton_shared_memory` against ``gpu_kernel.triton_shared_memory_budget``): a query tile
+    holds a whole region, so large regions with large head dims (e.g. 16x16 tokens at head dim 64 in
+    float32) need more than an A10/L4/RTX GPU's 99 KiB."""
+    return _triton_shared_memory_of(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,
+                                    topk=topk) <= triton_shared_memory_budget()
+
+
+def _triton_shared_memory_of(q, k, v, *, num_heads: int, regions_per_side: int, topk: int,
+                             block_sizes: BlockSizes | None = None) -> int:
+    dtype = jnp.result_type(q, k, v)
+    cfg, dqk_pad, dv_pad = _plan(q.shape, v.shape, dtype, num_heads=num_heads, regions_per_side=regions_per_side,
+                                 topk=topk, scale=1.0, block_sizes=block_sizes, layout="gpu", interpret=False,
+                                 poison=False)
+    return triton_shared_memory(cfg.tokens_padded, cfg.kv_step, max(dqk_pad, dv_pad), jnp.dtype(dtype).itemsize)
+
+
 def uses_mosaic_gpu(choice: str | None, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
     """Resolves ``gpu_kernel`` (see ``jaxformers.kernels.gpu_kernel``): whether this call takes the
     Mosaic GPU path (``mosaic_gpu.py``). An explicit TPU layout never does."""
@@ -522,11 +552,21 @@ def bi_level_routing_attention_pallas(
         return bi_level_routing_attention_mosaic(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,
                                                  topk=topk, scale=scale, interpret=interpret)
     out_dtype = v.dtype
+    layout = layout or default_layout()
+    if layout == "gpu" and interpret is False:  # compiled Triton kernels: their tiles must fit shared memory
+        need = _triton_shared_memory_of(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk,
+                                        block_sizes=block_sizes)
+        if need > triton_shared_memory_budget():
+            raise ValueError(
+                f"bi_level_routing_attention(implementation='pallas'): regions of {q.shape[1] // regions_per_side}x"
+                f"{q.shape[2] // regions_per_side} tokens at head dim {q.shape[-1] // num_heads} in "
+                f"{jnp.result_type(q, k, v)} need ~{need >> 10} KiB of shared memory per Triton kernel, more than "
+                "this GPU holds; use implementation='xla' (or 'auto', which falls back to it), or more regions")
     q, k, v = (x.astype(jnp.result_type(q, k, v)) for x in (q, k, v))  # one dtype inside the kernels
     cfg, dqk_pad, dv_pad = _plan(q.shape, v.shape, q.dtype, num_heads=num_heads,
                                  regions_per_side=regions_per_side, topk=topk, scale=scale,
-                                 block_sizes=block_sizes, layout=layout or default_layout(),
-                                 interpret=interpret, poison=poison, direct=direct)
+                                 block_sizes=block_sizes, layout=layout, interpret=interpret, poison=poison,
+                                 direct=direct)
     s = regions_per_side
     _, height, width, _ = q.shape
     r, r_pad = cfg.num_regions, cfg.regions_padded

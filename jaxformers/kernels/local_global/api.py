@@ -12,9 +12,10 @@ Implementations:
   calls (``segment_ids`` given) take our TPU kernels (``tpu_kernel.py``: block tables from the
   segment ids, so segment-disjoint blocks are skipped) when they fit, the rest JAX's splash
   attention driven by the same mask (``splash_tpu.py``; see :func:`tpu_route`).
-- ``"auto"``: Pallas on GPU/TPU, the reference elsewhere (and on a GPU where this jax no longer has
-  the deprecated Pallas Triton backend, for calls the Mosaic GPU kernels do not take; see
-  ``jaxformers.kernels.gpu_kernel``).
+- ``"auto"``: Pallas on GPU/TPU, the reference elsewhere; also on a GPU for calls the Mosaic GPU
+  kernels do not take where the Triton ones cannot run: a jax without the deprecated Pallas Triton
+  backend, a GPU older than Ampere (T4, V100), head dims whose tiles exceed the GPU's shared memory
+  (see ``jaxformers.kernels.gpu_kernel``).
 
 ``segment_ids_from_cu_seqlens`` converts FlashAttention-style cumulative lengths to segment ids.
 """
@@ -26,7 +27,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxformers.kernels.gpu_kernel import gpu_kernel_choice, triton_available
+from jaxformers.kernels.gpu_kernel import gpu_kernel_choice, triton_unsupported
 from jaxformers.kernels.local_global.mask import MaskSpec
 from jaxformers.sharding import per_batch_shard
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
@@ -93,15 +94,17 @@ def tpu_route(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
 
 
 def _auto_implementation(q, k, v, gpu_kernel: str) -> str:
-    """Pallas on TPU, and on GPU where this jax has the Triton backend or the Mosaic GPU kernels take
-    the call; the reference elsewhere."""
+    """Pallas on TPU, and on GPU where the Mosaic GPU kernels take the call or the Triton ones can run
+    it (this jax and GPU have Triton; the tiles fit the GPU's shared memory); the reference elsewhere."""
     backend = jax.default_backend()
-    if backend == "tpu" or (backend == "gpu" and triton_available()):
+    if backend == "tpu":
         return "pallas"
     if backend == "gpu":
-        from jaxformers.kernels.local_global.pallas_kernel import pick_gpu_kernel
+        from jaxformers.kernels.local_global.pallas_kernel import pick_gpu_kernel, triton_tiles
 
-        return "pallas" if pick_gpu_kernel(gpu_kernel, backend, q, k, v) == "mosaic" else "xla"
+        if pick_gpu_kernel(gpu_kernel, backend, q, k, v) == "mosaic":
+            return "pallas"
+        return "pallas" if triton_unsupported() is None and triton_tiles(q, k, v) is not None else "xla"
     return "xla"
 
 

@@ -61,6 +61,50 @@ class BlockSizes:
 # thread, an H100's 68-700 B); these compile without spills for A100, H100 and B200, head dims 64, 128.
 FLOAT32_GPU_BLOCKS = BlockSizes(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=32)
 
+# Smaller Triton tiles, tried in order where a GPU's shared memory does not hold the defaults.
+_FORWARD_TILES = ((128, 64), (64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+_BACKWARD_TILES = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+
+
+def triton_shared_memory(kernel: str, block_q: int, block_k: int, dim: int, itemsize: int) -> int:
+    """Bytes of shared memory XLA's Triton asks for one of our Triton kernels ("fwd", "dq", "dkv")
+    with these tiles and padded head dim: an upper bound fitted to what jax 0.11.2 requested over
+    head dims 32-256, tiles 16-128 and bf16/float32 (compiled for a GPU with too little shared memory,
+    whose error names the request; at most 35% over, mostly under 15%)."""
+    e, d = itemsize, dim
+    if kernel == "fwd":
+        need = e * d * (2 * block_q + 5 * block_k) // 2
+    elif kernel == "dq":
+        need = e * d * (4 * block_q + 5 * block_k) // 2
+    elif kernel == "dkv":
+        need = e * d * (2 * block_q + (4 if e < 4 else 2) * block_k) + e * block_q * block_k
+    else:
+        raise ValueError(f"kernel must be 'fwd', 'dq' or 'dkv'; got {kernel!r}")
+    return need + 1024
+
+
+def triton_blocks(itemsize: int, dim: int, budget: int) -> BlockSizes | None:
+    """The Triton kernels' tiles for padded head dim ``dim`` where their shared memory estimates may
+    reach ``budget`` bytes (``gpu_kernel.triton_shared_memory_budget``): the defaults (``BlockSizes()``;
+    float32: ``FLOAT32_GPU_BLOCKS``) where they fit, else the largest smaller ones that do (:func:`triton_shared_memory`); None when not even 16x16
+    tiles fit.
+
+    Registers bound the tiles too: a tile row of ``dim`` elements takes at most 32 KiB per forward tile
+    and 16 KiB per backward tile (the defaults at head dim 128). At head dim 256 larger tiles made
+    ptxas spill up to 11 KB per thread in the dK/dV kernel (``compile_check.py`` for an A100)."""
+    first = FLOAT32_GPU_BLOCKS if itemsize >= 4 else BlockSizes()
+
+    def largest(tiles, first_tile, kernels, tile_bytes):
+        tiles = tiles[tiles.index(first_tile):]
+        return next((t for t in tiles if max(t) * dim * itemsize <= tile_bytes and all(
+            triton_shared_memory(k, *t, dim, itemsize) <= budget for k in kernels)), None)
+
+    forward = largest(_FORWARD_TILES, (first.block_q, first.block_k), ("fwd",), 32 << 10)
+    backward = largest(_BACKWARD_TILES, (first.block_q_bwd, first.block_k_bwd), ("dq", "dkv"), 16 << 10)
+    if forward is None or backward is None:
+        return None
+    return BlockSizes(*forward, *backward)
+
 
 def pl_next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()

@@ -39,9 +39,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxformers.kernels.gpu_kernel import resolve_gpu_kernel, triton_compiler_params
-from jaxformers.kernels.local_global.blocks import (FLOAT32_GPU_BLOCKS, BlockSizes, k_major_table, pl_next_pow2,
-                                                    q_major_table)
+from jaxformers.kernels.gpu_kernel import (gpu_shared_memory_bytes, resolve_gpu_kernel, triton_compiler_params,
+                                          triton_shared_memory_budget)
+from jaxformers.kernels.local_global.blocks import (BlockSizes, k_major_table, pl_next_pow2, q_major_table,
+                                                    triton_blocks)
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
 
@@ -355,6 +356,13 @@ def padded_head_dim(dim: int) -> int:
     return pl_next_pow2(max(dim, 16))
 
 
+def triton_tiles(q, k, v) -> BlockSizes | None:
+    """The compiled Triton kernels' tiles for these inputs on JAX's default GPU, sized to its shared
+    memory (``blocks.triton_blocks``); None when not even the smallest fit."""
+    dim = max(padded_head_dim(q.shape[-1]), padded_head_dim(v.shape[-1]))
+    return triton_blocks(jnp.result_type(q, k, v).itemsize, dim, triton_shared_memory_budget())
+
+
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
     if segment_ids is None:
         seg = jnp.ones((batch_or_one, length), jnp.int32)
@@ -378,8 +386,9 @@ def local_global_attention_pallas(
 ) -> jax.Array:
     """The Pallas path of ``local_global_attention`` (inputs already validated by the API).
 
-    ``block_sizes`` defaults to ``BlockSizes()`` (compiled float32 on a GPU: ``FLOAT32_GPU_BLOCKS``)
-    shrunk to the sequence; ``interpret`` defaults to True off GPU/TPU. ``backend`` ("gpu" | "tpu" |
+    ``block_sizes`` defaults to ``BlockSizes()`` (the compiled Triton kernels: :func:`triton_tiles`,
+    smaller for float32 and for head dims whose tiles exceed the GPU's shared memory) shrunk to the
+    sequence; ``interpret`` defaults to True off GPU/TPU. ``backend`` ("gpu" | "tpu" |
     "cpu", default: JAX's default backend) picks the kernels and lowering; naming "gpu" or "tpu" lets
     ``jax.export`` lower for that platform from a CPU host, and ``backend="tpu", interpret=True`` runs
     the TPU kernels in Pallas' TPU interpret mode (``interpret`` may also be a
@@ -407,11 +416,16 @@ def local_global_attention_pallas(
         interpret = pltpu.InterpretParams()
     batch, q_len, heads, dim = q.shape
     k_len, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    if block_sizes is None:  # float32 Triton kernels take smaller tiles (registers; see FLOAT32_GPU_BLOCKS)
-        compiled_f32 = backend == "gpu" and not interpret and jnp.result_type(q, k, v) == jnp.float32
-        block_sizes = FLOAT32_GPU_BLOCKS if compiled_f32 else BlockSizes()
-    blocks = block_sizes.fitted(q_len, k_len)
     gpu_kernel = pick_gpu_kernel(gpu_kernel, backend, q, k, v)
+    if block_sizes is None and backend == "gpu" and not interpret and gpu_kernel == "triton":
+        block_sizes = triton_tiles(q, k, v)  # float32 and large head dims take smaller tiles
+        if block_sizes is None:
+            raise ValueError(
+                f"local_global_attention(implementation='pallas'): head dims {dim}/{dim_v} in "
+                f"{jnp.result_type(q, k, v)} need more shared memory than this GPU's "
+                f"{gpu_shared_memory_bytes() >> 10} KiB per block even at 16x16 tiles; use implementation='xla' "
+                "(or 'auto', which falls back to it)")
+    blocks = (block_sizes or BlockSizes()).fitted(q_len, k_len)
     cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads,
                   interpret=interpret, backend=backend, gpu_kernel=gpu_kernel)
     q_multiple, k_multiple = blocks.q_multiple, blocks.k_multiple
