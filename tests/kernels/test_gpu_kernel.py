@@ -190,9 +190,10 @@ def test_auto_on_a_gpu_older_than_ampere(monkeypatch):
 # Shared memory that jax 0.11.2's Triton requested for an A100 (compiled for a GPU with too little,
 # whose error names the request): local/global (kernel, block_q, block_k, head dim, itemsize) and
 # BRA (tokens per region, regions per step, head dim, itemsize).
-LOCAL_GLOBAL_REQUESTS = {("fwd", 128, 64, 128, 2): 65792, ("dq", 64, 64, 128, 2): 73984, ("dkv", 64, 64, 128, 2): 107008,
-                         ("dkv", 64, 64, 256, 2): 205312, ("fwd", 64, 64, 128, 4): 114944,
-                         ("dkv", 32, 32, 128, 4): 65924, ("dq", 32, 32, 256, 4): 131200, ("fwd", 16, 32, 64, 2): 11264}
+LOCAL_GLOBAL_REQUESTS = {("fwd", 128, 64, 128, 2): 65792, ("dq", 64, 64, 128, 2): 73984,
+                         ("dkv", 64, 64, 128, 2): 107008, ("dkv", 64, 64, 256, 2): 205312,
+                         ("fwd", 64, 64, 128, 4): 114944, ("dkv", 32, 32, 128, 4): 65924,
+                         ("dq", 32, 32, 256, 4): 131200, ("fwd", 16, 32, 64, 2): 11264}
 BRA_REQUESTS = {(64, 1, 128, 4): 147968, (64, 1, 128, 2): 74240, (256, 1, 32, 4): 133120, (16, 4, 32, 2): 12800,
                 (64, 2, 64, 2): 50688}
 
@@ -210,7 +211,8 @@ def test_triton_shared_memory_estimates_bound_the_requests():
 def test_local_global_triton_tiles_follow_the_gpu(monkeypatch):
     """Tiles shrink where the defaults exceed the GPU's shared memory (head dim 128 on an L4's 99 KiB)
     or the register bound (head dim 256); unchanged for head dims up to 128 on A100/H100/B200."""
-    from jaxformers.kernels.local_global.blocks import FLOAT32_GPU_BLOCKS, BlockSizes, triton_blocks, triton_shared_memory
+    from jaxformers.kernels.local_global.blocks import (FLOAT32_GPU_BLOCKS, BlockSizes, triton_blocks,
+                                                        triton_shared_memory)
 
     a100, h100, b200, l4 = (int(0.95 * (kib << 10) / f) for kib, f in ((163, 1), (227, 1), (227, 1.75), (99, 1)))
     for budget in (a100, h100, b200):
@@ -243,7 +245,7 @@ def test_local_global_triton_tiles_follow_the_gpu(monkeypatch):
     assert grids(128) == on_a100[:2] + [2 * on_a100[2]]  # dK/dV: 32- instead of 64-key tiles
     x = jnp.zeros((1, 64, 2, 512), jnp.float32)
     assert local_global_api._auto_implementation(x, x, x, "auto") == "xla"
-    with pytest.raises(ValueError, match=r"head dims 512/512 in float32 need more shared memory than this GPU's 99 KiB"):
+    with pytest.raises(ValueError, match=r"head dims 512/512 in float32 need more shared memory than this GPU's 99"):
         grids(512, jnp.float32)
 
 

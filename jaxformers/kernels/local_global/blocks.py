@@ -86,8 +86,8 @@ def triton_shared_memory(kernel: str, block_q: int, block_k: int, dim: int, item
 def triton_blocks(itemsize: int, dim: int, budget: int) -> BlockSizes | None:
     """The Triton kernels' tiles for padded head dim ``dim`` where their shared memory estimates may
     reach ``budget`` bytes (``gpu_kernel.triton_shared_memory_budget``): the defaults (``BlockSizes()``;
-    float32: ``FLOAT32_GPU_BLOCKS``) where they fit, else the largest smaller ones that do (:func:`triton_shared_memory`); None when not even 16x16
-    tiles fit.
+    float32: ``FLOAT32_GPU_BLOCKS``) where they fit, else the largest smaller ones that do
+    (:func:`triton_shared_memory`); None when not even 16x16 tiles fit.
 
     Registers bound the tiles too: a tile row of ``dim`` elements takes at most 32 KiB per forward tile
     and 16 KiB per backward tile (the defaults at head dim 128). At head dim 256 larger tiles made

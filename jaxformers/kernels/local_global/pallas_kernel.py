@@ -23,9 +23,11 @@ Layout and schedule (FlashAttention-2 style):
 Backends: the kernels use only ops that the Pallas Triton (GPU) lowering supports (``pl.ds``
 slices of refs, scalar reads from a flat int32 table, ``jnp.dot``, 2-D iotas, ``fori_loop`` with
 dynamic bounds); the tests lower them for CUDA from a CPU host and run them in interpret mode on
-CPU. They have not been compiled or timed on a GPU yet. With ``backend="tpu"`` the same wrapper
-(padding, global tokens, GQA sums, custom VJP) drives the TPU kernels of ``tpu_kernel.py``, whose
-layout rules these kernels do not follow; unpacked TPU calls take ``splash_tpu.py``.
+CPU. They have not run on a GPU yet; they compile for an A100, H100, B200 and L4 without one
+(``benchmarks/compile_check.py``), with tiles sized to the GPU's shared memory (:func:`triton_tiles`).
+With ``backend="tpu"`` the same wrapper (padding, global tokens, GQA sums, custom VJP) drives the TPU
+kernels of ``tpu_kernel.py``, whose layout rules these kernels do not follow; unpacked TPU calls take
+``splash_tpu.py``.
 """
 from __future__ import annotations
 
