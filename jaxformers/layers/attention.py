@@ -6,7 +6,8 @@
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bf16/fp16).
 - ``"pallas"``: ``jaxformers.kernels.local_global_attention`` (flash-style Pallas kernel; segment
   ids but no arbitrary bias/mask). On CPU it runs in interpret mode (slow, for tests).
-- ``"auto"``: cuDNN on a GPU when the call is eligible, else ``"xla"``.
+- ``"auto"``: cuDNN on a GPU when the call is eligible (Ampere or newer, bf16/f16, no dropout, head
+  dim a multiple of 8 up to 128), else ``"xla"``.
 
 ``MultiHeadAttention`` is the one attention module every model reuses; its projections carry the
 logical axes (``embed``, ``heads``, ``kv``) so tensor parallelism shards whole heads. For
@@ -21,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxformers.kernels.gpu_kernel import gpu_compute_capability
 from jaxformers.layers.linear import logical, trunc_normal
 from jaxformers.sharding import constrain
 
@@ -58,7 +60,10 @@ def _xla_attention(q, k, v, bias, mask, scale, dropout_rate, dropout_rng):
 
 
 def _cudnn_eligible(q, bias, mask, dropout_rate) -> bool:
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    """cuDNN's flash attention takes the call: an NVIDIA GPU of compute capability 8.0 or newer (not a
+    T4 or V100, nor a ROCm GPU), bf16/f16, no dropout, a head dim that is a multiple of 8 up to 128."""
+    capability = gpu_compute_capability()
+    return (capability is not None and capability >= (8, 0) and q.dtype in (jnp.bfloat16, jnp.float16)
             and dropout_rate == 0.0 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 

@@ -54,6 +54,26 @@ def test_auto_falls_back_to_xla_on_cpu():
                                dot_product_attention(q, k, v), rtol=1e-6)
 
 
+@pytest.mark.parametrize("capability,eligible", [("8.0", True), ("8.9", True), ("9.0", True), ("7.5", False),
+                                                 ("7.0", False), (None, False)])
+def test_auto_takes_cudnn_on_ampere_and_newer_only(monkeypatch, capability, eligible):
+    """cuDNN's flash attention needs compute capability 8.0: "auto" keeps the XLA path on a T4 or V100
+    (and on a ROCm GPU, which gives none), where the cuDNN call would fail."""
+    from jaxformers.layers.attention import _cudnn_eligible
+
+    class Gpu:
+        compute_capability = capability
+
+    devices = jax.devices
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda backend=None: [Gpu()] if backend == "gpu" else devices(backend))
+    q = jnp.zeros((1, 8, 2, 64), jnp.float16)
+    assert _cudnn_eligible(q, None, None, 0.0) == eligible
+    assert not _cudnn_eligible(q.astype(jnp.float32), None, None, 0.0)
+    assert not _cudnn_eligible(q, None, None, 0.1)
+    assert not _cudnn_eligible(jnp.zeros((1, 8, 2, 256), jnp.float16), None, None, 0.0)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(implementation="flash"), "implementation must be one of"),
     (dict(q=jnp.zeros((2, 7, 3))), "must be \\(batch, length, heads, head_dim\\)"),
