@@ -182,7 +182,7 @@ def test_mha_kv_cache_decoding_equals_causal_attention():
 
 
 def test_mha_kv_cache_bad_inputs_raise_clear_errors():
-    from jaxformers.layers.attention import KVCache, init_kv_cache
+    from jaxformers.layers.attention import init_kv_cache
 
     x = jnp.ones((2, 1, 12))
     mha = MultiHeadAttention(num_heads=3)
