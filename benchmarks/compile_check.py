@@ -3,7 +3,7 @@
     make compile-h100      # a venv with jax[cuda13] at the GPU machines' jax (~5 GB), then --target h100
     make compile-tpu       # a venv with jax[tpu] (libtpu, ~1.5 GB), then --target v5e
     python benchmarks/compile_check.py --target v4 --only bra,train         # in such a venv
-    python benchmarks/compile_check.py --target a100                        # or b200, l4: the Triton kernels
+    python benchmarks/compile_check.py --target a100                        # or b200, l4, rtx_pro_6000: Triton
     python benchmarks/compile_check.py --target t4          # pre-Ampere: every row refused (no Triton there)
 
 Deviceless ahead-of-time compilation: the CUDA plugin describes a GPU from a target config, and
@@ -63,9 +63,10 @@ class GpuSpec(NamedTuple):
     name: str
 
 
-# An A100 (sm80), a B200 (sm100) and an L4 (sm89, 99 KiB of shared memory per block, like an A10 or
-# an RTX 3090/4090) take our Triton kernels (the Mosaic GPU ones are Hopper's); a T4 (sm75, Colab's
-# free GPU) none: XLA compiles Triton for Ampere and newer only, so the ops refuse "pallas" there.
+# An A100 (sm80), a B200 (sm100), an L4 (sm89) and an RTX PRO 6000 (sm120; the L4 and it have 99 KiB
+# of shared memory per block, like an A10 or an RTX 3090/4090/5090) take our Triton kernels (the
+# Mosaic GPU ones are Hopper's); a T4 (sm75, Colab's free GPU) none: XLA compiles Triton for Ampere
+# and newer only, so the ops refuse "pallas" there.
 GPU_SPECS = {
     "h100": GpuSpec(132, 233472, 232448, 3352320000000, 52428800, 1.98, 84929347584, (9, 0), 128,
                     "NVIDIA H100 80GB HBM3"),
@@ -74,6 +75,8 @@ GPU_SPECS = {
     "b200": GpuSpec(148, 233472, 232448, 7672320000000, 132644864, 1.965, 191514411008, (10, 0), 128, "NVIDIA B200"),
     "t4": GpuSpec(40, 65536, 65536, 320064000000, 4194304, 1.59, 16106127360, (7, 5), 64, "Tesla T4"),
     "l4": GpuSpec(58, 102400, 101376, 300000000000, 50331648, 2.04, 24152899584, (8, 9), 128, "NVIDIA L4"),
+    "rtx_pro_6000": GpuSpec(188, 102400, 101376, 1792000000000, 134217728, 2.6, 102005473280, (12, 0), 128,
+                            "NVIDIA RTX PRO 6000 Blackwell Server Edition"),
 }
 
 

@@ -74,14 +74,15 @@ def test_triton_report_reads_our_kernels_from_the_compiler_log(tmp_path):
 
 def test_gpu_target_configs_describe_each_gpu():
     mod = load()
-    assert {"h100", "a100", "b200", "l4", "t4"} <= set(mod.TARGETS)
+    assert {"h100", "a100", "b200", "l4", "rtx_pro_6000", "t4"} <= set(mod.TARGETS)
     for target, spec in mod.GPU_SPECS.items():
         config = mod.gpu_target_config(target)
         assert config.count("{") == config.count("}") == 4  # device info, compute capability, dnn, runtime
         major, minor = spec.capability
         assert f"core_count: {spec.sms}\n" in config and f"major: {major} minor: {minor}" in config
         assert f'device_description_str: "{spec.name}"' in config
-        assert re.search(rf"\b{target.upper()}\b", spec.name)  # Pallas' GpuVersion is looked up by this name
+        # Pallas' GpuVersion is looked up by this name (and the target's upper case)
+        assert re.search(rf"\b{target.upper().replace('_', ' ')}\b", spec.name)
 
 
 def test_kernels_in_names_each_kind():
