@@ -1,5 +1,6 @@
 """Helpers shared by the test files: inputs, parameter perturbation, fast-compiling jit, NumPy-drawn
-variables, the digits data set, the train / sharded-vs-single-device drivers and timm-parity plumbing.
+variables, the digits data set, the train / sharded-vs-single-device drivers, timm-parity plumbing and
+a pretend GPU for the kernel choice.
 
 Import as ``from tests.helpers import ...``: pytest (``--import-mode=importlib``, rootdir = the repo)
 imports every test module as ``tests.<path>``, with ``tests`` a namespace package rooted at this
@@ -208,3 +209,20 @@ def lowered_functions(text: str, name: str) -> dict[str, int]:
     how many calls each has (one function called from every call site = one shared lowering)."""
     names = re.findall(rf"func\.func private @({name}(?:_\d+)?)\(", text)
     return {n: text.count(f"call @{n}(") for n in names}
+
+
+class _FakeGpu:
+    def __init__(self, capability: str | None, kind: str):
+        if capability is not None:
+            self.compute_capability = capability
+        self.device_kind = kind
+
+
+def on_fake_gpu(monkeypatch, capability: str | None, kind: str = "NVIDIA GPU") -> None:
+    """Makes JAX's default backend a GPU of this compute capability ("8.9"; None: one that does not
+    give it, as a ROCm GPU), for code that picks kernels by ``jax.default_backend()`` and
+    ``jax.devices("gpu")``; nothing runs on it."""
+    devices = jax.devices
+    fake = _FakeGpu(capability, kind)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda backend=None: [fake] if backend in ("gpu", "cuda") else devices(backend))

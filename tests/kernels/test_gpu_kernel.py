@@ -14,6 +14,7 @@ from jaxformers.kernels.gpu_kernel import (ENV_VAR, GPU_KERNELS, gpu_kernel_choi
                                            triton_available, triton_compiler_params)
 from jaxformers.kernels.local_global import api as local_global_api
 from jaxformers.kernels.local_global.mask import MaskSpec
+from tests.helpers import on_fake_gpu
 
 
 def _never():
@@ -75,21 +76,6 @@ def test_public_ops_pass_gpu_kernel_down():
                                    gpu_kernel="mosaic")
 
 
-class _FakeGpu:
-    def __init__(self, capability, kind):
-        if capability is not None:
-            self.compute_capability = capability
-        self.device_kind = kind
-
-
-def _on_gpu(monkeypatch, capability, kind="NVIDIA GPU"):
-    """JAX's default backend as a GPU of this compute capability (None: one that does not say, ROCm)."""
-    devices = jax.devices
-    fake = _FakeGpu(capability, kind)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "devices", lambda backend=None: [fake] if backend in ("gpu", "cuda") else devices(backend))
-
-
 def _remove_triton(monkeypatch):
     """This process's jax as one without the Pallas Triton backend (deprecated in jax 0.12)."""
     monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # import -> ImportError
@@ -116,7 +102,7 @@ def test_auto_on_a_gpu_without_triton(monkeypatch, hopper):
     """On a GPU whose jax has lost the Triton backend, ``implementation="auto"`` takes the Mosaic GPU
     kernels where they take the call (a Hopper GPU, bf16) and the XLA reference elsewhere, and
     ``"pallas"`` that needs Triton raises the clear error, not a lowering trace."""
-    _on_gpu(monkeypatch, "9.0" if hopper else "8.0")
+    on_fake_gpu(monkeypatch, "9.0" if hopper else "8.0")
     maps = jnp.asarray(np.random.default_rng(0).normal(size=(3, 1, 16, 16, 64)), jnp.bfloat16)
     seq = jnp.asarray(np.random.default_rng(1).normal(size=(3, 1, 64, 2, 32)), jnp.bfloat16)
     auto = {
@@ -154,18 +140,18 @@ def test_shared_memory_of_the_gpu(monkeypatch):
     for capability, kib, budget in (("8.0", 163, 0.95 * 163), ("8.9", 99, 0.95 * 99), ("8.6", 99, 0.95 * 99),
                                     ("9.0", 227, 0.95 * 227), ("10.0", 227, 0.95 * 227 / 1.75),
                                     ("12.0", 99, 0.95 * 99), (None, 64, 0.95 * 64)):
-        _on_gpu(monkeypatch, capability)
+        on_fake_gpu(monkeypatch, capability)
         assert gpu_kernel.gpu_shared_memory_bytes() == kib << 10, capability
         assert gpu_kernel.triton_shared_memory_budget() == int(budget * 1024), capability
         assert gpu_kernel.on_hopper_gpu() == (capability == "9.0")
-    _on_gpu(monkeypatch, "8.9")
+    on_fake_gpu(monkeypatch, "8.9")
     assert gpu_kernel.gpu_compute_capability() == (8, 9)
 
 
 def test_auto_on_a_gpu_older_than_ampere(monkeypatch):
     """XLA compiles Triton kernels for Ampere and newer only: on a T4 (a free Colab GPU) "auto" takes
     the reference for both ops, and "pallas" raises a clear error instead of XLA's."""
-    _on_gpu(monkeypatch, "7.5", "Tesla T4")
+    on_fake_gpu(monkeypatch, "7.5", "Tesla T4")
     reason = gpu_kernel.triton_unsupported()
     assert "compute capability 8.0" in reason and "Tesla T4 is 7.5" in reason
     maps = jnp.asarray(np.random.default_rng(0).normal(size=(3, 1, 16, 16, 64)), jnp.float32)
@@ -239,9 +225,9 @@ def test_local_global_triton_tiles_follow_the_gpu(monkeypatch):
         jaxpr = jax.make_jaxpr(lambda x: jax.vjp(lambda *a: fn(*a), x, x, x)[1](x))(x)
         return [math.prod(e.params["grid_mapping"].grid) for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
 
-    _on_gpu(monkeypatch, "8.0", "NVIDIA A100-SXM4-80GB")
+    on_fake_gpu(monkeypatch, "8.0", "NVIDIA A100-SXM4-80GB")
     on_a100 = grids(128)
-    _on_gpu(monkeypatch, "8.9", "NVIDIA L4")
+    on_fake_gpu(monkeypatch, "8.9", "NVIDIA L4")
     assert grids(128) == on_a100[:2] + [2 * on_a100[2]]  # dK/dV: 32- instead of 64-key tiles
     x = jnp.zeros((1, 64, 2, 512), jnp.float32)
     assert local_global_api._auto_implementation(x, x, x, "auto") == "xla"
@@ -257,7 +243,7 @@ def test_bra_triton_kernels_refuse_regions_too_large_for_the_gpu(monkeypatch):
     big = jnp.zeros((1, 16, 16, 256), jnp.float32)  # 2x2 regions of 8x8 tokens, 2 heads of 128
     biformer = jnp.zeros((1, 56, 56, 64), jnp.bfloat16)  # stage 1: 7x7 regions of 8x8 tokens, head dim 32
     for capability, fits in (("8.0", True), ("8.9", False)):
-        _on_gpu(monkeypatch, capability)
+        on_fake_gpu(monkeypatch, capability)
         assert triton_fits(big, big, big, num_heads=2, regions_per_side=2, topk=2) == fits
         assert bra_api._auto_implementation(big, big, big, 2, 2, 2, "auto") == ("pallas" if fits else "xla")
         assert triton_fits(biformer, biformer, biformer, num_heads=2, regions_per_side=7, topk=1)

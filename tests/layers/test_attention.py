@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxformers.layers import MultiHeadAttention, dot_product_attention, segment_mask
+from tests.helpers import on_fake_gpu
 
 
 def _naive(q, k, v, mask=None, bias=None, scale=None):
@@ -61,12 +62,7 @@ def test_auto_takes_cudnn_on_ampere_and_newer_only(monkeypatch, capability, elig
     (and on a ROCm GPU, which gives none), where the cuDNN call would fail."""
     from jaxformers.layers.attention import _cudnn_eligible
 
-    class Gpu:
-        compute_capability = capability
-
-    devices = jax.devices
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "devices", lambda backend=None: [Gpu()] if backend == "gpu" else devices(backend))
+    on_fake_gpu(monkeypatch, capability)
     q = jnp.zeros((1, 8, 2, 64), jnp.float16)
     assert _cudnn_eligible(q, None, None, 0.0) == eligible
     assert not _cudnn_eligible(q.astype(jnp.float32), None, None, 0.0)

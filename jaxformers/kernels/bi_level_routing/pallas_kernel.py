@@ -487,17 +487,15 @@ def triton_fits(q, k, v, *, num_heads: int, regions_per_side: int, topk: int) ->
     (:func:`triton_shared_memory` against ``gpu_kernel.triton_shared_memory_budget``): a query tile
     holds a whole region, so large regions with large head dims (e.g. 16x16 tokens at head dim 64 in
     float32) need more than an A10/L4/RTX GPU's 99 KiB."""
-    return _triton_shared_memory_of(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,
-                                    topk=topk) <= triton_shared_memory_budget()
-
-
-def _triton_shared_memory_of(q, k, v, *, num_heads: int, regions_per_side: int, topk: int,
-                             block_sizes: BlockSizes | None = None) -> int:
     dtype = jnp.result_type(q, k, v)
-    cfg, dqk_pad, dv_pad = _plan(q.shape, v.shape, dtype, num_heads=num_heads, regions_per_side=regions_per_side,
-                                 topk=topk, scale=1.0, block_sizes=block_sizes, layout="gpu", interpret=False,
-                                 poison=False)
-    return triton_shared_memory(cfg.tokens_padded, cfg.kv_step, max(dqk_pad, dv_pad), jnp.dtype(dtype).itemsize)
+    plan = _plan(q.shape, v.shape, dtype, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk,
+                 scale=1.0, block_sizes=None, layout="gpu", interpret=False, poison=False)
+    return _triton_need(*plan, jnp.dtype(dtype).itemsize) <= triton_shared_memory_budget()
+
+
+def _triton_need(cfg: KernelConfig, dqk_pad: int, dv_pad: int, itemsize: int) -> int:
+    """:func:`triton_shared_memory` of a planned GPU-layout call."""
+    return triton_shared_memory(cfg.tokens_padded, cfg.kv_step, max(dqk_pad, dv_pad), itemsize)
 
 
 def uses_mosaic_gpu(choice: str | None, q, k, v, num_heads: int, regions_per_side: int, layout: str | None) -> bool:
@@ -552,21 +550,19 @@ def bi_level_routing_attention_pallas(
         return bi_level_routing_attention_mosaic(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,
                                                  topk=topk, scale=scale, interpret=interpret)
     out_dtype = v.dtype
-    layout = layout or default_layout()
-    if layout == "gpu" and interpret is False:  # compiled Triton kernels: their tiles must fit shared memory
-        need = _triton_shared_memory_of(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk,
-                                        block_sizes=block_sizes)
-        if need > triton_shared_memory_budget():
-            raise ValueError(
-                f"bi_level_routing_attention(implementation='pallas'): regions of {q.shape[1] // regions_per_side}x"
-                f"{q.shape[2] // regions_per_side} tokens at head dim {q.shape[-1] // num_heads} in "
-                f"{jnp.result_type(q, k, v)} need ~{need >> 10} KiB of shared memory per Triton kernel, more than "
-                "this GPU holds; use implementation='xla' (or 'auto', which falls back to it), or more regions")
     q, k, v = (x.astype(jnp.result_type(q, k, v)) for x in (q, k, v))  # one dtype inside the kernels
     cfg, dqk_pad, dv_pad = _plan(q.shape, v.shape, q.dtype, num_heads=num_heads,
                                  regions_per_side=regions_per_side, topk=topk, scale=scale,
-                                 block_sizes=block_sizes, layout=layout, interpret=interpret, poison=poison,
-                                 direct=direct)
+                                 block_sizes=block_sizes, layout=layout or default_layout(),
+                                 interpret=interpret, poison=poison, direct=direct)
+    if cfg.layout == "gpu" and interpret is False:  # compiled Triton kernels: their tiles must fit shared memory
+        need = _triton_need(cfg, dqk_pad, dv_pad, q.dtype.itemsize)
+        if need > triton_shared_memory_budget():
+            raise ValueError(
+                f"bi_level_routing_attention(implementation='pallas'): regions of {cfg.region_h}x{cfg.region_w} "
+                f"tokens at head dim {q.shape[-1] // num_heads} in {q.dtype} need ~{need >> 10} KiB of shared "
+                "memory per Triton kernel, more than this GPU holds; use implementation='xla' (or 'auto', which "
+                "falls back to it), or more regions")
     s = regions_per_side
     _, height, width, _ = q.shape
     r, r_pad = cfg.num_regions, cfg.regions_padded
