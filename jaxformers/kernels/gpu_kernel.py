@@ -87,14 +87,15 @@ def gpu_shared_memory_bytes() -> int:
     return 64 << 10 if capability is None else _SHARED_MEMORY_PER_BLOCK.get(capability, 99 << 10)
 
 
-def triton_shared_memory_budget() -> int:
-    """Bytes that our Triton kernels' shared memory estimates (fitted to what an A100's Triton
-    requests) may reach on JAX's default GPU: its per-block opt-in (:func:`gpu_shared_memory_bytes`)
-    less 5% for other Triton versions, divided by 1.75 on Blackwell data-centre GPUs (compute
-    capability 10.x, whose Triton requested up to 1.71x an A100's for the same tiles)."""
+def triton_shared_memory_budget(request_ratio: dict[int, float] | None = None) -> int:
+    """Bytes that one of our Triton kernels' shared memory estimates may reach on JAX's default GPU:
+    its per-block opt-in (:func:`gpu_shared_memory_bytes`) less 5% for other Triton versions, divided
+    by ``request_ratio[major compute capability]`` (default 1): each op's estimate is fitted to what an
+    A100's Triton requests, and its table gives how much more the Triton of a newer architecture asked
+    for the same tiles (measured per op; e.g. local/global's up to 1.62x on an H100, 1.71x on a B200)."""
     capability = gpu_compute_capability()
-    blackwell = capability is not None and capability[0] == 10
-    return int(0.95 * gpu_shared_memory_bytes() / (1.75 if blackwell else 1.0))
+    ratio = (request_ratio or {}).get(capability[0], 1.0) if capability is not None else 1.0
+    return int(0.95 * gpu_shared_memory_bytes() / ratio)
 
 
 def triton_unsupported() -> str | None:

@@ -13,6 +13,9 @@ Layout and schedule (FlashAttention-2 style):
 - Any length: q/k/v are zero-padded to the block multiple and padding positions get segment id 0,
   which masks them; head dims are padded to a power of two (zeros change no dot product).
 - Queries with no allowed key (padding) produce zeros and a +inf logsumexp (zero gradients).
+- The backward's delta = rowsum(out * dOut) is taken from the output in its own dtype, as
+  FlashAttention does (also in the Mosaic GPU and TPU kernels): in bf16, rows whose softmax is
+  nearly one-hot over very few keys get dQ/dK off by several percent of their largest entry.
 - Global tokens attend to, and are attended by, the whole sequence: rather than let the programs
   holding them walk every block alone (the others visit a few), global query rows are computed
   by a dense pass (the reference over n x L rows), and in the backward the dK/dV of global keys
@@ -43,8 +46,8 @@ from jax.experimental import pallas as pl
 
 from jaxformers.kernels.gpu_kernel import (gpu_shared_memory_bytes, resolve_gpu_kernel, triton_compiler_params,
                                           triton_shared_memory_budget)
-from jaxformers.kernels.local_global.blocks import (BlockSizes, k_major_table, pl_next_pow2, q_major_table,
-                                                    triton_blocks)
+from jaxformers.kernels.local_global.blocks import (TRITON_REQUEST_RATIO, BlockSizes, k_major_table, pl_next_pow2,
+                                                    q_major_table, triton_blocks)
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
 
@@ -362,7 +365,7 @@ def triton_tiles(q, k, v) -> BlockSizes | None:
     """The compiled Triton kernels' tiles for these inputs on JAX's default GPU, sized to its shared
     memory (``blocks.triton_blocks``); None when not even the smallest fit."""
     dim = max(padded_head_dim(q.shape[-1]), padded_head_dim(v.shape[-1]))
-    return triton_blocks(jnp.result_type(q, k, v).itemsize, dim, triton_shared_memory_budget())
+    return triton_blocks(jnp.result_type(q, k, v).itemsize, dim, triton_shared_memory_budget(TRITON_REQUEST_RATIO))
 
 
 def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
@@ -424,9 +427,9 @@ def local_global_attention_pallas(
         if block_sizes is None:
             raise ValueError(
                 f"local_global_attention(implementation='pallas'): head dims {dim}/{dim_v} in "
-                f"{jnp.result_type(q, k, v)} need more shared memory than this GPU's "
-                f"{gpu_shared_memory_bytes() >> 10} KiB per block even at 16x16 tiles; use implementation='xla' "
-                "(or 'auto', which falls back to it)")
+                f"{jnp.result_type(q, k, v)} take too much shared memory (this GPU has "
+                f"{gpu_shared_memory_bytes() >> 10} KiB per block) or registers even in 16x16 Triton tiles; use "
+                "implementation='xla' (or 'auto', which falls back to it)")
     blocks = (block_sizes or BlockSizes()).fitted(q_len, k_len)
     cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads,
                   interpret=interpret, backend=backend, gpu_kernel=gpu_kernel)
