@@ -54,7 +54,7 @@ test-device-jax:
 	  tests/kernels/test_benchmark_kernels.py tests/models/test_biformer.py::test_hopper_kernels_through_the_layer \
 	  tests/kernels/test_bi_level_routing.py::test_kernels_lower_for_gpu_and_tpu_without_hardware \
 	  tests/kernels/test_local_global.py::test_kernels_lower_for_gpu_triton \
-	  tests/kernels/test_random_configs.py::test_local_global_mosaic_kernels tests/kernels/test_random_configs.py::test_bra_mosaic_kernels \
+	  tests/kernels/test_random_configs.py::test_mosaic_gpu_kernels_match_the_reference \
 	  tests/kernels/test_local_global.py::test_tpu_splash_path_lowers_for_tpu)
 
 # Not in CI (big installs): compile every kernel and BiFormer-T's train step for an H100 (~5 GB of

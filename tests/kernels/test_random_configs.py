@@ -137,38 +137,26 @@ def _run_bra(seed: int, kernel_set: str, dtype) -> None:
         arrays, dtype, f"seed {seed}: {options}, shapes {[a.shape for a in arrays[:3]]}")
 
 
-@pytest.mark.parametrize("seed", _seeds([1, 3, 5], 0))
-def test_local_global_triton_kernels(seed):
-    _run_local_global(seed, "triton", jnp.float32)
+RUNS = {"local_global": _run_local_global, "bra": _run_bra}
+# (op, kernel set, dtype, CI's seeds, the campaign's first seed)
+PLAN = [("local_global", "triton", jnp.float32, [1, 3, 5], 0), ("local_global", "triton", jnp.bfloat16, [302], 300),
+        ("local_global", "tpu", jnp.float32, [100], 100), ("local_global", "mosaic", jnp.bfloat16, [11], 10),
+        ("bra", "triton", jnp.float32, [1000, 1003, 1005], 1000), ("bra", "tpu", jnp.float32, [1101], 1100),
+        ("bra", "mosaic", jnp.bfloat16, [1202], 1200)]
 
 
-@pytest.mark.parametrize("seed", _seeds([302], 300))
-def test_local_global_triton_kernels_bf16(seed):
-    _run_local_global(seed, "triton", jnp.bfloat16)
+def _params(mosaic: bool) -> list:
+    return [pytest.param(op, kernel_set, dtype, seed, id=f"{op}-{kernel_set}-{jnp.dtype(dtype).name}-{seed}")
+            for op, kernel_set, dtype, ci_seeds, base in PLAN if (kernel_set == "mosaic") == mosaic
+            for seed in _seeds(ci_seeds, base)]
 
 
-@pytest.mark.parametrize("seed", _seeds([100], 100))
-def test_local_global_tpu_kernels(seed):
-    _run_local_global(seed, "tpu", jnp.float32)
-
-
-@mosaic_interpreter
-@pytest.mark.parametrize("seed", _seeds([11], 10))
-def test_local_global_mosaic_kernels(seed):
-    _run_local_global(seed, "mosaic", jnp.bfloat16)
-
-
-@pytest.mark.parametrize("seed", _seeds([1000, 1003, 1005], 1000))
-def test_bra_triton_kernels(seed):
-    _run_bra(seed, "triton", jnp.float32)
-
-
-@pytest.mark.parametrize("seed", _seeds([1101], 1100))
-def test_bra_tpu_kernels(seed):
-    _run_bra(seed, "tpu", jnp.float32)
+@pytest.mark.parametrize("op,kernel_set,dtype,seed", _params(mosaic=False))
+def test_triton_and_tpu_kernels_match_the_reference(op, kernel_set, dtype, seed):
+    RUNS[op](seed, kernel_set, dtype)
 
 
 @mosaic_interpreter
-@pytest.mark.parametrize("seed", _seeds([1202], 1200))
-def test_bra_mosaic_kernels(seed):
-    _run_bra(seed, "mosaic", jnp.bfloat16)
+@pytest.mark.parametrize("op,kernel_set,dtype,seed", _params(mosaic=True))
+def test_mosaic_gpu_kernels_match_the_reference(op, kernel_set, dtype, seed):
+    RUNS[op](seed, kernel_set, dtype)
