@@ -11,10 +11,7 @@ import pytest
 from jaxformers.kernels.bi_level_routing import mosaic_gpu
 from jaxformers.kernels.bi_level_routing.pallas_kernel import uses_mosaic_gpu, bi_level_routing_attention_pallas
 from jaxformers.kernels.bi_level_routing.reference import bi_level_routing_attention_reference
-
-needs_interpreter = pytest.mark.skipif(
-    tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
-    reason="Mosaic GPU interpret mode cannot run vector loads from shared memory before jax 0.11")
+from tests.helpers import needs_mosaic_gpu_interpreter
 
 
 def _maps(shape, channels, v_channels=None, seed=0):
@@ -39,7 +36,7 @@ CASES = {  # (batch, height, width), channels, heads, regions per side, topk
 }
 
 
-@needs_interpreter
+@needs_mosaic_gpu_interpreter
 @pytest.mark.parametrize("name", list(CASES))
 def test_mosaic_bra_matches_reference_forward_and_gradients(name):
     shape, channels, heads, s, topk = CASES[name]
@@ -65,7 +62,7 @@ def test_mosaic_bra_matches_reference_forward_and_gradients(name):
         np.testing.assert_allclose(np.asarray(g, np.float32) / peak, np.asarray(w) / peak, atol=3e-2)
 
 
-@needs_interpreter
+@needs_mosaic_gpu_interpreter
 def test_mosaic_bra_small_regions_no_races():
     """The interpreter's race detector over forward, dQ and dK/dV with routing bit masks."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp

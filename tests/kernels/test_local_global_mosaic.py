@@ -12,11 +12,7 @@ from jaxformers.kernels.local_global import mosaic_gpu
 from jaxformers.kernels.local_global.mask import MaskSpec, dense_mask
 from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
-from tests.helpers import packed_segments
-
-needs_interpreter = pytest.mark.skipif(
-    tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
-    reason="Mosaic GPU interpret mode cannot run vector loads from shared memory before jax 0.11")
+from tests.helpers import needs_mosaic_gpu_interpreter, packed_segments
 
 
 def _inputs(batch, length, heads, kv_heads, dim, seed=0):
@@ -45,7 +41,7 @@ CASES = {
 }
 
 
-@needs_interpreter
+@needs_mosaic_gpu_interpreter
 @pytest.mark.parametrize("name", list(CASES))
 def test_mosaic_forward_matches_reference(name):
     case, batch, length, heads, kv_heads, dim, packed = CASES[name]
@@ -62,7 +58,7 @@ def test_mosaic_forward_matches_reference(name):
         assert not np.any(np.asarray(got, np.float32)[np.asarray(seg) == 0])
 
 
-@needs_interpreter
+@needs_mosaic_gpu_interpreter
 def test_mosaic_kernel_logsumexp_and_no_races():
     """The saved base-2 logsumexp (what the backward kernels consume) and the interpreter's race
     detector over the forward and both backward kernels, on a packed batch with padding (empty
@@ -91,7 +87,7 @@ GRAD_CASES = {
 }
 
 
-@needs_interpreter
+@needs_mosaic_gpu_interpreter
 @pytest.mark.parametrize("name", list(GRAD_CASES))
 def test_mosaic_gradients_match_reference(name):
     """dQ, dK, dV of the Mosaic kernels (forward, dQ and dK/dV) equal the reference's."""

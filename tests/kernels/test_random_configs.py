@@ -21,12 +21,10 @@ from jaxformers.kernels.bi_level_routing.reference import bi_level_routing_atten
 from jaxformers.kernels.local_global.mask import MaskSpec
 from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
+from tests.helpers import needs_mosaic_gpu_interpreter
 
 CASES = int(os.environ.get("JAXFORMERS_RANDOM_CASES", "0"))
 SEED = int(os.environ.get("JAXFORMERS_RANDOM_SEED", "0"))
-mosaic_interpreter = pytest.mark.skipif(
-    tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
-    reason="Mosaic GPU interpret mode cannot run vector loads from shared memory before jax 0.11")
 
 
 def _seeds(ci_seeds: list[int], base: int) -> list[int]:
@@ -156,7 +154,7 @@ def test_triton_and_tpu_kernels_match_the_reference(op, kernel_set, dtype, seed)
     RUNS[op](seed, kernel_set, dtype)
 
 
-@mosaic_interpreter
+@needs_mosaic_gpu_interpreter
 @pytest.mark.parametrize("op,kernel_set,dtype,seed", _params(mosaic=True))
 def test_mosaic_gpu_kernels_match_the_reference(op, kernel_set, dtype, seed):
     RUNS[op](seed, kernel_set, dtype)

@@ -14,8 +14,9 @@ from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.biformer import BiFormerBlock, BiLevelRoutingAttentionLayer, stage_resolutions
 from jaxformers.registry import count_params
 from jaxformers.sharding import make_mesh, unsharded_params
-from tests.helpers import (assert_every_param_has_gradient, digits, image, model_and_features, numpy_variables,
-                           random_params, shard_like_init, single_and_sharded)
+from tests.helpers import (assert_every_param_has_gradient, digits, image, model_and_features,
+                           needs_mosaic_gpu_interpreter, numpy_variables, random_params, shard_like_init,
+                           single_and_sharded)
 
 # Exact counts of the official implementation (rayleizhu/BiFormer models/biformer.py, 1000 classes,
 # BN running statistics excluded), derived from its structure: stem conv3x3 (C/2) + BN + conv3x3 (C)
@@ -301,8 +302,7 @@ def test_bad_inputs_raise_clear_errors(tiny):
         init(jf.create_model("biformer_tiny", **{**TINY, "topks": (1, 2, 5, -2)}), image(1, 64))
 
 
-@pytest.mark.skipif(tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
-                    reason="Mosaic GPU interpret mode needs jax >= 0.11")
+@needs_mosaic_gpu_interpreter
 def test_hopper_kernels_through_the_layer(monkeypatch):
     """A bf16 BRA layer (4x4-token regions: the routing-bit-mask path) with the Hopper kernels chosen
     for the whole process (``JAXFORMERS_GPU_KERNEL=mosaic``), in Mosaic GPU interpret mode on CPU,
