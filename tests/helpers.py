@@ -23,6 +23,17 @@ import pytest
 import jaxformers as jf
 from jaxformers.sharding import activate, logical_shardings, shard_batch
 
+def subjaxprs(jaxpr):
+    """The jaxprs nested in ``jaxpr``'s equations (custom VJPs, jits, loop bodies, kernels), recursively."""
+    for eqn in jaxpr.eqns:
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield inner
+                    yield from subjaxprs(inner)
+
+
 # Mosaic GPU interpret mode (Hopper kernels run on CPU) cannot run vector loads from shared memory before jax 0.11.
 needs_mosaic_gpu_interpreter = pytest.mark.skipif(
     tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),

@@ -17,6 +17,11 @@ T4 or V100), so ``"auto"`` runs there, e.g. on a free Colab GPU.
 The Triton kernels size their tiles to the GPU's shared memory per block
 (:func:`gpu_shared_memory_bytes`): an A100 has 163 KiB, a Hopper or Blackwell data-centre GPU 227 KiB,
 an A10, L4, RTX 3090/4090/5090 only 99 KiB.
+
+float32 dots in the Triton kernels follow jax's default matmul precision, as XLA's own dots do: TF32
+tensor cores unless ``jax.default_matmul_precision`` (or the ``jax_default_matmul_precision`` flag)
+asks for exact float32 (:func:`exact_float32_dots`), which Triton multiplies on CUDA cores, several
+times slower; the local/global kernels then take smaller tiles (their operands sit in registers).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import re
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 GPU_KERNELS = ("auto", "triton", "mosaic")
 ENV_VAR = "JAXFORMERS_GPU_KERNEL"
@@ -57,6 +63,19 @@ def triton_available() -> bool:
         return not deprecations.is_accelerated("jax-pallas-triton")
     except Exception:  # jax < 0.12: not deprecated; or its internals moved (the import above decides)
         return True
+
+
+# jax_default_matmul_precision values whose float32 dots Triton multiplies exactly (IEEE FMA products).
+EXACT_FLOAT32_PRECISIONS = ("float32", "highest", "f32_f32_f32")
+
+
+def exact_float32_dots(dtype) -> bool:
+    """Whether float32 dots traced now are exact: ``dtype`` is float32 and jax's default matmul
+    precision (the ``jax.default_matmul_precision`` context's, else the global flag's) is "float32",
+    "highest" or the F32_F32_F32 algorithm. Pallas Triton then multiplies with IEEE FMA products on
+    CUDA cores, not TF32 tensor cores."""
+    precision = jax.config.jax_default_matmul_precision
+    return jnp.dtype(dtype) == jnp.float32 and str(precision).lower() in EXACT_FLOAT32_PRECISIONS
 
 
 TRITON_MIN_CAPABILITY = (8, 0)  # XLA compiles Triton kernels for Ampere and newer only

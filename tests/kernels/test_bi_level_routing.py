@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxformers.kernels import bi_level_routing_attention
 from jaxformers.kernels.bi_level_routing import api, pallas_kernel
 from jaxformers.kernels.bi_level_routing.reference import bi_level_routing_attention_reference
-from tests.helpers import lowered_functions
+from tests.helpers import lowered_functions, subjaxprs
 
 
 def _inputs(seed, b, height, width, c_qk, c_v, dtype=jnp.float32):
@@ -325,7 +325,7 @@ def test_kernel_dots_follow_the_default_matmul_precision(entry):
         found = set()
         for call in _pallas_calls(jaxpr.jaxpr):
             body = call.params["jaxpr"]
-            found |= {str(e.params["precision"]) for sub in [body, *_subjaxprs(body)] for e in sub.eqns
+            found |= {str(e.params["precision"]) for sub in [body, *subjaxprs(body)] for e in sub.eqns
                       if e.primitive.name == "dot_general"}
         return found
 
@@ -440,20 +440,9 @@ def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, monkeypatch, l
         assert text.count(target) >= 3, f"expected forward, dQ and dK/dV kernels for {platform}"
 
 
-def _subjaxprs(jaxpr):
-    """The jaxprs nested in ``jaxpr``'s equations (custom VJPs, jits, loop bodies, kernels), recursively."""
-    for eqn in jaxpr.eqns:
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield inner
-                    yield from _subjaxprs(inner)
-
-
 def _pallas_calls(jaxpr):
     """Every pallas_call equation in ``jaxpr`` and the jaxprs nested in it."""
-    return [eqn for j in [jaxpr, *_subjaxprs(jaxpr)] for eqn in j.eqns if eqn.primitive.name == "pallas_call"]
+    return [eqn for j in [jaxpr, *subjaxprs(jaxpr)] for eqn in j.eqns if eqn.primitive.name == "pallas_call"]
 
 
 def test_tpu_routing_tables_reach_smem_flat():

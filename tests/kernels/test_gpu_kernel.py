@@ -209,11 +209,30 @@ def test_triton_shared_memory_estimates_bound_the_requests():
                 assert estimate(*args) < request <= ratios[major] * estimate(*args), (major, args)
 
 
+def test_exact_float32_dots_follow_the_default_matmul_precision():
+    """float32 dots are exact under "float32"/"highest" (the context's or the flag's) and the F32_F32_F32
+    algorithm; TF32 by default and under the other values; other dtypes never."""
+    for precision, exact in ((None, False), ("default", False), ("tensorfloat32", False), ("bfloat16", False),
+                             ("TF32_TF32_F32_X3", False), ("float32", True), ("highest", True), ("F32_F32_F32", True)):
+        with jax.default_matmul_precision(precision):
+            assert gpu_kernel.exact_float32_dots(jnp.float32) == exact, precision
+            assert not gpu_kernel.exact_float32_dots(jnp.bfloat16)
+    previous = jax.config.jax_default_matmul_precision  # the tests' conftest sets "highest" globally
+    try:
+        jax.config.update("jax_default_matmul_precision", "highest")
+        assert gpu_kernel.exact_float32_dots(jnp.float32)
+        jax.config.update("jax_default_matmul_precision", None)
+        assert not gpu_kernel.exact_float32_dots(jnp.float32)
+    finally:
+        jax.config.update("jax_default_matmul_precision", previous)
+
+
 def test_local_global_triton_tiles_follow_the_gpu(monkeypatch):
     """Tiles shrink where the defaults exceed the GPU's shared memory (head dim 128 on an L4's 99 KiB)
     or the register bound (head dim 256); unchanged for head dims up to 128 on A100/H100/B200."""
-    from jaxformers.kernels.local_global.blocks import (FLOAT32_GPU_BLOCKS, TRITON_REQUEST_RATIO, BlockSizes,
-                                                        triton_blocks, triton_shared_memory)
+    from jaxformers.kernels.local_global.blocks import (EXACT_FLOAT32_GPU_BLOCKS, FLOAT32_GPU_BLOCKS,
+                                                        TRITON_REQUEST_RATIO, BlockSizes, triton_blocks,
+                                                        triton_shared_memory)
 
     ratio = TRITON_REQUEST_RATIO
     a100, h100, b200, l4 = (int(0.95 * (kib << 10) / f) for kib, f in ((163, 1), (227, ratio[9]), (227, ratio[10]),
@@ -221,6 +240,10 @@ def test_local_global_triton_tiles_follow_the_gpu(monkeypatch):
     for budget in (a100, h100, b200):
         for dim in (32, 64, 128):
             assert triton_blocks(2, dim, budget) == BlockSizes() and triton_blocks(4, dim, budget) == FLOAT32_GPU_BLOCKS
+    for budget in (a100, h100, b200, l4):  # exact float32 dots: the small tiles everywhere; bf16 ignores the flag
+        for dim in (32, 64, 128):
+            assert triton_blocks(4, dim, budget, exact_float32=True) == EXACT_FLOAT32_GPU_BLOCKS
+            assert triton_blocks(2, dim, budget, exact_float32=True) == triton_blocks(2, dim, budget)
     assert triton_blocks(2, 128, l4) == BlockSizes(128, 64, 64, 32)
     assert triton_blocks(4, 128, l4) == BlockSizes(64, 32, 32, 32)
     assert triton_blocks(2, 256, a100) == BlockSizes(64, 64, 32, 32)

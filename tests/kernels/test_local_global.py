@@ -9,7 +9,7 @@ import pytest
 
 from jaxformers.kernels import local_global_attention
 from jaxformers.kernels.local_global.mask import MaskSpec, dense_mask
-from tests.helpers import lowered_functions
+from tests.helpers import lowered_functions, subjaxprs
 
 
 def _hand_mask(length, *, window=None, global_tokens=0, group_size=None, causal=False, chunk_size=None, seg=None):
@@ -163,7 +163,8 @@ def test_bad_shapes_raise_clear_errors():
 # ---------------------------------------------------------------------------------------------
 # Block sparsity tables: conservative (never skip an allowed pair, never call a mixed block full).
 
-from jaxformers.kernels.local_global.blocks import BlockSizes, block_kinds  # noqa: E402
+from jaxformers.kernels.local_global.blocks import (BlockSizes, block_kinds, k_major_table,  # noqa: E402
+                                                    q_major_table, static_segments)
 from jaxformers.kernels.local_global.pallas_kernel import local_global_attention_pallas  # noqa: E402
 from jaxformers.kernels.local_global.reference import local_global_attention_reference  # noqa: E402
 
@@ -219,6 +220,30 @@ def test_block_kinds_conservative_on_random_specs():
         assert not np.any(blocks.any(axis=(1, 3)) & ~any_), msg
         assert not np.any(full & ~blocks.all(axis=(1, 3))), msg
         assert any_.sum(1).max() <= k_width and any_.sum(0).max() <= q_width, msg
+        if trial % 4 == 0:  # numpy segments (no segment ids) build the same tables while tracing
+            static = static_segments(length, padded)
+            for table in (q_major_table, k_major_table):
+                want = table(spec, jnp.asarray(static), jnp.asarray(static), bq, bk)
+                got = table(spec, static, static, bq, bk)
+                assert isinstance(got[0], np.ndarray) and got[1] == want[1], msg
+                np.testing.assert_array_equal(got[0], np.asarray(want[0]), err_msg=msg)
+
+
+def test_tables_without_segment_ids_are_built_while_tracing():
+    """Without segment ids the block tables are numpy constants of the traced program: built as jnp
+    ops on constants, XLA folded them while compiling, ~7 s per table at L = 16384 in 16-token tiles
+    (an argsort over 512 x 1024 blocks). With segment ids they are computed at run time."""
+    x = jnp.zeros((1, 300, 2, 32), jnp.float32)
+    seg = jnp.ones((1, 300), jnp.int32)
+
+    def sorts(**kw):
+        fn = functools.partial(local_global_attention_pallas, spec=MaskSpec(window=(40, 8)), scale=0.125,
+                               backend="gpu", interpret=False, gpu_kernel="triton", **kw)
+        jaxpr = jax.make_jaxpr(lambda x: jax.vjp(lambda *a: fn(*a), x, x, x)[1](x))(x)
+        return sum(e.primitive.name == "sort" for j in [jaxpr.jaxpr, *subjaxprs(jaxpr.jaxpr)] for e in j.eqns)
+
+    assert sorts() == 0
+    assert sorts(segment_ids=seg) == 3  # forward, dQ and dK/dV tables
 
 
 def test_window_visits_only_the_band():
@@ -358,7 +383,9 @@ def test_kernels_lower_for_gpu_triton(lower_as_h100):
 
 def test_float32_gpu_kernels_default_to_smaller_tiles():
     """Compiled float32 Triton kernels take FLOAT32_GPU_BLOCKS (at the bf16 tiles ptxas spilled up to
-    ~16 KB per thread: compile_check for an A100); bf16, interpret mode and explicit sizes keep theirs."""
+    ~16 KB per thread: compile_check for an A100), and EXACT_FLOAT32_GPU_BLOCKS where the default
+    matmul precision asks for exact float32 dots (FLOAT32_GPU_BLOCKS spilled ~25 KB there); bf16,
+    interpret mode and explicit sizes keep theirs."""
     import math
 
     def grids(dtype, **kw):  # programs per kernel: smaller tiles, more programs
@@ -370,11 +397,17 @@ def test_float32_gpu_kernels_default_to_smaller_tiles():
         assert len(calls) == 3  # forward, dQ, dK/dV
         return [math.prod(e.params["grid_mapping"].grid) for e in calls]
 
-    f32, bf16 = grids(jnp.float32, interpret=False), grids(jnp.bfloat16, interpret=False)
-    # 256 tokens: forward 64- instead of 128-query tiles, dQ and dK/dV 32- instead of 64-token tiles
-    assert f32 == [2 * n for n in bf16]
-    assert grids(jnp.float32, interpret=True) == bf16
-    assert grids(jnp.float32, interpret=False, block_sizes=BlockSizes()) == bf16
+    with jax.default_matmul_precision("default"):  # TF32 (the tests' conftest asks for "highest")
+        f32, bf16 = grids(jnp.float32, interpret=False), grids(jnp.bfloat16, interpret=False)
+        # 256 tokens: forward 64- instead of 128-query tiles, dQ and dK/dV 32- instead of 64-token tiles
+        assert f32 == [2 * n for n in bf16]
+        assert grids(jnp.float32, interpret=True) == bf16
+        assert grids(jnp.float32, interpret=False, block_sizes=BlockSizes()) == bf16
+    with jax.default_matmul_precision("float32"):
+        # forward 32x16 instead of 128x64 tiles (only query tiles make programs), dQ and dK/dV 16 instead of 64
+        assert grids(jnp.float32, interpret=False) == [4 * n for n in bf16]
+        assert grids(jnp.bfloat16, interpret=False) == bf16
+        assert grids(jnp.float32, interpret=True) == bf16
 
 
 @pytest.mark.parametrize("case,seg", [(dict(window=(3, 5), global_tokens=2), PACKED),

@@ -224,6 +224,10 @@ def bi_level_routing_attention(
       gpu_kernel: which Pallas kernels run on a GPU: ``"auto"`` (the Hopper/Mosaic GPU kernels on an
         H100/H200 when the inputs suit them, else Triton), ``"triton"`` or ``"mosaic"``; None (default)
         takes ``$JAXFORMERS_GPU_KERNEL``, else ``"auto"`` (see ``jaxformers.kernels.gpu_kernel``).
+
+    float32 inputs: the kernels' dots follow jax's default matmul precision, as the reference's do:
+    on an NVIDIA GPU TF32 tensor cores, unless ``jax.default_matmul_precision("float32")`` (or
+    ``"highest"``) asks for exact float32, which the GPU computes on CUDA cores, several times slower.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")

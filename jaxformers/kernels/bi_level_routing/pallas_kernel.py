@@ -55,7 +55,9 @@ Backends:
   products with a side < 16 use a broadcast-multiply-reduce instead of ``tl.dot``.
 - Precision: the kernels' dots take jax's default matmul precision, as the reference's einsums do
   (float32 inputs: TF32 tensor cores on GPU, unless ``jax.default_matmul_precision("float32")``
-  asks for exact dots, which cost registers: at exact precision the GPU kernels spill).
+  asks for exact dots, which Triton multiplies on CUDA cores with the operands in registers: then
+  dK/dV spills ~13 KB per thread at 8x8-token regions, dQ and the forward up to 0.8 KB, A100/H100;
+  unlike the local/global kernels' tiles, a whole region is one tile here and cannot shrink).
   The backward's delta = rowsum(out * dOut) is taken from the output in its own dtype, as
   FlashAttention does: in bf16, where a token's softmax is nearly one-hot (a few keys, large logits)
   dQ/dK can then be off by several percent of their largest entry (a region of 2 tokens at head

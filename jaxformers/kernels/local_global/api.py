@@ -145,6 +145,10 @@ def local_global_attention(
     All restrictions combine by AND; global tokens lift window and group limits only. With no
     option this is dense attention (and with ``segment_ids`` packed variable-length attention).
     Hq may be a multiple of Hkv (grouped-query attention).
+
+    float32 inputs: the kernels' dots follow jax's default matmul precision, as the reference's do:
+    on an NVIDIA GPU TF32 tensor cores, unless ``jax.default_matmul_precision("float32")`` (or
+    ``"highest"``) asks for exact float32, which the GPU computes on CUDA cores, several times slower.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")

@@ -61,6 +61,13 @@ class BlockSizes:
 # thread, an H100's 68-700 B); these compile without spills for A100, H100 and B200, head dims 64, 128.
 FLOAT32_GPU_BLOCKS = BlockSizes(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=32)
 
+# Tiles for exact float32 dots (``gpu_kernel.exact_float32_dots``: jax's default matmul precision
+# "float32"/"highest"), which Triton multiplies with FMA products whose operands sit in registers: at
+# FLOAT32_GPU_BLOCKS ptxas spilled ~25 KB per thread in the forward kernel and 1-5 KB in dK/dV (A100,
+# H100; head dims 64, 128). These spill nothing at head dims <= 64 (A100, H100, B200, L4); the dK/dV
+# kernel still spills 0.2-0.4 KB at head dim 128 and 2-4 KB at 256, the forward none.
+EXACT_FLOAT32_GPU_BLOCKS = BlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=16)
+
 # How much more shared memory than :func:`triton_shared_memory` (fitted on an A100) XLA's Triton asked
 # for the same tiles, by major compute capability (jax 0.11.2, compiled for each GPU with too little
 # shared memory, whose error names the request; head dims 32-256, tiles 16-128, bf16 and float32):
@@ -89,16 +96,17 @@ def triton_shared_memory(kernel: str, block_q: int, block_k: int, dim: int, item
     return need + 1024
 
 
-def triton_blocks(itemsize: int, dim: int, budget: int) -> BlockSizes | None:
+def triton_blocks(itemsize: int, dim: int, budget: int, exact_float32: bool = False) -> BlockSizes | None:
     """The Triton kernels' tiles for padded head dim ``dim`` where their shared memory estimates may
     reach ``budget`` bytes (``gpu_kernel.triton_shared_memory_budget``): the defaults (``BlockSizes()``;
-    float32: ``FLOAT32_GPU_BLOCKS``) where they fit, else the largest smaller ones that do
-    (:func:`triton_shared_memory`); None when not even 16x16 tiles fit.
+    float32: ``FLOAT32_GPU_BLOCKS``, or ``EXACT_FLOAT32_GPU_BLOCKS`` for ``exact_float32`` dots) where
+    they fit, else the largest smaller ones that do (:func:`triton_shared_memory`); None when not even
+    16x16 tiles fit.
 
     Registers bound the tiles too: a tile row of ``dim`` elements takes at most 32 KiB per forward tile
     and 16 KiB per backward tile (the defaults at head dim 128). At head dim 256 larger tiles made
     ptxas spill up to 11 KB per thread in the dK/dV kernel (``compile_check.py`` for an A100)."""
-    first = FLOAT32_GPU_BLOCKS if itemsize >= 4 else BlockSizes()
+    first = (EXACT_FLOAT32_GPU_BLOCKS if exact_float32 else FLOAT32_GPU_BLOCKS) if itemsize >= 4 else BlockSizes()
 
     def largest(tiles, first_tile, kernels, tile_bytes):
         tiles = tiles[tiles.index(first_tile):]
@@ -116,23 +124,37 @@ def pl_next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _block_segments(seg: jax.Array, block: int):
+def static_segments(length: int, padded: int) -> np.ndarray:
+    """The (1, padded) segment row of ``length`` tokens without segment ids: ones, then 0 on padding.
+    As numpy, it makes the block tables numpy too (built while tracing, see :func:`index_table`)."""
+    return (np.arange(padded) < length).astype(np.int32)[None]
+
+
+def _xp(*arrays):
+    """numpy where every array is a numpy array, else jax.numpy."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
+def _block_segments(seg, block: int):
     """Per block: min and max of the non-zero ids (BIG/-BIG if none) and whether any id is 0."""
+    xp = _xp(seg)
     b, length = seg.shape
     blocks = seg.reshape(b, length // block, block)
     nonzero = blocks != 0
-    lo = jnp.min(jnp.where(nonzero, blocks, _BIG), axis=-1)
-    hi = jnp.max(jnp.where(nonzero, blocks, -_BIG), axis=-1)
-    return lo, hi, jnp.any(~nonzero, axis=-1)
+    lo = xp.min(xp.where(nonzero, blocks, _BIG), axis=-1)
+    hi = xp.max(xp.where(nonzero, blocks, -_BIG), axis=-1)
+    return lo, hi, xp.any(~nonzero, axis=-1)
 
 
-def block_kinds(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int, block_k: int):
+def block_kinds(spec: MaskSpec, q_seg, k_seg, block_q: int, block_k: int):
     """(any, full, max_k_blocks, max_q_blocks): ``any``/``full`` are (B or 1, nq, nk) booleans (some /
     all pairs of the block allowed); the two ints are static bounds on the visited key blocks per
     query block and query blocks per key block (from positions alone, before segments).
 
-    ``q_seg``/``k_seg`` are (B or 1, padded length) int32 with 0 on padding positions.
+    ``q_seg``/``k_seg`` are (B or 1, padded length) int32 with 0 on padding positions; where both are
+    numpy arrays (:func:`static_segments`) so are ``any`` and ``full``.
     """
+    xp = _xp(q_seg, k_seg)
     nq, nk = q_seg.shape[1] // block_q, k_seg.shape[1] // block_k
     qs = (np.arange(nq) * block_q)[:, None]
     qe = qs + block_q - 1
@@ -166,27 +188,30 @@ def block_kinds(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int
     k_lo, k_hi, k_zero = k_lo[:, None, :], k_hi[:, None, :], k_zero[:, None, :]
     seg_any = (q_lo <= k_hi) & (k_lo <= q_hi)
     seg_full = ~q_zero & ~k_zero & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
-    any_ = jnp.asarray(any_struct)[None] & seg_any
-    full = jnp.asarray(full_struct)[None] & seg_full & any_
+    any_ = xp.asarray(any_struct)[None] & seg_any
+    full = xp.asarray(full_struct)[None] & seg_full & any_
     return any_, full, max(1, int(any_struct.sum(1).max())), max(1, int(any_struct.sum(0).max()))
 
 
-def index_table(any_: jax.Array, full: jax.Array, width: int) -> tuple[jax.Array, int]:
+def index_table(any_, full, width: int) -> tuple[jax.Array | np.ndarray, int]:
     """Flat int32 table (see module docstring) over the last axis of (Bt, n_outer, n_inner) masks.
 
     ``width`` bounds the number of visited inner blocks of any row (a static bound, so rows only
     hold that many entries). Returns (table, row_stride T); the length is padded to a power of two.
+    numpy masks give a numpy table, built while tracing: as jax.numpy on constants, XLA would fold it
+    while compiling, seconds per table at long sequences (L = 16384 in 16-token tiles: ~7 s).
     """
+    xp = _xp(any_, full)
     bt, n_outer, n_inner = any_.shape
-    kind = jnp.where(full, 0, jnp.where(any_, 1, 2)).astype(jnp.int32)
-    order = jnp.argsort(kind * n_inner + jnp.arange(n_inner, dtype=jnp.int32), axis=-1).astype(jnp.int32)
-    n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)[..., None]
-    n_part = jnp.sum(any_ & ~full, axis=-1, dtype=jnp.int32)[..., None]
-    rows = jnp.concatenate([n_full, n_part, order[..., :width]], axis=-1)
+    kind = xp.where(full, 0, xp.where(any_, 1, 2)).astype(np.int32)
+    order = xp.argsort(kind * n_inner + xp.arange(n_inner, dtype=np.int32), axis=-1).astype(np.int32)
+    n_full = xp.sum(full, axis=-1, dtype=np.int32)[..., None]
+    n_part = xp.sum(any_ & ~full, axis=-1, dtype=np.int32)[..., None]
+    rows = xp.concatenate([n_full, n_part, order[..., :width]], axis=-1)
     stride = width + 2
     flat = rows.reshape(-1)
     size = pl_next_pow2(flat.shape[0])
-    return jnp.pad(flat, (0, size - flat.shape[0])), stride
+    return xp.pad(flat, (0, size - flat.shape[0])), stride
 
 
 def q_major_table(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int, block_k: int):
@@ -198,7 +223,7 @@ def q_major_table(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: i
 def k_major_table(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int, block_k: int):
     """(table, stride): the query blocks each key block visits (dK/dV kernels)."""
     any_, full, _, q_width = block_kinds(spec, q_seg, k_seg, block_q, block_k)
-    return index_table(jnp.swapaxes(any_, 1, 2), jnp.swapaxes(full, 1, 2), q_width)
+    return index_table(any_.swapaxes(1, 2), full.swapaxes(1, 2), q_width)
 
 
 def visited_fraction(any_: jax.Array) -> float:

@@ -27,7 +27,8 @@ Backends: the kernels use only ops that the Pallas Triton (GPU) lowering support
 slices of refs, scalar reads from a flat int32 table, ``jnp.dot``, 2-D iotas, ``fori_loop`` with
 dynamic bounds); the tests lower them for CUDA from a CPU host and run them in interpret mode on
 CPU. They have not run on a GPU yet; they compile for an A100, H100, B200 and L4 without one
-(``benchmarks/compile_check.py``), with tiles sized to the GPU's shared memory (:func:`triton_tiles`).
+(``benchmarks/compile_check.py``), with tiles sized to the GPU's shared memory and, for float32, to the dots'
+precision (:func:`triton_tiles`; exact float32 dots hold their operands in registers).
 With ``backend="tpu"`` the same wrapper (padding, global tokens, GQA sums, custom VJP) drives the TPU
 kernels of ``tpu_kernel.py``, whose layout rules these kernels do not follow; unpacked TPU calls take
 ``splash_tpu.py``.
@@ -44,10 +45,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxformers.kernels.gpu_kernel import (gpu_shared_memory_bytes, resolve_gpu_kernel, triton_compiler_params,
-                                          triton_shared_memory_budget)
+from jaxformers.kernels.gpu_kernel import (exact_float32_dots, gpu_shared_memory_bytes, resolve_gpu_kernel,
+                                          triton_compiler_params, triton_shared_memory_budget)
 from jaxformers.kernels.local_global.blocks import (TRITON_REQUEST_RATIO, BlockSizes, k_major_table, pl_next_pow2,
-                                                    q_major_table, triton_blocks)
+                                                    q_major_table, static_segments, triton_blocks)
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
 
@@ -64,6 +65,7 @@ class _Config:
     interpret: bool | object  # or interpret-mode parameters (TPU: pltpu.InterpretParams)
     backend: str
     gpu_kernel: str = "triton"  # "triton" or "mosaic" (Hopper kernels, mosaic_gpu.py)
+    lengths: tuple[int, int] | None = None  # (Lq, Lk) when there are no segment ids: the segments are static
 
 
 def _dot_nt(a, b):
@@ -213,7 +215,16 @@ def _global_key_grads(cfg: _Config, n: int, q, k, v, q_seg, k_seg, lse, delta, d
     return d_k, d_v
 
 
+def _static_segments(cfg: _Config, q_seg, k_seg):
+    """Without segment ids the (1, padded length) segment rows follow from the lengths: as numpy, so
+    that the block tables are built while tracing (``blocks.index_table``)."""
+    if cfg.lengths is None:
+        return q_seg, k_seg
+    return tuple(static_segments(n, seg.shape[1]) for n, seg in zip(cfg.lengths, (q_seg, k_seg)))
+
+
 def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
+    q_seg, k_seg = _static_segments(cfg, q_seg, k_seg)
     if cfg.backend == "tpu":
         from jaxformers.kernels.local_global import tpu_kernel
 
@@ -249,6 +260,7 @@ def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
 
 
 def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
+    q_seg, k_seg = _static_segments(cfg, q_seg, k_seg)
     batch, k_len, kv_heads = k.shape[:3]
     dim, dim_v, rep = q.shape[-1], v.shape[-1], cfg.rep
     # Global keys (their queries already split off) get a dense side pass: the dK/dV kernel then
@@ -363,17 +375,18 @@ def padded_head_dim(dim: int) -> int:
 
 def triton_tiles(q, k, v) -> BlockSizes | None:
     """The compiled Triton kernels' tiles for these inputs on JAX's default GPU, sized to its shared
-    memory (``blocks.triton_blocks``); None when not even the smallest fit."""
+    memory and to the dots' precision (``blocks.triton_blocks``); None when not even the smallest fit."""
     dim = max(padded_head_dim(q.shape[-1]), padded_head_dim(v.shape[-1]))
-    return triton_blocks(jnp.result_type(q, k, v).itemsize, dim, triton_shared_memory_budget(TRITON_REQUEST_RATIO))
+    dtype = jnp.result_type(q, k, v)
+    return triton_blocks(dtype.itemsize, dim, triton_shared_memory_budget(TRITON_REQUEST_RATIO),
+                         exact_float32=exact_float32_dots(dtype))
 
 
-def _padded_segments(segment_ids, batch_or_one: int, length: int, padded: int) -> jax.Array:
+def _padded_segments(segment_ids, length: int, padded: int):
+    """(B or 1, padded) int32 segment rows, 0 on padding."""
     if segment_ids is None:
-        seg = jnp.ones((batch_or_one, length), jnp.int32)
-    else:
-        seg = segment_ids.astype(jnp.int32)
-    return jnp.pad(seg, ((0, 0), (0, padded - length)))
+        return static_segments(length, padded)
+    return jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)))
 
 
 def local_global_attention_pallas(
@@ -431,8 +444,8 @@ def local_global_attention_pallas(
                 f"{gpu_shared_memory_bytes() >> 10} KiB per block) or registers even in 16x16 Triton tiles; use "
                 "implementation='xla' (or 'auto', which falls back to it)")
     blocks = (block_sizes or BlockSizes()).fitted(q_len, k_len)
-    cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads,
-                  interpret=interpret, backend=backend, gpu_kernel=gpu_kernel)
+    cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads, interpret=interpret,
+                  backend=backend, gpu_kernel=gpu_kernel, lengths=None if segment_ids is not None else (q_len, k_len))
     q_multiple, k_multiple = blocks.q_multiple, blocks.k_multiple
     if backend == "tpu":
         from jaxformers.kernels.local_global.tpu_kernel import BLOCK
@@ -448,8 +461,7 @@ def local_global_attention_pallas(
     qp = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, d_pad)))
     kp = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
     vp = jnp.pad(v, ((0, 0), (0, k_pad), (0, 0), (0, dv_pad)))
-    rows = batch if segment_ids is not None else 1
-    q_seg = _padded_segments(segment_ids, rows, q_len, q_len + q_pad)
-    k_seg = _padded_segments(segment_ids, rows, k_len, k_len + k_pad)
+    q_seg = _padded_segments(segment_ids, q_len, q_len + q_pad)
+    k_seg = _padded_segments(segment_ids, k_len, k_len + k_pad)
     out = _attention(cfg, qp, kp, vp, q_seg, k_seg)
     return out[:, :q_len, :, :dim_v]
