@@ -27,8 +27,8 @@ Backends: the kernels use only ops that the Pallas Triton (GPU) lowering support
 slices of refs, scalar reads from a flat int32 table, ``jnp.dot``, 2-D iotas, ``fori_loop`` with
 dynamic bounds); the tests lower them for CUDA from a CPU host and run them in interpret mode on
 CPU. They have not run on a GPU yet; they compile for an A100, H100, B200 and L4 without one
-(``benchmarks/compile_check.py``), with tiles sized to the GPU's shared memory and, for float32, to the dots'
-precision (:func:`triton_tiles`; exact float32 dots hold their operands in registers).
+(``benchmarks/compile_check.py``), with tiles sized to the GPU's shared memory and, for float32, to
+the dots' precision (:func:`triton_tiles`; exact float32 dots hold their operands in registers).
 With ``backend="tpu"`` the same wrapper (padding, global tokens, GQA sums, custom VJP) drives the TPU
 kernels of ``tpu_kernel.py``, whose layout rules these kernels do not follow; unpacked TPU calls take
 ``splash_tpu.py``.
