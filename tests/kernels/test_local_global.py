@@ -331,6 +331,15 @@ def test_pallas_matches_reference_f32(case, seg, kwargs):
     _compare(case, seg=seg, **kwargs)
 
 
+@pytest.mark.parametrize("case,seg", [(dict(window=(3, 5), global_tokens=2), PACKED),
+                                      (dict(causal=True, chunk_size=4), None)], ids=["window-global-packed", "chunk-causal"])
+def test_pallas_exact_float32_tiles(case, seg):
+    """The tiles of exact float32 dots (32-query forward tiles over 16-key blocks, 16x16 backward)."""
+    from jaxformers.kernels.local_global.blocks import EXACT_FLOAT32_GPU_BLOCKS
+
+    _compare(case, seg=seg, blocks=EXACT_FLOAT32_GPU_BLOCKS)
+
+
 def test_pallas_bf16():
     _compare(dict(window=(4, 4), global_tokens=3), dtype=jnp.bfloat16, seg=PACKED)
 
