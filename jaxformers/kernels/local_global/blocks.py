@@ -197,21 +197,32 @@ def index_table(any_, full, width: int) -> tuple[jax.Array | np.ndarray, int]:
     """Flat int32 table (see module docstring) over the last axis of (Bt, n_outer, n_inner) masks.
 
     ``width`` bounds the number of visited inner blocks of any row (a static bound, so rows only
-    hold that many entries). Returns (table, row_stride T); the length is padded to a power of two.
-    numpy masks give a numpy table, built while tracing: as jax.numpy on constants, XLA would fold it
-    while compiling, seconds per table at long sequences (L = 16384 in 16-token tiles: ~7 s).
+    hold that many entries; those past a row's visited blocks are 0). Returns (table, row_stride T);
+    the length is padded to a power of two. numpy masks (no segment ids) give a numpy table, built
+    while tracing without a sort: as jax.numpy on constants, XLA folded it while compiling, seconds
+    per table at long sequences (L = 16384 in 16-token tiles: ~7 s). jax masks give one computed at
+    run time.
     """
-    xp = _xp(any_, full)
     bt, n_outer, n_inner = any_.shape
-    kind = xp.where(full, 0, xp.where(any_, 1, 2)).astype(np.int32)
-    order = xp.argsort(kind * n_inner + xp.arange(n_inner, dtype=np.int32), axis=-1).astype(np.int32)
-    n_full = xp.sum(full, axis=-1, dtype=np.int32)[..., None]
-    n_part = xp.sum(any_ & ~full, axis=-1, dtype=np.int32)[..., None]
-    rows = xp.concatenate([n_full, n_part, order[..., :width]], axis=-1)
-    stride = width + 2
-    flat = rows.reshape(-1)
+    if _xp(any_, full) is np:
+        full, part = full.reshape(-1, n_inner), (any_ & ~full).reshape(-1, n_inner)
+        n_full, n_part = full.sum(1, dtype=np.int32), part.sum(1, dtype=np.int32)
+        rows = np.zeros((full.shape[0], width + 2), np.int32)
+        rows[:, 0], rows[:, 1] = n_full, n_part
+        for mask, counts, before in ((full, n_full, np.zeros_like(n_full)), (part, n_part, n_full)):
+            row, col = np.nonzero(mask)  # row-major: each row's blocks in increasing order
+            start = np.cumsum(counts) - counts
+            rows[row, 2 + before[row] + np.arange(row.size) - start[row]] = col
+        flat = rows.reshape(-1)
+    else:
+        kind = jnp.where(full, 0, jnp.where(any_, 1, 2)).astype(jnp.int32)
+        order = jnp.argsort(kind * n_inner + jnp.arange(n_inner, dtype=jnp.int32), axis=-1)[..., :width]
+        n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)[..., None]
+        n_part = jnp.sum(any_ & ~full, axis=-1, dtype=jnp.int32)[..., None]
+        order = jnp.where(jnp.arange(width) < n_full + n_part, order.astype(jnp.int32), 0)
+        flat = jnp.concatenate([n_full, n_part, order], axis=-1).reshape(-1)
     size = pl_next_pow2(flat.shape[0])
-    return xp.pad(flat, (0, size - flat.shape[0])), stride
+    return _xp(flat).pad(flat, (0, size - flat.shape[0])), width + 2
 
 
 def q_major_table(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: int, block_k: int):
