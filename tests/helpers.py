@@ -23,6 +23,7 @@ import pytest
 import jaxformers as jf
 from jaxformers.sharding import activate, logical_shardings, shard_batch
 
+
 def subjaxprs(jaxpr):
     """The jaxprs nested in ``jaxpr``'s equations (custom VJPs, jits, loop bodies, kernels), recursively."""
     for eqn in jaxpr.eqns:
