@@ -65,7 +65,7 @@ class _Config:
     interpret: bool | object  # or interpret-mode parameters (TPU: pltpu.InterpretParams)
     backend: str
     gpu_kernel: str = "triton"  # "triton" or "mosaic" (Hopper kernels, mosaic_gpu.py)
-    lengths: tuple[int, int] | None = None  # (Lq, Lk) when there are no segment ids: the segments are static
+    lengths: tuple[int, int] = (0, 0)  # (Lq, Lk) before padding
 
 
 def _dot_nt(a, b):
@@ -215,16 +215,17 @@ def _global_key_grads(cfg: _Config, n: int, q, k, v, q_seg, k_seg, lse, delta, d
     return d_k, d_v
 
 
-def _static_segments(cfg: _Config, q_seg, k_seg):
-    """Without segment ids the (1, padded length) segment rows follow from the lengths: as numpy, so
-    that the block tables are built while tracing (``blocks.index_table``)."""
-    if cfg.lengths is None:
+def _segments(cfg: _Config, q, k, q_seg, k_seg):
+    """The (B or 1, padded length) int32 segment rows, 0 on padding. Without segment ids (None) they
+    follow from the lengths: numpy, so that the block tables are built while tracing
+    (``blocks.index_table``)."""
+    if q_seg is not None:
         return q_seg, k_seg
-    return tuple(static_segments(n, seg.shape[1]) for n, seg in zip(cfg.lengths, (q_seg, k_seg)))
+    return static_segments(cfg.lengths[0], q.shape[1]), static_segments(cfg.lengths[1], k.shape[1])
 
 
 def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
-    q_seg, k_seg = _static_segments(cfg, q_seg, k_seg)
+    q_seg, k_seg = _segments(cfg, q, k, q_seg, k_seg)
     if cfg.backend == "tpu":
         from jaxformers.kernels.local_global import tpu_kernel
 
@@ -260,7 +261,7 @@ def _forward(cfg: _Config, q, k, v, q_seg, k_seg):
 
 
 def _backward(cfg: _Config, q, k, v, q_seg, k_seg, out, lse, d_out):
-    q_seg, k_seg = _static_segments(cfg, q_seg, k_seg)
+    q_seg, k_seg = _segments(cfg, q, k, q_seg, k_seg)
     batch, k_len, kv_heads = k.shape[:3]
     dim, dim_v, rep = q.shape[-1], v.shape[-1], cfg.rep
     # Global keys (their queries already split off) get a dense side pass: the dK/dV kernel then
@@ -382,13 +383,6 @@ def triton_tiles(q, k, v) -> BlockSizes | None:
                          exact_float32=exact_float32_dots(dtype))
 
 
-def _padded_segments(segment_ids, length: int, padded: int):
-    """(B or 1, padded) int32 segment rows, 0 on padding."""
-    if segment_ids is None:
-        return static_segments(length, padded)
-    return jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)))
-
-
 def local_global_attention_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -445,7 +439,7 @@ def local_global_attention_pallas(
                 "implementation='xla' (or 'auto', which falls back to it)")
     blocks = (block_sizes or BlockSizes()).fitted(q_len, k_len)
     cfg = _Config(spec=spec, scale=float(scale), blocks=blocks, rep=heads // kv_heads, interpret=interpret,
-                  backend=backend, gpu_kernel=gpu_kernel, lengths=None if segment_ids is not None else (q_len, k_len))
+                  backend=backend, gpu_kernel=gpu_kernel, lengths=(q_len, k_len))
     q_multiple, k_multiple = blocks.q_multiple, blocks.k_multiple
     if backend == "tpu":
         from jaxformers.kernels.local_global.tpu_kernel import BLOCK
@@ -461,7 +455,9 @@ def local_global_attention_pallas(
     qp = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, d_pad)))
     kp = jnp.pad(k, ((0, 0), (0, k_pad), (0, 0), (0, d_pad)))
     vp = jnp.pad(v, ((0, 0), (0, k_pad), (0, 0), (0, dv_pad)))
-    q_seg = _padded_segments(segment_ids, q_len, q_len + q_pad)
-    k_seg = _padded_segments(segment_ids, k_len, k_len + k_pad)
+    q_seg = k_seg = None  # static: see _segments
+    if segment_ids is not None:
+        seg = segment_ids.astype(jnp.int32)
+        q_seg, k_seg = (jnp.pad(seg, ((0, 0), (0, pad))) for pad in (q_pad, k_pad))
     out = _attention(cfg, qp, kp, vp, q_seg, k_seg)
     return out[:, :q_len, :, :dim_v]
