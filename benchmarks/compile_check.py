@@ -5,6 +5,7 @@
     python benchmarks/compile_check.py --target v4 --only bra,train         # in such a venv
     python benchmarks/compile_check.py --target a100                        # or b200, l4, rtx_pro_6000: Triton
     python benchmarks/compile_check.py --target t4          # pre-Ampere: every row refused (no Triton there)
+    python benchmarks/compile_check.py --target v5e --only train --train-mesh data=2,tensor=2  # 4 chips
 
 Deviceless ahead-of-time compilation: the CUDA plugin describes a GPU from a target config, and
 libtpu a TPU slice by name (no accelerator, no driver needed); ``jit(...).lower(...).compile()``
@@ -21,7 +22,9 @@ once per GPU kernel set (``gpu_kernel="mosaic"`` and ``"triton"``). Each row pri
 kernels in the compiled program and, for each of our GPU kernels, ptxas' registers per thread and
 spill bytes (Mosaic GPU's compiler dumps, and for the Pallas Triton kernels the ``ptxas -v`` output
 XLA logs when asked), for Mosaic kernels also the shared memory each reserves. The train step
-(BiFormer-T on our kernels by default) prints XLA's memory analysis against the device's memory.
+(BiFormer-T on our kernels by default) prints XLA's memory analysis against the device's memory;
+``--train-mesh`` compiles it over several chips of the TPU slice (v5e/v6e 2x2, v4/v5p 2x2x1: up
+to 4), e.g. data and tensor parallel, where our kernels must run inside ``shard_map``.
 Exit status 1 if anything failed to compile.
 
 Our ops choose kernels by ``jax.default_backend()`` and the device's generation; this script makes
@@ -114,8 +117,9 @@ def _pretend_backend(platform: str, device) -> None:
     jax.devices = lambda backend=None: [device] if backend in names else host_devices(backend)
 
 
-def compile_only_device(target: str):
-    """The compile-only device of ``target``, with our kernel dispatch and Pallas' lowerings pointed at it."""
+def compile_only_devices(target: str) -> list:
+    """The compile-only devices of ``target`` (one GPU; a TPU slice's chips), with our kernel dispatch and
+    Pallas' lowerings pointed at the first."""
     from jax.experimental import topologies
 
     host_kind = jax.devices()[0].device_kind
@@ -145,7 +149,7 @@ def compile_only_device(target: str):
             tpu_info.registry[host_kind] = lambda: tpu_info.get_tpu_info_for_chip(chip, 1)
     except (ImportError, KeyError):  # an older jax: the lowering asks the compile-only device itself
         pass
-    return device
+    return list(topology.devices)
 
 
 def ptxas_entries(text: str) -> list[tuple[str, str, str]]:
@@ -310,15 +314,24 @@ def kernel_rows(device, groups: set[str], gpu_kernels: tuple[str, ...], dtype=jn
                         lambda: jax.jit(packed).lower(*arrays(*[shape] * 3), segments))
 
 
-def train_row(device, model: str, batch: int, overrides: list[str], memory: int, dtype: str = "bfloat16") -> None:
+def train_row(devices, model: str, batch: int, overrides: list[str], memory: int, dtype: str = "bfloat16",
+              mesh_axes: dict[str, int] | None = None) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_throughput import _parse_overrides, abstract_batch, build_step
 
     from jaxformers.sharding import DEFAULT_RULES, activate, make_mesh
 
     overrides = _parse_overrides(overrides)
-    step, spec, host_batch, mesh = build_step(model, overrides, batch, dtype, make_mesh(devices=[device]))
+    mesh_axes = mesh_axes or {"data": 1}
+    n = 1
+    for size in mesh_axes.values():
+        n *= size
+    if n > len(devices):
+        raise SystemExit(f"--train-mesh {mesh_axes} needs {n} devices; this target describes {len(devices)}")
+    step, spec, host_batch, mesh = build_step(model, overrides, batch, dtype, make_mesh(mesh_axes, devices[:n]))
     label = f"train step {model} {' '.join(f'{k}={v}' for k, v in overrides.items())} batch {batch} {dtype}"
+    if n > 1:
+        label += " mesh " + ",".join(f"{k}={v}" for k, v in mesh_axes.items())
     with activate(mesh, DEFAULT_RULES):
         compiled = compile_row(label, lambda: step.lower(spec.abstract, abstract_batch(host_batch, mesh)))
     if compiled is not None:
@@ -346,13 +359,18 @@ def main(argv=None) -> int:
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--train-override", action="append", default=None,
                         help="model override KEY=VALUE (repeatable; default attention_impl=pallas)")
+    parser.add_argument("--train-mesh", default=None,
+                        help="the train step's mesh over the target's chips, e.g. data=2,tensor=2 (default: one chip)")
     args = parser.parse_args(argv)
     groups = set(args.only.split(","))
     os.environ.update(CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")  # before any backend starts
     # XLA runs ptxas with -v and logs what it says (the Pallas Triton kernels' registers and spills)
     os.environ.update(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_ptx_compiler_extra_flags=-v").strip(),
                       TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="subprocess_compilation=2")
-    device = compile_only_device(args.target)
+    mesh_axes = None if args.train_mesh is None else {
+        name: int(size) for name, size in (part.split("=") for part in args.train_mesh.split(","))}
+    devices = compile_only_devices(args.target)
+    device = devices[0]
     DUMP["dir"] = tempfile.mkdtemp(prefix="compile-check-")  # Mosaic GPU reads these as it compiles each kernel
     os.environ.update(MOSAIC_GPU_DUMP_TO=DUMP["dir"], MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1")
     DUMP["log"] = log = DUMP["dir"] + ".log"
@@ -366,8 +384,8 @@ def main(argv=None) -> int:
     kernel_rows(device, groups, ("mosaic", "triton") if both else ("auto",), jnp.dtype(args.dtype))
     if "train" in groups:
         memory = GPU_SPECS[args.target].memory if gpu else TPU_TOPOLOGIES[args.target][2]
-        train_row(device, args.train_model, args.train_batch, args.train_override or ["attention_impl=pallas"],
-                  memory, args.dtype)
+        train_row(devices, args.train_model, args.train_batch, args.train_override or ["attention_impl=pallas"],
+                  memory, args.dtype, mesh_axes)
     shutil.rmtree(DUMP["dir"], ignore_errors=True)
     print(f"{len(FAILED)} failed" + (": " + "; ".join(FAILED) if FAILED else ""))
     return 1 if FAILED else 0

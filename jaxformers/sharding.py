@@ -103,26 +103,29 @@ def make_mesh(config: MeshConfig | Mapping[str, int] | None = None, devices: Seq
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
 
+def _dividing_axes(target, dims: Sequence[int], mesh, used: set[str], allowed=None):
+    """The mesh axes of a rule's ``target`` (an axis, a tuple of axes or None) that split every one of
+    ``dims``, in order, skipping axes of size 1, axes in ``used`` (updated) and axes outside
+    ``allowed`` (default: all). One axis as a str, several as a tuple, none as None."""
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    kept, size = [], 1
+    for ax in axes:
+        n = mesh.shape.get(ax, 1)
+        if ax in used or n == 1 or (allowed is not None and ax not in allowed) or any(d % (size * n) for d in dims):
+            continue
+        kept.append(ax)
+        size *= n
+    used.update(kept)
+    return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
+
+
 def _mesh_axes_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
     """Logical names -> PartitionSpec, dropping mesh axes that do not divide the dimension or that an
     earlier dimension already uses (so e.g. 3 heads on tensor=2 stay replicated instead of failing)."""
     table = dict(rules)
     used: set[str] = set()
-    spec = []
-    for name, dim in zip(names, shape):
-        target = table.get(name) if name is not None else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        kept = []
-        size = 1
-        for ax in axes:
-            n = mesh.shape[ax]
-            if ax in used or n == 1 or dim % (size * n):
-                continue
-            kept.append(ax)
-            size *= n
-        used.update(kept)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return P(*spec)
+    return P(*(None if name is None else _dividing_axes(table.get(name), (dim,), mesh, used)
+               for name, dim in zip(names, shape)))
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
@@ -192,20 +195,53 @@ def init_sharded(
     return jax.jit(lambda r, *x: nn.unbox(init_fn(r, *x)), out_shardings=shardings)(rngs, *inputs)
 
 
-def per_batch_shard(fn, batch: int):
-    """``fn`` run per batch shard (``shard_map`` over data x fsdp) when a mesh is active.
+# Where shard_kernel splits a kernel call's axes: fixed, not the active rules, because a jitted
+# caller's cache keys on the mesh only (a rules switch under the same mesh would reuse a stale split).
+KERNEL_AXES = {"batch": BATCH_AXES, "heads": "tensor"}
 
-    For kernels (Pallas calls) that XLA cannot partition itself: it would gather the whole batch on
-    every device. ``fn`` must take arrays whose leading axis is the batch and be independent per
-    example. Without an active mesh, or when the batch does not divide, ``fn`` is returned as is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return fn
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
-        return fn
-    spec = P(axes)
-    return lambda *args: jax.shard_map(fn, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+def shard_kernel(fn, in_names: Sequence[Sequence[str | None]], out_names: Sequence[str | None],
+                 units: Mapping[str, int] | None = None):
+    """``fn`` (a Pallas kernel call) run per device under the active mesh, inside ``shard_map``.
+
+    XLA cannot partition a Pallas call: on a GPU it gathers every operand onto each device and repeats
+    the whole call there; on a TPU it refuses to compile it ("Mosaic kernels cannot be automatically
+    partitioned"). Under a mesh of several devices ``fn`` therefore runs in ``shard_map``: axes named
+    ``"batch"`` split over data x fsdp and axes named ``"heads"`` over tensor (:data:`KERNEL_AXES`,
+    where the activations of :data:`DEFAULT_RULES` already are); ``in_names`` holds one tuple of
+    names (or None) per argument, ``out_names`` one for the output. A mesh axis is used for a name
+    only where it divides every dimension carrying that name (others stay replicated: every device
+    then runs them whole), so ``fn`` sees consistent slices and must compute each index of a named
+    axis independently (examples; heads, with the key/value heads they are grouped on). ``units``
+    gives the count of independent units along a name where a dimension folds several together
+    (e.g. ``{"heads": 8}`` for channels of 8 heads): the axis must then divide that count. Without an
+    active mesh, on a mesh of one device, or where an enclosing ``shard_map`` already made every axis
+    manual, ``fn`` runs as is."""
+
+    def run(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty:
+            return fn(*args)
+        auto = frozenset(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != jax.sharding.AxisType.Manual)
+        if not auto or (mesh.size == 1 and len(auto) == len(mesh.axis_names)):
+            return fn(*args)
+        sizes: dict[str, list[int]] = {}
+        for names, x in zip(in_names, args, strict=True):
+            for name, dim in zip(names, x.shape):
+                if name is not None:
+                    sizes.setdefault(name, []).append(dim)
+        sizes.update({name: [n] for name, n in (units or {}).items() if name in sizes})
+        used: set[str] = set()
+        chosen = {name: _dividing_axes(KERNEL_AXES[name], dims, mesh, used, allowed=auto)
+                  for name, dims in sizes.items()}
+        spec = lambda names: P(*(chosen.get(name) if name else None for name in names))  # noqa: E731
+        in_specs = tuple(spec(names) for names in in_names)
+        if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):  # explicit sharding: args must match
+            args = [jax.sharding.reshard(x, s) for x, s in zip(args, in_specs)]
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=spec(out_names), axis_names=auto,
+                             check_vma=False)(*args)
+
+    return run
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -35,6 +35,13 @@ def subjaxprs(jaxpr):
                     yield from subjaxprs(inner)
 
 
+def shard_map_in_specs(fn, *args) -> list[str]:
+    """The in_specs (as text) of every shard_map in ``fn``'s jaxpr on ``args``, nested ones included."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [str(e.params["in_specs"]) for j in [jaxpr, *subjaxprs(jaxpr)] for e in j.eqns
+            if e.primitive.name == "shard_map"]
+
+
 # Mosaic GPU interpret mode (Hopper kernels run on CPU) cannot run vector loads from shared memory before jax 0.11.
 needs_mosaic_gpu_interpreter = pytest.mark.skipif(
     tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),

@@ -95,13 +95,54 @@ def test_constrain_is_noop_outside_activate_and_checks_rank():
         jax.jit(lambda x: S.constrain(x, ("act_batch", None)))(jnp.ones((8, 3, 2)))
 
 
-def test_per_batch_shard_maps_only_under_an_active_mesh():
-    fn = lambda a, b: a * 2 + b  # noqa: E731
-    assert S.per_batch_shard(fn, 8) is fn
-    mesh = S.make_mesh({"data": 4, "tensor": 2})
-    a, b = jnp.arange(8.0), jnp.ones(8)
-    with S.activate(mesh):
-        mapped = S.per_batch_shard(fn, 8)
-        assert "shard_map" in str(jax.make_jaxpr(mapped)(a, b))
-        np.testing.assert_array_equal(jax.jit(mapped)(a, b), fn(a, b))
-        assert S.per_batch_shard(fn, 6) is fn  # 6 does not divide over 4 devices: unchanged
+
+def _shard_map_specs(fn, *args):
+    """(in_specs, out_specs) of the one shard_map in ``fn``'s jaxpr, or None without one."""
+    eqns = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "shard_map"]
+    assert len(eqns) <= 1
+    return (tuple(eqns[0].params["in_specs"]), eqns[0].params["out_specs"][0]) if eqns else None
+
+
+def test_shard_kernel_splits_named_axes_that_divide_and_keeps_the_rest_whole():
+    P = jax.sharding.PartitionSpec
+    seen = []
+
+    def kernel(q, kv, seg):  # stands in for a Pallas call: records the per-device shapes it runs on
+        seen.append((q.shape, kv.shape, seg.shape))
+        return q * 2 + kv.repeat(q.shape[2] // kv.shape[2], axis=2) + seg[:, :, None, None]
+
+    seq = ("batch", None, "heads", None)
+    fn = S.shard_kernel(kernel, (seq, seq, ("batch", None)), seq)
+    q, kv, seg = jnp.ones((8, 3, 4, 2)), jnp.arange(32.0).reshape(8, 1, 2, 2), jnp.ones((8, 3))
+    want = kernel(q, kv, seg)
+    assert _shard_map_specs(fn, q, kv, seg) is None  # no mesh: runs as is
+    with S.activate(S.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        seen.clear()
+        specs = _shard_map_specs(fn, q, kv, seg)
+        assert specs == ((P(("data", "fsdp"), None, "tensor", None),) * 2 + (P(("data", "fsdp"), None),),
+                         P(("data", "fsdp"), None, "tensor", None))
+        assert seen == [((2, 3, 2, 2), (2, 1, 1, 2), (2, 3))]
+        np.testing.assert_array_equal(jax.jit(fn)(q, kv, seg), want)
+        # One kv head cannot split over tensor=2: neither can the query heads grouped on it (the
+        # same name splits the same way everywhere); a batch of 2 takes data, not data x fsdp.
+        q2, kv2, seg2 = q[:2], kv[:2, :, :1], seg[:2]
+        assert _shard_map_specs(fn, q2, kv2, seg2)[0] == (P("data", None, None, None),) * 2 + (P("data", None),)
+        np.testing.assert_array_equal(jax.jit(fn)(q2, kv2, seg2), kernel(q2, kv2, seg2))
+        # Heads folded into channels: 6 channels of 3 heads split by 2 would cut a head in half.
+        folded = S.shard_kernel(lambda x: x * 2, (("batch", "heads"),), ("batch", "heads"), units={"heads": 3})
+        assert _shard_map_specs(folded, jnp.ones((8, 6)))[1] == P(("data", "fsdp"), None)
+    explicit = jax.sharding.AxisType.Explicit
+    with jax.set_mesh(jax.make_mesh((2, 4), ("data", "model"), axis_types=(explicit,) * 2)):
+        assert _shard_map_specs(fn, q, kv, seg)[1] == P("data", None, None, None)  # our axes by name only
+        np.testing.assert_array_equal(jax.jit(fn)(q, kv, seg), want)  # explicit sharding: args resharded
+    with S.activate(S.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):  # inside a shard_map over data only
+        outer = jax.shard_map(fn, in_specs=(P("data"),) * 3, out_specs=P("data"), axis_names={"data"})
+        np.testing.assert_array_equal(jax.jit(outer)(q, kv, seg), want)
+    with S.activate(S.make_mesh({"data": 1}, devices=jax.devices()[:1])):
+        assert _shard_map_specs(fn, q, kv, seg) is None  # one device: nothing to map
+    with S.activate(S.make_mesh({"data": 8})):  # inside a shard_map over every axis: runs as is, per device
+        inner = jax.shard_map(fn, in_specs=(P("data"),) * 3, out_specs=P("data"))
+        eqns = jax.make_jaxpr(inner)(q, kv, seg).jaxpr.eqns
+        assert [e.primitive.name for e in eqns] == ["shard_map"]
+        assert "shard_map" not in str(eqns[0].params["jaxpr"])
+        np.testing.assert_array_equal(jax.jit(inner)(q, kv, seg), want)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxformers.kernels import bi_level_routing_attention
 from jaxformers.kernels.bi_level_routing import api, pallas_kernel
 from jaxformers.kernels.bi_level_routing.reference import bi_level_routing_attention_reference
-from tests.helpers import lowered_functions, subjaxprs
+from tests.helpers import lowered_functions, shard_map_in_specs, subjaxprs
 
 
 def _inputs(seed, b, height, width, c_qk, c_v, dtype=jnp.float32):
@@ -413,15 +413,11 @@ def test_tpu_single_buffers_resident_blocks_when_two_do_not_fit(monkeypatch):
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, monkeypatch, lower_as_h100):
+def test_kernels_lower_for_gpu_and_tpu_without_hardware(platform, request, lower_as_h100):
     """Forward, dQ and dK/dV lower through Pallas' Triton (GPU) and Mosaic (TPU) rules: no accelerator
     is needed to catch ops or tile shapes those backends reject (the device compile itself is not run)."""
     if platform == "tpu":
-        tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
-        if not hasattr(tpu_info, "registry") or not hasattr(tpu_info, "get_tpu_info_for_chip"):
-            pytest.skip("this jax has no TPU info registry to lower against")
-        monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
-                            lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
+        request.getfixturevalue("lower_as_v5e")
     layout = "tpu" if platform == "tpu" else "gpu"
     # (H, C_qk, C_v, heads, S, topk): 8x8-token regions and 2x2 tokens (small-tile path) read NHWC in
     # place on GPU; 3x3 tokens go through the padded blocked layout; head dims 32, 16, 64 and 128.
@@ -463,16 +459,34 @@ def test_tpu_routing_tables_reach_smem_flat():
     assert int(table[1, 2, 3]) == 23 and int(table[0, 1, 2]) == 6 and int(table[1, 0, 0]) == 12
 
 
-def test_pallas_path_splits_the_batch_over_an_active_mesh():
+def test_pallas_path_runs_per_batch_and_head_shard_over_an_active_mesh(monkeypatch, lower_as_v5e):
+    """Each device attends its examples and heads, routed by the routing of all heads (the region
+    affinities sum over every channel, so a routing from one device's heads alone would differ)."""
     from jaxformers import sharding
 
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    q, k, v = _inputs(8, 4, 4, 4, 8, 8)
-    kw = dict(num_heads=2, regions_per_side=2, topk=2)
-    want = bi_level_routing_attention(q, k, v, implementation="xla", **kw)
+    q, k, v = _inputs(8, 4, 8, 8, 16, 16)
+    d_out = jax.random.normal(jax.random.key(3), v.shape)
+    kw = dict(num_heads=2, regions_per_side=4, topk=2)
+
+    def out_and_grads(implementation, q, k, v):
+        out, vjp = jax.vjp(lambda *a: bi_level_routing_attention(*a, implementation=implementation, **kw), q, k, v)
+        return out, *vjp(d_out)
+
+    want = out_and_grads("xla", q, k, v)
+    heads_routing = [api.route_regions(q[..., h * 8:(h + 1) * 8], k[..., h * 8:(h + 1) * 8], 4, 2)
+                     for h in range(2)]
+    assert not all(np.array_equal(r, api.route_regions(q, k, 4, 2)) for r in heads_routing)
     with sharding.activate(mesh):
         q, k, v = sharding.shard_batch((q, k, v), mesh)
-        fn = jax.jit(lambda q, k, v: bi_level_routing_attention(q, k, v, implementation="pallas", **kw))
-        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))  # the kernel runs per batch shard
+        fn = jax.jit(functools.partial(out_and_grads, "pallas"))
+        specs = shard_map_in_specs(fn, q, k, v)
+        assert specs and all("'tensor'" in s and "'fsdp'" in s for s in specs)  # its batch and heads
         got = fn(q, k, v)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # and it compiles for a TPU (Mosaic
+        x = jax.ShapeDtypeStruct((6, 28, 28, 128), jnp.bfloat16)   # calls only do inside shard_map);
+        step = jax.jit(lambda q, k, v: jax.vjp(lambda *a: bi_level_routing_attention(  # 6 examples do
+            *a, num_heads=2, regions_per_side=7, topk=4), q, k, v)[1](q))               # not split over 4
+        assert step.trace(x, x, x).lower(lowering_platforms=("tpu",)).as_text().count("tpu_custom_call") >= 3
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 from jaxformers.kernels import local_global_attention
 from jaxformers.kernels.local_global.mask import MaskSpec, dense_mask
-from tests.helpers import lowered_functions, subjaxprs
+from tests.helpers import lowered_functions, shard_map_in_specs, subjaxprs
 
 
 def _hand_mask(length, *, window=None, global_tokens=0, group_size=None, causal=False, chunk_size=None, seg=None):
@@ -450,22 +450,51 @@ def test_tpu_splash_path_lowers_for_tpu(dim, case):
     assert text.count("tpu_custom_call") >= 3  # forward, dQ, dK/dV
 
 
-def test_pallas_path_splits_the_batch_over_an_active_mesh():
+def test_pallas_path_runs_per_batch_and_head_shard_over_an_active_mesh():
     from jaxformers import sharding
 
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    ks = jax.random.split(jax.random.key(7), 3)
-    q, k, v = (jax.random.normal(kk, (4, 16, 2, 8)) for kk in ks)
+    ks = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(ks[0], (4, 16, 4, 8))
+    k, v = (jax.random.normal(kk, (4, 16, 2, 8)) for kk in ks[1:3])  # grouped-query: 2 query heads per kv head
+    d_out = jax.random.normal(ks[3], q.shape)
     seg = jnp.array([[1] * 10 + [2] * 6, [1] * 16, [1] * 5 + [0] * 11, [3] * 8 + [4] * 8])
-    kw = dict(window=(3, 3), segment_ids=seg)
-    want = local_global_attention(q, k, v, implementation="xla", **kw)
+
+    def out_and_grads(implementation, q, k, v, seg):
+        out, vjp = jax.vjp(lambda *a: local_global_attention(*a, window=(3, 3), segment_ids=seg,
+                                                             implementation=implementation), q, k, v)
+        return out, *vjp(d_out)
+
+    want = out_and_grads("xla", q, k, v, seg)
     with sharding.activate(mesh):
         q, k, v, seg = sharding.shard_batch((q, k, v, seg), mesh)
-        fn = jax.jit(lambda q, k, v, s: local_global_attention(q, k, v, window=(3, 3), segment_ids=s,
-                                                               implementation="pallas"))
-        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, seg))  # the kernel runs per batch shard
+        fn = jax.jit(functools.partial(out_and_grads, "pallas"))
+        specs = shard_map_in_specs(fn, q, k, v, seg)
+        assert specs and all("'tensor'" in s and "'fsdp'" in s for s in specs)  # its batch and heads
         got = fn(q, k, v, seg)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_tpu_paths_lower_under_a_multi_device_mesh(monkeypatch, lower_as_v5e):
+    """Pallas TPU (Mosaic) calls do not compile outside shard_map on several devices ("Mosaic kernels
+    cannot be automatically partitioned"): splash (unpacked) and our TPU kernels (packed), with a batch
+    that splits and one that does not, lower for TPU under an 8-device mesh."""
+    from jaxformers import sharding
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    for batch, packed in [(4, False), (4, True), (3, False)]:
+        x = jax.ShapeDtypeStruct((batch, 300, 4, 64), jnp.bfloat16)
+        seg = (jax.ShapeDtypeStruct((batch, 300), jnp.int32),) if packed else ()
+
+        def step(q, k, v, *seg):
+            out, vjp = jax.vjp(lambda *a: local_global_attention(*a, window=(32, 32), segment_ids=seg[0] if seg else None),
+                               q, k, v)
+            return out, vjp(out)
+
+        with sharding.activate(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+            text = jax.jit(step).trace(x, x, x, *seg).lower(lowering_platforms=("tpu",)).as_text()
+        assert text.count("tpu_custom_call") >= 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 CPU (simulated SMEM/VMEM, scalar prefetch, DMAs; the race detector raises on a race) against the
 reference, forward and gradients; block skipping by segments; lowering for TPU; the TPU route."""
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -64,16 +63,8 @@ def test_tpu_kernels_skip_blocks_that_share_no_segment():
     assert sum(map(len, want)) == len(blocks) ** 2 // 2  # half of the 64 pairs are skipped
 
 
-def test_tpu_kernels_lower_for_tpu(monkeypatch):
+def test_tpu_kernels_lower_for_tpu(lower_as_v5e):
     """Forward, dQ and dK/dV lower through Pallas' Mosaic (TPU) rules from this CPU host."""
-    try:
-        tpu_info = importlib.import_module("jax._src.tpu_info")
-    except ImportError:
-        tpu_info = importlib.import_module("jax._src.pallas.mosaic.tpu_info")
-    if not hasattr(tpu_info, "registry") or not hasattr(tpu_info, "get_tpu_info_for_chip"):
-        pytest.skip("this jax has no TPU info registry to lower against")
-    monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
-                        lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
     for dim, case, kv_heads in [(64, dict(window=(32, 32), global_tokens=2), 2), (128, dict(causal=True), 4),
                                 (32, dict(group_size=16), 1)]:
         spec = MaskSpec(**case)

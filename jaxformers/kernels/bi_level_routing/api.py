@@ -14,8 +14,10 @@ Implementations:
   hold a multiple of 64 tokens, or 1..32 tokens dividing 64 (per-token routing bit masks), take the
   Mosaic GPU kernels instead (``mosaic_gpu.py``: TMA, wgmma).
   On CPU it runs in interpret mode (slow; tests).
-  Under an active mesh (``jaxformers.sharding.activate``) the batch is split over (data, fsdp)
-  with ``shard_map``, since XLA cannot partition the kernel call itself.
+  Under an active mesh (``jaxformers.sharding.activate`` or ``jax.set_mesh``) the kernels run per
+  device in ``shard_map``: each device its batch shard (data x fsdp) and its heads (tensor), where
+  those divide, routed by the routing of all heads; XLA cannot partition a kernel call itself (on a
+  TPU it would not compile).
 - ``"auto"``: Pallas on GPU/TPU, the reference elsewhere (and on TPU for maps whose per-image
   resident blocks would not fit VMEM, see ``pallas_kernel.tpu_vmem_bytes``; on a GPU, for calls the
   Mosaic GPU kernels do not take, where the Triton ones cannot run: a jax without the deprecated
@@ -44,7 +46,7 @@ from jaxformers.kernels.bi_level_routing.reference import (
 )
 from jaxformers.kernels.bi_level_routing.reference import route_regions as _route_regions
 from jaxformers.kernels.gpu_kernel import gpu_kernel_choice, triton_unsupported
-from jaxformers.sharding import per_batch_shard
+from jaxformers.sharding import shard_kernel
 
 __all__ = [
     "bi_level_routing_attention",
@@ -242,17 +244,25 @@ def bi_level_routing_attention(
         return bi_level_routing_attention_reference(
             q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk, scale=scale
         )
-    kernel = functools.partial(_pallas, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk,
-                               scale=scale, gpu_kernel=gpu_kernel)
-    return per_batch_shard(kernel, q.shape[0])(q, k, v)
+    return _pallas(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side, topk=topk, scale=scale,
+                   gpu_kernel=gpu_kernel)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "regions_per_side", "topk", "scale", "gpu_kernel"))
 def _pallas(q, k, v, *, num_heads, regions_per_side, topk, scale, gpu_kernel):
     """The Pallas path under one jit: a model's same-shaped blocks share one trace and one lowering of
     their kernels (BiFormer-T's train step lowers 12 Pallas kernels instead of 42), and an eager call
-    runs as one program."""
+    runs as one program. The routing sees every head (under a mesh XLA sums the region affinities
+    over the devices holding the heads); the kernels run per batch shard and head shard."""
     from jaxformers.kernels.bi_level_routing.pallas_kernel import bi_level_routing_attention_pallas
 
-    return bi_level_routing_attention_pallas(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,
-                                             topk=topk, scale=scale, gpu_kernel=gpu_kernel)
+    index = _route_regions(q, k, regions_per_side, topk, scale)
+    head_dim = q.shape[-1] // num_heads
+
+    def kernel(q, k, v, index):  # one device's examples and heads (channels of whole heads)
+        return bi_level_routing_attention_pallas(q, k, v, num_heads=q.shape[-1] // head_dim,
+                                                 regions_per_side=regions_per_side, topk=topk, scale=scale,
+                                                 gpu_kernel=gpu_kernel, index=index)
+
+    maps = ("batch", None, None, "heads")
+    return shard_kernel(kernel, (maps, maps, maps, ("batch",)), maps, units={"heads": num_heads})(q, k, v, index)

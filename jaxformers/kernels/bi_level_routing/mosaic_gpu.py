@@ -147,14 +147,15 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def bi_level_routing_attention_mosaic(q, k, v, *, num_heads: int, regions_per_side: int, topk: int, scale: float,
-                                      interpret=False) -> jax.Array:
-    """BRA on validated NHWC inputs that :func:`supported` accepts; differentiable in q, k, v."""
+                                      interpret=False, index: jax.Array | None = None) -> jax.Array:
+    """BRA on validated NHWC inputs that :func:`supported` accepts; differentiable in q, k, v.
+    ``index``: the routing when the caller computed it (over more heads); default: from q, k."""
     batch, height, width, _ = q.shape
     s = regions_per_side
     tokens = _tokens_per_region(height, width, s)
     regions = s * s
     length = -(-regions * tokens // _BLOCKS.block) * _BLOCKS.block
-    routed = _routed(route_regions(q, k, s, topk, scale), regions)
+    routed = _routed(route_regions(q, k, s, topk, scale) if index is None else index, regions)
     (q_table, q_stride, _), (k_table, k_stride, _) = _visit_tables(routed, tokens, topk, length // _BLOCKS.block)
     shift, words = None, None
     if tokens % _BLOCKS.block:  # regions smaller than a block: partial blocks need the routing bits

@@ -542,6 +542,7 @@ def bi_level_routing_attention_pallas(
     poison: bool = False,
     direct: bool | None = None,
     gpu_kernel: str | None = None,
+    index: jax.Array | None = None,
 ) -> jax.Array:
     """The fused kernel on validated NHWC inputs (``topk`` in 1..S*S, ``scale`` resolved).
 
@@ -553,7 +554,8 @@ def bi_level_routing_attention_pallas(
     custom VJP). ``gpu_kernel``: "triton" (the kernels here), "mosaic" (``mosaic_gpu.py``: Hopper,
     regions of a multiple of 64 tokens or of 1..32 tokens dividing 64, bf16/f16; Mosaic GPU interpret
     mode off GPU), "auto" (Mosaic on a Hopper GPU when the inputs suit it) or None (the process
-    default, ``jaxformers.kernels.gpu_kernel``).
+    default, ``jaxformers.kernels.gpu_kernel``). ``index``: the routing (``route_regions``), when the
+    caller computed it over more heads than these (the public op under a mesh); default: from q, k.
     """
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
@@ -561,7 +563,7 @@ def bi_level_routing_attention_pallas(
         from jaxformers.kernels.bi_level_routing.mosaic_gpu import bi_level_routing_attention_mosaic
 
         return bi_level_routing_attention_mosaic(q, k, v, num_heads=num_heads, regions_per_side=regions_per_side,
-                                                 topk=topk, scale=scale, interpret=interpret)
+                                                 topk=topk, scale=scale, interpret=interpret, index=index)
     out_dtype = v.dtype
     q, k, v = (x.astype(jnp.result_type(q, k, v)) for x in (q, k, v))  # one dtype inside the kernels
     cfg, dqk_pad, dv_pad = _plan(q.shape, v.shape, q.dtype, num_heads=num_heads,
@@ -579,7 +581,7 @@ def bi_level_routing_attention_pallas(
     s = regions_per_side
     _, height, width, _ = q.shape
     r, r_pad = cfg.num_regions, cfg.regions_padded
-    index = route_regions(q, k, s, topk, scale)
+    index = route_regions(q, k, s, topk, scale) if index is None else index
     # Padded query regions and routes point at region 0; the kernels mask padded routes.
     table = jnp.pad(index, ((0, 0), (0, r_pad - r), (0, cfg.topk_padded - topk)))
     rows, offsets = inverse_routing(index, r_pad)

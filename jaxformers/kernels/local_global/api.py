@@ -17,6 +17,11 @@ Implementations:
   backend, a GPU older than Ampere (T4, V100), head dims whose tiles exceed the GPU's shared memory
   (see ``jaxformers.kernels.gpu_kernel``).
 
+Under an active mesh (``jaxformers.sharding.activate`` or ``jax.set_mesh``) the Pallas and splash
+paths run per device in ``shard_map`` (``jaxformers.sharding.shard_kernel``): each device attends
+its batch shard (data x fsdp) and its heads (tensor), where those divide; XLA cannot partition a
+kernel call itself (on a TPU it would not compile).
+
 ``segment_ids_from_cu_seqlens`` converts FlashAttention-style cumulative lengths to segment ids.
 """
 from __future__ import annotations
@@ -29,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxformers.kernels.gpu_kernel import gpu_kernel_choice, triton_unsupported
 from jaxformers.kernels.local_global.mask import MaskSpec
-from jaxformers.sharding import per_batch_shard
+from jaxformers.sharding import shard_kernel
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
 
 Implementation = Literal["auto", "pallas", "xla"]
@@ -163,13 +168,23 @@ def local_global_attention(
         return local_global_attention_reference(q, k, v, spec, segment_ids=segment_ids, scale=scale)
     backend = jax.default_backend()
     if backend == "tpu" and tpu_route(q, k, v, segment_ids) == "splash":
-        from jaxformers.kernels.local_global.splash_tpu import local_global_attention_splash
+        kernel = functools.partial(_splash, spec=spec, scale=scale)
+    else:
+        kernel = functools.partial(_pallas, spec=spec, scale=scale, gpu_kernel=gpu_kernel,
+                                   backend="tpu" if backend == "tpu" else None)
+    # Under an active mesh each device runs its batch shard and its heads (the kernel call itself
+    # cannot be partitioned).
+    seq = ("batch", None, "heads", None)
+    if segment_ids is None:
+        return shard_kernel(kernel, (seq, seq, seq), seq)(q, k, v)
+    return shard_kernel(kernel, (seq, seq, seq, ("batch", None)), seq)(q, k, v, segment_ids)
 
-        return local_global_attention_splash(q, k, v, spec, segment_ids=segment_ids, scale=scale)
-    kernel = functools.partial(_pallas, spec=spec, scale=scale, gpu_kernel=gpu_kernel,
-                               backend="tpu" if backend == "tpu" else None)
-    # Under an active mesh each device runs its own batch shard (the kernel call is not partitionable).
-    return per_batch_shard(kernel, q.shape[0])(q, k, v, *(() if segment_ids is None else (segment_ids,)))
+
+def _splash(q, k, v, *segment_ids, spec, scale):
+    from jaxformers.kernels.local_global.splash_tpu import local_global_attention_splash
+
+    return local_global_attention_splash(q, k, v, spec, segment_ids=segment_ids[0] if segment_ids else None,
+                                         scale=scale)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale", "gpu_kernel", "backend"))
