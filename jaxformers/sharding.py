@@ -216,7 +216,8 @@ def shard_kernel(fn, in_names: Sequence[Sequence[str | None]], out_names: Sequen
     gives the count of independent units along a name where a dimension folds several together
     (e.g. ``{"heads": 8}`` for channels of 8 heads): the axis must then divide that count. Without an
     active mesh, on a mesh of one device, or where an enclosing ``shard_map`` already made every axis
-    manual, ``fn`` runs as is."""
+    manual, ``fn`` runs as is. Gradients flow as usual (replicated operands get the sum of every
+    device's share)."""
 
     def run(*args):
         mesh = jax.sharding.get_abstract_mesh()

@@ -182,6 +182,25 @@ def single_and_sharded(fn: Callable, variables: Any, sharded_variables: Any, x: 
     return single, sharded
 
 
+def assert_sharded_grads_match(model: nn.Module, variables: Any, sharded_variables: Any, x: jax.Array,
+                                mesh: jax.sharding.Mesh, tol: float = 1e-4) -> None:
+    """The parameter gradients of a fixed random projection of ``model``'s output agree on one device and
+    sharded over ``mesh`` (each leaf within ``tol`` of its largest entry)."""
+    out = jax.eval_shape(model.apply, variables, x)
+    projection = jax.random.normal(jax.random.key(0), out.shape, out.dtype)
+
+    def grads(v, x):
+        rest = {k: c for k, c in v.items() if k != "params"}
+        return jax.grad(lambda p: jnp.sum(model.apply({"params": p, **rest}, x) * projection))(v["params"])
+
+    single, sharded = single_and_sharded(jax.jit(grads), variables, sharded_variables, x, mesh)
+    leaves = jax.tree_util.tree_leaves_with_path(single)
+    for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(sharded), strict=True):
+        scale = max(float(jnp.max(jnp.abs(a))), 1e-6)
+        np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=tol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def perturbed_torch_model(make: Callable[[], Any], seed: int = 0, scale: float = 0.05) -> Any:
     """``make()`` built after ``torch.manual_seed(seed)``, in eval mode, with N(0, scale) noise added to
     every parameter: timm zero-initialises heads and LayerNorm offsets, which would hide mix-ups."""

@@ -119,6 +119,26 @@ def test_lepe_is_depthwise():
     np.testing.assert_allclose(lepe.apply(params, v2)[..., 0], out[..., 0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mesh_axes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "tensor": 4}])
+def test_grouped_conv_gradients_under_a_mesh_equal_one_device(mesh_axes):
+    """XLA's partitioner sums a grouped convolution's kernel gradient over the mesh axes its input is
+    replicated on (2x / 4x here without the shard_map in ``grouped_conv_general_dilated``)."""
+    from jaxformers import sharding
+
+    x = jax.random.normal(jax.random.key(0), (8, 6, 6, 8))
+    target = jax.random.normal(jax.random.key(1), (8, 6, 6, 16))
+    for groups, features in [(8, 8), (4, 16)]:  # depthwise, grouped
+        conv = L.Conv(features, (3, 3), padding=1, feature_group_count=groups, axes=(None, "embed"))
+        variables = conv.init(jax.random.key(2), x)
+        loss = lambda v, x: jnp.sum(conv.apply(v, x) * target[..., :features])  # noqa: E731
+        want = jax.grad(loss, argnums=(0, 1))(variables, x)
+        mesh = sharding.make_mesh(mesh_axes)
+        with sharding.activate(mesh):
+            got = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, sharding.shard_batch(x, mesh))
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
 def test_norms_have_axis_names():
     x = jnp.ones((2, 4))
     assert L.LayerNorm().init(jax.random.key(0), x)["params"]["scale"].names == ("embed",)
