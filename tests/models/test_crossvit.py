@@ -11,8 +11,8 @@ import jaxformers as jf
 from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.crossvit import VARIANTS, bicubic_weights, resize_bicubic
 from jaxformers.sharding import make_mesh
-from tests.helpers import (assert_logits_match_torch, fast_jit, image, init_variables, perturbed_torch_model,
-                           shard_like_init, single_and_sharded, train_with_remat_check)
+from tests.helpers import (assert_logits_match_torch, assert_sharded_grads_match, fast_jit, image, init_variables,
+                           perturbed_torch_model, shard_like_init, single_and_sharded, train_with_remat_check)
 
 # timm 1.0's exact counts (``sum(p.numel() for p in timm.create_model(name).parameters())``).
 TIMM_PARAMS = {
@@ -171,6 +171,7 @@ def test_sharded_equals_single_device():
     expected, got = single_and_sharded(fast_jit(model.apply), single, sharded, x, mesh)
     assert np.abs(np.asarray(expected)).max() > 0.01
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+    assert_sharded_grads_match(model, single, sharded, x, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
