@@ -202,7 +202,8 @@ KERNEL_AXES = {"batch": BATCH_AXES, "heads": "tensor"}
 
 def shard_kernel(fn, in_names: Sequence[Sequence[str | None]], out_names: Sequence[str | None],
                  units: Mapping[str, int] | None = None):
-    """``fn`` (a Pallas kernel call) run per device under the active mesh, inside ``shard_map``.
+    """``fn`` run per device under the active mesh, inside ``shard_map``: for Pallas kernel calls, and ops
+    XLA's partitioner gets wrong (``jaxformers.layers.linear.grouped_conv_general_dilated``).
 
     XLA cannot partition a Pallas call: on a GPU it gathers every operand onto each device and repeats
     the whole call there; on a TPU it refuses to compile it ("Mosaic kernels cannot be automatically
