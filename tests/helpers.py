@@ -35,11 +35,11 @@ def subjaxprs(jaxpr):
                     yield from subjaxprs(inner)
 
 
-def shard_map_in_specs(fn, *args) -> list[str]:
-    """The in_specs (as text) of every shard_map in ``fn``'s jaxpr on ``args``, nested ones included."""
+def shard_map_specs(fn, *args) -> list[tuple[tuple, Any]]:
+    """(in_specs, out_spec) of every shard_map in ``fn``'s jaxpr on ``args``, nested ones included."""
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    return [str(e.params["in_specs"]) for j in [jaxpr, *subjaxprs(jaxpr)] for e in j.eqns
-            if e.primitive.name == "shard_map"]
+    return [(tuple(e.params["in_specs"]), e.params["out_specs"][0]) for j in [jaxpr, *subjaxprs(jaxpr)]
+            for e in j.eqns if e.primitive.name == "shard_map"]
 
 
 # Mosaic GPU interpret mode (Hopper kernels run on CPU) cannot run vector loads from shared memory before jax 0.11.

@@ -6,7 +6,7 @@ import pytest
 
 import jaxformers
 from jaxformers import sharding as S
-from tests.helpers import perturb
+from tests.helpers import perturb, shard_map_specs
 
 
 def test_mesh_config_resolves_minus_one():
@@ -97,10 +97,10 @@ def test_constrain_is_noop_outside_activate_and_checks_rank():
 
 
 def _shard_map_specs(fn, *args):
-    """(in_specs, out_specs) of the one shard_map in ``fn``'s jaxpr, or None without one."""
-    eqns = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "shard_map"]
-    assert len(eqns) <= 1
-    return (tuple(eqns[0].params["in_specs"]), eqns[0].params["out_specs"][0]) if eqns else None
+    """(in_specs, out_spec) of the one shard_map in ``fn``'s jaxpr, or None without one."""
+    specs = shard_map_specs(fn, *args)
+    assert len(specs) <= 1
+    return specs[0] if specs else None
 
 
 def test_shard_kernel_splits_named_axes_that_divide_and_keeps_the_rest_whole():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxformers.kernels import bi_level_routing_attention
 from jaxformers.kernels.bi_level_routing import api, pallas_kernel
 from jaxformers.kernels.bi_level_routing.reference import bi_level_routing_attention_reference
-from tests.helpers import lowered_functions, shard_map_in_specs, subjaxprs
+from tests.helpers import lowered_functions, shard_map_specs, subjaxprs
 
 
 def _inputs(seed, b, height, width, c_qk, c_v, dtype=jnp.float32):
@@ -480,13 +480,15 @@ def test_pallas_path_runs_per_batch_and_head_shard_over_an_active_mesh(monkeypat
     with sharding.activate(mesh):
         q, k, v = sharding.shard_batch((q, k, v), mesh)
         fn = jax.jit(functools.partial(out_and_grads, "pallas"))
-        specs = shard_map_in_specs(fn, q, k, v)
+        specs = [str(in_specs) for in_specs, _ in shard_map_specs(fn, q, k, v)]
         assert specs and all("'tensor'" in s and "'fsdp'" in s for s in specs)  # its batch and heads
         got = fn(q, k, v)
-        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # and it compiles for a TPU (Mosaic
-        x = jax.ShapeDtypeStruct((6, 28, 28, 128), jnp.bfloat16)   # calls only do inside shard_map);
-        step = jax.jit(lambda q, k, v: jax.vjp(lambda *a: bi_level_routing_attention(  # 6 examples do
-            *a, num_heads=2, regions_per_side=7, topk=4), q, k, v)[1](q))               # not split over 4
+        # And it compiles for a TPU (Mosaic calls compile only inside shard_map), also with 6 examples,
+        # which do not split over data x fsdp = 4.
+        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+        x = jax.ShapeDtypeStruct((6, 28, 28, 128), jnp.bfloat16)
+        step = jax.jit(lambda q, k, v: jax.vjp(lambda *a: bi_level_routing_attention(
+            *a, num_heads=2, regions_per_side=7, topk=4), q, k, v)[1](q))
         assert step.trace(x, x, x).lower(lowering_platforms=("tpu",)).as_text().count("tpu_custom_call") >= 3
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
