@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import re
 import shutil
@@ -323,11 +324,7 @@ def train_row(devices, model: str, batch: int, overrides: list[str], memory: int
 
     overrides = _parse_overrides(overrides)
     mesh_axes = mesh_axes or {"data": 1}
-    n = 1
-    for size in mesh_axes.values():
-        n *= size
-    if n > len(devices):
-        raise SystemExit(f"--train-mesh {mesh_axes} needs {n} devices; this target describes {len(devices)}")
+    n = math.prod(mesh_axes.values())  # main checks that the target describes that many devices
     step, spec, host_batch, mesh = build_step(model, overrides, batch, dtype, make_mesh(mesh_axes, devices[:n]))
     label = f"train step {model} {' '.join(f'{k}={v}' for k, v in overrides.items())} batch {batch} {dtype}"
     if n > 1:
@@ -367,10 +364,17 @@ def main(argv=None) -> int:
     # XLA runs ptxas with -v and logs what it says (the Pallas Triton kernels' registers and spills)
     os.environ.update(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_ptx_compiler_extra_flags=-v").strip(),
                       TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="subprocess_compilation=2")
-    mesh_axes = None if args.train_mesh is None else {
-        name: int(size) for name, size in (part.split("=") for part in args.train_mesh.split(","))}
+    mesh_axes = None
+    if args.train_mesh is not None:
+        try:
+            mesh_axes = {name: int(size) for name, size in (part.split("=") for part in args.train_mesh.split(","))}
+        except ValueError:
+            parser.error(f"--train-mesh takes AXIS=SIZE,... (e.g. data=2,tensor=2); got {args.train_mesh!r}")
     devices = compile_only_devices(args.target)
     device = devices[0]
+    if mesh_axes and math.prod(mesh_axes.values()) > len(devices):  # before stderr goes to the log
+        raise SystemExit(f"--train-mesh {args.train_mesh} needs {math.prod(mesh_axes.values())} devices; "
+                         f"a {args.target} here describes {len(devices)}")
     DUMP["dir"] = tempfile.mkdtemp(prefix="compile-check-")  # Mosaic GPU reads these as it compiles each kernel
     os.environ.update(MOSAIC_GPU_DUMP_TO=DUMP["dir"], MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_RESOURCES="1")
     DUMP["log"] = log = DUMP["dir"] + ".log"
