@@ -1,5 +1,10 @@
-"""Test setup: 8 simulated CPU devices for mesh tests, float32 matmuls at full precision."""
+"""Test setup: 8 simulated CPU devices for mesh tests, float32 matmuls at full precision, one JAX
+persistent compilation cache shared by every xdist worker (and the CLI subprocesses they start)
+within a run, and the test time per folder at the end of the run (the CI budget: README,
+"Contributing")."""
+import collections
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -7,3 +12,32 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The controller creates the directory before it starts the workers, which inherit the variable;
+# a worker (or a plain run) that finds it set joins it. Programs that compile in under 0.2 s are
+# not worth a disk round trip.
+CACHE_ENV = "JAXFORMERS_TEST_COMPILATION_CACHE"
+
+
+def pytest_configure(config):
+    if not os.environ.get(CACHE_ENV):
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="jaxformers-jit-cache-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ[CACHE_ENV], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Seconds of test time (setup + call + teardown, summed over workers) per test folder."""
+    totals: dict[str, float] = collections.Counter()
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if hasattr(report, "duration") and getattr(report, "nodeid", ""):
+                path = report.nodeid.split("::")[0]
+                folder = os.path.dirname(path) or path
+                totals[folder] += report.duration
+    if totals:
+        terminalreporter.write_sep("=", "test time per folder (seconds, all workers)")
+        for folder, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:9.1f}  {folder}")
+        terminalreporter.write_line(f"{sum(totals.values()):9.1f}  total")

@@ -48,19 +48,25 @@ Padded query rows (attention_mask 0) hold undefined values, as in HF; only real 
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import pathlib
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxformers.hf import register_hf_family
 from jaxformers.layers import Dense, LayerNorm, MultiHeadAttention, Mlp, check_token_ids, maybe_remat
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.models import bert_convert
 from jaxformers.models.bert_longformer import longformer_attention_fn
 from jaxformers.models.bert_heads import (MaskedLMHead, Pooler, RobertaClassificationHead, activation, bert_init,
                                           normalize, pool_tokens)
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
+from jaxformers.text import hf_config
 
 HEADS = (None, "pretraining", "mlm", "nsp", "classification", "cross_encoder", "token_classification", "qa",
          "embedding")
@@ -358,10 +364,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def _info(paper, arxiv, repo, params_m, **kw):
-    from jaxformers.models.bert_convert import convert_hf_bert
-
     return ModelInfo(paper=paper, arxiv=arxiv, repo=repo, input_size=(512,), params_m=params_m,
-                     converter=convert_hf_bert, **kw)
+                     converter=bert_convert.convert_hf_bert, **kw)
 
 
 _BERT = ("BERT: Pre-training of Deep Bidirectional Transformers", "1810.04805", "google-research/bert")
@@ -411,15 +415,37 @@ def minilm_l6(**overrides: Any) -> Bert:
     return _build("minilm_l6", overrides)
 
 
-def from_pretrained(path, **overrides: Any):
-    """(module, variables) from a Hugging Face model directory (config.json + weights)."""
-    from jaxformers.models.bert_convert import from_pretrained as _load
+def from_pretrained(path, *, strict: bool = True, seed: int = 0, mesh: Any = None, rules: Any = None,
+                    **overrides: Any) -> tuple[Bert, dict]:
+    """``(module, variables)`` from a HF model directory (config.json + model.safetensors or
+    pytorch_model.bin; a sentence-transformers directory gives ``head="embedding"`` with its pooling).
+    ``jaxformers.from_pretrained(dir)`` comes here for the model_types bert, roberta, camembert, xlm-roberta.
 
-    return _load(path, **overrides)
+    ``overrides`` replace module fields, e.g. ``head="classification", num_labels=3`` to fine-tune:
+    head weights the checkpoint lacks are initialised fresh (warning); everything else must match
+    (``CheckpointMismatchError`` naming the keys, unless ``strict=False``). With ``mesh`` the
+    variables are placed in their logical shardings (``rules``: default ``DEFAULT_RULES``).
+    """
+    path = pathlib.Path(path)
+    fields = hf_config.bert_fields_from_config(hf_config.read_config(path), source=os.fspath(path / "config.json"))
+    st = hf_config.sentence_transformers_pooling(path)
+    if st is not None and fields["head"] is None:
+        fields.update(head="embedding", add_pooler=None, **st)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Bert)}
+    if unknown:
+        raise TypeError(f"unknown Bert field(s) {sorted(unknown)}")
+    module = Bert(**{**fields, **overrides})
+    return module, bert_convert.load_directory(module, path, strict=strict, seed=seed, mesh=mesh, rules=rules)
 
 
-def save_pretrained(module: Bert, variables: Any, path, **kwargs: Any):
-    """Writes a Hugging Face directory (config.json + model.safetensors) loadable by transformers."""
-    from jaxformers.models.bert_convert import save_pretrained as _save
+def save_pretrained(module: Bert, variables: Any, path, *, model_type: str | None = None,
+                    id2label: dict | None = None, tokenizer: Any = None) -> pathlib.Path:
+    """Writes ``config.json`` + ``model.safetensors`` (float32, HF key names) that
+    ``transformers.AutoModel*.from_pretrained`` loads; ``tokenizer`` (a ``jaxformers.text.Tokenizer``)
+    is saved beside them. ``model_type`` keeps e.g. "camembert" / "xlm-roberta" for RoBERTa-style models."""
+    return bert_convert.save_directory(module, variables, path, model_type=model_type, id2label=id2label,
+                                       tokenizer=tokenizer)
 
-    return _save(module, variables, path, **kwargs)
+
+register_hf_family(tuple(hf_config.SUPPORTED_MODEL_TYPES), module_type=Bert, load=from_pretrained,
+                   save=save_pretrained)

@@ -1,14 +1,14 @@
 """Hugging Face BERT / RoBERTa checkpoints <-> ``Bert`` variables, both directions.
 
 One key table (``key_table``) drives the import (``convert_hf_bert``, the registry converter used
-by ``jaxformers.load_pretrained``), ``from_pretrained(dir)`` and the export ``save_pretrained``.
+by ``jaxformers.load_pretrained``), ``load_directory`` (``from_pretrained(dir)``) and the export
+``save_directory`` (``save_pretrained``). Nothing here imports ``bert.py``: the model file imports this one.
 HF's separate query/key/value projections become our fused ``qkv`` (E, 3, H, D); the tied MLM
 decoder is not stored (it is the word embedding). Old TF-converted checkpoints with
 ``LayerNorm.gamma/beta`` names are read too.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import warnings
@@ -175,27 +175,10 @@ def _check_and_fill(module, converted: dict[str, np.ndarray], sd: StateDict, sou
     return unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
-def from_pretrained(path: str | os.PathLike, *, strict: bool = True, seed: int = 0, mesh: Any = None,
-                    rules: Any = None, **overrides: Any):
-    """``(module, variables)`` from a HF model directory (config.json + model.safetensors or
-    pytorch_model.bin; a sentence-transformers directory gives ``head="embedding"`` with its pooling).
-
-    ``overrides`` replace module fields, e.g. ``head="classification", num_labels=3`` to fine-tune:
-    head weights the checkpoint lacks are initialised fresh (warning); everything else must match
-    (``CheckpointMismatchError`` naming the keys, unless ``strict=False``). With ``mesh`` the
-    variables are placed in their logical shardings (``rules``: default ``DEFAULT_RULES``).
-    """
-    from jaxformers.models.bert import Bert
-
-    path = pathlib.Path(path)
-    fields = hf_config.bert_fields_from_config(hf_config.read_config(path), source=os.fspath(path / "config.json"))
-    st = hf_config.sentence_transformers_pooling(path)
-    if st is not None and fields["head"] is None:
-        fields.update(head="embedding", add_pooler=None, **st)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Bert)}
-    if unknown:
-        raise TypeError(f"unknown Bert field(s) {sorted(unknown)}")
-    module = Bert(**{**fields, **overrides})
+def load_directory(module, path: str | os.PathLike, *, strict: bool = True, seed: int = 0, mesh: Any = None,
+                   rules: Any = None) -> dict[str, Any]:
+    """``module``'s variables from the weights of the HF directory ``path``: checked like
+    ``load_pretrained`` (``_check_and_fill``), placed in their logical shardings with ``mesh``."""
     weights = hf_config.weights_file(path)
     sd = StateDict(read_checkpoint(weights))
     variables = _check_and_fill(module, convert_hf_bert(sd, module), sd, os.fspath(weights), strict=strict, seed=seed)
@@ -204,7 +187,7 @@ def from_pretrained(path: str | os.PathLike, *, strict: bool = True, seed: int =
 
         boxed = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, *module.example_inputs(1)))
         variables = jax.device_put(variables, logical_shardings(boxed, mesh, rules or DEFAULT_RULES))
-    return module, variables
+    return variables
 
 
 def _export_tensors(module, variables: Any) -> Iterator[tuple[str, np.ndarray]]:
@@ -226,8 +209,8 @@ def _export_tensors(module, variables: Any) -> Iterator[tuple[str, np.ndarray]]:
             yield f"{hf}.{p}.bias", b[i].reshape(-1)
 
 
-def save_pretrained(module, variables: Any, path: str | os.PathLike, *, model_type: str | None = None,
-                    id2label: dict | None = None, tokenizer: Any = None) -> pathlib.Path:
+def save_directory(module, variables: Any, path: str | os.PathLike, *, model_type: str | None = None,
+                   id2label: dict | None = None, tokenizer: Any = None) -> pathlib.Path:
     """Writes ``config.json`` + ``model.safetensors`` (float32, HF key names) that
     ``transformers.AutoModel*.from_pretrained`` loads; ``tokenizer`` (a ``jaxformers.text.Tokenizer``)
     is saved beside them. ``model_type`` keeps e.g. "camembert" / "xlm-roberta" for RoBERTa-style models."""

@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "train" / "configs" / "quickstart.py")
 
 # A 1-block, 48-wide ViT on digits, 16 examples per step, constant learning rate (so the compiled
-# step does not depend on the run length and the compilation cache serves every test).
+# step does not depend on the run length and the compilation cache (tests/conftest.py, inherited by
+# the CLI subprocesses) serves every test).
 TINY = ["smoke=True", "progress_bar=False", "schedule.name='constant'", "schedule.warmup_steps=0"]
 
 
@@ -50,9 +51,6 @@ def cli_env(devices: int = 8) -> dict:
     env = dict(os.environ)
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    if env.get("_TRAIN_TESTS_CACHE_DIR"):
-        env.update(JAX_COMPILATION_CACHE_DIR=env["_TRAIN_TESTS_CACHE_DIR"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
@@ -64,31 +62,3 @@ def run_cli(workdir, *overrides, devices: int = 8, extra=(), timeout: int = 300,
         return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(devices), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=cli_env(devices), capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def compilation_cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_compilation_cache")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _persistent_compilation_cache(compilation_cache_dir):
-    """Many tests here train the same tiny model: let identical programs compile once (JAX's
-    persistent cache, in a fresh directory per session), within this process and in the CLI
-    subprocesses (see ``cli_env``). Switched off again after each module."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    previous = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(compilation_cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()
-    os.environ["_TRAIN_TESTS_CACHE_DIR"] = str(compilation_cache_dir)
-    yield
-    os.environ.pop("_TRAIN_TESTS_CACHE_DIR", None)
-    for n, v in previous.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()

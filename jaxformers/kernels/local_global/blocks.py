@@ -240,3 +240,8 @@ def k_major_table(spec: MaskSpec, q_seg: jax.Array, k_seg: jax.Array, block_q: i
 def visited_fraction(any_: jax.Array) -> float:
     """Fraction of (query block, key block) pairs the kernels visit (for benchmarks / reports)."""
     return float(jnp.mean(any_.astype(jnp.float32)))
+
+
+def padded_head_dim(dim: int) -> int:
+    """The head dim the kernels see: the next power of two >= 16 (zero padding changes no dot product)."""
+    return pl_next_pow2(max(dim, 16))

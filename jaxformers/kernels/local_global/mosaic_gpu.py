@@ -32,7 +32,6 @@ product is added to its accumulator (on the GPU wgmma accumulates in place).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +41,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxformers.kernels.local_global import mosaic_pipeline as mp
 from jaxformers.kernels.local_global.blocks import index_table, k_major_table, q_major_table
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed
+from jaxformers.kernels.local_global.tiles import LOG2_E, MASK_VALUE
 
-LOG2_E = math.log2(math.e)
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 TOKENS, KV_TOKENS = mp.Operand("tokens"), mp.Operand("tokens", kv=True)
 PER_HEAD, PER_ROW, BIT_WORDS = mp.Operand("per_head"), mp.Operand("per_row"), mp.Operand("words")
 interpret_params = mp.interpret_params

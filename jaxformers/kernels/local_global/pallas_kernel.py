@@ -37,24 +37,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxformers.kernels.gpu_kernel import (exact_float32_dots, gpu_shared_memory_bytes, resolve_gpu_kernel,
                                           triton_compiler_params, triton_shared_memory_budget)
-from jaxformers.kernels.local_global.blocks import (TRITON_REQUEST_RATIO, BlockSizes, k_major_table, pl_next_pow2,
+from jaxformers.kernels.local_global.blocks import (TRITON_REQUEST_RATIO, BlockSizes, k_major_table, padded_head_dim,
                                                     q_major_table, static_segments, triton_blocks)
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
+from jaxformers.kernels.local_global.tiles import LOG2_E, MASK_VALUE, dot, dot_nt, dot_tn, walk
 from jaxformers.kernels.local_global.reference import local_global_attention_reference
-
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-LOG2_E = math.log2(math.e)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -68,34 +63,12 @@ class _Config:
     lengths: tuple[int, int] = (0, 0)  # (Lq, Lk) before padding
 
 
-def _dot_nt(a, b):
-    """a @ b.T with float32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    """a.T @ b with float32 accumulation."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
 def _masked_logits(spec, s, q_start, k_start, q_seg, k_seg):
     """Applies the element mask to a (bq, bk) logit tile whose corner is (q_start, k_start)."""
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     ok = allowed(spec, q_pos, k_pos) & segments_allowed(q_seg[:, None], k_seg[None, :])
     return jnp.where(ok, s, MASK_VALUE)
-
-
-def _walk(table_ref, row, body, carry):
-    """Runs ``body(inner_block, carry, masked)`` over the full, then the partial blocks of a row."""
-    n_full = table_ref[row]
-    n_part = table_ref[row + 1]
-    carry = lax.fori_loop(0, n_full, lambda t, c: body(table_ref[row + 2 + t], c, False), carry)
-    return lax.fori_loop(n_full, n_full + n_part, lambda t, c: body(table_ref[row + 2 + t], c, True), carry)
 
 
 def _forward_kernel(table_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
@@ -110,19 +83,19 @@ def _forward_kernel(table_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, o_ref,
     def body(kb, carry, masked):
         m, l, acc = carry
         start = pl.multiple_of(kb * block_k, block_k)
-        s = _dot_nt(q, k_ref[pl.ds(start, block_k), :]) * c
+        s = dot_nt(q, k_ref[pl.ds(start, block_k), :]) * c
         if masked:
             s = _masked_logits(cfg.spec, s, qb * block_q, start, q_seg, k_seg_ref[pl.ds(start, block_k)])
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         correction = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         v = v_ref[pl.ds(start, block_k), :]
-        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
         return m_new, l * correction + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32))
-    m, l, acc = _walk(table_ref, row, body, init)
+    m, l, acc = walk(table_ref, row, body, init)
     empty = m < 0.5 * MASK_VALUE  # no allowed key in the whole row (padding query)
     safe_l = jnp.where(empty, 1.0, l)
     o_ref[...] = jnp.where(empty[:, None], 0.0, acc / safe_l[:, None]).astype(o_ref.dtype)
@@ -141,15 +114,15 @@ def _dq_kernel(table_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, lse
     def body(kb, dq, masked):
         start = pl.multiple_of(kb * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
-        s = _dot_nt(q, k) * c
+        s = dot_nt(q, k) * c
         if masked:
             s = _masked_logits(cfg.spec, s, qb * block_q, start, q_seg, k_seg_ref[pl.ds(start, block_k)])
         p = jnp.exp2(s - lse[:, None])
-        dp = _dot_nt(do, v_ref[pl.ds(start, block_k), :])
+        dp = dot_nt(do, v_ref[pl.ds(start, block_k), :])
         ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        return dq + dot(ds.astype(k.dtype), k)
 
-    dq = _walk(table_ref, row, body, jnp.zeros(q_ref.shape, jnp.float32))
+    dq = walk(table_ref, row, body, jnp.zeros(q_ref.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -166,17 +139,17 @@ def _dkv_kernel(table_ref, q_seg_ref, k_seg_ref, q_ref, k_ref, v_ref, do_ref, ls
         start = pl.multiple_of(qb * block_q, block_q)
         q = q_ref[pl.ds(start, block_q), :]
         do = do_ref[pl.ds(start, block_q), :]
-        s = _dot_nt(q, k) * c
+        s = dot_nt(q, k) * c
         if masked:
             s = _masked_logits(cfg.spec, s, start, kb * block_k, q_seg_ref[pl.ds(start, block_q)], k_seg)
         p = jnp.exp2(s - lse_ref[pl.ds(start, block_q)][:, None])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        dp = _dot_nt(do, v)
+        dv = dv + dot_tn(p.astype(do.dtype), do)
+        dp = dot_nt(do, v)
         ds = p * (dp - delta_ref[pl.ds(start, block_q)][:, None])
-        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+        return dk + dot_tn(ds.astype(q.dtype), q), dv
 
     init = (jnp.zeros(k_ref.shape, jnp.float32), jnp.zeros(v_ref.shape, jnp.float32))
-    dk, dv = _walk(table_ref, row, body, init)
+    dk, dv = walk(table_ref, row, body, init)
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -367,11 +340,6 @@ def pick_gpu_kernel(choice: str | None, backend: str, q, k, v) -> str:
     return resolve_gpu_kernel(choice, backend=backend, fits=fits, requirement=(
         "bfloat16/float16 q, k, v with one head dim of 32, 64 or 128; "
         f"got {q.dtype} head dims {q.shape[-1]}/{v.shape[-1]}"))
-
-
-def padded_head_dim(dim: int) -> int:
-    """The head dim the kernels see: the next power of two >= 16 (zero padding changes no dot product)."""
-    return pl_next_pow2(max(dim, 16))
 
 
 def triton_tiles(q, k, v) -> BlockSizes | None:

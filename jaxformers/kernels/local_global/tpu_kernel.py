@@ -35,9 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxformers.kernels.local_global.blocks import k_major_table, q_major_table
+from jaxformers.kernels.local_global.blocks import k_major_table, padded_head_dim, q_major_table
 from jaxformers.kernels.local_global.mask import MaskSpec, allowed, segments_allowed
-from jaxformers.kernels.local_global.pallas_kernel import LOG2_E, MASK_VALUE, _dot, _dot_nt, _walk, padded_head_dim
+from jaxformers.kernels.local_global.tiles import LOG2_E, MASK_VALUE, dot, dot_nt, walk
 from jaxformers.kernels.tpu_limits import SMEM_TABLE_BUDGET_BYTES, vmem_budget_bytes, vmem_limit_bytes
 
 BLOCK = 128
@@ -74,18 +74,18 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref,
     def body(kb, carry, masked):
         m, l, acc = carry
         start = pl.multiple_of(kb * BLOCK, BLOCK)
-        s = _dot_nt(q, k_ref[pl.ds(start, BLOCK), :]) * c
+        s = dot_nt(q, k_ref[pl.ds(start, BLOCK), :]) * c
         if masked:
             s = _mask(spec, s, i * BLOCK, start, q_seg, k_seg_ref[:, pl.ds(start, BLOCK)], True)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         correction = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new)
         v = v_ref[pl.ds(start, BLOCK), :]
-        return m_new, l * correction + jnp.sum(p, axis=1, keepdims=True), acc * correction + _dot(p.astype(v.dtype), v)
+        return m_new, l * correction + jnp.sum(p, axis=1, keepdims=True), acc * correction + dot(p.astype(v.dtype), v)
 
     init = (jnp.full((BLOCK, 1), -jnp.inf, jnp.float32), jnp.zeros((BLOCK, 1), jnp.float32),
             jnp.zeros((BLOCK, v_ref.shape[-1]), jnp.float32))
-    m, l, acc = _walk(table_ref, row, body, init)
+    m, l, acc = walk(table_ref, row, body, init)
     empty = m < 0.5 * MASK_VALUE  # no allowed key in the whole row (padding query)
     safe_l = jnp.where(empty, 1.0, l)
     o_ref[...] = jnp.where(empty, 0.0, acc / safe_l).astype(o_ref.dtype)
@@ -101,14 +101,14 @@ def _dq_kernel(table_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_seg
     def body(kb, dq, masked):
         start = pl.multiple_of(kb * BLOCK, BLOCK)
         k = k_ref[pl.ds(start, BLOCK), :]
-        s = _dot_nt(q, k) * c
+        s = dot_nt(q, k) * c
         if masked:
             s = _mask(spec, s, i * BLOCK, start, q_seg, k_seg_ref[:, pl.ds(start, BLOCK)], True)
         p = jnp.exp2(s - lse)
-        ds = p * (_dot_nt(do, v_ref[pl.ds(start, BLOCK), :]) - delta)
-        return dq + _dot(ds.astype(k.dtype), k)
+        ds = p * (dot_nt(do, v_ref[pl.ds(start, BLOCK), :]) - delta)
+        return dq + dot(ds.astype(k.dtype), k)
 
-    dq = _walk(table_ref, row, body, jnp.zeros(q.shape, jnp.float32))
+    dq = walk(table_ref, row, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -122,15 +122,15 @@ def _dkv_kernel(table_ref, k_ref, v_ref, k_seg_ref, q_ref, do_ref, lse_ref, delt
         dk, dv = carry
         start = pl.multiple_of(qb * BLOCK, BLOCK)
         q, do = q_ref[pl.ds(start, BLOCK), :], do_ref[pl.ds(start, BLOCK), :]
-        s_t = _dot_nt(k, q) * c
+        s_t = dot_nt(k, q) * c
         if masked:
             s_t = _mask(spec, s_t, j * BLOCK, start, k_seg, q_seg_ref[:, pl.ds(start, BLOCK)], False)
         p_t = jnp.exp2(s_t - lse_ref[:, pl.ds(start, BLOCK)])
-        dv = dv + _dot(p_t.astype(do.dtype), do)
-        ds_t = p_t * (_dot_nt(v, do) - delta_ref[:, pl.ds(start, BLOCK)])
-        return dk + _dot(ds_t.astype(q.dtype), q), dv
+        dv = dv + dot(p_t.astype(do.dtype), do)
+        ds_t = p_t * (dot_nt(v, do) - delta_ref[:, pl.ds(start, BLOCK)])
+        return dk + dot(ds_t.astype(q.dtype), q), dv
 
-    dk, dv = _walk(table_ref, row, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
+    dk, dv = walk(table_ref, row, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
