@@ -209,6 +209,7 @@ class MultiHeadAttention(nn.Module):
     attention_fn: Callable[..., jax.Array] | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    return_qk: bool = False  # also return (q, k), each (B, L, H, D): token reduction reads keys / [CLS] attention
 
     def _dense(self, features, axes, name, use_bias):
         return nn.DenseGeneral(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -267,4 +268,6 @@ class MultiHeadAttention(nn.Module):
                               kernel_init=logical(trunc_normal(0.02), ("heads", "kv", "embed")),
                               bias_init=logical(nn.initializers.zeros_init(), ("embed",)), name="proj")(out)
         out = nn.Dropout(self.proj_dropout)(out, deterministic=not train)
+        if self.return_qk:
+            out = (out, (q, k))
         return out if cache is None else (out, cache)

@@ -35,22 +35,48 @@ class TransformerBlock(nn.Module):
     attention_impl: AttentionImpl = "xla"
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    # Per-block widths (pruned / searched subnets): head_dim (default dim // num_heads), MLP hidden
+    # width (default dim * mlp_ratio), attention scale (default head_dim ** -0.5).
+    # num_heads=0 / mlp_hidden=0 remove that sublayer; attention_fn replaces the attention pattern.
+    head_dim: int | None = None
+    mlp_hidden: int | None = None
+    scale: float | None = None
+    attention_fn: Any = None
+    # Token reduction between attention and MLP: reduce(x, size, q, k) -> (x, size); the block then
+    # returns (x, size). ``bias`` is added to the attention logits (e.g. log(size): proportional attention).
+    reduce: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, bias: jax.Array | None = None,
+                 size: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim = x.shape[-1]
+        if self.num_heads == 0:  # attention sublayer removed (pruned)
+            x = self._mlp(x, train, dim, kw)
+            return x if self.reduce is None else (x, size)
         y = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
-        y = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attention_dropout,
-                               proj_dropout=self.dropout, attention_impl=self.attention_impl, name="attn",
-                               **kw)(y, mask=mask, segment_ids=segment_ids, train=train)
+        y = MultiHeadAttention(self.num_heads, head_dim=self.head_dim, qkv_bias=self.qkv_bias, scale=self.scale,
+                               attention_dropout=self.attention_dropout, proj_dropout=self.dropout,
+                               attention_impl=self.attention_impl, attention_fn=self.attention_fn,
+                               return_qk=self.reduce is not None, name="attn",
+                               **kw)(y, mask=mask, bias=bias, segment_ids=segment_ids, train=train)
+        if self.reduce is not None:
+            y, (q, k) = y
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, name="ls1")(y)
         x = x + DropPath(self.drop_path)(y, train=train)
-        y = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
-        y = Mlp(int(dim * self.mlp_ratio), dropout=self.dropout, name="mlp", **kw)(y, train=train)
-        if self.layer_scale_init is not None:
-            y = LayerScale(self.layer_scale_init, name="ls2")(y)
-        x = x + DropPath(self.drop_path)(y, train=train)
+        if self.reduce is not None:
+            x, size = self.reduce(x, size, q, k)
+        x = self._mlp(x, train, dim, kw)
+        return x if self.reduce is None else (x, size)
+
+    def _mlp(self, x, train, dim, kw):
+        hidden = int(dim * self.mlp_ratio) if self.mlp_hidden is None else self.mlp_hidden
+        if hidden:  # mlp_hidden=0: MLP sublayer removed (pruned)
+            y = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
+            y = Mlp(hidden, dropout=self.dropout, name="mlp", **kw)(y, train=train)
+            if self.layer_scale_init is not None:
+                y = LayerScale(self.layer_scale_init, name="ls2")(y)
+            x = x + DropPath(self.drop_path)(y, train=train)
         return constrain(x, ("act_batch", "act_len", "act_embed"))

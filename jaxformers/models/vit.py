@@ -11,15 +11,17 @@ Deviations: none. Position tables are resampled for other image sizes exactly as
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformers.convert.common import StateDict, conv2d, fit_pos_embed, linear, timm_block
-from jaxformers.layers import Dense, LayerNorm, PatchEmbed, TransformerBlock, logical, maybe_remat, to_2tuple
+from jaxformers.convert.common import (StateDict, conv2d, dense_params, fit_pos_embed, heads_out, linear, norm_params,
+                                       qkv_fused, timm_block)
+from jaxformers.layers import (Dense, LayerNorm, PatchEmbed, TransformerBlock, logical, maybe_remat, to_2tuple,
+                               trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
@@ -48,6 +50,12 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    distilled: bool = False  # DeiT's distillation token and second head (logits: mean of both heads)
+    # Per-block TransformerBlock fields (one mapping per block: num_heads, head_dim, mlp_hidden, scale,
+    # attention_fn; num_heads=0 / mlp_hidden=0 drop that sublayer): pruned and searched subnets.
+    block_overrides: Sequence[Mapping[str, Any]] | None = None
+    # A jaxformers.compress token reduction (ToMe / pruning / Token Transforming / IA-RED^2).
+    token_reduction: Any = None
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -56,7 +64,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token)
+        return int(self.class_token) + int(self.distilled)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
@@ -64,6 +72,11 @@ class VisionTransformer(nn.Module):
         norm), ``pre_logits`` (pooled), ``feature_map`` (patch tokens as (B, h, w, D)) and ``logits``."""
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        if self.distilled and not self.class_token:
+            raise ValueError("distilled=True needs class_token=True (DeiT's [CLS] and distillation tokens)")
+        if self.block_overrides is not None and len(self.block_overrides) != self.depth:
+            raise ValueError(f"block_overrides has {len(self.block_overrides)} entries but depth={self.depth}; "
+                             f"give one mapping per block")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = PatchEmbed(self.embed_dim, self.patch_size, self.in_chans, img_size=self.img_size, name="patch_embed",
                        **kw)(x)
@@ -71,7 +84,12 @@ class VisionTransformer(nn.Module):
         if self.class_token:
             cls = self.param("cls_token", logical(nn.initializers.normal(1e-6), (None, None, "embed")),
                              (1, 1, self.embed_dim), self.param_dtype)
-            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.embed_dim)), x], axis=1)
+            prefix = [jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.embed_dim))]
+            if self.distilled:
+                dist = self.param("dist_token", logical(trunc_normal(0.02), (None, None, "embed")),
+                                  (1, 1, self.embed_dim), self.param_dtype)
+                prefix.append(jnp.broadcast_to(dist.astype(x.dtype), (b, 1, self.embed_dim)))
+            x = jnp.concatenate([*prefix, x], axis=1)
         pos = self.param("pos_embed", logical(nn.initializers.normal(0.02), (None, None, "embed")),
                          (1, x.shape[1], self.embed_dim), self.param_dtype)
         x = x + pos.astype(x.dtype)
@@ -79,25 +97,52 @@ class VisionTransformer(nn.Module):
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         block = maybe_remat(TransformerBlock, self.remat)
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        tr = self.token_reduction
+        size = None if tr is None else jnp.ones(x.shape[:2], jnp.float32)  # tokens each token stands for
         for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]), self.attn_drop_rate,
-                      self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
-                      name=f"blocks_{i}", **kw)(x, train)
+            extra = dict(self.block_overrides[i]) if self.block_overrides is not None else {}
+            reduce = None
+            if tr is not None:
+                x, size = tr.before_block(self, i, x, size, train=train)
+                reduce = tr.block_reducer(i, self.num_prefix_tokens)
+            bias = None if tr is None or not tr.proportional_attention else jnp.log(size)[:, None, None, :]
+            out = block(extra.pop("num_heads", self.num_heads), self.mlp_ratio, self.qkv_bias, float(rates[i]),
+                        self.attn_drop_rate, self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
+                        reduce=reduce, name=f"blocks_{i}", **extra, **kw)(x, train, bias=bias, size=size)
+            x, size = out if reduce is not None else (out, size)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = LayerNorm(1e-6, name="norm", **kw)(x)
-        patches = x[:, self.num_prefix_tokens:]
-        pooled = x[:, 0] if self.global_pool == "token" else patches.mean(axis=1)
+        npt = self.num_prefix_tokens
+        patches = x[:, npt:]
+        if self.global_pool == "token":
+            pooled = x[:, 0]
+        elif size is None:
+            pooled = patches.mean(axis=1)
+        else:  # merged tokens count by the number of patches they stand for
+            w = size[:, npt:, None].astype(patches.dtype)
+            pooled = (patches * w).sum(axis=1) / w.sum(axis=1)
         if use_fc_norm:
             pooled = LayerNorm(1e-6, name="fc_norm", **kw)(pooled)
         logits = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
+        heads = {}
         if self.num_classes:
             logits = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
                            name="head", **kw)(logits)
+            if self.distilled:
+                dist = nn.Dropout(self.drop_rate)(x[:, 1], deterministic=not train)
+                dist = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
+                             name="head_dist", **kw)(dist)
+                heads = {"logits_cls": logits, "logits_dist": dist}
+                logits = (logits + dist) / 2  # timm / DeiT inference: the mean of both heads
         if not return_features:
             return logits
-        gh, gw = self.grid_size
-        return {"tokens": x, "pre_logits": pooled, "feature_map": patches.reshape(b, gh, gw, -1), "logits": logits}
+        out = {"tokens": x, "pre_logits": pooled, "logits": logits, **heads}
+        if size is not None:
+            out["token_sizes"] = size
+        if patches.shape[1] == self.grid_size[0] * self.grid_size[1]:
+            out["feature_map"] = patches.reshape(b, *self.grid_size, -1)
+        return out
 
     def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
@@ -120,12 +165,33 @@ def convert_timm_vit(sd: StateDict, model: VisionTransformer, expected: dict[str
     out[f"params/{norm}/bias"] = sd[f"{norm}.bias"]
     if model.class_token:
         out["params/cls_token"] = sd["cls_token"]
-    if model.num_classes and "head.weight" in sd:
-        out["params/head/kernel"] = linear(sd["head.weight"])
-        out["params/head/bias"] = sd["head.bias"]
-    sd.skip("head.weight", "head.bias")
+    if model.distilled:
+        out["params/dist_token"] = sd["dist_token"]
+    for head in ("head", "head_dist"):
+        if model.num_classes and f"{head}.weight" in sd:
+            out[f"params/{head}/kernel"] = linear(sd[f"{head}.weight"])
+            out[f"params/{head}/bias"] = sd[f"{head}.bias"]
+        sd.skip(f"{head}.weight", f"{head}.bias")
     for i in range(model.depth):
-        out.update(timm_block(sd, f"blocks.{i}.", f"params/blocks_{i}/", model.num_heads))
+        extra = dict(model.block_overrides[i]) if model.block_overrides is not None else {}
+        heads = extra.get("num_heads", model.num_heads)
+        if heads and extra.get("mlp_hidden") != 0:
+            out.update(timm_block(sd, f"blocks.{i}.", f"params/blocks_{i}/", heads))
+            continue
+        # A pruned block: only its remaining sublayer's keys.
+        t, o = f"blocks.{i}.", f"params/blocks_{i}/"
+        if heads:
+            out.update({**norm_params(sd, t + "norm1", o + "norm1"), **dense_params(sd, t + "attn.proj", o + "attn/proj"),
+                        o + "attn/qkv/kernel": qkv_fused(sd[t + "attn.qkv.weight"], heads),
+                        o + "attn/proj/kernel": heads_out(sd[t + "attn.proj.weight"], heads)})
+            if t + "attn.qkv.bias" in sd:
+                out[o + "attn/qkv/bias"] = qkv_fused(sd[t + "attn.qkv.bias"], heads)
+        else:
+            out.update({**norm_params(sd, t + "norm2", o + "norm2"), **dense_params(sd, t + "mlp.fc1", o + "mlp/fc1"),
+                        **dense_params(sd, t + "mlp.fc2", o + "mlp/fc2")})
+        ls = "ls1" if heads else "ls2"
+        if f"{t}{ls}.gamma" in sd:
+            out[f"{o}{ls}/gamma"] = sd[f"{t}{ls}.gamma"]
     return out
 
 
@@ -158,3 +224,45 @@ def vit_small_patch16_224(**overrides: Any) -> VisionTransformer:
 @register_model(_info(86.57, 17.6, 81.8))
 def vit_base_patch16_224(**overrides: Any) -> VisionTransformer:
     return VisionTransformer(**{**VARIANTS["vit_base_patch16_224"], **overrides})
+
+
+# DeiT (Touvron et al., arXiv 2012.12877, facebookresearch/deit): the same networks under timm's
+# ``deit_*`` names, and the distilled variants with a distillation token and second head
+# (timm ``VisionTransformerDistilled``; logits = mean of both heads). Params: timm's counts;
+# top-1: DeiT paper Tables 1 and 5 (distilled: with the RegNetY-16GF teacher, 300 epochs).
+
+
+def _deit_info(params_m, flops_g, top1):
+    return ModelInfo(paper="Training data-efficient image transformers & distillation through attention (DeiT)",
+                     arxiv="2012.12877", repo="facebookresearch/deit", input_size=(224, 224, 3), params_m=params_m,
+                     flops_g=flops_g, top1=top1, converter=convert_timm_vit)
+
+
+@register_model(_deit_info(5.72, 1.3, 72.2))
+def deit_tiny_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_tiny_patch16_224"], **overrides})
+
+
+@register_model(_deit_info(22.05, 4.6, 79.8))
+def deit_small_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_small_patch16_224"], **overrides})
+
+
+@register_model(_deit_info(86.57, 17.6, 81.8))
+def deit_base_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_base_patch16_224"], **overrides})
+
+
+@register_model(_deit_info(5.91, 1.3, 74.5))
+def deit_tiny_distilled_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_tiny_patch16_224"], "distilled": True, **overrides})
+
+
+@register_model(_deit_info(22.44, 4.6, 81.2))
+def deit_small_distilled_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_small_patch16_224"], "distilled": True, **overrides})
+
+
+@register_model(_deit_info(87.34, 17.6, 83.4))
+def deit_base_distilled_patch16_224(**overrides: Any) -> VisionTransformer:
+    return VisionTransformer(**{**VARIANTS["vit_base_patch16_224"], "distilled": True, **overrides})
