@@ -6,6 +6,19 @@ distillation through attention" (DeiT), Touvron et al., ICML 2021, arXiv 2012.12
 Small sizes). Official code: google-research/vision_transformer (JAX), facebookresearch/deit.
 Parameter names follow timm's ``vision_transformer.py`` so its checkpoints convert one to one.
 
+DeiT names (``deit_{tiny,small,base}_patch16_224``) and the distilled variants
+(``deit_*_distilled_patch16_224``, timm's ``VisionTransformerDistilled``): ``distilled=True`` adds
+the distillation token after [CLS] and the ``head_dist`` classifier; the logits are the mean of
+both heads (timm and DeiT at inference); ``return_features`` also gives ``logits_cls`` and
+``logits_dist`` for distillation training.
+
+Efficiency hooks (``jaxformers.compress``): ``token_reduction`` (ToMe, pruning, Token Transforming,
+IA-RED^2: tokens are reduced between a block's attention and MLP, or before a block; merged tokens
+carry sizes, used for proportional attention and a size-weighted average pool) and
+``block_overrides`` (per-block heads, head width, MLP width, attention scale, attention function,
+removed sublayers: pruned and searched subnets such as OFB's and AxFormer's). After a token
+reduction the tokens no longer form a grid, so ``return_features`` has no ``feature_map`` then.
+
 Deviations: none. Position tables are resampled for other image sizes exactly as timm does
 (antialiased bicubic).
 """
@@ -99,6 +112,8 @@ class VisionTransformer(nn.Module):
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         tr = self.token_reduction
         size = None if tr is None else jnp.ones(x.shape[:2], jnp.float32)  # tokens each token stands for
+        if tr is not None:
+            tr.validate(self.depth)
         for i in range(self.depth):
             extra = dict(self.block_overrides[i]) if self.block_overrides is not None else {}
             reduce = None

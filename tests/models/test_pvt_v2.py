@@ -15,7 +15,7 @@ import pytest
 
 import jaxformers as jf
 from jaxformers.compress import ecoformer as eco
-from jaxformers.models.pvt_v2 import TIMM_PARAMS, adaptive_avg_pool
+from jaxformers.models.pvt_v2 import TIMM_PARAMS
 from jaxformers.sharding import make_mesh
 from tests.helpers import (digits, fast_jit, image, model_and_features, numpy_variables,
                            perturbed_torch_model, shard_like_init, single_and_sharded, torch_logits)
@@ -48,13 +48,6 @@ def test_features_by_stride_and_logits(tiny):
     assert logits.shape == (2, 10) and pooled.shape == (2, 64)
     np.testing.assert_allclose(pooled, feats[32].mean(axis=(1, 2)), atol=1e-5)
     assert jax.eval_shape(model.apply, variables, image(1, 96)).shape == (1, 10)  # any size runs
-
-
-def test_adaptive_pool_matches_torch():
-    torch = pytest.importorskip("torch")
-    x = np.random.default_rng(0).normal(size=(1, 10, 9, 3)).astype(np.float32)
-    ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x.transpose(0, 3, 1, 2)), 7).numpy()
-    np.testing.assert_allclose(adaptive_avg_pool(jnp.asarray(x), 7), ref.transpose(0, 2, 3, 1), atol=1e-6)
 
 
 @pytest.mark.parametrize("linear", [False, True], ids=["sra", "linear"])
@@ -116,16 +109,16 @@ def test_official_ksh_learning_and_hash_parity():
     torch = pytest.importorskip("torch")
     _, KernelSH = _official_modules()
     torch.manual_seed(0)
-    b, h, n, d, m = 2, 2, 40, 8, 6
+    b, h, n, d, m = 2, 2, 24, 8, 6
     x = torch.randn(b, h, n, d)
     x = x / x.norm(dim=-1, keepdim=True)
-    ksh = KernelSH(h, d, 16, m, learning_rate=0.05, iteration_n=20)
+    ksh = KernelSH(h, d, 16, m, learning_rate=0.05, iteration_n=10)
     a0 = ksh.A.clone()
     s0 = eco.similarity_targets(jnp.asarray(x.numpy()), 3)
     ksh.train_hashing_weight_woeig(x, x[:1, :, :m], torch.from_numpy(np.asarray(s0)))
     A, mvec = eco.learn_ksh(jnp.asarray(x.numpy()), jnp.asarray(x[0, :, :m].numpy()), jnp.asarray(a0.numpy()), s0,
-                            iterations=20, learning_rate=0.05)
-    assert (np.abs(ksh.A.numpy() - a0.numpy()).sum(-1) > 0).sum() > 4  # several bits were re-learned
+                            iterations=10, learning_rate=0.05)
+    assert (np.abs(ksh.A.numpy() - a0.numpy()).sum(-1) > 0).sum() >= 2  # some bits were re-learned
     np.testing.assert_allclose(A, ksh.A.numpy(), atol=1e-5)
     np.testing.assert_allclose(mvec, ksh.mvec[0, :, 0].numpy(), atol=1e-6)
     xt = torch.randn(b, h, n, d)
@@ -189,7 +182,7 @@ def test_ecoformer_model_learns_hashing_trains_and_checks_inputs():
         return optax.apply_updates(params, upd), opt, loss, g
 
     losses = []
-    for i in range(8):
+    for i in range(5):
         params, opt, loss, g = step(params, opt)
         losses.append(float(loss))
         if i == 0:  # the sign's straight-through gradient reaches the shared q/k projection
