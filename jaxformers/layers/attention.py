@@ -195,6 +195,9 @@ class MultiHeadAttention(nn.Module):
     Decoding with a cache of the whole sequence and s = 1 per step equals causal attention over
     the sequence. The step uses neither ``attention_fn`` nor ``attention_impl``: the cache (and
     ``mask``) define what it sees.
+
+    ``binary`` (a ``jaxformers.compress.binary.BinaryRecipe``) binarizes the projections and the
+    attention core (Bi-Attention, BiPFT's elastic attention, BiViT's softmax-aware binarization...).
     """
 
     num_heads: int
@@ -209,11 +212,16 @@ class MultiHeadAttention(nn.Module):
     attention_fn: Callable[..., jax.Array] | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None
 
-    def _dense(self, features, axes, name, use_bias):
-        return nn.DenseGeneral(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+    def _dense(self, features, axes, name, use_bias, axis=-1):
+        if self.binary is not None:
+            return self.binary.dense(features, axes=axes, axis=axis, use_bias=use_bias, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name, role="attention")
+        return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                                kernel_init=logical(trunc_normal(0.02), axes),
-                               bias_init=logical(nn.initializers.zeros_init(), axes[1:]), name=name)
+                               bias_init=logical(nn.initializers.zeros_init(), axes[1 if isinstance(axis, int) else len(axis):]),
+                               name=name)
 
     @nn.compact
     def __call__(
@@ -246,7 +254,12 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (constrain(t, names) for t in (q, k, v))
         rate = self.attention_dropout if train else 0.0
         rng = self.make_rng("dropout") if rate > 0.0 and self.attention_fn is None else None
-        if cache is not None:
+        if self.binary is not None:
+            if cache is not None or kv is not None or self.attention_fn is not None:
+                raise ValueError("binarized attention (binary=...) is self-attention: no kv, cache or attention_fn")
+            out = self.binary.attention_core(x, q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
+                                             scale=self.scale, dropout_rate=rate, dropout_rng=rng)
+        elif cache is not None:
             out, cache = cached_attention(q, k, v, cache, mask=mask, bias=bias, scale=self.scale, dropout_rate=rate,
                                           dropout_rng=rng)
         elif self.attention_fn is not None:
@@ -262,9 +275,6 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, bias=bias, mask=mask, segment_ids=segment_ids, scale=self.scale,
                 implementation=self.attention_impl, dropout_rate=rate, dropout_rng=rng)
         out = constrain(out, names)
-        out = nn.DenseGeneral(self.out_features or dim, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              kernel_init=logical(trunc_normal(0.02), ("heads", "kv", "embed")),
-                              bias_init=logical(nn.initializers.zeros_init(), ("embed",)), name="proj")(out)
+        out = self._dense(self.out_features or dim, ("heads", "kv", "embed"), "proj", self.out_bias, axis=(-2, -1))(out)
         out = nn.Dropout(self.proj_dropout)(out, deterministic=not train)
         return out if cache is None else (out, cache)

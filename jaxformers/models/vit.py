@@ -48,6 +48,7 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # jaxformers.compress.binary.BinaryRecipe (e.g. BIVIT): binarized blocks
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -82,7 +83,7 @@ class VisionTransformer(nn.Module):
         for i in range(self.depth):
             x = block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]), self.attn_drop_rate,
                       self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
-                      name=f"blocks_{i}", **kw)(x, train)
+                      binary=self.binary, name=f"blocks_{i}", **kw)(x, train)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = LayerNorm(1e-6, name="norm", **kw)(x)
