@@ -15,11 +15,11 @@ function                   forward                                gradient (cota
 ``sab(scores)``            1[p ≥ ¼·max_row p], p = softmax        straight through to p (BiViT SAB)
 =========================  =====================================  =====================================
 
-**sign(0) = +1 everywhere** (torch.sign gives 0): a 1-bit code has two values, and the packed
-XNOR-popcount path (``binary_pack``) must give the float simulation's numbers bit for bit. Exact
-zeros are a measure-zero event for the binarized tensors (weights minus their mean, linear outputs,
-activations plus a learned shift); the one place they occur by construction, a convolution's zero
-padding, is applied after binarization and handled exactly by both paths.
+Activations follow torch.sign: sign(0) = 0 (exact zeros do occur: a BiPFT attention row whose
+probabilities all round to 0 gives a zero context vector), so an input code is ternary, and the packed
+path (``binary_pack``) carries a nonzero bit plane next to the sign plane. Weights are strictly two-valued
+(``weight_sign``: w ≥ 0 → +1), one bit each; a weight exactly equal to its row mean is a measure-zero
+event (torch.sign would give 0 there), and a row that is all equal has scale mean|w| = 0 either way.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ import jax.numpy as jnp
 EPS = 1e-5  # BiPFT's lower bound on a learnable step size α
 
 
-def binary_sign(x: jax.Array) -> jax.Array:
-    """+1 where x ≥ 0, −1 elsewhere (in x's dtype): the 1-bit code (see the module docstring)."""
+def weight_sign(x: jax.Array) -> jax.Array:
+    """+1 where x ≥ 0, −1 elsewhere (in x's dtype): a weight's 1-bit code (see the module docstring)."""
     return jnp.where(x >= 0, 1, -1).astype(x.dtype)
 
 
@@ -77,7 +77,7 @@ straight_through.defvjp(_st_fwd, _st_bwd)
 
 def sign_ste(x: jax.Array) -> jax.Array:
     """sign(x), gradient g·1[|x| ≤ 1] (BiBERT's clipped straight-through estimator)."""
-    return straight_through(binary_sign(jax.lax.stop_gradient(x)), x, "clip")
+    return straight_through(jnp.sign(jax.lax.stop_gradient(x)), x, "clip")
 
 
 def bool_ste(x: jax.Array) -> jax.Array:
@@ -87,14 +87,14 @@ def bool_ste(x: jax.Array) -> jax.Array:
 
 def approx_sign(x: jax.Array) -> jax.Array:
     """sign(x), gradient g·max(0, 2 − |2x|) (Bi-Real Net's ApproxSign; BiPer ``BinaryQuantize_a``)."""
-    return straight_through(binary_sign(jax.lax.stop_gradient(x)), x, "approx_sign")
+    return straight_through(jnp.sign(jax.lax.stop_gradient(x)), x, "approx_sign")
 
 
 def sine_sign(w: jax.Array, omega: float) -> jax.Array:
     """sign(sin(ωw)) (a square wave), gradient g·ω·cos(ωw): BiPer's stage-2 weights (identity STE
     through sign, then the sine's derivative)."""
     s = jnp.sin(omega * w)
-    return straight_through(binary_sign(jax.lax.stop_gradient(s)), s, "identity")
+    return straight_through(weight_sign(jax.lax.stop_gradient(s)), s, "identity")
 
 
 def sine_weight(w: jax.Array, omega: float) -> jax.Array:
@@ -123,7 +123,7 @@ def elastic_binary(x: jax.Array, alpha: jax.Array, signed: bool = True) -> jax.A
 
     ``elastic_init(x, signed)`` is the official lazy initial α."""
     a = jnp.where(alpha > EPS, alpha, EPS).astype(x.dtype)
-    codes = binary_sign(x) if signed else jnp.clip(jnp.round(x / a), 0, 1)
+    codes = jnp.sign(x) if signed else jnp.clip(jnp.round(x / a), 0, 1)
     return codes * a
 
 
@@ -140,7 +140,7 @@ def _elastic_bwd(signed, res, g):
     middle = ~(small | big)
     scale = 1.0 / math.sqrt(x.size)
     if signed:
-        ga = jnp.sum(binary_sign(x) * g) * scale
+        ga = jnp.sum(jnp.sign(x) * g) * scale
     else:
         ga = jnp.sum((jnp.where(small, lo, 0.0) + jnp.where(big, hi, 0.0) + jnp.where(middle, jnp.round(q) - q, 0.0))
                      * g) * scale
@@ -161,7 +161,7 @@ def elastic_codes(x: jax.Array, alpha: jax.Array, signed: bool = True) -> jax.Ar
     """The integer codes of ``elastic_binary`` (±1 signed, {0, 1} unsigned), without gradient."""
     x = jax.lax.stop_gradient(x)
     if signed:
-        return binary_sign(x)
+        return jnp.sign(x)
     a = jnp.where(alpha > EPS, alpha, EPS).astype(x.dtype)
     return jnp.clip(jnp.round(x / a), 0, 1)
 
@@ -198,7 +198,7 @@ def bwn(w: jax.Array, scale_axes: Sequence[int] | None = None, center_axes: Sequ
 
 def bwn_parts(w, scale_axes=None, center_axes=None) -> Binarized:
     sw = jax.lax.stop_gradient(w)
-    codes = binary_sign(sw - jnp.mean(sw, axis=_axes(w.ndim, center_axes), keepdims=True))
+    codes = weight_sign(sw - jnp.mean(sw, axis=_axes(w.ndim, center_axes), keepdims=True))
     scale = jnp.mean(jnp.abs(sw), axis=_axes(w.ndim, scale_axes), keepdims=True)
     return Binarized(straight_through(codes * scale, w, "identity"), codes, scale)
 
@@ -219,10 +219,10 @@ def row_binary_parts(w: jax.Array, in_axes: Sequence[int], mode: str = "bibert",
     sw = jax.lax.stop_gradient(w)
     scale = jnp.mean(jnp.abs(sw), axis=in_axes, keepdims=True)
     if mode == "sign":
-        codes = binary_sign(sw)
+        codes = weight_sign(sw)
         return Binarized(scale * straight_through(codes, w, "clip"), codes, scale)
     c = w - jnp.mean(w, axis=in_axes, keepdims=True)
-    codes = binary_sign(jax.lax.stop_gradient(c))
+    codes = weight_sign(jax.lax.stop_gradient(c))
     if mode == "bibert":
         return Binarized(straight_through(codes * scale, c, "clip"), codes, scale)
     if mode == "bivit":

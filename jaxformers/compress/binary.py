@@ -72,17 +72,17 @@ from jax import lax
 
 from jaxformers.compress import binary_pack as bp
 from jaxformers.compress.binary_attention import BinaryAttention, float_attention
-from jaxformers.compress.binarizers import (Binarized, approx_sign, binary_product, binary_sign, bool_ste, bwn,
+from jaxformers.compress.binarizers import (Binarized, approx_sign, binary_product, bool_ste, bwn,
                                             bwn_parts, elastic_binary, elastic_codes, elastic_init, elastic_step,
                                             row_binary_parts, sab, sign_ste, sine_sign, sine_weight,
-                                            straight_through)
+                                            straight_through, weight_sign)
 from jaxformers.layers.linear import logical, trunc_normal
 
 __all__ = [
     "BinaryRecipe", "BIBERT", "BIPFT", "BIVIT", "BIPER", "SIGN_STE", "BinaryDense", "BinaryConv", "BinaryEmbed",
     "calibrate", "pack", "packed_nbytes", "binary_layers", "biper_penalty", "biper_tau",
     "sign_ste", "bool_ste", "approx_sign", "sine_sign", "sine_weight", "bwn", "elastic_binary", "elastic_init", "sab",
-    "binary_sign", "binary_product", "straight_through",
+    "weight_sign", "binary_product", "straight_through",
 ]
 
 WEIGHT_MODES = ("bibert", "bivit", "adaptive", "sign", "bwn")
@@ -193,11 +193,11 @@ def binarize_input(x: jax.Array, mode: str | None, alpha: jax.Array | None = Non
     """``x`` binarized by ``mode`` (``ACTIVATION_MODES``): q (with the gradient), codes, scale."""
     sx = lax.stop_gradient(x)
     if mode == "sign":
-        return Binarized(sign_ste(x), binary_sign(sx), None)
+        return Binarized(sign_ste(x), jnp.sign(sx), None)
     if mode == "sign_open":
-        return Binarized(straight_through(binary_sign(sx), x, "clip_open"), binary_sign(sx), None)
+        return Binarized(straight_through(jnp.sign(sx), x, "clip_open"), jnp.sign(sx), None)
     if mode == "approx_sign":
-        return Binarized(approx_sign(x), binary_sign(sx), None)
+        return Binarized(approx_sign(x), jnp.sign(sx), None)
     if mode == "elastic":
         return Binarized(elastic_binary(x, alpha, True), elastic_codes(x, alpha), elastic_step(alpha).astype(x.dtype))
     if mode is None:
@@ -331,7 +331,7 @@ class BinaryDense(nn.Module):
         if self.recipe.activation is None:  # float inputs, 1-bit weights
             wc = bp.unpack_bits(rows, n).T.reshape(in_shape + out_shape)
             return binary_product(functools.partial(_contract, n_in=len(in_shape)), xb.q, wc, xb.codes, wc, scale)
-        dots = bp.xnor_matmul(bp.pack_bits(xb.codes.reshape(batch + (n,))), rows, n)
+        dots = bp.xnor_matmul(*bp.pack_ternary(xb.codes.reshape(batch + (n,))), rows)
         return dots.astype(jnp.float32).reshape(batch + out_shape) * scale
 
     def packed_params(self, params: dict) -> dict:
@@ -459,7 +459,7 @@ class BinaryConv(nn.Module):
                               jnp.uint32)
             wscale = None if sine else self.param("kernel_scale", nn.initializers.ones_init(),
                                                   self._scale_shape(), self.param_dtype)
-            y = bp.xnor_conv(bp.pack_bits(xb.codes), bits, cin, self.kernel_size, strides, padding).astype(jnp.float32)
+            y = bp.xnor_conv(*bp.pack_ternary(xb.codes), bits, self.kernel_size, strides, padding).astype(jnp.float32)
             scale = _mul(xb.scale, wscale)
             y = y if scale is None else y * scale
         else:
@@ -485,7 +485,7 @@ class BinaryConv(nn.Module):
             if recipe.stage == 1:
                 w = sine_weight(kernel, recipe.omega)
                 return Binarized(w, w, None)
-            return Binarized(sine_sign(kernel, recipe.omega), binary_sign(jnp.sin(recipe.omega * lax.stop_gradient(kernel))),
+            return Binarized(sine_sign(kernel, recipe.omega), weight_sign(jnp.sin(recipe.omega * lax.stop_gradient(kernel))),
                              None)
         return binarize_kernel(kernel, recipe.conv_weight, 3)
 
@@ -496,7 +496,7 @@ class BinaryConv(nn.Module):
                              "(recipe.replace(stage=2)) before packing")
         kernel = jnp.asarray(params["kernel"])
         if recipe.conv_weight == "sine":
-            codes, scale = binary_sign(jnp.sin(recipe.omega * kernel)), None
+            codes, scale = weight_sign(jnp.sin(recipe.omega * kernel)), None
         else:
             b = _jit_binarize_kernel(kernel, recipe.conv_weight, 3, None, None)
             codes, scale = b.codes, b.scale

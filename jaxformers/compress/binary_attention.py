@@ -65,7 +65,7 @@ class BinaryAttention(nn.Module):
     def _scores(self, qb: Binarized, kb: Binarized) -> jax.Array:
         scale = _mul(qb.scale, kb.scale)
         if self.recipe.packed:
-            s = bp.xnor_scores(bp.pack_bits(qb.codes), bp.pack_bits(kb.codes), qb.codes.shape[-1]).astype(jnp.float32)
+            s = bp.xnor_scores(*bp.pack_ternary(qb.codes), *bp.pack_ternary(kb.codes)).astype(jnp.float32)
             return s if scale is None else s * scale
         return binary_product(_QK, qb.q, kb.q, qb.codes, kb.codes, scale)
 
@@ -73,7 +73,7 @@ class BinaryAttention(nn.Module):
         """P V for P in {0, 1}·scale (B, H, Lq, Lk) and V ±1·scale (B, Lk, H, D)."""
         scale = _mul(pb.scale, vb.scale)
         if self.recipe.packed:
-            out = bp.mask_matmul(bp.pack_bits(pb.codes), bp.pack_bits(jnp.transpose(vb.codes, (0, 2, 3, 1))))
+            out = bp.mask_matmul(bp.pack_bits(pb.codes), *bp.pack_ternary(jnp.transpose(vb.codes, (0, 2, 3, 1))))
             out = out.astype(jnp.float32)
             return out if scale is None else out * scale
         return binary_product(_PV, pb.q, vb.q, pb.codes, vb.codes, scale)
@@ -137,7 +137,7 @@ class BinaryAttention(nn.Module):
 
     @staticmethod
     def _sign(t, window) -> Binarized:
-        from jaxformers.compress.binarizers import binary_sign, straight_through
+        from jaxformers.compress.binarizers import straight_through
 
-        codes = binary_sign(jax.lax.stop_gradient(t))
+        codes = jnp.sign(jax.lax.stop_gradient(t))
         return Binarized(straight_through(codes, t, window), codes, None)
