@@ -37,7 +37,8 @@ BIPER     3×3 convolutions in the blocks: stage 1 sin(ωW), stage 2 sign(sin(ω
           inputs ApproxSign(a / std(a)) (the normalisation in training only); output ·α per
           channel (learnable)                                        stem, downsample, BN, fc
 SIGN_STE  the baseline: every tensor BIBERT binarizes, with plain sign STEs (W: rowmean|W|·sign(W));
-          attention: softmax, then sign of the probabilities (BiBERT's "fully binarized baseline")
+          attention: softmax, then sign of the probabilities (BiBERT's "fully binarized baseline");
+          convolutions: rowmean|W|·sign(W) per output channel on sign(x) inputs (XNOR-Net style)
 ========  =====================================================================================
 
 Packed inference: :func:`pack` turns every binarized weight into uint32 bit planes (+ its float
@@ -80,7 +81,7 @@ from jaxformers.layers.linear import logical, trunc_normal
 
 __all__ = [
     "BinaryRecipe", "BIBERT", "BIPFT", "BIVIT", "BIPER", "SIGN_STE", "BinaryDense", "BinaryConv", "BinaryEmbed",
-    "calibrate", "pack", "packed_nbytes", "binary_layers", "biper_penalty", "biper_tau",
+    "binarize", "calibrate", "pack", "packed_nbytes", "binary_layers", "biper_penalty", "biper_tau",
     "sign_ste", "bool_ste", "approx_sign", "sine_sign", "sine_weight", "bwn", "elastic_binary", "elastic_init", "sab",
     "weight_sign", "binary_product", "straight_through",
 ]
@@ -183,7 +184,8 @@ BIPFT = BinaryRecipe("bipft", weight="bwn", activation="elastic", shift=True, em
                      estimators=True, pooler="bipft")
 BIVIT = BinaryRecipe("bivit", weight="bivit", attention_weight="adaptive", activation="sign_open", attention="sab")
 BIPER = BinaryRecipe("biper", conv_weight="sine", conv_activation="approx_sign", omega=20.0, stage=2)
-SIGN_STE = BinaryRecipe("sign_ste", weight="sign", activation="sign", embedding="sign", attention="sign_softmax")
+SIGN_STE = BinaryRecipe("sign_ste", weight="sign", activation="sign", embedding="sign", attention="sign_softmax",
+                        conv_weight="sign", conv_activation="sign")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,6 +520,18 @@ BINARY_LAYERS = (BinaryDense, BinaryConv, BinaryEmbed)
 def _recipe_fields(module: nn.Module) -> dict[str, BinaryRecipe]:
     return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
             if isinstance(getattr(module, f.name, None), BinaryRecipe)}
+
+
+def binarize(module: nn.Module, recipe: BinaryRecipe) -> nn.Module:
+    """``module`` with its ``binary`` field set to ``recipe`` (the models and layers that have a binary
+    form: Bert, VisionTransformer, the BiPer CIFAR nets, MultiHeadAttention, Mlp, TransformerBlock...)."""
+    if not isinstance(recipe, BinaryRecipe):
+        raise TypeError(f"recipe must be a BinaryRecipe (BIBERT, BIPFT, BIVIT, BIPER, SIGN_STE...), got {recipe!r}")
+    if "binary" not in {f.name for f in dataclasses.fields(module)}:
+        raise TypeError(f"{type(module).__name__} has no binary form (no 'binary' field): the binarizable modules are "
+                        "Bert, VisionTransformer, ResNetCifar, VGGSmall and the layers MultiHeadAttention, Mlp, "
+                        "TransformerBlock")
+    return module.clone(binary=recipe)
 
 
 def binary_layers(module: nn.Module, variables: Any, *inputs, **kwargs) -> dict[tuple[str, ...], nn.Module]:

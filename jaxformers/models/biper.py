@@ -1,0 +1,160 @@
+"""BiPer's CIFAR networks: ResNet-20 and VGG-Small with binarized (BiPer) convolutions.
+
+Paper: "BiPer: Binary Neural Networks using a Periodic Function", Vargas, Jacome, Hinojosa, Arguello,
+CVPR 2024, arXiv 2404.01278. Official code: edmav4/BiPer (``cifar10/models_cifar/resnet.py``
+``resnet20_1w1a``, ``vgg.py`` ``vgg_small_1w1a``; ``modules/binarized_modules.py``), based on ReCU.
+
+The binarized convolution is ``jaxformers.compress.binary.BinaryConv`` under the ``binary`` field
+(default ``BIPER``: stage-2 weights sign(sin(ωW)) with ω = 20, ApproxSign inputs a / std(a) in
+training, a learnable per-channel output scale α); ``binary=None`` builds the same network with float
+convolutions, ``binary=BIPER.replace(stage=1)`` the stage-1 network (sin(ωW) real weights).
+Train with ``compress.binary.biper_penalty`` (τ·Σ mean sin²(ωW)) added to the cross-entropy.
+
+What stays float, as in the official code: the first convolution, every BatchNorm, the classifier
+(and ResNet-20's BatchNorm1d before it). ResNet-20 (He et al. 2016's CIFAR net): 3×3 stem to 16
+channels, three stages of three basic blocks (16, 32, 64 channels), each block
+x → hardtanh(BN(conv1(x)) + shortcut(x)) → hardtanh(BN(conv2(·)) + ·) (a shortcut per convolution,
+as the official ``BasicBlock_1w1a``), option-A shortcuts (2×2 average pooling and zero channel
+padding), global average pooling, BatchNorm1d, linear. VGG-Small: conv0 (float, 128) then five
+binarized 3×3 convolutions (128, 256, 256, 512, 512) with max pooling after the 1st, 3rd and 5th,
+each conv → [pool] → BN → hardtanh, then a linear layer on the flattened 4×4×512 map.
+
+Parameter counts: ResNet-20 269,850 float + 672 α = 270,522 (the README's 0.27M); VGG-Small
+4,660,106 + 1,664 α = 4,661,770 (4.66M). Deviations: the CIFAR code's unused ``beta`` (ones,
+requires_grad=False) is not created; NHWC layout (the flattening order before VGG's classifier is
+H, W, C instead of C, H, W).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxformers.compress.binary import BIPER
+from jaxformers.layers import BatchNorm, Conv, Dense, check_image
+from jaxformers.registry import ModelInfo, register_model
+
+
+def hardtanh(x: jax.Array) -> jax.Array:
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def _conv(binary, features, stride, name, dtype, param_dtype):
+    if binary is None:
+        return Conv(features, (3, 3), strides=stride, padding=1, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nn.initializers.kaiming_normal(), name=name)
+    return binary.conv(features, (3, 3), strides=stride, padding=1, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def _call(conv, x, train):
+    return conv(x) if isinstance(conv, nn.Conv) else conv(x, train=train)
+
+
+class CifarBasicBlock(nn.Module):
+    """BiPer's ``BasicBlock_1w1a`` (hardtanh, a shortcut around each convolution, option-A downsampling)."""
+
+    planes: int
+    stride: int = 1
+    binary: Any = BIPER
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        out = _call(_conv(self.binary, self.planes, self.stride, "conv1", **kw), x, train)
+        out = BatchNorm(train=train, name="bn1", **kw)(out)
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.planes:
+            shortcut = nn.avg_pool(x, (2, 2), (2, 2))
+            pad = 0 if self.planes == x.shape[-1] else self.planes // 4
+            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (pad, pad)))
+        out = hardtanh(out + shortcut)
+        y = _call(_conv(self.binary, self.planes, 1, "conv2", **kw), out, train)
+        return hardtanh(BatchNorm(train=train, name="bn2", **kw)(y) + out)
+
+
+class ResNetCifar(nn.Module):
+    """CIFAR ResNet-(6n+2) with BiPer convolutions (n = ``blocks`` per stage; 3 = ResNet-20)."""
+
+    blocks: int = 3
+    num_classes: int = 10
+    img_size: int = 32
+    in_chans: int = 3
+    binary: Any = BIPER
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+        check_image(x, in_chans=self.in_chans)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), name="conv1",
+                 **kw)(x)
+        x = hardtanh(BatchNorm(train=train, name="bn1", **kw)(x))
+        features = {}
+        for s, planes in enumerate((16, 32, 64)):
+            for b in range(self.blocks):
+                x = CifarBasicBlock(planes, 2 if s and not b else 1, self.binary, name=f"layer{s + 1}_{b}", **kw)(x, train)
+            features[2 ** s] = x
+        pooled = BatchNorm(train=train, axis_name="embed", name="bn2", **kw)(x.mean(axis=(1, 2)))
+        logits = Dense(self.num_classes, axes=("embed", "classes"), name="linear", **kw)(pooled)
+        return {**features, "logits": logits} if return_features else logits
+
+    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
+        """NHWC stage outputs keyed by stride (1, 2, 4)."""
+        out = self(x, train=train, return_features=True)
+        return {k: v for k, v in out.items() if isinstance(k, int)}
+
+
+class VGGSmall(nn.Module):
+    """BiPer's ``vgg_small_1w1a``: a float 3×3 stem then five binarized 3×3 convolutions."""
+
+    num_classes: int = 10
+    img_size: int = 32
+    in_chans: int = 3
+    binary: Any = BIPER
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+        check_image(x, in_chans=self.in_chans, divisible_by=8)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Conv(128, (3, 3), padding=1, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), name="conv0",
+                 **kw)(x)
+        x = hardtanh(BatchNorm(train=train, name="bn0", **kw)(x))
+        features = {}
+        for i, (planes, pool) in enumerate(((128, True), (256, False), (256, True), (512, False), (512, True)), start=1):
+            x = _call(_conv(self.binary, planes, 1, f"conv{i}", **kw), x, train)
+            if pool:
+                x = nn.max_pool(x, (2, 2), (2, 2))
+            x = hardtanh(BatchNorm(train=train, name=f"bn{i}", **kw)(x))
+            if pool:
+                features[self.img_size // x.shape[1]] = x
+        logits = Dense(self.num_classes, axes=("embed", "classes"), name="fc", **kw)(x.reshape(x.shape[0], -1))
+        return {**features, "logits": logits} if return_features else logits
+
+    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
+        """NHWC maps after each pooling stage keyed by stride (2, 4, 8)."""
+        out = self(x, train=train, return_features=True)
+        return {k: v for k, v in out.items() if isinstance(k, int)}
+
+
+def _info(params_m, top1):
+    return ModelInfo(paper="BiPer: Binary Neural Networks using a Periodic Function", arxiv="2404.01278",
+                     repo="edmav4/BiPer", input_size=(32, 32, 3), params_m=params_m, top1=top1)
+
+
+@register_model(_info(0.270522, 86.98))
+def biper_resnet20(**overrides: Any) -> ResNetCifar:
+    """BiPer ResNet-20 for CIFAR-10 (stage 2, ω = 20): 270,522 parameters; CIFAR-10 top-1 86.98 (README)."""
+    return ResNetCifar(**{"blocks": 3, **overrides})
+
+
+@register_model(_info(4.661770, 92.46))
+def biper_vgg_small(**overrides: Any) -> VGGSmall:
+    """BiPer VGG-Small for CIFAR-10: 4,661,770 parameters; CIFAR-10 top-1 92.46 (README)."""
+    return VGGSmall(**overrides)
