@@ -188,6 +188,24 @@ def _axes(ndim: int, axes: Sequence[int] | None) -> tuple[int, ...]:
     return tuple(range(ndim)) if axes is None else tuple(a % ndim for a in axes)
 
 
+def fixed_order_mean(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
+    """The mean over ``axes`` (kept as size 1) summed in a fixed pairwise order (halves added
+    elementwise), so that it rounds the same wherever XLA places it: a reduce's summation order is
+    XLA's choice and changes with fusion, which would let the scale the packed model stores differ by
+    one ulp from the one the simulation computes in its graph."""
+    axes = _axes(x.ndim, axes)
+    kept = tuple(a for a in range(x.ndim) if a not in axes)
+    n = math.prod(x.shape[a] for a in axes)
+    flat = jnp.transpose(x, axes + kept).reshape((n,) + tuple(x.shape[a] for a in kept))
+    size = 1 << max(n - 1, 0).bit_length()
+    flat = jnp.pad(flat, [(0, size - n)] + [(0, 0)] * len(kept))
+    while flat.shape[0] > 1:
+        half = flat.shape[0] // 2
+        flat = flat[:half] + flat[half:]
+    out = flat[0] / n
+    return out.reshape(tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)))
+
+
 def bwn(w: jax.Array, scale_axes: Sequence[int] | None = None, center_axes: Sequence[int] | None = None) -> jax.Array:
     """Binary Weight Network (BiPFT ``BwnQuantizer``): sign(w − mean(w))·‖w‖₁/n with the identity
     gradient. ``scale_axes``: the axes the L1 scale averages over (None: the whole matrix, BiPFT's
@@ -198,8 +216,8 @@ def bwn(w: jax.Array, scale_axes: Sequence[int] | None = None, center_axes: Sequ
 
 def bwn_parts(w, scale_axes=None, center_axes=None) -> Binarized:
     sw = jax.lax.stop_gradient(w)
-    codes = weight_sign(sw - jnp.mean(sw, axis=_axes(w.ndim, center_axes), keepdims=True))
-    scale = jnp.mean(jnp.abs(sw), axis=_axes(w.ndim, scale_axes), keepdims=True)
+    codes = weight_sign(sw - fixed_order_mean(sw, center_axes))
+    scale = fixed_order_mean(jnp.abs(sw), scale_axes)
     return Binarized(straight_through(codes * scale, w, "identity"), codes, scale)
 
 
@@ -217,11 +235,11 @@ def row_binary_parts(w: jax.Array, in_axes: Sequence[int], mode: str = "bibert",
     """
     in_axes = _axes(w.ndim, in_axes)
     sw = jax.lax.stop_gradient(w)
-    scale = jnp.mean(jnp.abs(sw), axis=in_axes, keepdims=True)
+    scale = fixed_order_mean(jnp.abs(sw), in_axes)
     if mode == "sign":
         codes = weight_sign(sw)
         return Binarized(scale * straight_through(codes, w, "clip"), codes, scale)
-    c = w - jnp.mean(w, axis=in_axes, keepdims=True)
+    c = w - fixed_order_mean(w, in_axes)
     codes = weight_sign(jax.lax.stop_gradient(c))
     if mode == "bibert":
         return Binarized(straight_through(codes * scale, c, "clip"), codes, scale)

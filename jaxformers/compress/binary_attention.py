@@ -58,7 +58,8 @@ def _mul(a, b):
 class BinaryAttention(nn.Module):
     """The recipe's binarized attention (module docstring); parameters: BiPFT's step sizes
     ``clip_query``/``clip_key``/``clip_value``/``clip_attn`` and estimators ``q_p``, ``k_p``, ``q_m``,
-    ``k_m``, ``v_p`` (each Dense(embed → 1) with bias)."""
+    ``k_m``, ``v_p`` (each Dense(embed → 1) with bias; as in the official code, the biases of ``k_p``
+    and ``k_m`` add a per-query constant to the scores, which the softmax ignores: their gradient is 0)."""
 
     recipe: Any
 
