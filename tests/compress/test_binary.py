@@ -158,7 +158,7 @@ def test_packed_vit_and_convolutions_equal_simulation_bit_for_bit():
         cv = numpy_variables(conv, xc)
         pconv = recipe.replace(packed=True).conv(7, (3, 3), strides=stride, padding=padding)
         pv = {"params": conv.packed_params(cv["params"])}
-        np.testing.assert_array_equal(pconv.apply(pv, xc), conv.apply(cv, xc))
+        np.testing.assert_array_equal(fast_jit(pconv.apply)(pv, xc), fast_jit(conv.apply)(cv, xc))
 
 
 def test_packed_resnet_equals_simulation_and_counts_bytes():

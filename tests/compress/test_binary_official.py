@@ -19,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxformers.compress import binary as B  # noqa: E402
 from jaxformers.layers import MultiHeadAttention  # noqa: E402
+from tests.helpers import fast_jit  # noqa: E402
 
 EXT = pathlib.Path(os.environ.get("JAXFORMERS_EXT", "/work/ext"))
 RNG = np.random.default_rng(0)
@@ -48,12 +49,13 @@ def _close(ours, ref, atol=1e-5, err=""):
                                rtol=1e-5, err_msg=err)
 
 
-def _apply_grads(module, variables, x, cot):
-    """(output, d params, d x) of sum(module(x) * cot)."""
+def _apply_grads(module, variables, x, cot, **kwargs):
+    """(output, d params, d x) of sum(module(x) * cot), one fast-compiled program."""
     def f(p, x):
-        return jnp.sum(module.apply({"params": p}, x) * cot)
-    out = module.apply(variables, x)
-    gp, gx = jax.grad(f, argnums=(0, 1))(variables["params"], x)
+        out = module.apply({"params": p}, x, **kwargs)
+        return jnp.sum(out * cot), out
+
+    (_, out), (gp, gx) = fast_jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(variables["params"], x)
     return out, gp, gx
 
 
@@ -172,7 +174,7 @@ def test_bipft_quantizers_linear_and_attention_match_official():
     ext = _t((1.0 - mask)[:, None, None, :] * -10000.0, False)
     ref = out_dense(attn(_t(x, False), ext)[0])
     mha = MultiHeadAttention(12, binary=B.BIPFT)
-    ours_vars = mha.init(jax.random.key(0), jnp.asarray(x), mask=jnp.asarray(mask, bool)[:, None, None, :])
+    ours_vars = jax.eval_shape(mha.init, jax.random.key(0), jnp.asarray(x), mask=jnp.asarray(mask, bool)[:, None, None, :])
     t = lambda m: m.detach().numpy()  # noqa: E731
     qkv = [attn.query, attn.key, attn.value]
     p = {"qkv": {"kernel": np.stack([t(m.weight).T.reshape(48, 12, 4) for m in qkv], axis=1),
@@ -191,7 +193,7 @@ def test_bipft_quantizers_linear_and_attention_match_official():
         _close(p["bi_attention"][n], getattr(attn, n).detach().reshape(()), err=n)
     _close(p["qkv"]["act_scale"], np.stack([t(m.input_clip_val).reshape(()) for m in qkv]), err="q/k/v input α")
     _close(p["proj"]["act_scale"], t(out_dense.input_clip_val).reshape(()), err="output dense α")
-    out = mha.apply({"params": p}, jnp.asarray(x), mask=jmask)
+    out = fast_jit(mha.apply)({"params": p}, jnp.asarray(x), mask=jmask)
     _close(out, ref, atol=2e-4, err="BiPFT attention")
 
 
@@ -213,7 +215,7 @@ def test_bivit_sab_attention_matches_official():
               "proj": {"kernel": t(ref.proj.weight).T.reshape(4, 12, 48), "bias": t(ref.proj.bias),
                        "weight_scale": t(ref.proj.scaling_factor).reshape(48)}}
     mha = MultiHeadAttention(4, binary=B.BIVIT)
-    init = __import__("flax").linen.unbox(mha.init(jax.random.key(0), jnp.asarray(x))["params"])
+    init = __import__("flax").linen.unbox(jax.eval_shape(mha.init, jax.random.key(0), jnp.asarray(x))["params"])
     assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(params)
     out, gp, gx = _apply_grads(mha, {"params": params}, jnp.asarray(x), cot)
     _close(out, out_ref, atol=1e-4, err="BiViT SAB attention forward")
@@ -248,11 +250,7 @@ def test_biper_conv_matches_official():
             ours = recipe.conv(16, (3, 3), strides=stride, padding=1)
             params = {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0), "alpha": conv.alpha.detach().numpy().reshape(16)}
 
-            def f(p, x):
-                return jnp.sum(ours.apply({"params": p}, x, train=True) * cot.transpose(0, 2, 3, 1))
-
-            out = ours.apply({"params": params}, jnp.asarray(x), train=True)
-            gp, gx = jax.grad(f, argnums=(0, 1))(params, jnp.asarray(x))
+            out, gp, gx = _apply_grads(ours, {"params": params}, jnp.asarray(x), cot.transpose(0, 2, 3, 1), train=True)
             msg = f"stage {stage} stride {stride}"
             _close(out, out_ref.detach().numpy().transpose(0, 2, 3, 1), atol=1e-4, err=msg)
             _close(gx, xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4, err=msg + " input gradient")
