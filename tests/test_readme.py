@@ -3,12 +3,9 @@ import pathlib
 import re
 import runpy
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_model_table_is_current():
     mod = runpy.run_path(str(ROOT / "scripts" / "model_table.py"))
     readme = (ROOT / "README.md").read_text()
