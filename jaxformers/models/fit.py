@@ -30,7 +30,7 @@ Local attention: every local layer calls ``local_global_attention(group_size=N)`
 kernel, ``'xla'`` its reference, which computes such group-only masks group by group (N² per
 group, no O((T*N)²) dense mask).
 
-Sizes: the paper's tables could not be retrieved (``shared/papers.md`` §5 marks them [?]) and the
+Sizes: the paper's configuration tables were not available to us and the
 repo ships no FIT configs, so S/B/L are *our* definitions, at ViT-S/B/L widths (384/768/1024, heads
 6/12/16, MLP ratio 4) with equal data and latent widths; S and B use ``"(2)4(2)4(2)"`` (6 local +
 8 global layers), L uses ``"(4)6(4)6(4)"`` (12 local + 12 global). At 224² with 16-px patches the
