@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxformers.layers import MultiHeadAttention, dot_product_attention, segment_mask
-from tests.helpers import on_fake_gpu
+from tests.helpers import numpy_variables, on_fake_gpu
 
 
 def _naive(q, k, v, mask=None, bias=None, scale=None):
@@ -139,20 +139,13 @@ def test_mha_attention_fn_replaces_the_pattern_keeping_params():
         windowed.apply(v, x, mask=jnp.ones((1, 1, 9, 9), bool))
 
 
-def _perturbed_mha_params(mha, x, seed=0):
-    """Initialised params plus noise (zero-initialised biases would hide bias bugs)."""
-    params = nn.unbox(jax.jit(mha.init)(jax.random.key(seed), x))["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda p: np.asarray(p) + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
-
-
 def test_mha_kv_cache_decoding_equals_causal_attention():
     from jaxformers.layers.attention import KVCache, init_kv_cache
 
     b, length, dim, heads, max_len = 2, 7, 12, 3, 9  # the cache is longer than the sequence
     x = jax.random.normal(jax.random.key(0), (b, length, dim))
     mha = MultiHeadAttention(num_heads=heads)
-    params = {"params": _perturbed_mha_params(mha, x)}
+    params = numpy_variables(mha, x)
     causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
     want = np.asarray(jax.jit(lambda x: mha.apply(params, x, mask=causal))(x))
 
