@@ -139,8 +139,11 @@ def compile_only_devices(target: str) -> list:
     # Newer Pallas reads the generation for its lowering from the default (host) device's kind.
     try:
         if target in GPU_SPECS:
-            from jax._src.pallas.triton import gpu_info
+            from jaxformers.kernels.gpu_kernel import jax_gpu_info_module
 
+            gpu_info = jax_gpu_info_module()
+            if gpu_info is None:
+                raise ImportError("this jax has no GPU-info registry")
             version = gpu_info.GpuVersion[target.upper()]
             gpu_info.registry[host_kind] = lambda: gpu_info.get_gpu_info_from_version(version)
         else:
