@@ -104,13 +104,14 @@ def numpy_variables(model: nn.Module, *inputs, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(sample, abstract)
 
 
-def model_and_features(name: str, x: jax.Array, **overrides) -> tuple[nn.Module, dict, dict]:
+def model_and_features(name: str, x: jax.Array, **overrides) -> tuple[nn.Module, dict, Any]:
     """``create_model(name, **overrides)``, its ``numpy_variables`` for ``x`` and its (jitted, eval-mode)
-    ``forward_features`` on ``x``: what a module-scoped fixture shares between a file's tests."""
+    outputs on ``x`` in one pass (``output="all"``: a ``BackboneOutput`` of the stride-keyed
+    ``features``, ``pre_logits`` and ``logits``): what a module-scoped fixture shares between a file's tests."""
     model = jf.create_model(name, **overrides)
     variables = numpy_variables(model, x)
-    feats = jax.jit(lambda v, x: model.apply(v, x, method="forward_features"))(variables, x)
-    return model, variables, feats
+    outputs = jax.jit(lambda v, x: model.apply(v, x, output="all"))(variables, x)
+    return model, variables, outputs
 
 
 def random_params(module: nn.Module, *inputs, seed: int = 4) -> dict:

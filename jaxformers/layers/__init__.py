@@ -4,6 +4,8 @@ from jaxformers.layers.attention import (KVCache, MultiHeadAttention, cached_att
 from jaxformers.layers.block import TransformerBlock, maybe_remat
 from jaxformers.layers.checks import check_image, check_token_ids
 from jaxformers.layers.drop import DropPath, LayerScale
+from jaxformers.layers.features import (BackboneOutput, FeatureBackbone, check_image_strides, check_pyramid,
+                                        pyramid_shapes)
 from jaxformers.layers.linear import Conv, Dense, logical, trunc_normal
 from jaxformers.layers.mlp import Mlp, gelu
 from jaxformers.layers.norm import BatchNorm, LayerNorm, RMSNorm
@@ -16,4 +18,5 @@ __all__ = [
     "DropPath", "LayerScale", "Conv", "Dense", "logical", "trunc_normal", "Mlp", "gelu", "BatchNorm",
     "LayerNorm", "RMSNorm", "ConvStem", "PatchEmbed", "to_2tuple", "LePE", "apply_rope",
     "resample_abs_pos_embed", "rope_frequencies", "sincos_1d", "sincos_2d",
+    "BackboneOutput", "FeatureBackbone", "check_pyramid", "check_image_strides", "pyramid_shapes",
 ]

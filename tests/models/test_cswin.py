@@ -64,12 +64,14 @@ def test_registered_variants_and_layout():
 
 
 def test_forward_shapes_and_features(tiny):
-    model, variables, feats = tiny
-    assert {k: v.shape for k, v in feats.items()} == {
-        "stage1": (2, 16, 16, 16), "stage2": (2, 8, 8, 32), "stage3": (2, 4, 4, 64), "stage4": (2, 2, 2, 128),
-        "pre_logits": (2, 128), "logits": (2, 10)}
-    assert bool(jnp.all(jnp.isfinite(feats["logits"])))
-    assert float(jnp.std(feats["logits"][0] - feats["logits"][1])) > 1e-4  # the images are told apart
+    model, variables, out = tiny
+    assert {k: v.shape for k, v in out.features.items()} == {
+        4: (2, 16, 16, 16), 8: (2, 8, 8, 32), 16: (2, 4, 4, 64), 32: (2, 2, 2, 128)}
+    assert out.pre_logits.shape == (2, 128) and out.logits.shape == (2, 10)
+    head = variables["params"]["head"]
+    np.testing.assert_allclose(out.pre_logits @ head["kernel"] + head["bias"], out.logits, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(out.logits)))
+    assert float(jnp.std(out.logits[0] - out.logits[1])) > 1e-4  # the images are told apart
     assert jax.eval_shape(model.apply, variables, image(2, 64)).shape == (2, 10)
     # Other sizes run with the same layout (stripes over the actual resolution).
     assert jax.eval_shape(model.apply, variables, image(1, 128)).shape == (1, 10)

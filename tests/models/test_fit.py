@@ -152,10 +152,11 @@ def test_encoder_shapes_features_and_bad_input(encoder_setup):
     x = jnp.zeros((2, 8, 8, 1))
     variables = {"params": params}
     assert model.num_groups == 4
-    feats = jax.jit(lambda v, x: model.apply(v, x, method="forward_features"))(variables, x)
-    assert feats["logits"].shape == (2, 10)
-    assert feats["tokens"].shape == (2, 4, 4, 32) and feats["latents"].shape == (2, 4, 2, 48)
-    assert feats["pre_logits"].shape == (2, 32)  # spec ends with local layers: tokens are pooled
+    out = jax.jit(lambda v, x: model.apply(v, x, output="all"))(variables, x)
+    assert out.logits.shape == (2, 10)
+    assert {k: v.shape for k, v in out.features.items()} == {2: (2, 4, 4, 32)}  # 2x2 groups of 2x2 patches
+    assert out.pre_logits.shape == (2, 32)  # spec ends with local layers: tokens are pooled
+    np.testing.assert_allclose(out.pre_logits, out.features[2].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="channels"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 8, 8, 3)))
     with pytest.raises(ValueError, match="img_size"):
@@ -167,8 +168,8 @@ def test_encoder_shapes_features_and_bad_input(encoder_setup):
     abstract = jax.eval_shape(bf16.init, jax.random.key(0), x)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(nn.unbox(abstract)))
     assert "x_pos_emb" not in abstract["params"]
-    out = jax.eval_shape(lambda v: bf16.apply(v, x, return_features=True), nn.unbox(abstract))
-    assert out["tokens"].dtype == jnp.bfloat16 and out["pre_logits"].shape == (2, 48)
+    out = jax.eval_shape(lambda v: bf16.apply(v, x, output="all"), nn.unbox(abstract))
+    assert out.features[2].dtype == jnp.bfloat16 and out.pre_logits.shape == (2, 48)
 
 
 def test_registered_variants():
@@ -223,8 +224,8 @@ def test_encoder_sharded_over_groups_equals_single_device(encoder_setup):
 
     def loss_and_grads(model):
         def f(p, x):
-            feats = model.apply({"params": p}, x, return_features=True)
-            return optax.softmax_cross_entropy_with_integer_labels(feats["logits"], y).mean(), feats
+            out = model.apply({"params": p}, x, output="all")
+            return optax.softmax_cross_entropy_with_integer_labels(out.logits, y).mean(), out
         return jax.jit(jax.value_and_grad(f, has_aux=True))
 
     (ref_loss, ref), ref_grads = loss_and_grads(model)(params, x)
@@ -234,8 +235,8 @@ def test_encoder_sharded_over_groups_equals_single_device(encoder_setup):
     with activate(mesh):
         (loss, out), grads = loss_and_grads(model.clone(remat=True))(placed, shard_batch(x, mesh))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    for key in ("logits", "tokens", "latents"):
-        np.testing.assert_allclose(out[key], ref[key], rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 

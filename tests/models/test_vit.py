@@ -21,8 +21,8 @@ def test_shapes_and_features():
     v = _init(model, x)
     assert model.apply(v, x).shape == (2, 10)
     f = model.apply(v, x, method="forward_features")
-    assert f["tokens"].shape == (2, 17, 64) and f["pre_logits"].shape == (2, 64)
-    assert f["feature_map"].shape == (2, 4, 4, 64)
+    assert list(f) == [8] and f[8].shape == (2, 4, 4, 64)  # patch tokens on their grid, no class token
+    assert model.apply(v, x, method="pre_logits").shape == (2, 64)
     avg = jaxformers.create_model("vit_tiny_patch16_224", **{**TINY, "num_classes": 0}, global_pool="avg", class_token=False)
     assert avg.apply(_init(avg, x), x).shape == (2, 64)
     with pytest.raises(ValueError, match="needs class_token"):
