@@ -133,8 +133,11 @@ def test_conv_and_act_seam_for_binarized_variants(tiny):
         return SignConv(*args, name=name, **kw)
 
     binary = model.clone(conv=recording_sign_conv, act=lambda x: jnp.clip(x, -1.0, 1.0))  # BiPer: hardtanh
-    shapes = lambda m: jax.tree_util.tree_map(jnp.shape, nn.unbox(jax.eval_shape(m.init, jax.random.key(0), x)))  # noqa: E731
     x = image(2, 32)
+
+    def shapes(m):
+        return jax.tree_util.tree_map(jnp.shape, nn.unbox(jax.eval_shape(m.init, jax.random.key(0), x)))
+
     assert shapes(binary) == shapes(model)  # same names and shapes: float checkpoints load unchanged
     assert names == ["conv1", "conv2"] * 4  # only the residual branches: stem, shortcuts and fc stay float
     logits = jax.jit(binary.apply)(variables, x)
