@@ -277,3 +277,20 @@ def on_fake_gpu(monkeypatch, capability: str | None, kind: str = "NVIDIA GPU") -
     fake = _FakeGpu(capability, kind)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda backend=None: [fake] if backend in ("gpu", "cuda") else devices(backend))
+
+
+def zen_of_python_chars(rows: int, length: int, vocab_size: int = 100) -> tuple[np.ndarray, int]:
+    """Real offline text for tiny language models: the Zen of Python (``this``, decoded without
+    printing) as character ids (code point - 30, clipped to [1, vocab_size - 1]), cut into ``rows``
+    windows of ``length`` tokens at evenly spaced offsets. Returns (ids (rows, length) int32, the
+    number of distinct ids in the text)."""
+    import codecs
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    text = codecs.decode(this.s, "rot13")
+    ids = np.clip(np.frombuffer(text.encode("ascii", "replace"), np.uint8).astype(np.int32) - 30, 1, vocab_size - 1)
+    starts = np.linspace(0, len(ids) - length - 1, rows).astype(int)
+    return np.stack([ids[s:s + length] for s in starts]).astype(np.int32), len(np.unique(ids))

@@ -194,3 +194,17 @@ def test_mha_kv_cache_bad_inputs_raise_clear_errors():
     # traced indices cannot be checked: the caller keeps index + steps <= max_len (documented)
     out, cache = jax.jit(lambda c: mha.apply(params, x, cache=c))(good._replace(index=jnp.asarray(2)))
     assert out.shape == x.shape and int(cache.index) == 3
+
+
+def test_causal_attention_equals_a_lower_triangular_mask():
+    """``causal=True`` is the lower-triangular mask, on XLA and in the Pallas kernel, with segments too."""
+    from jaxformers.layers import causal_mask
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)) for i in range(3))
+    seg = jnp.asarray([[1] * 9 + [2] * 7, [1] * 16])
+    tril = jnp.tril(jnp.ones((16, 16), bool))[None, None]
+    np.testing.assert_array_equal(causal_mask(16), tril)
+    ref = dot_product_attention(q, k, v, mask=tril, segment_ids=seg)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, causal=True, segment_ids=seg), ref, atol=1e-6)
+    pallas = dot_product_attention(q, k, v, causal=True, segment_ids=seg, implementation="pallas")
+    np.testing.assert_allclose(pallas, ref, atol=1e-5)
