@@ -110,7 +110,7 @@ def model_and_features(name: str, x: jax.Array, **overrides) -> tuple[nn.Module,
     ``features``, ``pre_logits`` and ``logits``): what a module-scoped fixture shares between a file's tests."""
     model = jf.create_model(name, **overrides)
     variables = numpy_variables(model, x)
-    outputs = jax.jit(lambda v, x: model.apply(v, x, output="all"))(variables, x)
+    outputs = fast_jit(lambda v, x: model.apply(v, x, output="all"))(variables, x)
     return model, variables, outputs
 
 
@@ -200,7 +200,7 @@ def assert_sharded_grads_match(model: nn.Module, variables: Any, sharded_variabl
         rest = {k: c for k, c in v.items() if k != "params"}
         return jax.grad(lambda p: jnp.sum(model.apply({"params": p, **rest}, x) * projection))(v["params"])
 
-    single, sharded = single_and_sharded(jax.jit(grads), variables, sharded_variables, x, mesh)
+    single, sharded = single_and_sharded(fast_jit(grads), variables, sharded_variables, x, mesh)
     leaves = jax.tree_util.tree_leaves_with_path(single)
     for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(sharded), strict=True):
         scale = max(float(jnp.max(jnp.abs(a))), 1e-6)

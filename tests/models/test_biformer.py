@@ -14,7 +14,7 @@ from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.biformer import BiFormerBlock, BiLevelRoutingAttentionLayer, stage_resolutions
 from jaxformers.registry import count_params
 from jaxformers.sharding import make_mesh, unsharded_params
-from tests.helpers import (assert_every_param_has_gradient, assert_sharded_grads_match, digits, image,
+from tests.helpers import (assert_every_param_has_gradient, assert_sharded_grads_match, digits, fast_jit, image,
                            model_and_features, needs_mosaic_gpu_interpreter, numpy_variables, random_params,
                            shard_like_init, single_and_sharded)
 
@@ -245,7 +245,7 @@ def test_sharded_equals_single_device(tiny):
     sharded_vars = shard_like_init(model, variables, x, mesh)
     assert unsharded_params(sharded_vars, mesh, min_size=4096) == []  # fsdp really splits the large params
     # Training mode: the BatchNorm statistics must be global over the sharded batch.
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    fwd = fast_jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     (single, single_stats), (sharded, sharded_stats) = single_and_sharded(fwd, variables, sharded_vars, x, mesh)
     assert float(jnp.std(single)) > 1e-3
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)

@@ -14,8 +14,9 @@ from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.cswin import CSWinBlock, stripe_attention
 from jaxformers.registry import count_params
 from jaxformers.sharding import make_mesh, unsharded_params
-from tests.helpers import (assert_every_param_has_gradient, assert_sharded_grads_match, digits, image,
-                           model_and_features, numpy_variables, random_params, shard_like_init, single_and_sharded)
+from tests.helpers import (assert_every_param_has_gradient, assert_sharded_grads_match, digits, fast_jit, image,
+                           model_and_features, numpy_variables, random_params, shard_like_init,
+                           single_and_sharded)
 
 # Exact counts of the official implementation (microsoft/CSWin-Transformer models/cswin.py, 1000
 # classes): sum of numel over the parameters of its modules, derived from its structure (stem conv
@@ -254,7 +255,7 @@ def test_sharded_equals_single_device(tiny):
     x = image(4, 64)
     sharded_vars = shard_like_init(model, variables, x, mesh)
     assert unsharded_params(sharded_vars, mesh, min_size=4096) == []  # fsdp really splits the large params
-    fwd = jax.jit(model.apply)
+    fwd = fast_jit(model.apply)
     single, sharded = single_and_sharded(fwd, variables, sharded_vars, x, mesh)
     assert float(jnp.std(single)) > 1e-3  # the logits differ between images (no degenerate head)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)

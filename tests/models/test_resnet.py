@@ -152,7 +152,7 @@ def test_sharded_equals_single_device(tiny):
     sharded_vars = shard_like_init(model, variables, x, mesh)
     assert unsharded_params(sharded_vars, mesh, min_size=1024) == []  # conv_out / embed split over fsdp
     # Training mode: BatchNorm statistics are global over the sharded batch.
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    fwd = fast_jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     (single, single_stats), (sharded, sharded_stats) = single_and_sharded(fwd, variables, sharded_vars, x, mesh)
     assert float(jnp.std(single)) > 1e-3
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
