@@ -68,23 +68,19 @@ def image(batch: int, size: int, seed: int = 0) -> jax.Array:
 
 
 def perturb(params: Any, seed: int = 1, scale: float = 0.05) -> Any:
-    """``params`` plus N(0, scale) noise on every leaf (each leaf its own key from ``seed``):
-    zero-initialised heads, biases and LayerNorm offsets would make any two models agree."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    """``params`` plus N(0, scale) noise on every leaf, drawn on the host with NumPy (no per-leaf random
+    programs to compile): zero-initialised heads, biases and LayerNorm offsets would make any two
+    models agree. Returns jax arrays in the leaves' dtypes."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(np.shape(x)), jnp.asarray(x).dtype), params)
 
 
 def init_variables(model: nn.Module, size: int, batch: int = 2, perturbed: bool = False) -> dict:
     """``model.init`` on ``image(batch, size)`` with key 0 as one fast-compiled program, unboxed;
-    with ``perturbed`` the params go through ``perturb`` inside the same program."""
-
-    def init(rng, x):
-        variables = nn.unbox(model.init({"params": rng}, x))
-        return {**variables, "params": perturb(variables["params"])} if perturbed else variables
-
-    return fast_jit(init)(jax.random.key(0), image(batch, size))
+    with ``perturbed`` the params then go through ``perturb``."""
+    variables = fast_jit(lambda rng, x: nn.unbox(model.init({"params": rng}, x)))(jax.random.key(0), image(batch, size))
+    return {**variables, "params": perturb(variables["params"])} if perturbed else variables
 
 
 def numpy_variables(model: nn.Module, *inputs, seed: int = 0) -> dict:

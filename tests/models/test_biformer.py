@@ -129,7 +129,7 @@ def test_block_matches_dense_masked_reference(shape, heads, n_win, topk):
     block = BiFormerBlock(num_heads=heads, n_win=n_win, topk=topk)
     x = jax.random.normal(jax.random.key(2), (2,) + shape + (16,))
     params = random_params(block, x)
-    out = np.asarray(jax.jit(block.apply)({"params": params}, x))
+    out = np.asarray(fast_jit(block.apply)({"params": params}, x))
     ref = _np_block(params, np.asarray(x, np.float64), heads, n_win, topk)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
     if topk != -2:  # the routing matters: full attention would give another answer
@@ -344,9 +344,9 @@ def test_pallas_attention_matches_xla():
         xla = BiLevelRoutingAttentionLayer(2, n_win=2, topk=topk)
         pallas = BiLevelRoutingAttentionLayer(2, n_win=2, topk=topk, attention_impl="pallas")
         params = {"params": random_params(xla, x)}
-        np.testing.assert_allclose(jax.jit(pallas.apply)(params, x), jax.jit(xla.apply)(params, x),
+        np.testing.assert_allclose(fast_jit(pallas.apply)(params, x), fast_jit(xla.apply)(params, x),
                                    rtol=1e-5, atol=1e-5)
         if topk > 0:
-            grad = lambda m: jax.jit(jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1)))  # noqa: E731
+            grad = lambda m: fast_jit(jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1)))  # noqa: E731
             for a, b in zip(jax.tree_util.tree_leaves(grad(pallas)(params, x)), jax.tree_util.tree_leaves(grad(xla)(params, x))):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

@@ -95,7 +95,7 @@ def _dense_stripe_reference(q, k, v, window, scale):
 def test_stripe_attention_matches_dense_masked_reference(shape, window):
     keys = jax.random.split(jax.random.key(1), 3)
     q, k, v = (jax.random.normal(kk, (2,) + shape + (3, 4)) for kk in keys)
-    both = jax.jit(lambda q, k, v: (stripe_attention(q, k, v, window=window, scale=0.5),
+    both = fast_jit(lambda q, k, v: (stripe_attention(q, k, v, window=window, scale=0.5),
                                     _dense_stripe_reference(q, k, v, window, 0.5)))
     out, ref = both(q, k, v)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -150,7 +150,7 @@ def test_block_matches_masked_reference(shape, split, full):
     block = CSWinBlock(num_heads=4, split_size=split, full_attention=full)
     x = jax.random.normal(jax.random.key(2), (2,) + shape + (16,))
     params = random_params(block, x)
-    out, ref = jax.jit(lambda p, x: (block.apply({"params": p}, x), _reference_block(p, x, 4, split, full)))(params, x)
+    out, ref = fast_jit(lambda p, x: (block.apply({"params": p}, x), _reference_block(p, x, 4, split, full)))(params, x)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -295,7 +295,7 @@ def test_drop_path_is_random_in_training_only(tiny):
     variables = tiny[1]
     x = image(2, 64)
     drop = jf.create_model("cswin_tiny_224", **TINY, drop_path_rate=0.5)
-    run = jax.jit(lambda v, x, r, train: drop.apply(v, x, train=train, rngs={"dropout": r}), static_argnums=3)
+    run = fast_jit(lambda v, x, r, train: drop.apply(v, x, train=train, rngs={"dropout": r}), static_argnums=3)
     a, b = run(variables, x, jax.random.key(0), True), run(variables, x, jax.random.key(1), True)
     assert not np.allclose(a, b)
 
@@ -321,6 +321,6 @@ def test_pallas_attention_matches_xla():
     """``attention_impl="pallas"`` sends the stripe attention to the Pallas kernel (interpret mode on CPU)."""
     x = jax.random.normal(jax.random.key(7), (1, 8, 8, 16))
     params = {"params": random_params(CSWinBlock(num_heads=4, split_size=2), x)}
-    xla = jax.jit(CSWinBlock(num_heads=4, split_size=2).apply)(params, x)
-    pallas = jax.jit(CSWinBlock(num_heads=4, split_size=2, attention_impl="pallas").apply)(params, x)
+    xla = fast_jit(CSWinBlock(num_heads=4, split_size=2).apply)(params, x)
+    pallas = fast_jit(CSWinBlock(num_heads=4, split_size=2, attention_impl="pallas").apply)(params, x)
     np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
