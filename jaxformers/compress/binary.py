@@ -431,6 +431,7 @@ class BinaryConv(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.kaiming_normal()
+    takes_train = True  # ResNet's conv seam calls it as conv(x, train=train)
 
     def _geometry(self, x_shape):
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
@@ -517,9 +518,17 @@ BINARY_LAYERS = (BinaryDense, BinaryConv, BinaryEmbed)
 # ------------------------------------------------------------------------------------------------
 # whole-model transforms
 
-def _recipe_fields(module: nn.Module) -> dict[str, BinaryRecipe]:
-    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
-            if isinstance(getattr(module, f.name, None), BinaryRecipe)}
+def _recipe_fields(module: nn.Module) -> dict[str, tuple[BinaryRecipe, str | None]]:
+    """Fields holding a recipe, or one of its factories (ResNet's ``conv=BIPER.conv`` seam):
+    name -> (recipe, the factory's name or None)."""
+    out = {}
+    for f in dataclasses.fields(module):
+        value = getattr(module, f.name, None)
+        if isinstance(value, BinaryRecipe):
+            out[f.name] = (value, None)
+        elif isinstance(getattr(value, "__self__", None), BinaryRecipe):
+            out[f.name] = (value.__self__, value.__name__)
+    return out
 
 
 def binarize(module: nn.Module, recipe: BinaryRecipe) -> nn.Module:
@@ -527,10 +536,13 @@ def binarize(module: nn.Module, recipe: BinaryRecipe) -> nn.Module:
     form: Bert, VisionTransformer, the BiPer CIFAR nets, MultiHeadAttention, Mlp, TransformerBlock...)."""
     if not isinstance(recipe, BinaryRecipe):
         raise TypeError(f"recipe must be a BinaryRecipe (BIBERT, BIPFT, BIVIT, BIPER, SIGN_STE...), got {recipe!r}")
-    if "binary" not in {f.name for f in dataclasses.fields(module)}:
+    fields = {f.name for f in dataclasses.fields(module)}
+    if "binary" not in fields and "conv" in fields and type(module).__name__ == "ResNet":
+        return module.clone(conv=recipe.conv)  # ResNet's seam: the residual branches' convolutions
+    if "binary" not in fields:
         raise TypeError(f"{type(module).__name__} has no binary form (no 'binary' field): the binarizable modules are "
-                        "Bert, VisionTransformer, ResNetCifar, VGGSmall and the layers MultiHeadAttention, Mlp, "
-                        "TransformerBlock")
+                        "Bert, VisionTransformer, ResNet (its conv seam), ResNetCifar, VGGSmall and the layers "
+                        "MultiHeadAttention, Mlp, TransformerBlock")
     return module.clone(binary=recipe)
 
 
@@ -565,7 +577,7 @@ def pack(module: nn.Module, variables: Any, *inputs, **kwargs) -> tuple[nn.Modul
     if not recipes:
         raise ValueError(f"{type(module).__name__} is not binarized: it has no BinaryRecipe field; build it with "
                          f"binary=BIBERT / BIPFT / BIVIT / BIPER (jaxformers.compress.binary) before packing")
-    if any(r.packed for r in recipes.values()):
+    if any(r.packed for r, _ in recipes.values()):
         raise ValueError(f"{type(module).__name__} is already packed")
     layers = binary_layers(module, variables, *inputs, **kwargs)
     if not layers:
@@ -576,7 +588,8 @@ def pack(module: nn.Module, variables: Any, *inputs, **kwargs) -> tuple[nn.Modul
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = layer.packed_params(node[path[-1]])
-    packed = module.clone(**{name: r.replace(packed=True) for name, r in recipes.items()})
+    packed = module.clone(**{name: r.replace(packed=True) if method is None else getattr(r.replace(packed=True), method)
+                             for name, (r, method) in recipes.items()})
     return packed, {**variables, "params": params}
 
 

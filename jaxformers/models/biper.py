@@ -1,4 +1,4 @@
-"""BiPer's CIFAR networks: ResNet-20 and VGG-Small with binarized (BiPer) convolutions.
+"""BiPer's networks: CIFAR ResNet-20 and VGG-Small, and ImageNet ResNet-18/34, with BiPer convolutions.
 
 Paper: "BiPer: Binary Neural Networks using a Periodic Function", Vargas, Jacome, Hinojosa, Arguello,
 CVPR 2024, arXiv 2404.01278. Official code: edmav4/BiPer (``cifar10/models_cifar/resnet.py``
@@ -19,6 +19,15 @@ padding), global average pooling, BatchNorm1d, linear. VGG-Small: conv0 (float, 
 binarized 3×3 convolutions (128, 256, 256, 512, 512) with max pooling after the 1st, 3rd and 5th,
 each conv → [pool] → BN → hardtanh, then a linear layer on the flattened 4×4×512 map.
 
+ImageNet ResNet-18/34 (``biper_resnet18`` / ``biper_resnet34``) are ``jaxformers.models.resnet.ResNet``
+(timm's names and layout, so timm's float checkpoints load with its converter) with ``conv=BIPER.conv``
+(the residual branches' 3×3 convolutions binarized; stem, 1×1 shortcuts and fc float, as the official
+code) and ``act=hardtanh``: timm's parameters + one α per binarized output channel (11,689,512 + 3,840
+= 11,693,352 for ResNet-18, the README's 11.69M; 21,797,672 + 7,296 = 21,804,968 for ResNet-34,
+21.81M). Deviation for these: the official ImageNet model is Bi-Real-style (a shortcut around each
+convolution, a BatchNorm1d before fc); ours keeps timm's BasicBlock so that the float ResNets'
+checkpoints and parity carry over.
+
 Parameter counts: ResNet-20 269,850 float + 672 α = 270,522 (the README's 0.27M); VGG-Small
 4,660,106 + 1,664 α = 4,661,770 (4.66M). Deviations: the CIFAR code's unused ``beta`` (ones,
 requires_grad=False) is not created; NHWC layout (the flattening order before VGG's classifier is
@@ -34,6 +43,7 @@ import jax.numpy as jnp
 
 from jaxformers.compress.binary import BIPER
 from jaxformers.layers import BatchNorm, Conv, Dense, check_image
+from jaxformers.models.resnet import ResNet, convert_timm_resnet
 from jaxformers.registry import ModelInfo, register_model
 
 
@@ -143,9 +153,9 @@ class VGGSmall(nn.Module):
         return {k: v for k, v in out.items() if isinstance(k, int)}
 
 
-def _info(params_m, top1):
+def _info(params_m, top1, input_size=(32, 32, 3), converter=None):
     return ModelInfo(paper="BiPer: Binary Neural Networks using a Periodic Function", arxiv="2404.01278",
-                     repo="edmav4/BiPer", input_size=(32, 32, 3), params_m=params_m, top1=top1)
+                     repo="edmav4/BiPer", input_size=input_size, params_m=params_m, top1=top1, converter=converter)
 
 
 @register_model(_info(0.270522, 86.98))
@@ -158,3 +168,16 @@ def biper_resnet20(**overrides: Any) -> ResNetCifar:
 def biper_vgg_small(**overrides: Any) -> VGGSmall:
     """BiPer VGG-Small for CIFAR-10: 4,661,770 parameters; CIFAR-10 top-1 92.46 (README)."""
     return VGGSmall(**overrides)
+
+
+@register_model(_info(11.693352, 61.40, (224, 224, 3), convert_timm_resnet))
+def biper_resnet18(**overrides: Any) -> ResNet:
+    """BiPer ResNet-18 (ImageNet, stage 2, ω = 20): timm's resnet18 with BiPer branch convolutions and
+    hardtanh; 11,693,352 parameters; ImageNet top-1 61.40 (README). Loads timm's float checkpoint."""
+    return ResNet(**{"depth": (2, 2, 2, 2), "conv": BIPER.conv, "act": hardtanh, **overrides})
+
+
+@register_model(_info(21.804968, 65.73, (224, 224, 3), convert_timm_resnet))
+def biper_resnet34(**overrides: Any) -> ResNet:
+    """BiPer ResNet-34 (ImageNet): 21,804,968 parameters; ImageNet top-1 65.73 (README)."""
+    return ResNet(**{"depth": (3, 4, 6, 3), "conv": BIPER.conv, "act": hardtanh, **overrides})

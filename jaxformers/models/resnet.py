@@ -30,7 +30,8 @@ block). It is called like ``jaxformers.layers.Conv``::
          name="conv1")
 
 and must return a Linen module mapping NHWC -> NHWC (e.g. a binary convolution that binarizes its
-input activations and weights with its own extra parameters). The stem convolution, the 1x1
+input activations and weights with its own extra parameters); a module whose ``takes_train`` is True
+is called as ``conv(x, train=train)``. The stem convolution, the 1x1
 shortcut convolutions and ``fc`` stay full precision (the convention of Bi-Real, ReCU and BiPer).
 ``act`` is the nonlinearity after each BN (ReLU; BiPer's ImageNet ResNets use hardtanh). Param
 names do not depend on either field, so a float checkpoint loads into a binarized model with the
@@ -104,8 +105,9 @@ class ResidualBlock(nn.Module):
             layers = [(self.planes, 1, 1), (self.planes, 3, self.strides), (out, 1, 1)]
         y = x
         for i, (c, k, s) in enumerate(layers, start=1):
-            y = self.conv(c, (k, k), strides=s, padding=k // 2, use_bias=False, kernel_init=HE_FAN_OUT,
-                          name=f"conv{i}", **kw)(y)
+            conv = self.conv(c, (k, k), strides=s, padding=k // 2, use_bias=False, kernel_init=HE_FAN_OUT,
+                             name=f"conv{i}", **kw)
+            y = conv(y, train=train) if getattr(conv, "takes_train", False) else conv(y)
             last = i == len(layers)
             init = nn.initializers.zeros_init() if last and self.zero_init_last else nn.initializers.ones_init()
             y = BatchNorm(train=train, scale_init=init, name=f"bn{i}", **kw)(y)
