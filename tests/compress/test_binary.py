@@ -162,14 +162,17 @@ def test_packed_vit_and_convolutions_equal_simulation_bit_for_bit():
 
 
 def test_packed_resnet_equals_simulation_and_counts_bytes():
-    model = jf.create_model("biper_resnet20", blocks=1)
-    x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    # BiPer ResNet-18's layout (timm's ResNet through its conv seam), tiny widths
+    model = jf.create_model("biper_resnet18", depth=(1, 1, 1, 1), channels=(16, 32, 48, 64), stem_channels=16,
+                            num_classes=5)
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
     variables = numpy_variables(model, x)
+    assert len(B.binary_layers(model, variables, x)) == 8  # conv1, conv2 of each block; stem/shortcuts float
     packed, packed_vars = B.pack(model, variables, x)
     np.testing.assert_array_equal(fast_jit(packed.apply)(packed_vars, x), fast_jit(model.apply)(variables, x))
     conv = variables["params"]["layer2_0"]["conv2"]["kernel"]  # (3, 3, 32, 32) float32 -> 32 rows x 9 taps x 1 word
     assert packed_vars["params"]["layer2_0"]["conv2"]["kernel_bits"].size * 4 * 32 == conv.size * 4
-    assert B.packed_nbytes(packed_vars) < B.packed_nbytes(variables) / 8
+    assert B.packed_nbytes(packed_vars) < B.packed_nbytes(variables) / 2
 
 
 def test_parameter_counts_are_the_float_host_plus_the_papers_extras():
@@ -187,6 +190,11 @@ def test_parameter_counts_are_the_float_host_plus_the_papers_extras():
     assert jf.count_params("biper_resnet20", binary=None) + 6 * (16 + 32 + 64) == jf.count_params("biper_resnet20") \
         == 270522
     assert jf.count_params("biper_vgg_small") - jf.count_params("biper_vgg_small", binary=None) == 128 + 256 * 2 + 512 * 2
+    # ImageNet ResNet-18/34: timm's counts (resnet18, resnet34) + α per binarized output channel
+    for name, depth, timm_count in (("18", (2, 2, 2, 2), 11689512), ("34", (3, 4, 6, 3), 21797672)):
+        assert jf.count_params(f"resnet{name}") == timm_count
+        alphas = sum(2 * d * c for d, c in zip(depth, (64, 128, 256, 512)))
+        assert jf.count_params(f"biper_resnet{name}") == timm_count + alphas
 
 
 def test_biper_resnet_trains_on_digits():
