@@ -10,7 +10,9 @@ Papers:
   arXiv 2404.01278 (edmav4/BiPer).
 
 A model is binarized by a field, never by a forked model file: ``Bert(..., binary=BIBERT)``,
-``VisionTransformer(..., binary=BIVIT)``, ``ResNet(..., binary=BIPER)``. The field holds a
+``VisionTransformer(..., binary=BIVIT)``, the BiPer CIFAR nets' ``binary=BIPER``, and timm's ResNet
+through its convolution seam ``ResNet(..., conv=BIPER.conv)`` (``binarize(module, recipe)`` sets
+whichever applies). The field holds a
 :class:`BinaryRecipe` (which binarizer each tensor gets); the shared layers ask it for their
 binarized form (``MultiHeadAttention``, ``Mlp``, the BERT embeddings and pooler, ResNet blocks).
 Parameter names stay the float model's (``kernel``, ``bias``, ``embedding``), so a float checkpoint
@@ -48,7 +50,8 @@ because the simulation itself evaluates every binary product on the integer code
 (``binarizers.binary_product``) and both paths share every float operation after it.
 
 Deliberate deviations (the official code otherwise decides):
-- sign(0) = +1 (torch.sign(0) = 0; see ``binarizers``).
+- A weight's sign(0) is +1 (torch.sign gives 0; a measure-zero event, see ``binarizers``); activations
+  follow torch.sign exactly (0 stays 0: the packed path carries a nonzero bit plane).
 - BiBERT's unused parameters (``scale`` of each QuantizeLinear, ``gate`` of the output blocks) are
   not created: the forward never reads them, so a binarized host has exactly the float host's count.
 - A fused q/k/v kernel keeps one kernel; its three slices get separate scales, shifts and step sizes,
