@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from jaxformers.compress.binary import BIPER
 from jaxformers.layers import BatchNorm, Conv, Dense, check_image
+from jaxformers.layers.features import FeatureBackbone, check_output, select_output
 from jaxformers.models.resnet import ResNet, convert_timm_resnet
 from jaxformers.registry import ModelInfo, register_model
 
@@ -86,8 +87,9 @@ class CifarBasicBlock(nn.Module):
         return hardtanh(BatchNorm(train=train, name="bn2", **kw)(y) + out)
 
 
-class ResNetCifar(nn.Module):
-    """CIFAR ResNet-(6n+2) with BiPer convolutions (n = ``blocks`` per stage; 3 = ResNet-20)."""
+class ResNetCifar(FeatureBackbone):
+    """CIFAR ResNet-(6n+2) with BiPer convolutions (n = ``blocks`` per stage; 3 = ResNet-20);
+    ``forward_features``: the three stages' outputs at strides 1, 2, 4."""
 
     blocks: int = 3
     num_classes: int = 10
@@ -98,7 +100,8 @@ class ResNetCifar(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+    def __call__(self, x: jax.Array, *, train: bool = False, output: str = "logits"):
+        check_output(output, "biper_resnet20")
         check_image(x, in_chans=self.in_chans)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), name="conv1",
@@ -109,18 +112,16 @@ class ResNetCifar(nn.Module):
             for b in range(self.blocks):
                 x = CifarBasicBlock(planes, 2 if s and not b else 1, self.binary, name=f"layer{s + 1}_{b}", **kw)(x, train)
             features[2 ** s] = x
+        if output == "features":
+            return features
         pooled = BatchNorm(train=train, axis_name="embed", name="bn2", **kw)(x.mean(axis=(1, 2)))
         logits = Dense(self.num_classes, axes=("embed", "classes"), name="linear", **kw)(pooled)
-        return {**features, "logits": logits} if return_features else logits
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
-        """NHWC stage outputs keyed by stride (1, 2, 4)."""
-        out = self(x, train=train, return_features=True)
-        return {k: v for k, v in out.items() if isinstance(k, int)}
+        return select_output(output, features, pooled, logits)
 
 
-class VGGSmall(nn.Module):
-    """BiPer's ``vgg_small_1w1a``: a float 3×3 stem then five binarized 3×3 convolutions."""
+class VGGSmall(FeatureBackbone):
+    """BiPer's ``vgg_small_1w1a``: a float 3×3 stem then five binarized 3×3 convolutions;
+    ``forward_features``: the maps after each pooling, at strides 2, 4, 8; pre-logits: the flattened map."""
 
     num_classes: int = 10
     img_size: int = 32
@@ -130,7 +131,8 @@ class VGGSmall(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+    def __call__(self, x: jax.Array, *, train: bool = False, output: str = "logits"):
+        check_output(output, "biper_vgg_small")
         check_image(x, in_chans=self.in_chans, divisible_by=8)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv(128, (3, 3), padding=1, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), name="conv0",
@@ -143,14 +145,12 @@ class VGGSmall(nn.Module):
                 x = nn.max_pool(x, (2, 2), (2, 2))
             x = hardtanh(BatchNorm(train=train, name=f"bn{i}", **kw)(x))
             if pool:
-                features[self.img_size // x.shape[1]] = x
-        logits = Dense(self.num_classes, axes=("embed", "classes"), name="fc", **kw)(x.reshape(x.shape[0], -1))
-        return {**features, "logits": logits} if return_features else logits
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
-        """NHWC maps after each pooling stage keyed by stride (2, 4, 8)."""
-        out = self(x, train=train, return_features=True)
-        return {k: v for k, v in out.items() if isinstance(k, int)}
+                features[2 ** len(features) * 2] = x
+        if output == "features":
+            return features
+        flat = x.reshape(x.shape[0], -1)
+        logits = Dense(self.num_classes, axes=("embed", "classes"), name="fc", **kw)(flat)
+        return select_output(output, features, flat, logits)
 
 
 def _info(params_m, top1, input_size=(32, 32, 3), converter=None):
