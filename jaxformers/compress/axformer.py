@@ -68,8 +68,7 @@ def topk_attention(q, k, v, *, segment_ids=None, scale=None, topk: int = 8):
 
 
 def _heads(model, block: int) -> int:
-    over = dict(model.block_overrides[block]) if model.block_overrides is not None else {}
-    return over.get("num_heads", model.num_heads)
+    return model.block_fields(block).get("num_heads", model.num_heads)
 
 
 def zero_elements(model, params: dict, elements: Sequence[Element]) -> dict:
@@ -99,8 +98,7 @@ def prune(model, params: dict, elements: Sequence[Element]):
     computes. Heads are sliced out of qkv / proj; a removed sublayer loses its parameters
     (``num_heads=0`` / ``mlp_hidden=0``). A block whose heads are all removed one by one (not as
     "attn") still adds ``proj``'s bias: it keeps one zeroed head that carries it."""
-    overrides = [dict(model.block_overrides[i]) if model.block_overrides is not None else {}
-                 for i in range(model.depth)]
+    overrides = [model.block_fields(i) for i in range(model.depth)]
     params = {k: v for k, v in params.items()}
     by_block: dict[int, list[Element]] = {}
     for e in elements:
@@ -227,8 +225,7 @@ def selective_topk(model, variables: dict, x_val: jax.Array, y_val: jax.Array, *
     for i in order:
         if _heads(model, i) == 0:
             continue
-        overrides = [dict(current.block_overrides[j]) if current.block_overrides is not None else {}
-                     for j in range(model.depth)]
+        overrides = [current.block_fields(j) for j in range(model.depth)]
         overrides[i]["attention_fn"] = fn
         trial = current.clone(block_overrides=tuple(overrides))
         a, _ = evaluate(trial, variables, x_val, y_val)

@@ -35,6 +35,7 @@ class TransformerBlock(nn.Module):
     attention_impl: AttentionImpl = "xla"
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # a jaxformers.compress.binary.BinaryRecipe for the attention and the MLP
     # Per-block widths (pruned / searched subnets): head_dim (default dim // num_heads), MLP hidden
     # width (default dim * mlp_ratio), attention scale (default head_dim ** -0.5).
     # num_heads=0 / mlp_hidden=0 remove that sublayer; attention_fn replaces the attention pattern.
@@ -59,7 +60,7 @@ class TransformerBlock(nn.Module):
         y = MultiHeadAttention(self.num_heads, head_dim=self.head_dim, qkv_bias=self.qkv_bias, scale=self.scale,
                                attention_dropout=self.attention_dropout, proj_dropout=self.dropout,
                                attention_impl=self.attention_impl, attention_fn=self.attention_fn,
-                               return_qk=self.reduce is not None, name="attn",
+                               return_qk=self.reduce is not None, name="attn", binary=self.binary,
                                **kw)(y, mask=mask, bias=bias, segment_ids=segment_ids, train=train)
         if self.reduce is not None:
             y, (q, k) = y
@@ -75,7 +76,7 @@ class TransformerBlock(nn.Module):
         hidden = int(dim * self.mlp_ratio) if self.mlp_hidden is None else self.mlp_hidden
         if hidden:  # mlp_hidden=0: MLP sublayer removed (pruned)
             y = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
-            y = Mlp(hidden, dropout=self.dropout, name="mlp", **kw)(y, train=train)
+            y = Mlp(hidden, dropout=self.dropout, name="mlp", binary=self.binary, **kw)(y, train=train)
             if self.layer_scale_init is not None:
                 y = LayerScale(self.layer_scale_init, name="ls2")(y)
             x = x + DropPath(self.drop_path)(y, train=train)

@@ -60,8 +60,7 @@ def ofb_config_from_state_dict(sd: Mapping[str, Any], num_heads: int | Sequence[
 
 def _build(name: str, overrides: dict[str, Any]) -> VisionTransformer:
     dim, heads, head_dim, hidden = OFB_CONFIGS[name][:4]
-    blocks = tuple({"num_heads": heads, "head_dim": head_dim, "mlp_hidden": hidden, "scale": SCALE}
-                   for _ in range(overrides.get("depth", 12)))
+    blocks = ({"num_heads": heads, "head_dim": head_dim, "mlp_hidden": hidden, "scale": SCALE},)  # every block
     return VisionTransformer(**{"embed_dim": dim, "depth": 12, "num_heads": heads, "block_overrides": blocks,
                                 **overrides})
 

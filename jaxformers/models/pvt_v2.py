@@ -22,8 +22,9 @@ use :class:`jaxformers.compress.ecoformer.EcoFormerAttention` instead of SRA (no
 reduction). The hash state is the ``hashing`` collection; learn it with
 ``jaxformers.compress.ecoformer.learn_hashing``.
 
-``forward_features`` returns ``{4: map, 8: map, 16: map, 32: map}`` (NHWC, after each stage's norm);
-``pre_logits`` the pooled features.
+Dense-feature contract (``jaxformers.layers.features``): ``forward_features`` returns
+``{4: map, 8: map, 16: map, 32: map}`` (NHWC, after each stage's norm); ``pre_logits`` the pooled
+last map.
 
 Deviations: none in the math. The official EcoFormer stage 4 uses one fused ``qkv`` projection
 where timm's full attention has ``q`` and ``kv``: the same function; the converter splits ``qkv``.
@@ -43,6 +44,7 @@ from jaxformers.convert.common import StateDict, conv2d, heads_in, heads_out, li
 from jaxformers.layers import (Conv, Dense, DropPath, LayerNorm, MultiHeadAttention, check_image, gelu, logical,
                                maybe_remat)
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -175,7 +177,7 @@ class PVTv2Block(nn.Module):
         return constrain(x, MAP_AXES)
 
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(FeatureBackbone):
     """PVTv2 classifier / backbone (timm ``PyramidVisionTransformerV2``)."""
 
     img_size: int | tuple[int, int] = 224  # the default input (any size runs)
@@ -213,8 +215,11 @@ class PyramidVisionTransformerV2(nn.Module):
             raise ValueError(f"x is {h}x{w}; PVTv2 needs at least 32x32 pixels (stride 32 in four stages)")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, features_only: bool = False):
-        """Logits (B, num_classes); with ``features_only`` the ``{stride: NHWC map}`` dict."""
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes); ``output`` picks the dense-feature contract's other outputs
+        (``jaxformers.layers.features``): ``{4, 8, 16, 32: NHWC map}`` after each stage's norm, or
+        the pooled last map (``pre_logits``)."""
+        check_output(output, "PyramidVisionTransformerV2")
         self._check(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
@@ -236,25 +241,15 @@ class PyramidVisionTransformerV2(nn.Module):
                 n += 1
             x = LayerNorm(1e-6, name=f"stages_{s}_norm", **kw)(x)
             features[4 * 2 ** s] = x
-        if features_only:
+        if output == "features":
             return features
-        return self._head(x, train)
-
-    def _head(self, x, train):
         pooled = x.mean(axis=(1, 2))
-        if not self.num_classes:
-            return pooled
-        pooled = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
-        return Dense(self.num_classes, axes=("embed", "classes"), name="head", dtype=self.dtype,
-                     param_dtype=self.param_dtype)(pooled)
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
-        """``apply(..., method="forward_features")``: ``{4, 8, 16, 32: NHWC map}`` after each stage's norm."""
-        return self(x, train=train, features_only=True)
-
-    def pre_logits(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """``apply(..., method="pre_logits")``: the pooled last map (B, embed_dims[-1])."""
-        return self(x, train=train, features_only=True)[4 * 2 ** (len(self.depths) - 1)].mean(axis=(1, 2))
+        logits = pooled
+        if self.num_classes:
+            logits = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
+            logits = Dense(self.num_classes, axes=("embed", "classes"), name="head", dtype=self.dtype,
+                           param_dtype=self.param_dtype)(logits)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

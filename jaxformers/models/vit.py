@@ -9,15 +9,16 @@ Parameter names follow timm's ``vision_transformer.py`` so its checkpoints conve
 DeiT names (``deit_{tiny,small,base}_patch16_224``) and the distilled variants
 (``deit_*_distilled_patch16_224``, timm's ``VisionTransformerDistilled``): ``distilled=True`` adds
 the distillation token after [CLS] and the ``head_dist`` classifier; the logits are the mean of
-both heads (timm and DeiT at inference); ``return_features`` also gives ``logits_cls`` and
-``logits_dist`` for distillation training.
+both heads (timm and DeiT at inference); both heads' logits are sown as ``intermediates``
+(``logits_cls``, ``logits_dist``; ``apply(..., mutable=["intermediates"])``) for distillation training.
 
 Efficiency hooks (``jaxformers.compress``): ``token_reduction`` (ToMe, pruning, Token Transforming,
 IA-RED^2: tokens are reduced between a block's attention and MLP, or before a block; merged tokens
 carry sizes, used for proportional attention and a size-weighted average pool) and
 ``block_overrides`` (per-block heads, head width, MLP width, attention scale, attention function,
-removed sublayers: pruned and searched subnets such as OFB's and AxFormer's). After a token
-reduction the tokens no longer form a grid, so ``return_features`` has no ``feature_map`` then.
+removed sublayers: pruned and searched subnets such as OFB's and AxFormer's). The final tokens and,
+after a reduction, their sizes are sown as ``intermediates`` (``tokens``, ``token_sizes``). After a
+token reduction the tokens no longer form a grid: ``forward_features`` then raises a ValueError.
 
 Deviations: none. Position tables are resampled for other image sizes exactly as timm does
 (antialiased bicubic).
@@ -36,11 +37,12 @@ from jaxformers.convert.common import (StateDict, conv2d, dense_params, fit_pos_
 from jaxformers.layers import (Dense, LayerNorm, PatchEmbed, TransformerBlock, logical, maybe_remat, to_2tuple,
                                trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(FeatureBackbone):
     """ViT: patch embedding, [CLS] + learned positions, pre-norm blocks, final norm, linear head."""
 
     img_size: int | tuple[int, int] = 224
@@ -64,11 +66,13 @@ class VisionTransformer(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     distilled: bool = False  # DeiT's distillation token and second head (logits: mean of both heads)
-    # Per-block TransformerBlock fields (one mapping per block: num_heads, head_dim, mlp_hidden, scale,
-    # attention_fn; num_heads=0 / mlp_hidden=0 drop that sublayer): pruned and searched subnets.
+    # Per-block TransformerBlock fields (one mapping per block, or one for all: num_heads, head_dim,
+    # mlp_hidden, scale, attention_fn; num_heads=0 / mlp_hidden=0 drop that sublayer): pruned and
+    # searched subnets.
     block_overrides: Sequence[Mapping[str, Any]] | None = None
     # A jaxformers.compress token reduction (ToMe / pruning / Token Transforming / IA-RED^2).
     token_reduction: Any = None
+    binary: Any = None  # jaxformers.compress.binary.BinaryRecipe (e.g. BIVIT): binarized blocks
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -79,17 +83,26 @@ class VisionTransformer(nn.Module):
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + int(self.distilled)
 
+    def block_fields(self, i: int) -> dict[str, Any]:
+        """Block i's ``block_overrides`` entry (one mapping per block, or a single one for every block)."""
+        if self.block_overrides is None:
+            return {}
+        overrides = tuple(self.block_overrides)
+        return dict(overrides[0] if len(overrides) == 1 else overrides[i])
+
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
-        """Logits (B, num_classes), or with ``return_features`` a dict of ``tokens`` (after the final
-        norm), ``pre_logits`` (pooled), ``feature_map`` (patch tokens as (B, h, w, D)) and ``logits``."""
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes); ``output`` selects the dense-feature contract's other outputs
+        (``jaxformers.layers.features``): ``forward_features`` gives ``{patch_size: (B, h, w, D)}``,
+        the patch tokens after the final norm (no class token), ``pre_logits`` the pooled (B, D)."""
+        check_output(output, "VisionTransformer")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         if self.distilled and not self.class_token:
             raise ValueError("distilled=True needs class_token=True (DeiT's [CLS] and distillation tokens)")
-        if self.block_overrides is not None and len(self.block_overrides) != self.depth:
+        if self.block_overrides is not None and len(self.block_overrides) not in (1, self.depth):
             raise ValueError(f"block_overrides has {len(self.block_overrides)} entries but depth={self.depth}; "
-                             f"give one mapping per block")
+                             f"give one mapping per block (or one for every block)")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = PatchEmbed(self.embed_dim, self.patch_size, self.in_chans, img_size=self.img_size, name="patch_embed",
                        **kw)(x)
@@ -115,7 +128,7 @@ class VisionTransformer(nn.Module):
         if tr is not None:
             tr.validate(self.depth)
         for i in range(self.depth):
-            extra = dict(self.block_overrides[i]) if self.block_overrides is not None else {}
+            extra = self.block_fields(i)
             reduce = None
             if tr is not None:
                 x, size = tr.before_block(self, i, x, size, train=train)
@@ -123,13 +136,27 @@ class VisionTransformer(nn.Module):
             bias = None if tr is None or not tr.proportional_attention else jnp.log(size)[:, None, None, :]
             out = block(extra.pop("num_heads", self.num_heads), self.mlp_ratio, self.qkv_bias, float(rates[i]),
                         self.attn_drop_rate, self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
-                        reduce=reduce, name=f"blocks_{i}", **extra, **kw)(x, train, bias=bias, size=size)
+                        binary=self.binary, reduce=reduce, name=f"blocks_{i}", **extra, **kw)(x, train, bias=bias,
+                                                                                            size=size)
             x, size = out if reduce is not None else (out, size)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = LayerNorm(1e-6, name="norm", **kw)(x)
         npt = self.num_prefix_tokens
         patches = x[:, npt:]
+        gh, gw = self.grid_size
+        features = {}
+        if patches.shape[1] == gh * gw:
+            features = {int(self.patch_size): patches.reshape(b, gh, gw, -1)}
+        elif output == "features":
+            raise ValueError(f"forward_features: the token reduction left {patches.shape[1]} patch tokens, not the "
+                             f"{gh}x{gw} grid; reduced tokens form no feature map (use the logits or pre_logits)")
+        if output == "features":
+            return features
+        if not self.is_initializing():
+            self.sow("intermediates", "tokens", x)
+            if size is not None:
+                self.sow("intermediates", "token_sizes", size)
         if self.global_pool == "token":
             pooled = x[:, 0]
         elif size is None:
@@ -140,7 +167,6 @@ class VisionTransformer(nn.Module):
         if use_fc_norm:
             pooled = LayerNorm(1e-6, name="fc_norm", **kw)(pooled)
         logits = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
-        heads = {}
         if self.num_classes:
             logits = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
                            name="head", **kw)(logits)
@@ -148,20 +174,11 @@ class VisionTransformer(nn.Module):
                 dist = nn.Dropout(self.drop_rate)(x[:, 1], deterministic=not train)
                 dist = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
                              name="head_dist", **kw)(dist)
-                heads = {"logits_cls": logits, "logits_dist": dist}
+                if not self.is_initializing():
+                    self.sow("intermediates", "logits_cls", logits)
+                    self.sow("intermediates", "logits_dist", dist)
                 logits = (logits + dist) / 2  # timm / DeiT inference: the mean of both heads
-        if not return_features:
-            return logits
-        out = {"tokens": x, "pre_logits": pooled, "logits": logits, **heads}
-        if size is not None:
-            out["token_sizes"] = size
-        if patches.shape[1] == self.grid_size[0] * self.grid_size[1]:
-            out["feature_map"] = patches.reshape(b, *self.grid_size, -1)
-        return out
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
-        return self(x, train=train, return_features=True)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +205,7 @@ def convert_timm_vit(sd: StateDict, model: VisionTransformer, expected: dict[str
             out[f"params/{head}/bias"] = sd[f"{head}.bias"]
         sd.skip(f"{head}.weight", f"{head}.bias")
     for i in range(model.depth):
-        extra = dict(model.block_overrides[i]) if model.block_overrides is not None else {}
+        extra = model.block_fields(i)
         heads = extra.get("num_heads", model.num_heads)
         if heads and extra.get("mlp_hidden") != 0:
             out.update(timm_block(sd, f"blocks.{i}.", f"params/blocks_{i}/", heads))

@@ -114,9 +114,9 @@ def test_tome_equals_the_official_tome_patch(tmp_path, distilled):
     variables = jf.load_pretrained(name, tmp_path / "vit.pth", **TINY)
     model = jf.create_model(name, **TINY, token_reduction=token_reduction("tome", 7, distill_token=distilled))
     x = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
-    feats = fast_jit(lambda v, x: model.apply(v, x, return_features=True))(variables, x)
-    assert feats["tokens"].shape[1] == 64 + 1 + distilled - 7 * 4
-    np.testing.assert_allclose(feats["logits"], torch_logits(tm, x), atol=1e-4, rtol=0)
+    logits, state = fast_jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, x)
+    assert state["intermediates"]["tokens"][0].shape[1] == 64 + 1 + distilled - 7 * 4
+    np.testing.assert_allclose(logits, torch_logits(tm, x), atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,8 @@ def test_reduced_vit_jit_grad_flops_and_sharding(reduced):
 
 def test_schedules_and_bad_inputs(reduced):
     model, variables, x = reduced
+    with pytest.raises(ValueError, match="reduced tokens form no feature map"):
+        jax.eval_shape(lambda v, x: model.apply(v, x, method="forward_features"), variables, x)
     assert parse_schedule(4, 3) == [4, 4, 4]
     assert parse_schedule((8, -1.0), 5) == [16, 12, 8, 4, 0]  # ToMe's decreasing schedule (parse_r)
     with pytest.raises(ValueError, match="leaving fewer than one per image"):

@@ -28,14 +28,17 @@ def test_distilled_timm_parity_and_heads(tmp_path):
     v = jf.load_pretrained("deit_tiny_distilled_patch16_224", tmp_path / "deit.pth", **TINY)
     model = jf.create_model("deit_tiny_distilled_patch16_224", **TINY)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    feats = fast_jit(lambda v, x: model.apply(v, x, return_features=True))(v, x)
+    logits, state = fast_jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(v, x)
+    inter = {k: val[0] for k, val in state["intermediates"].items()}
     ref = torch_logits(tm, x)
     assert np.abs(ref).max() > 0.1
-    np.testing.assert_allclose(feats["logits"], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
     # Both heads are exposed for distillation training; the logits are their mean (timm / DeiT inference).
-    np.testing.assert_allclose(feats["logits"], (feats["logits_cls"] + feats["logits_dist"]) / 2, atol=1e-6)
-    assert not np.allclose(feats["logits_cls"], feats["logits_dist"])
-    assert feats["feature_map"].shape == (2, 4, 4, 32) and feats["tokens"].shape == (2, 18, 32)
+    np.testing.assert_allclose(logits, (inter["logits_cls"] + inter["logits_dist"]) / 2, atol=1e-6)
+    assert not np.allclose(inter["logits_cls"], inter["logits_dist"])
+    assert inter["tokens"].shape == (2, 18, 32)  # [CLS], distillation token, 16 patches
+    feats = jax.eval_shape(lambda v, x: model.apply(v, x, method="forward_features"), v, x)
+    assert {s: f.shape for s, f in feats.items()} == {8: (2, 4, 4, 32)}  # patch tokens only
     with pytest.raises(ValueError, match="distilled=True needs class_token"):
         jax.eval_shape(lambda: jf.create_model("deit_tiny_distilled_patch16_224", **TINY, class_token=False,
                                                global_pool="avg").init(jax.random.key(0), x))
