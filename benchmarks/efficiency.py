@@ -37,6 +37,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +138,11 @@ def throughput(fn: Callable, x, batch: int = 256, repeats: int = 15) -> float:
     return batch / float(np.median(times))
 
 
+def init_variables(model, x, seed: int = 0) -> dict:
+    """``model.init`` on one example, jitted, with plain (unboxed) arrays."""
+    return nn.unbox(jax.jit(lambda r: model.init({"params": r}, jnp.asarray(x[:1])))(jax.random.key(seed)))
+
+
 def n_params(tree) -> int:
     return int(sum(np.size(a) for a in jax.tree_util.tree_leaves(tree)))
 
@@ -194,8 +200,7 @@ def run_iared(table, host, v, data, xt, yt, base, smoke, log):
     n = (HOST["img_size"] // HOST["patch_size"]) ** 2
     budgets = (int(n * 0.75), int(n * 0.5), int(n * 0.35))
     model = host.clone(token_reduction=ia_red.IARed2(group_starts=(1, 3, 5), budgets=budgets, heads=4))
-    x0 = next(data)[0][:1]
-    fresh = jax.jit(lambda r: model.init({"params": r}, x0))(jax.random.key(7))["params"]
+    fresh = init_variables(model, xt, 7)["params"]
     params = {**v["params"], **{k: fresh[k] for k in fresh if k.startswith("interpreter_")}}
     labels = ia_red.interpreter_labels(params)
     steps = 10 if smoke else 300
@@ -306,15 +311,14 @@ def run_ecoformer(table, smoke, log):
     cfg = dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), mlp_ratios=(4, 4, 4, 4),
                num_classes=10, ecoformer_anchors=12, ecoformer_topk=4)
     msa = jf.create_model("pvt_v2_b0", **cfg, attn_type="msa")
-    x0 = jnp.asarray(xt[:1])
-    p = jax.jit(lambda r: msa.init({"params": r}, x0))(jax.random.key(0))["params"]
+    p = init_variables(msa, xt, 0)["params"]
     steps = 10 if smoke else 400
     p = train(lambda p, x, rng: msa.apply({"params": p}, x, train=True, rngs={"dropout": rng}), p, data, steps,
               log=log)
     base = table.add("ecoformer", "PVTv2 host, full attention (MSA) in stages 1-3", lambda x: msa.apply({"params": p}, x),
                      xt, yt, n_params(p))
     eco = jf.create_model("pvt_v2_b0", **cfg, attn_type="ecoformer")
-    ev = jax.jit(lambda r: eco.init({"params": r}, x0))(jax.random.key(1))
+    ev = init_variables(eco, xt, 1)
     ep = dict(ev["params"])
     for name, block in p.items():  # to_qk from q, to_v from kv's values (our choice of initialization)
         if name.startswith("stages_") and "blocks" in name and name in ep and "to_qk" in ep[name]["attn"]:
@@ -394,7 +398,7 @@ def run_wide(table, smoke, log):
     base = None
     for depth in (4, 1):
         m = wide.widen(deep, depth)
-        p = jax.jit(lambda r, m=m: m.init({"params": r}, jnp.asarray(xt[:1])))(jax.random.key(0))["params"]
+        p = init_variables(m, xt, 0)["params"]
         p = train(lambda p, x, rng, m=m: m.apply({"params": p}, x), p, data(), 20 if smoke else 1500, lr=1e-3,
                   log=log)
         row = table.add("wide", f"{depth} layer(s) x {m.num_heads} heads (8 heads of width 16 in all)",
@@ -417,7 +421,7 @@ def main(argv=None) -> int:
     host = jf.create_model("deit_tiny_patch16_224", **HOST)
     data = batches(x_tr, y_tr, 128)
     if only & {"tokens", "iared", "axformer", "dsformer", "ofb"}:
-        p = jax.jit(lambda r: host.init({"params": r}, jnp.asarray(xt[:1])))(jax.random.key(0))["params"]
+        p = init_variables(host, xt, 0)["params"]
         t = time.time()
         p = train(lambda p, x, rng: host.apply({"params": p}, x), p, data, 30 if args.smoke else args.steps, log=log)
         log(f"host trained in {time.time() - t:.0f} s")

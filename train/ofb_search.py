@@ -14,6 +14,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +75,8 @@ def run(config, workdir: str) -> dict:
     if c.host_checkpoint:
         variables = jf.load_pretrained(config.model.name, c.host_checkpoint, **config.model.overrides)
     else:
-        params = jax.jit(lambda r: host.init({"params": r}, jnp.asarray(x_te[:1])))(jax.random.key(config.seed))["params"]
+        params = nn.unbox(jax.jit(lambda r: host.init({"params": r}, jnp.asarray(x_te[:1])))(
+            jax.random.key(config.seed)))["params"]
         variables = {"params": _train(lambda p, x: host.apply({"params": p}, x), params, data, c.host_steps, 2e-3)}
     host_acc = _accuracy(lambda x: host.apply(variables, x), x_te, y_te)
     model, sv = ofb.init_search(host, variables, jax.random.key(config.seed + 1))

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,7 +74,7 @@ def _heads(model, block: int) -> int:
 
 def zero_elements(model, params: dict, elements: Sequence[Element]) -> dict:
     """``params`` with the output weights of ``elements`` zeroed (same shapes: the removal's effect)."""
-    params = jax.tree_util.tree_map(lambda a: a, params)  # shallow copy of the dict tree
+    params = nn.unbox(params)  # plain arrays (an init's params carry logical-axis boxes)
     for e in elements:
         blk = dict(params[f"blocks_{e.block}"])
         if e.kind == "head":
@@ -99,7 +100,7 @@ def prune(model, params: dict, elements: Sequence[Element]):
     (``num_heads=0`` / ``mlp_hidden=0``). A block whose heads are all removed one by one (not as
     "attn") still adds ``proj``'s bias: it keeps one zeroed head that carries it."""
     overrides = [model.block_fields(i) for i in range(model.depth)]
-    params = {k: v for k, v in params.items()}
+    params = dict(nn.unbox(params))
     by_block: dict[int, list[Element]] = {}
     for e in elements:
         by_block.setdefault(e.block, []).append(e)

@@ -126,6 +126,7 @@ def factorize(variables: dict, plan: dict[str, tuple[int, tuple[int, ...]]], *, 
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio (kept fraction of each layer's weights) must be in (0, 1), got {ratio}")
     skip = exclude if callable(exclude) else (lambda p, rx=re.compile(exclude): bool(rx.search(p)))
+    variables = nn.unbox(variables)
     params = flatten_dict(variables["params"], sep="/")
     factors: dict[str, Any] = {}
     for path, (n_in, shape) in plan.items():

@@ -267,6 +267,7 @@ def init_search(host: nn.Module, variables: dict, rng: jax.Array, *, attn_search
         heads, dims = attention_candidates(H, d) if attn_search else ([H], [d])
         spaces.append(_space("attn", [heads, dims], (H, d)))
         spaces.append(_space("mlp", [mlp_candidates(h)] if mlp_search else [[h]], (h,)))
+    variables = nn.unbox(variables)
     model = OFBSearchViT(tuple(spaces), img_size=host.img_size, patch_size=host.patch_size, in_chans=host.in_chans,
                          num_classes=host.num_classes, scale=d ** -0.5, qkv_bias=host.qkv_bias, original=(D, H, d, h))
     keys = iter(jax.random.split(rng, 2 * len(spaces)))
