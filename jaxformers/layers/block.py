@@ -33,6 +33,10 @@ class TransformerBlock(nn.Module):
     layer_scale_init: float | None = None
     norm_eps: float = 1e-6
     attention_impl: AttentionImpl = "xla"
+    attn_softmax: str = "softmax"
+    attn_gate: str | None = None
+    attn_gate_mlp: bool = False
+    attn_gate_init: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -43,8 +47,10 @@ class TransformerBlock(nn.Module):
         dim = x.shape[-1]
         y = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         y = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attention_dropout,
-                               proj_dropout=self.dropout, attention_impl=self.attention_impl, name="attn",
-                               **kw)(y, mask=mask, segment_ids=segment_ids, train=train)
+                               proj_dropout=self.dropout, attention_impl=self.attention_impl,
+                               softmax=self.attn_softmax, gate=self.attn_gate, gate_mlp=self.attn_gate_mlp,
+                               gate_init=self.attn_gate_init, name="attn", **kw)(y, mask=mask, segment_ids=segment_ids,
+                                                                                  train=train)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, name="ls1")(y)
         x = x + DropPath(self.drop_path)(y, train=train)

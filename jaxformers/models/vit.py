@@ -45,6 +45,10 @@ class VisionTransformer(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     attention_impl: AttentionImpl = "xla"
+    attn_softmax: str = "softmax"  # outlier-free attention (jaxformers.compress): "clipped(γ:ζ)"
+    attn_gate: str | None = None  # gated attention: a MultiHeadAttention gate type
+    attn_gate_mlp: bool = False
+    attn_gate_init: float | None = None
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -82,7 +86,8 @@ class VisionTransformer(nn.Module):
         for i in range(self.depth):
             x = block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]), self.attn_drop_rate,
                       self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
-                      name=f"blocks_{i}", **kw)(x, train)
+                      attn_softmax=self.attn_softmax, attn_gate=self.attn_gate, attn_gate_mlp=self.attn_gate_mlp,
+                      attn_gate_init=self.attn_gate_init, name=f"blocks_{i}", **kw)(x, train)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = LayerNorm(1e-6, name="norm", **kw)(x)
