@@ -14,6 +14,7 @@ from jaxformers.compress.quantize import (DEFAULT_KEEP_FLOAT, QuantizedModel, fl
                                           register_scheme, schemes, variable_bytes)
 from jaxformers.compress import w8a8 as _w8a8  # noqa: F401  (registers "w8a8")
 from jaxformers.compress import deploy as _deploy  # noqa: F401  (registers the "int8-*" schemes)
+from jaxformers.compress import bct as _bct  # noqa: F401  (registers "bct")
 from jaxformers.compress.outliers import (OUTLIER_PRESETS, clipped_softmax_alpha, inf_norm, kurtosis,
                                           outlier_metrics, outlier_preset)
 

@@ -80,10 +80,13 @@ def _path(module: nn.Module) -> str:
 
 class _Quantizers:
     """The activation quantisers of one forward pass: ``observe`` (names only), ``calibrate`` (update
-    the running ranges and quantise with them) or ``apply`` (fixed ranges)."""
+    the running ranges and quantise with them) or ``apply`` (fixed ranges); ``act_fn(name, x)``
+    replaces the static per-tensor quantiser (BCT's dynamic blockwise one) in every mode but
+    ``observe``. The placement rules are shared by every scheme that uses this class."""
 
-    def __init__(self, mode: str, config: W8A8Config, ranges: dict | None = None, embed_scales: dict | None = None):
-        self.mode, self.config = mode, config
+    def __init__(self, mode: str, config: Any, ranges: dict | None = None, embed_scales: dict | None = None,
+                 act_fn: Any = None):
+        self.mode, self.config, self.act_fn = mode, config, act_fn
         self.ranges, self.embed_scales = ranges or {}, embed_scales or {}
         self.new: dict[str, Any] = {}
         self.modules: dict[str, tuple[type, set, bool]] = {}
@@ -94,6 +97,8 @@ class _Quantizers:
         if self.mode == "observe":
             self.new[name] = None
             return x
+        if self.act_fn is not None:
+            return self.act_fn(name, x)
         if self.mode == "calibrate":
             r = running_minmax(self.ranges[name], batch_range(x, self.config.percentile), self.config.momentum)
             self.new[name] = r
