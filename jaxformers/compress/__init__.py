@@ -7,6 +7,8 @@ distillation), each paper a transform of a module and its variables, never a for
 - ``outlier_preset`` / ``OUTLIER_PRESETS`` (clipped softmax, gated attention) and
   ``outlier_metrics`` (infinity norms, kurtosis) of "Quantizable Transformers".
 - ``variable_bytes``: what quantised variables really occupy.
+- ``compress(module, variables, batches, ...)``: the survey's pipeline, quantise -> prune (a hook:
+  ``register_pruner``) -> distil -> deploy int8, with a measured report per stage.
 
 Each submodule registers its schemes on import; add yours with ``register_scheme`` below.
 """
@@ -17,7 +19,8 @@ from jaxformers.compress import deploy as _deploy  # noqa: F401  (registers the 
 from jaxformers.compress import bct as _bct  # noqa: F401  (registers "bct")
 from jaxformers.compress.outliers import (OUTLIER_PRESETS, clipped_softmax_alpha, inf_norm, kurtosis,
                                           outlier_metrics, outlier_preset)
+from jaxformers.compress.pipeline import compress, pruners, register_pruner
 
-__all__ = ["DEFAULT_KEEP_FLOAT", "OUTLIER_PRESETS", "QuantizedModel", "clipped_softmax_alpha", "float32_bytes",
-           "inf_norm", "kurtosis", "outlier_metrics", "outlier_preset", "quantize", "register_scheme", "schemes",
-           "variable_bytes"]
+__all__ = ["DEFAULT_KEEP_FLOAT", "OUTLIER_PRESETS", "QuantizedModel", "clipped_softmax_alpha", "compress",
+           "float32_bytes", "inf_norm", "kurtosis", "outlier_metrics", "outlier_preset", "pruners", "quantize",
+           "register_pruner", "register_scheme", "schemes", "variable_bytes"]
