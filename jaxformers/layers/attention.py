@@ -13,10 +13,21 @@
 logical axes (``embed``, ``heads``, ``kv``) so tensor parallelism shards whole heads. For
 autoregressive decoding it takes and returns an explicit ``KVCache`` (``init_kv_cache``): a pure
 value threaded through the decoding loop (e.g. a ``lax.scan`` carry), no mutable collection.
+
+Outlier-free attention (Bondarenko, Nagel, Blankevoort, "Quantizable Transformers: Removing
+Outliers by Helping Attention Heads Do Nothing", NeurIPS 2023, arXiv 2306.12929; official code
+Qualcomm-AI-research/outlier-free-transformers) is two options of ``MultiHeadAttention``:
+``softmax="clipped(γ:ζ)"`` (``clipped_softmax``) and ``gate=`` (``HeadGate``: a per-head sigmoid
+gate on the head outputs, computed from that head's slice of the layer input). The probabilities
+go through the module's ``attention_probs(scores, mask)`` method, a seam that Flax interceptors
+(e.g. ``jaxformers.compress``'s quantizers) can wrap without touching any model file.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Literal, NamedTuple
+
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -52,13 +63,50 @@ def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
     return (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + (kv_len - q_len))[None, None]
 
 
-def _xla_attention(q, k, v, bias, mask, scale, dropout_rate, dropout_rng):
+def masked_softmax(scores: jax.Array, mask: jax.Array | None = None, axis: int = -1) -> jax.Array:
+    """softmax over ``axis`` with masked-out entries (``mask`` False) at exactly 0 (a row with no
+    visible entry comes out uniform, never NaN)."""
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(scores, axis=axis)
+
+
+def clipped_softmax(x: jax.Array, gamma: float, zeta: float, axis: int = -1, *,
+                    mask: jax.Array | None = None) -> jax.Array:
+    """clip((ζ − γ)·softmax(x) + γ, 0, 1) (Bondarenko et al. 2023, eq. 4; the official code names ζ
+    ``eta``). With γ < 0 small probabilities become exact zeros (ζ > 1: large ones exact ones)
+    without pushing the logits to extremes, and the gradient is zero where clipped. γ = 0, ζ = 1 is
+    the softmax. ``mask`` (False = excluded) is applied before the softmax."""
+    return jnp.clip((zeta - gamma) * masked_softmax(x, mask, axis) + gamma, 0.0, 1.0)
+
+
+_CLIPPED = re.compile(r"^clipped\(\s*([-+0-9.eE]+)\s*:\s*([-+0-9.eE]+)\s*\)$")
+SOFTMAX_SPECS = ("softmax", "clipped(<gamma>:<zeta>)")
+
+
+def parse_softmax(spec: str) -> tuple[float, float] | None:
+    """None for ``"softmax"``; (γ, ζ) for ``"clipped(γ:ζ)"`` (the official code's names, e.g.
+    ``"clipped(-.025:1)"``); a ValueError naming the valid forms otherwise."""
+    if spec in ("softmax", "vanilla"):
+        return None
+    match = _CLIPPED.match(spec) if isinstance(spec, str) else None
+    if match is None:
+        raise ValueError(f"unknown attention softmax {spec!r}; valid: {', '.join(SOFTMAX_SPECS)} "
+                         f"(e.g. 'clipped(-0.025:1)')")
+    try:
+        gamma, zeta = float(match.group(1)), float(match.group(2))
+    except ValueError:
+        raise ValueError(f"attention softmax {spec!r}: gamma and zeta must be numbers") from None
+    if not gamma <= 0.0 < 1.0 <= zeta:
+        raise ValueError(f"attention softmax {spec!r}: expected gamma <= 0 and zeta >= 1")
+    return gamma, zeta
+
+
+def _xla_attention(q, k, v, bias, mask, scale, dropout_rate, dropout_rng, softmax_fn=None):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = masked_softmax(logits, mask) if softmax_fn is None else softmax_fn(logits, mask)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
@@ -86,13 +134,17 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     causal: bool = False,
+    softmax_fn: Callable[[jax.Array, jax.Array | None], jax.Array] | None = None,
 ) -> jax.Array:
     """softmax(q kᵀ · scale + bias, masked) v with q (B, Lq, H, D), k (B, Lk, H, D), v (B, Lk, H, Dv).
 
     ``mask`` (bool, True = attend) and ``bias`` broadcast to (B, H, Lq, Lk). ``segment_ids`` (B, L)
     int restricts attention to tokens of the same segment (self-attention, 0 = padding).
     ``causal``: query i sees key j only if j <= i + Lk - Lq (decoders; combines with the rest).
-    ``scale`` defaults to D**-0.5. Returns (B, Lq, H, Dv) in v's dtype.
+    ``scale`` defaults to D**-0.5. ``softmax_fn(scores, mask) -> probs`` replaces the masked softmax
+    (scores: the float32 (B, H, Lq, Lk) scaled logits plus bias, before masking; mask: the combined
+    boolean mask or None); it needs the ``"xla"`` implementation (``"auto"`` picks it).
+    Returns (B, Lq, H, Dv) in v's dtype.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -101,7 +153,10 @@ def dot_product_attention(
     if segment_ids is not None and segment_ids.shape != q.shape[:2]:
         raise ValueError(f"segment_ids must be (batch, length) = {q.shape[:2]}, got {segment_ids.shape}")
     if implementation == "auto":
-        implementation = "cudnn" if _cudnn_eligible(q, bias, mask, dropout_rate) else "xla"
+        implementation = "cudnn" if softmax_fn is None and _cudnn_eligible(q, bias, mask, dropout_rate) else "xla"
+    if softmax_fn is not None and implementation != "xla":
+        raise ValueError(f"a softmax_fn (clipped softmax, quantized probabilities...) needs implementation='xla'; "
+                         f"got {implementation!r}")
 
     if implementation == "pallas":
         if bias is not None or mask is not None or dropout_rate > 0.0:
@@ -122,7 +177,7 @@ def dot_product_attention(
         if dropout_rate > 0.0:
             raise ValueError("implementation='cudnn' has no attention dropout; use 'xla'")
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
-    return _xla_attention(q, k, v, bias, mask, scale, dropout_rate, dropout_rng)
+    return _xla_attention(q, k, v, bias, mask, scale, dropout_rate, dropout_rng, softmax_fn)
 
 
 class KVCache(NamedTuple):
@@ -170,7 +225,7 @@ def _check_cache(cache, q: jax.Array) -> None:
 
 
 def cached_attention(q, k, v, cache: KVCache, *, mask=None, bias=None, scale=None, dropout_rate=0.0,
-                     dropout_rng=None) -> tuple[jax.Array, KVCache]:
+                     dropout_rng=None, softmax_fn=None) -> tuple[jax.Array, KVCache]:
     """One decoding step: writes the s new keys/values at ``cache.index`` and attends q (B, s, H, D)
     to every position written so far (``< index + s``: the whole new step included), further
     restricted by ``mask`` (broadcast to (B, H, s, max_len); e.g. causal within a multi-token step:
@@ -186,8 +241,81 @@ def cached_attention(q, k, v, cache: KVCache, *, mask=None, bias=None, scale=Non
     written = (jnp.arange(size) < index + steps)[None, None, None, :]
     mask = written if mask is None else jnp.logical_and(mask, written)
     out = dot_product_attention(q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask=mask, bias=bias, scale=scale,
-                                implementation="xla", dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                                implementation="xla", dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                softmax_fn=softmax_fn)
     return out, KVCache(new_k, new_v, index + steps)
+
+
+GATES = ("unconditional_per_head", "conditional_per_head", "conditional_per_token")
+
+
+def _torch_linear_init(fan_in: int):
+    """torch.nn.Linear's default weight and bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def check_gate(gate: str | None, mlp: bool = False, init: float | None = None) -> None:
+    """A clear error for an unknown gate type or an initial probability outside (0, 1)."""
+    if gate is not None and gate not in GATES:
+        raise ValueError(f"unknown attention gate {gate!r}; valid: None, {', '.join(GATES)}")
+    if init is not None and not 0.0 < init < 1.0:
+        raise ValueError(f"attention gate_init is the initial gate probability pi and must be in (0, 1); got {init}")
+    if gate == "unconditional_per_head" and (mlp or init is not None):
+        raise ValueError("gate='unconditional_per_head' is one learnt logit per head (initialised at 0, gate 0.5); "
+                         "gate_mlp and gate_init apply to the conditional gates")
+
+
+class HeadGate(nn.Module):
+    """Gated attention's gate (Bondarenko et al. 2023, eq. 5): sigmoid(G_h(x_h)) per head h, where
+    x_h is the h-th (E / H)-wide slice of the attention layer's input (B, T, E). Returns a gate that
+    broadcasts against the head outputs (B, T, H, D).
+
+    ``kind``: ``"conditional_per_token"`` (B, T, H, 1); ``"conditional_per_head"`` (B, 1, H, 1),
+    the gate logits averaged over all T tokens first (as the official code does, padding
+    included); ``"unconditional_per_head"`` (H, 1), one learnt logit per head initialised at 0.
+    G_h is ``Linear(E/H, 1)`` or, with ``mlp``, ``Linear(E/H, E/H // 4) -> ReLU -> Linear(·, 1)``,
+    every head its own weights, torch's default init; ``init`` = π sets the linear gate's bias to
+    logit(π) (the official code applies it to the linear gate only)."""
+
+    kind: str
+    num_heads: int
+    mlp: bool = False
+    init: float | None = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_gate(self.kind, self.mlp, self.init)
+        h = self.num_heads
+        if self.kind == "unconditional_per_head":
+            alpha = self.param("alpha", logical(nn.initializers.zeros_init(), ("heads",)), (h,), self.param_dtype)
+            return jax.nn.sigmoid(alpha.astype(jnp.float32))[:, None]
+        if x.shape[-1] % h:
+            raise ValueError(f"gated attention splits the layer input (width {x.shape[-1]}) into num_heads={h} "
+                             f"slices; the width must be divisible by it")
+        d = x.shape[-1] // h
+        xh = x.reshape(x.shape[:-1] + (h, d)).astype(jnp.float32)
+        if self.mlp:
+            if d < 4:
+                raise ValueError(f"gate_mlp needs head slices of at least 4 features (E/H // 4 hidden); got {d}")
+            w1 = self.param("fc1_kernel", logical(_torch_linear_init(d), ("heads", None, None)), (h, d, d // 4),
+                            self.param_dtype)
+            b1 = self.param("fc1_bias", logical(_torch_linear_init(d), ("heads", None)), (h, d // 4), self.param_dtype)
+            w2 = self.param("fc2_kernel", logical(_torch_linear_init(d // 4), ("heads", None)), (h, d // 4),
+                            self.param_dtype)
+            b2 = self.param("fc2_bias", logical(_torch_linear_init(d // 4), ("heads",)), (h,), self.param_dtype)
+            hidden = jax.nn.relu(jnp.einsum("...hd,hdf->...hf", xh, w1) + b1)
+            logits = jnp.einsum("...hf,hf->...h", hidden, w2) + b2
+        else:
+            bias_init = (_torch_linear_init(d) if self.init is None else
+                         nn.initializers.constant(math.log(self.init / (1.0 - self.init))))
+            w = self.param("kernel", logical(_torch_linear_init(d), ("heads", None)), (h, d), self.param_dtype)
+            b = self.param("bias", logical(bias_init, ("heads",)), (h,), self.param_dtype)
+            logits = jnp.einsum("...hd,hd->...h", xh, w) + b
+        if self.kind == "conditional_per_head":
+            logits = jnp.mean(logits, axis=-2, keepdims=True)
+        return jax.nn.sigmoid(logits)[..., None]
 
 
 class MultiHeadAttention(nn.Module):
@@ -213,6 +341,12 @@ class MultiHeadAttention(nn.Module):
 
     ``binary`` (a ``jaxformers.compress.binary.BinaryRecipe``) binarizes the projections and the
     attention core (Bi-Attention, BiPFT's elastic attention, BiViT's softmax-aware binarization...).
+
+    Outlier-free attention (see the module docstring): ``softmax`` is ``"softmax"`` or
+    ``"clipped(γ:ζ)"``; ``gate`` one of ``GATES`` (``HeadGate``, parameters under ``gate``) with
+    ``gate_mlp`` / ``gate_init`` (π). The gate multiplies each head's output before ``proj``.
+    Probabilities come from ``attention_probs`` (the ``"xla"`` implementation; a non-default
+    softmax makes ``"auto"`` take it).
     """
 
     num_heads: int
@@ -226,10 +360,23 @@ class MultiHeadAttention(nn.Module):
     attention_impl: AttentionImpl = "xla"
     attention_fn: Callable[..., jax.Array] | None = None
     causal: bool = False
+    softmax: str = "softmax"
+    gate: str | None = None
+    gate_mlp: bool = False
+    gate_init: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     return_qk: bool = False  # also return (q, k), each (B, L, H, D): token reduction reads keys / [CLS] attention
     binary: Any = None
+
+    def attention_probs(self, scores: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Attention probabilities (B, H, Lq, Lk) from the scaled scores (plus bias) before masking
+        and the boolean mask: the masked softmax or the clipped softmax of ``softmax``. A method, so
+        interceptors (quantizers, statistics) can wrap it."""
+        clipped = parse_softmax(self.softmax)
+        if clipped is None:
+            return masked_softmax(scores, mask)
+        return clipped_softmax(scores, *clipped, mask=mask)
 
     def _dense(self, features, axes, name, use_bias, axis=-1):
         if self.binary is not None:
@@ -253,6 +400,13 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         dim = x.shape[-1]
+        custom_softmax = parse_softmax(self.softmax) is not None
+        check_gate(self.gate, self.gate_mlp, self.gate_init)
+        if cache is not None and self.gate == "conditional_per_head":
+            raise ValueError("gate='conditional_per_head' averages over the whole sequence, which a decoding step "
+                             "does not see; use 'conditional_per_token' for cached decoding")
+        if self.attention_fn is not None and custom_softmax:
+            raise ValueError(f"softmax={self.softmax!r} needs the built-in attention, not an attention_fn")
         if cache is not None and (kv is not None or segment_ids is not None or self.attention_fn is not None):
             raise ValueError("a KV cache is for self-attention decoding steps: pass no kv, segment_ids or "
                              "attention_fn with cache")
@@ -272,9 +426,9 @@ class MultiHeadAttention(nn.Module):
         rate = self.attention_dropout if train else 0.0
         rng = self.make_rng("dropout") if rate > 0.0 and self.attention_fn is None else None
         if self.binary is not None:
-            if cache is not None or kv is not None or self.attention_fn is not None or self.causal:
-                raise ValueError("binarized attention (binary=...) is bidirectional self-attention: no kv, cache, "
-                                 "attention_fn or causal")
+            if cache is not None or kv is not None or self.attention_fn is not None or self.causal or custom_softmax:
+                raise ValueError("binarized attention (binary=...) is bidirectional self-attention with its own "
+                                 "attention core: no kv, cache, attention_fn, causal or clipped softmax")
             out = self.binary.attention_core(x, q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
                                              scale=self.scale, dropout_rate=rate, dropout_rng=rng)
         elif cache is not None:
@@ -283,7 +437,7 @@ class MultiHeadAttention(nn.Module):
                         <= jnp.asarray(cache.index, jnp.int32) + jnp.arange(q.shape[1])[:, None])[None, None]
                 mask = step if mask is None else jnp.logical_and(mask, step)
             out, cache = cached_attention(q, k, v, cache, mask=mask, bias=bias, scale=self.scale, dropout_rate=rate,
-                                          dropout_rng=rng)
+                                          dropout_rng=rng, softmax_fn=self.attention_probs)
         elif self.attention_fn is not None:
             if self.causal:
                 raise ValueError("MultiHeadAttention with an attention_fn does not apply causal=True: give the "
@@ -296,9 +450,14 @@ class MultiHeadAttention(nn.Module):
                                  f"got {', '.join(given)}")
             out = self.attention_fn(q, k, v, segment_ids=segment_ids, scale=self.scale)
         else:
+            seam = custom_softmax or self.attention_impl == "xla"
             out = dot_product_attention(
                 q, k, v, bias=bias, mask=mask, segment_ids=segment_ids, scale=self.scale,
-                implementation=self.attention_impl, dropout_rate=rate, dropout_rng=rng, causal=self.causal)
+                implementation=self.attention_impl, dropout_rate=rate, dropout_rng=rng, causal=self.causal,
+                softmax_fn=self.attention_probs if seam else None)
+        if self.gate is not None:
+            gate = HeadGate(self.gate, self.num_heads, self.gate_mlp, self.gate_init, self.param_dtype, name="gate")(x)
+            out = out * gate.astype(out.dtype)
         out = constrain(out, names)
         out = self._dense(self.out_features or dim, ("heads", "kv", "embed"), "proj", self.out_bias, axis=(-2, -1))(out)
         out = nn.Dropout(self.proj_dropout)(out, deterministic=not train)

@@ -33,6 +33,10 @@ class TransformerBlock(nn.Module):
     layer_scale_init: float | None = None
     norm_eps: float = 1e-6
     attention_impl: AttentionImpl = "xla"
+    attn_softmax: str = "softmax"
+    attn_gate: str | None = None
+    attn_gate_mlp: bool = False
+    attn_gate_init: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     binary: Any = None  # a jaxformers.compress.binary.BinaryRecipe for the attention and the MLP
@@ -61,6 +65,8 @@ class TransformerBlock(nn.Module):
                                attention_dropout=self.attention_dropout, proj_dropout=self.dropout,
                                attention_impl=self.attention_impl, attention_fn=self.attention_fn,
                                return_qk=self.reduce is not None, name="attn", binary=self.binary,
+                               softmax=self.attn_softmax, gate=self.attn_gate, gate_mlp=self.attn_gate_mlp,
+                               gate_init=self.attn_gate_init,
                                **kw)(y, mask=mask, bias=bias, segment_ids=segment_ids, train=train)
         if self.reduce is not None:
             y, (q, k) = y

@@ -36,6 +36,11 @@ Packed rows: pass ``segment_ids`` (B, L), sequences numbered 1..S per row, 0 = p
 ``jaxformers.text.pack_sequences``): attention stays inside each sequence, positions restart per
 sequence, and sequence-level heads return (B, num_segments, ...) per packed sequence.
 
+Outlier-free attention (Bondarenko et al. 2023, see ``jaxformers.compress``): ``attn_softmax``
+("clipped(γ:ζ)") and ``attn_gate`` / ``attn_gate_mlp`` / ``attn_gate_init`` are passed to every
+layer's ``MultiHeadAttention``; ``jaxformers.compress.OUTLIER_PRESETS`` holds the official settings.
+Such a model has no transformers counterpart: ``save_pretrained`` refuses it.
+
 Longformer-style attention (for Recformer): ``attention_window=w`` lets each token attend to
 ±w neighbours and ``global_tokens=g`` makes the first g tokens of every row global, through
 ``jaxformers.kernels.local_global_attention``. Note Hugging Face Longformer's ``attention_window``
@@ -135,6 +140,10 @@ class BertLayer(nn.Module):
     attention_impl: AttentionImpl = "xla"
     attention_window: int | None = None
     global_tokens: int = 0
+    attn_softmax: str = "softmax"
+    attn_gate: str | None = None
+    attn_gate_mlp: bool = False
+    attn_gate_init: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     binary: Any = None
@@ -148,7 +157,9 @@ class BertLayer(nn.Module):
             attention_fn = longformer_attention_fn(self.attention_window, self.global_tokens, self.attention_impl)
         y = MultiHeadAttention(self.num_attention_heads, attention_dropout=self.attention_probs_dropout_prob,
                                proj_dropout=self.hidden_dropout_prob, attention_impl=self.attention_impl,
-                               attention_fn=attention_fn, binary=self.binary, name="attn", **kw)(
+                               attention_fn=attention_fn, softmax=self.attn_softmax, gate=self.attn_gate,
+                               gate_mlp=self.attn_gate_mlp, gate_init=self.attn_gate_init,
+                               binary=self.binary, name="attn", **kw)(
                                    x, mask=mask, segment_ids=segment_ids, train=train)
         x = LayerNorm(self.layer_norm_eps, name="attn_norm", **kw)(x + y)
         y = Mlp(self.intermediate_size, activation=activation(self.hidden_act), binary=self.binary, name="mlp", **kw)(x)
@@ -182,6 +193,10 @@ class Bert(nn.Module):
     attention_impl: AttentionImpl = "xla"
     attention_window: int | None = None
     global_tokens: int = 0
+    attn_softmax: str = "softmax"
+    attn_gate: str | None = None
+    attn_gate_mlp: bool = False
+    attn_gate_init: float | None = None
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -305,7 +320,9 @@ class Bert(nn.Module):
         for i in range(self.num_hidden_layers):
             x = layer_cls(self.num_attention_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
                           self.hidden_dropout_prob, self.attention_probs_dropout_prob, self.attention_impl,
-                          self.attention_window, self.global_tokens, binary=self.binary, name=f"layer_{i}", **kw)(
+                          self.attention_window, self.global_tokens, attn_softmax=self.attn_softmax,
+                          attn_gate=self.attn_gate, attn_gate_mlp=self.attn_gate_mlp,
+                          attn_gate_init=self.attn_gate_init, binary=self.binary, name=f"layer_{i}", **kw)(
                               x, train, mask, segment_ids)
         packed = segment_ids is not None and attention_mask is None
         features: dict[str, jax.Array] = {"last_hidden_state": x}
@@ -456,6 +473,10 @@ def save_pretrained(module: Bert, variables: Any, path, *, model_type: str | Non
     """Writes ``config.json`` + ``model.safetensors`` (float32, HF key names) that
     ``transformers.AutoModel*.from_pretrained`` loads; ``tokenizer`` (a ``jaxformers.text.Tokenizer``)
     is saved beside them. ``model_type`` keeps e.g. "camembert" / "xlm-roberta" for RoBERTa-style models."""
+    if (module.attn_softmax, module.attn_gate) != ("softmax", None):
+        raise ValueError(f"save_pretrained: transformers' BERT has no clipped softmax or gated attention "
+                         f"(attn_softmax={module.attn_softmax!r}, attn_gate={module.attn_gate!r}); save the "
+                         f"variables with jaxformers' checkpointing instead")
     return bert_convert.save_directory(module, variables, path, model_type=model_type, id2label=id2label,
                                        tokenizer=tokenizer)
 

@@ -35,6 +35,11 @@ temperature, top-k and top-p sampling, an optional EOS) runs the whole loop in o
 ``lax.fori_loop``, cached or not (the same tokens either way); under an active mesh it runs
 tensor-parallel with the variables in their logical shardings.
 
+Outlier-free attention (Bondarenko et al. 2023, see ``jaxformers.compress``): ``attn_softmax``
+("clipped(γ:ζ)") and ``attn_gate`` / ``attn_gate_mlp`` / ``attn_gate_init`` go to every layer's
+``MultiHeadAttention`` (``jaxformers.compress.OUTLIER_PRESETS`` holds the official OPT settings);
+transformers has neither, so ``save_pretrained`` refuses such a model.
+
 Deviations: kernels are initialised truncated-normal(0.02) (HF: normal(0.02), GPT-2's scaled
 residual init not applied); OPT's ``padding_idx`` (no gradient into the pad token's embedding) is
 not reproduced; ``layerdrop`` is ignored; GPT-2's ``reorder_and_upcast_attn`` is moot (attention
@@ -85,6 +90,10 @@ class DecoderLayer(nn.Module):
     use_bias: bool = True
     scale: float | None = None
     attention_impl: AttentionImpl = "xla"
+    attn_softmax: str = "softmax"
+    attn_gate: str | None = None
+    attn_gate_mlp: bool = False
+    attn_gate_init: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -97,7 +106,8 @@ class DecoderLayer(nn.Module):
         y = attn_norm(x) if self.pre_norm else x
         y = MultiHeadAttention(self.num_heads, qkv_bias=self.use_bias, out_bias=self.use_bias, scale=self.scale,
                                attention_dropout=self.attention_dropout, proj_dropout=self.dropout, causal=True,
-                               attention_impl=self.attention_impl, name="attn", **kw)(
+                               attention_impl=self.attention_impl, softmax=self.attn_softmax, gate=self.attn_gate,
+                               gate_mlp=self.attn_gate_mlp, gate_init=self.attn_gate_init, name="attn", **kw)(
             y, mask=mask, segment_ids=segment_ids, train=train, cache=cache)
         if cache is not None:
             y, cache = y
@@ -139,6 +149,10 @@ class CausalLM(nn.Module):
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     attention_impl: AttentionImpl = "xla"
+    attn_softmax: str = "softmax"
+    attn_gate: str | None = None
+    attn_gate_mlp: bool = False
+    attn_gate_init: float | None = None
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -266,7 +280,8 @@ class CausalLM(nn.Module):
                 scale /= i + 1
             layer = layer_cls(self.num_attention_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
                               self.dropout, self.attention_dropout, self.do_layer_norm_before, self.enable_bias, scale,
-                              self.attention_impl, name=f"layer_{i}", **kw)
+                              self.attention_impl, self.attn_softmax, self.attn_gate, self.attn_gate_mlp,
+                              self.attn_gate_init, name=f"layer_{i}", **kw)
             if cache is None:
                 x = layer(x, train, mask, segment_ids)
             else:
@@ -546,6 +561,10 @@ def from_pretrained(path, *, strict: bool = True, seed: int = 0, mesh: Any = Non
 
 def save_pretrained(module: CausalLM, variables: Any, path) -> pathlib.Path:
     """Writes ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM`` loads."""
+    if (module.attn_softmax, module.attn_gate) != ("softmax", None):
+        raise ValueError(f"save_pretrained: transformers' {module.model_type} has no clipped softmax or gated "
+                         f"attention (attn_softmax={module.attn_softmax!r}, attn_gate={module.attn_gate!r}); save "
+                         f"the variables with jaxformers' checkpointing instead")
     return gpt_convert.save_directory(module, variables, path)
 
 

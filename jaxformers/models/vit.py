@@ -62,6 +62,10 @@ class VisionTransformer(FeatureBackbone):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     attention_impl: AttentionImpl = "xla"
+    attn_softmax: str = "softmax"  # outlier-free attention (jaxformers.compress): "clipped(γ:ζ)"
+    attn_gate: str | None = None  # gated attention: a MultiHeadAttention gate type
+    attn_gate_mlp: bool = False
+    attn_gate_init: float | None = None
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -136,7 +140,8 @@ class VisionTransformer(FeatureBackbone):
             bias = None if tr is None or not tr.proportional_attention else jnp.log(size)[:, None, None, :]
             out = block(extra.pop("num_heads", self.num_heads), self.mlp_ratio, self.qkv_bias, float(rates[i]),
                         self.attn_drop_rate, self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
-                        binary=self.binary, reduce=reduce, name=f"blocks_{i}", **extra, **kw)(x, train, bias=bias,
+                        binary=self.binary, attn_softmax=self.attn_softmax, attn_gate=self.attn_gate,
+                        attn_gate_mlp=self.attn_gate_mlp, attn_gate_init=self.attn_gate_init, reduce=reduce, name=f"blocks_{i}", **extra, **kw)(x, train, bias=bias,
                                                                                             size=size)
             x, size = out if reduce is not None else (out, size)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
