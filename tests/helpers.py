@@ -270,3 +270,16 @@ def on_fake_gpu(monkeypatch, capability: str | None, kind: str = "NVIDIA GPU") -
     fake = _FakeGpu(capability, kind)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda backend=None: [fake] if backend in ("gpu", "cuda") else devices(backend))
+
+
+def digit_sequences(n: int = 32, seed: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The first ``n`` scikit-learn digits read as sequences: (n, 64) int32 pixel intensities 0..16 in
+    row-major order (a fixed random permutation of the 64 steps when ``seed`` is given: a small
+    psMNIST), and their labels. Real data for sequence models (language models, LMU, SSMs)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images[:n].reshape(n, 64).astype(np.int32)
+    if seed is not None:
+        x = x[:, np.random.default_rng(seed).permutation(64)]
+    return jnp.asarray(x), jnp.asarray(d.target[:n])
