@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from jaxformers.hf import register_hf_family
 from jaxformers.layers.checks import check_token_ids
+from jaxformers.layers.drop import DropPath
 from jaxformers.layers.linear import logical
 from jaxformers.layers.norm import RMSNorm
 from jaxformers.layers.ssm import SSMState, ScanMethod, init_ssm_state, ssm_branch, torch_linear_init
@@ -79,9 +80,16 @@ class _MixerConfig:
 
 
 class MambaMixer(nn.Module):
-    """Mamba's selective-SSM mixer: (B, L, D) -> (B, L, D), and the updated ``SSMState``."""
+    """Mamba's selective-SSM mixer: (B, L, D) -> (B, L, D), and the updated ``SSMState``.
+
+    ``bidirectional`` (Vision Mamba's "v2" mixer): a second branch with its own ``conv1d_b``,
+    ``x_proj_b``, ``dt_proj_b``, ``A_b_log``, ``D_b`` reads the reversed sequence (x and z reversed);
+    its output is reversed back and added, then halved when ``divide_output``; ``in_proj`` and
+    ``out_proj`` are shared. A bidirectional mixer has no decoding state."""
 
     config: _MixerConfig
+    bidirectional: bool = False
+    divide_output: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -90,17 +98,26 @@ class MambaMixer(nn.Module):
         c = self.config
         d = x.shape[-1]
         e = c.expand * d
+        if self.bidirectional and (state is not None or mask is not None):
+            raise ValueError("a bidirectional mixer reads the whole sequence: no decoding state or padding mask")
         if mask is not None:
             x = x * mask[..., None].astype(x.dtype)
         xz = nn.DenseGeneral((2, e), use_bias=c.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                              kernel_init=logical(torch_linear_init(), ("embed", None, "mlp")),
                              bias_init=logical(nn.initializers.zeros_init(), (None, "mlp")), name="in_proj")(x)
         xz = constrain(xz, ("act_batch", "act_len", None, "act_mlp"))
-        y, state = ssm_branch(
-            self, xz[..., 0, :], xz[..., 1, :], state=state, state_size=c.state_size, dt_rank=c.time_step_rank,
-            conv_kernel=c.conv_kernel, use_conv_bias=c.use_conv_bias, dt_min=c.time_step_min,
-            dt_max=c.time_step_max, dt_floor=c.time_step_floor, dt_scale=c.time_step_scale,
-            dt_init=c.time_step_init_scheme, scan=c.scan, chunk_size=c.chunk_size, mask=mask)
+        branch = dict(state_size=c.state_size, dt_rank=c.time_step_rank, conv_kernel=c.conv_kernel,
+                      use_conv_bias=c.use_conv_bias, dt_min=c.time_step_min, dt_max=c.time_step_max,
+                      dt_floor=c.time_step_floor, dt_scale=c.time_step_scale, dt_init=c.time_step_init_scheme,
+                      scan=c.scan, chunk_size=c.chunk_size)
+        y, state = ssm_branch(self, xz[..., 0, :], xz[..., 1, :], state=state, mask=mask, **branch)
+        if self.bidirectional:
+            back = xz[:, ::-1]
+            y_b, _ = ssm_branch(self, back[..., 0, :], back[..., 1, :], state=None, suffix="_b", a_log_name="A_b_log",
+                                **branch)
+            y = y + y_b[:, ::-1]
+            if self.divide_output:
+                y = y / 2
         out_init = nn.initializers.variance_scaling(c.out_proj_scale ** 2 / 3, "fan_in", "uniform")
         out = nn.Dense(d, use_bias=c.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=logical(out_init, ("mlp", "embed")),
@@ -109,19 +126,23 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """x + Mixer(RMSNorm(x)), the residual in float32 when ``residual_in_fp32``."""
+    """x + DropPath(Mixer(RMSNorm(x))), the residual in float32 when ``residual_in_fp32``."""
 
     config: _MixerConfig
     epsilon: float = 1e-5
     residual_in_fp32: bool = True
+    bidirectional: bool = False
+    drop_path: float = 0.0
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, state: SSMState | None = None, mask: jax.Array | None = None):
+    def __call__(self, x: jax.Array, state: SSMState | None = None, mask: jax.Array | None = None,
+                 train: bool = False):
         h = RMSNorm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
-        h, state = MambaMixer(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="mixer")(h, state,
-                                                                                                      mask)
+        h, state = MambaMixer(self.config, self.bidirectional, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="mixer")(h, state, mask)
+        h = DropPath(self.drop_path)(h, train=train)
         residual = x.astype(jnp.float32) if self.residual_in_fp32 else x
         x = residual + h.astype(residual.dtype)
         return constrain(x, ("act_batch", "act_len", "act_embed")), state
@@ -200,12 +221,12 @@ class Mamba(nn.Module):
         x = embed(input_ids)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         config = self._mixer_config()
-        block = nn.remat(MambaBlock) if self.remat else MambaBlock
+        block = nn.remat(MambaBlock, static_argnums=(4,)) if self.remat else MambaBlock
         states = []
         for i in range(self.num_hidden_layers):
             x, state = block(config, self.layer_norm_epsilon, self.residual_in_fp32, dtype=self.dtype,
                              param_dtype=self.param_dtype, name=f"layers_{i}")(
-                x, None if cache is None else cache.layers[i], attention_mask)
+                x, None if cache is None else cache.layers[i], attention_mask, False)
             states.append(state)
         x = RMSNorm(self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_f")(x)
         if return_hidden:

@@ -26,32 +26,40 @@ class ConfigError(ValueError):
     """config.json describes a model this loader cannot build."""
 
 
+def mixer_rows(o: str, t: str, *, use_conv_bias: bool = True, use_bias: bool = False,
+               bidirectional: bool = False) -> list[Row]:
+    """Rows of one ``MambaMixer`` (our prefix ``o`` ending in "/", the checkpoint's ``t`` ending in
+    "."); ``bidirectional`` adds Vision Mamba's backward branch (``conv1d_b``, ``A_b_log``...)."""
+    rows: list[Row] = [(o + "in_proj/kernel", t + "in_proj.weight", "in_proj"),
+                       (o + "out_proj/kernel", t + "out_proj.weight", "linear")]
+    for s in ("", "_b") if bidirectional else ("",):
+        rows += [(o + f"conv1d{s}/kernel", t + f"conv1d{s}.weight", "conv"),
+                 (o + f"x_proj{s}/kernel", t + f"x_proj{s}.weight", "linear"),
+                 (o + f"dt_proj{s}/kernel", t + f"dt_proj{s}.weight", "linear"),
+                 (o + f"dt_proj{s}/bias", t + f"dt_proj{s}.bias", "copy"),
+                 (o + ("A_b_log" if s else "A_log"), t + ("A_b_log" if s else "A_log"), "copy"),
+                 (o + f"D{s}", t + f"D{s}", "copy")]
+        if use_conv_bias:
+            rows.append((o + f"conv1d{s}/bias", t + f"conv1d{s}.bias", "copy"))
+    if use_bias:
+        rows += [(o + "in_proj/bias", t + "in_proj.bias", "in_proj_bias"),
+                 (o + "out_proj/bias", t + "out_proj.bias", "copy")]
+    return rows
+
+
 def key_table(model) -> list[Row]:
     rows: list[Row] = [("params/embeddings/embedding", "backbone.embeddings.weight", "copy")]
     for i in range(model.num_hidden_layers):
         o, t = f"params/layers_{i}/", f"backbone.layers.{i}."
-        m, tm = o + "mixer/", t + "mixer."
-        rows += [(o + "norm/scale", t + "norm.weight", "copy"),
-                 (m + "in_proj/kernel", tm + "in_proj.weight", "in_proj"),
-                 (m + "conv1d/kernel", tm + "conv1d.weight", "conv"),
-                 (m + "x_proj/kernel", tm + "x_proj.weight", "linear"),
-                 (m + "dt_proj/kernel", tm + "dt_proj.weight", "linear"),
-                 (m + "dt_proj/bias", tm + "dt_proj.bias", "copy"),
-                 (m + "A_log", tm + "A_log", "copy"),
-                 (m + "D", tm + "D", "copy"),
-                 (m + "out_proj/kernel", tm + "out_proj.weight", "linear")]
-        if model.use_conv_bias:
-            rows.append((m + "conv1d/bias", tm + "conv1d.bias", "copy"))
-        if model.use_bias:
-            rows += [(m + "in_proj/bias", tm + "in_proj.bias", "in_proj_bias"),
-                     (m + "out_proj/bias", tm + "out_proj.bias", "copy")]
+        rows.append((o + "norm/scale", t + "norm.weight", "copy"))
+        rows += mixer_rows(o + "mixer/", t + "mixer.", use_conv_bias=model.use_conv_bias, use_bias=model.use_bias)
     rows.append(("params/norm_f/scale", "backbone.norm_f.weight", "copy"))
     if not model.tie_word_embeddings:
         rows.append(("params/lm_head/kernel", "lm_head.weight", "linear"))
     return rows
 
 
-def _to_ours(w: np.ndarray, kind: str) -> np.ndarray:
+def to_ours(w: np.ndarray, kind: str) -> np.ndarray:
     if kind == "linear":
         return np.ascontiguousarray(w.T)
     if kind == "in_proj":  # (2E, D) -> (D, 2, E)
@@ -63,7 +71,7 @@ def _to_ours(w: np.ndarray, kind: str) -> np.ndarray:
     return w
 
 
-def _to_hf(w: np.ndarray, kind: str) -> np.ndarray:
+def to_hf(w: np.ndarray, kind: str) -> np.ndarray:
     if kind == "linear":
         return w.T
     if kind == "in_proj":  # (D, 2, E) -> (2E, D)
@@ -87,7 +95,7 @@ def convert_mamba(sd: StateDict, model, expected: dict[str, tuple] | None = None
     for ours, hf, kind in key_table(model):
         key = rename.get(hf, hf)
         if key in sd:
-            out[ours] = _to_ours(sd[key], kind)
+            out[ours] = to_ours(sd[key], kind)
     if model.tie_word_embeddings:
         sd.skip("lm_head.weight")
     return out
@@ -171,7 +179,7 @@ def load_directory(module, path: str | os.PathLike, *, strict: bool = True, mesh
 def _export_tensors(module, variables: Any) -> Iterator[tuple[str, np.ndarray]]:
     flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(nn.unbox(dict(variables))).items()}
     for ours, hf, kind in key_table(module):
-        yield hf, _to_hf(flat[ours], kind)
+        yield hf, to_hf(flat[ours], kind)
 
 
 def save_directory(module, variables: Any, path: str | os.PathLike, *, tokenizer: Any = None) -> pathlib.Path:
