@@ -16,7 +16,7 @@ at compile time (a kernel over a memory budget, an op a lowering rejects, a ptxa
 spills, a train step too big for the device) costs no device time here. Nothing runs: no numerics
 and no timings (``benchmarks/kernels.py`` has those).
 
-Rows: the shapes of ``benchmarks/kernels.py`` (``shared/anchors.md``), forward + backward, in bf16
+Rows: the shapes of ``benchmarks/kernels.py`` (``benchmarks/ANCHORS.md``), forward + backward, in bf16
 (``--dtype float32``: the models' default dtype, which only the Triton kernels take); on the H100
 once per GPU kernel set (``gpu_kernel="mosaic"`` and ``"triton"``). Each row prints the
 kernels in the compiled program and, for each of our GPU kernels, ptxas' registers per thread and
@@ -139,8 +139,11 @@ def compile_only_devices(target: str) -> list:
     # Newer Pallas reads the generation for its lowering from the default (host) device's kind.
     try:
         if target in GPU_SPECS:
-            from jax._src.pallas.triton import gpu_info
+            from jaxformers.kernels.gpu_kernel import jax_gpu_info_module
 
+            gpu_info = jax_gpu_info_module()
+            if gpu_info is None:
+                raise ImportError("this jax has no GPU-info registry")
             version = gpu_info.GpuVersion[target.upper()]
             gpu_info.registry[host_kind] = lambda: gpu_info.get_gpu_info_from_version(version)
         else:

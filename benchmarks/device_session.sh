@@ -62,14 +62,14 @@ release() {  # release NAME SECONDS: let NAME run its steps; wait for it at most
 
 # Train steps against their baselines: BiFormer-T on our BRA kernels (attention_impl=pallas; auto
 # picks the Mosaic GPU kernels on Hopper) and on the XLA gather (the model's default); ViT-S against
-# timm eager (torch.compile would eat the budget; shared/anchors.md has its compiled/eager ratio).
+# timm eager (torch.compile would eat the budget; ANCHORS.md has its compiled/eager ratio).
 TRAIN="python3 benchmarks/train_throughput.py --steps 20"
 background train_biformer_tiny $TRAIN biformer_tiny --no-timm --override attention_impl=pallas
 background train_biformer_tiny_xla $TRAIN biformer_tiny --no-timm
 background train_vit_small $TRAIN vit_small_patch16_224 --torch-compile off
 
 # Kernels: correctness first (each row compares output and q/k/v gradients with the reference;
-# the window part also checks odd shapes and masks), then the anchor shapes of shared/anchors.md.
+# the window part also checks odd shapes and masks), then the anchor shapes of benchmarks/ANCHORS.md.
 part kernels_bra 120 python3 benchmarks/kernels.py --only bra --repeats 20
 part kernels_window_packed 150 python3 benchmarks/kernels.py --only window,packed --repeats 20
 part kernels_dense 70 python3 benchmarks/kernels.py --only dense --repeats 20

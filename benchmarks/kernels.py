@@ -5,7 +5,7 @@
     python benchmarks/kernels.py --only window,packed --repeats 50
     python benchmarks/kernels.py --small --check   # also compare each kernel with its reference
 
-Rows (shapes from shared/anchors.md on an accelerator):
+Rows (shapes from benchmarks/ANCHORS.md on an accelerator):
 
 On a GPU, shapes the Hopper kernels support get two more rows: the Mosaic GPU and the Triton
 kernels by name (``"pallas"`` is what ``auto`` picks on this device).
@@ -319,7 +319,7 @@ def main(argv=None):
           f"{args.dtype}, {'small' if args.small else 'anchor'} shapes, median of {repeats}")
     if not accelerator:
         print("no accelerator: Pallas runs in interpret mode; these times say nothing about kernel speed")
-    bandwidth = 2.5e12  # the H100's measured copy bandwidth (shared/anchors.md) when not measured here
+    bandwidth = 2.5e12  # the H100's measured copy bandwidth (benchmarks/ANCHORS.md) when not measured here
     if accelerator:
         bandwidth = copy_bandwidth(repeats)
         print(f"device copy bandwidth (read + write, 1 GiB bf16): {bandwidth / 1e12:.2f} TB/s")

@@ -13,7 +13,7 @@ device's bf16 peak is known (``train.trainer.PEAK_FLOPS``), the model-FLOPs util
 timm (when torch and timm are installed and timm knows the name): the same architecture with the
 same overrides, AdamW (fused on CUDA), channels-last; bf16 autocast and ``torch.compile`` on GPU
 (``--torch-compile on`` forces compilation on CPU too, which is slow to compile). The ratio
-ours/timm is printed; the H100 targets are in shared/anchors.md. Compute dtype: bf16 on
+ours/timm is printed; the H100 targets are in benchmarks/ANCHORS.md. Compute dtype: bf16 on
 accelerators, float32 on CPU, for both.
 """
 from __future__ import annotations

@@ -42,10 +42,16 @@ def shard_map_specs(fn, *args) -> list[tuple[tuple, Any]]:
             for e in j.eqns if e.primitive.name == "shard_map"]
 
 
-# Mosaic GPU interpret mode (Hopper kernels run on CPU) cannot run vector loads from shared memory before jax 0.11.
-needs_mosaic_gpu_interpreter = pytest.mark.skipif(
+_before_jax_0_11 = pytest.mark.skipif(
     tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11),
     reason="Mosaic GPU interpret mode cannot run vector loads from shared memory before jax 0.11")
+
+
+def needs_mosaic_gpu_interpreter(test: Callable) -> Callable:
+    """For tests that run the Hopper (Mosaic GPU) kernels in interpret mode on the CPU: skipped before
+    jax 0.11 (it cannot run vector loads from shared memory), and marked ``mosaic_gpu_interpret`` so
+    the CI leg at the GPU machines' jax runs them and the newest-jax leg leaves them to it."""
+    return pytest.mark.mosaic_gpu_interpret(_before_jax_0_11(test))
 
 # The test models are tiny: compile them at XLA's lowest optimisation level (halves compile time).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -62,23 +68,19 @@ def image(batch: int, size: int, seed: int = 0) -> jax.Array:
 
 
 def perturb(params: Any, seed: int = 1, scale: float = 0.05) -> Any:
-    """``params`` plus N(0, scale) noise on every leaf (each leaf its own key from ``seed``):
-    zero-initialised heads, biases and LayerNorm offsets would make any two models agree."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    """``params`` plus N(0, scale) noise on every leaf, drawn on the host with NumPy (no per-leaf random
+    programs to compile): zero-initialised heads, biases and LayerNorm offsets would make any two
+    models agree. Returns jax arrays in the leaves' dtypes."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(np.shape(x)), jnp.asarray(x).dtype), params)
 
 
 def init_variables(model: nn.Module, size: int, batch: int = 2, perturbed: bool = False) -> dict:
     """``model.init`` on ``image(batch, size)`` with key 0 as one fast-compiled program, unboxed;
-    with ``perturbed`` the params go through ``perturb`` inside the same program."""
-
-    def init(rng, x):
-        variables = nn.unbox(model.init({"params": rng}, x))
-        return {**variables, "params": perturb(variables["params"])} if perturbed else variables
-
-    return fast_jit(init)(jax.random.key(0), image(batch, size))
+    with ``perturbed`` the params then go through ``perturb``."""
+    variables = fast_jit(lambda rng, x: nn.unbox(model.init({"params": rng}, x)))(jax.random.key(0), image(batch, size))
+    return {**variables, "params": perturb(variables["params"])} if perturbed else variables
 
 
 def numpy_variables(model: nn.Module, *inputs, seed: int = 0) -> dict:
@@ -98,13 +100,14 @@ def numpy_variables(model: nn.Module, *inputs, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(sample, abstract)
 
 
-def model_and_features(name: str, x: jax.Array, **overrides) -> tuple[nn.Module, dict, dict]:
+def model_and_features(name: str, x: jax.Array, **overrides) -> tuple[nn.Module, dict, Any]:
     """``create_model(name, **overrides)``, its ``numpy_variables`` for ``x`` and its (jitted, eval-mode)
-    ``forward_features`` on ``x``: what a module-scoped fixture shares between a file's tests."""
+    outputs on ``x`` in one pass (``output="all"``: a ``BackboneOutput`` of the stride-keyed
+    ``features``, ``pre_logits`` and ``logits``): what a module-scoped fixture shares between a file's tests."""
     model = jf.create_model(name, **overrides)
     variables = numpy_variables(model, x)
-    feats = jax.jit(lambda v, x: model.apply(v, x, method="forward_features"))(variables, x)
-    return model, variables, feats
+    outputs = fast_jit(lambda v, x: model.apply(v, x, output="all"))(variables, x)
+    return model, variables, outputs
 
 
 def random_params(module: nn.Module, *inputs, seed: int = 4) -> dict:
@@ -131,6 +134,37 @@ def assert_every_param_has_gradient(grads: Any) -> None:
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     dead = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
     assert not dead, f"parameters without gradient: {dead}"
+
+
+def train_classifier(model: nn.Module, variables: dict, x: jax.Array, y: jax.Array, *, steps: int,
+                     tx: Any = None) -> tuple[list[float], dict]:
+    """``steps`` optimizer steps (default Adam, lr 3e-3) of softmax cross-entropy on ``(x, y)`` in
+    training mode, one fast-compiled step: dropout / drop-path key ``i`` at step ``i``, BatchNorm
+    statistics (``batch_stats``, when the model has them) updated as it trains. Fails, naming them,
+    when a parameter gets no gradient at the first step. Returns the losses and the final variables."""
+    tx = optax.adam(3e-3) if tx is None else tx
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    mutable = [k for k in rest if k == "batch_stats"]
+
+    @fast_jit
+    def step(params, rest, opt_state, rng):
+        def loss_fn(p):
+            out = model.apply({"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=mutable)
+            logits, updates = out if mutable else (out, {})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        new, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, new), {**rest, **updates}, opt_state, loss, grads
+
+    opt_state, losses = tx.init(params), []
+    for i in range(steps):
+        params, rest, opt_state, loss, grads = step(params, rest, opt_state, jax.random.key(i))
+        losses.append(float(loss))
+        if i == 0:
+            assert_every_param_has_gradient(grads)
+    assert np.all(np.isfinite(losses)), losses
+    return losses, {"params": params, **rest}
 
 
 def train_with_remat_check(model: nn.Module, remat: nn.Module, params: Any, x: jax.Array, y: jax.Array,
@@ -193,7 +227,7 @@ def assert_sharded_grads_match(model: nn.Module, variables: Any, sharded_variabl
         rest = {k: c for k, c in v.items() if k != "params"}
         return jax.grad(lambda p: jnp.sum(model.apply({"params": p, **rest}, x) * projection))(v["params"])
 
-    single, sharded = single_and_sharded(jax.jit(grads), variables, sharded_variables, x, mesh)
+    single, sharded = single_and_sharded(fast_jit(grads), variables, sharded_variables, x, mesh)
     leaves = jax.tree_util.tree_leaves_with_path(single)
     for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(sharded), strict=True):
         scale = max(float(jnp.max(jnp.abs(a))), 1e-6)
@@ -270,6 +304,23 @@ def on_fake_gpu(monkeypatch, capability: str | None, kind: str = "NVIDIA GPU") -
     fake = _FakeGpu(capability, kind)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda backend=None: [fake] if backend in ("gpu", "cuda") else devices(backend))
+
+
+def zen_of_python_chars(rows: int, length: int, vocab_size: int = 100) -> tuple[np.ndarray, int]:
+    """Real offline text for tiny language models: the Zen of Python (``this``, decoded without
+    printing) as character ids (code point - 30, clipped to [1, vocab_size - 1]), cut into ``rows``
+    windows of ``length`` tokens at evenly spaced offsets. Returns (ids (rows, length) int32, the
+    number of distinct ids in the text)."""
+    import codecs
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    text = codecs.decode(this.s, "rot13")
+    ids = np.clip(np.frombuffer(text.encode("ascii", "replace"), np.uint8).astype(np.int32) - 30, 1, vocab_size - 1)
+    starts = np.linspace(0, len(ids) - length - 1, rows).astype(int)
+    return np.stack([ids[s:s + length] for s in starts]).astype(np.int32), len(np.unique(ids))
 
 
 def digit_sequences(n: int = 32, seed: int | None = None) -> tuple[jax.Array, jax.Array]:

@@ -3,6 +3,7 @@ one install cell (colabs/install_cell.py), which installs jaxformers from a path
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -45,8 +46,8 @@ def test_every_notebook_starts_with_the_install_cell():
 
 
 def test_install_cell_installs_from_a_path_on_a_fresh_interpreter(tmp_path):
-    """The cell, run in a new virtual environment (no jaxformers) with JAXFORMERS_SOURCE set to this
-    checkout, installs the jaxformers and train packages (without dependencies: a Colab runtime has jax);
+    """The cell, run in a new virtual environment (no jaxformers) with JAXFORMERS_SOURCE set to a copy of
+    this checkout, installs the jaxformers and train packages (without dependencies: a Colab runtime has jax);
     without JAXFORMERS_SOURCE it says what to set."""
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(tmp_path / "venv")], check=True, capture_output=True)
@@ -54,7 +55,12 @@ def test_install_cell_installs_from_a_path_on_a_fresh_interpreter(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JAXFORMERS_SOURCE", "VIRTUAL_ENV")}
     unset = subprocess.run([python, "-c", INSTALL_CELL], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert unset.returncode != 0 and "set JAXFORMERS_SOURCE" in unset.stderr
-    env.update(JAXFORMERS_SOURCE=str(ROOT), PIP_NO_DEPS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    source = tmp_path / "jaxformers-checkout"  # a copy: pip builds in the source tree (build/, *.egg-info)
+    for part in ("jaxformers", "train"):
+        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, source / part)
+    env.update(JAXFORMERS_SOURCE=str(source), PIP_NO_DEPS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     done = subprocess.run([python, "-c", INSTALL_CELL], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

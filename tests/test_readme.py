@@ -3,12 +3,9 @@ import pathlib
 import re
 import runpy
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_model_table_is_current():
     mod = runpy.run_path(str(ROOT / "scripts" / "model_table.py"))
     readme = (ROOT / "README.md").read_text()
@@ -24,3 +21,18 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2, commands
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1].strip() in ci.splitlines()
+
+
+def test_the_project_speaks_for_itself():
+    """Code, docs and notebooks cite papers, official code and the project's own files, never notes
+    outside the repository that a user of the package does not have."""
+    outside = re.compile(r"shared/(anchors|papers|research|DESIGN)|\.\./shared|\bthe issue\b|issue's", re.I)
+    offenders = []
+    for folder in ("jaxformers", "train", "benchmarks", "colabs", "scripts", "tests"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".md", ".ipynb", ".sh") and path.name != "test_readme.py":
+                offenders += [f"{path.relative_to(ROOT)}:{i}" for i, line in
+                              enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if outside.search(line)]
+    offenders += [f"README.md:{i}" for i, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1)
+                  if outside.search(line)]
+    assert not offenders, offenders

@@ -6,7 +6,7 @@ import pytest
 
 import jaxformers
 from jaxformers import sharding as S
-from tests.helpers import perturb, shard_map_specs
+from tests.helpers import fast_jit, perturb, shard_map_specs
 
 
 def test_mesh_config_resolves_minus_one():
@@ -57,9 +57,9 @@ def test_sharded_forward_and_grad_equal_single_device(rules):
         logits = model.apply({"params": p}, x)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)), logits
 
-    (l1, y1), g1 = jax.value_and_grad(loss, has_aux=True)(params, x)
+    (l1, y1), g1 = fast_jit(jax.value_and_grad(loss, has_aux=True))(params, x)
     with S.activate(mesh, rules):
-        (l2, y2), g2 = jax.jit(jax.value_and_grad(loss, has_aux=True))(sparams, S.shard_batch(x, mesh))
+        (l2, y2), g2 = fast_jit(jax.value_and_grad(loss, has_aux=True))(sparams, S.shard_batch(x, mesh))
     assert y2.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(l2, l1, rtol=1e-5)

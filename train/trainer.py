@@ -321,7 +321,10 @@ class _Loop:
         flops_per_step = float((cost or {}).get("flops", 0.0))
         peak = peak_flops(jax.devices()[0])
         if self.is_main:
-            print(f"Model {config.model.name}: {sum(math.prod(s) for s in self.spec.param_shapes.values()):,} params; "
+            overrides = dict(config.model.get("overrides") or {})
+            shown = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "num_classes")
+            print(f"Model {config.model.name}" + (f" with {shown}" if shown else "") + ": "
+                  f"{sum(math.prod(s) for s in self.spec.param_shapes.values()):,} params; "
                   f"{self.total_steps} steps of {batch_size}; mesh {dict(self.mesh.shape)}; "
                   f"compiled in {time.time() - t0:.1f}s", flush=True)
 

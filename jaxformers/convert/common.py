@@ -143,6 +143,14 @@ def norm_params(sd: StateDict, t: str, o: str) -> dict[str, np.ndarray]:
     return {o + "/scale": sd[t + ".weight"], o + "/bias": sd[t + ".bias"]}
 
 
+def batch_norm_params(sd: StateDict, t: str, o: str) -> dict[str, np.ndarray]:
+    """torch BatchNorm at key prefix ``t`` -> our ``params/o/{scale,bias}`` and ``batch_stats/o/{mean,var}``
+    (``num_batches_tracked`` is skipped: Flax's BatchNorm uses a fixed momentum)."""
+    sd.skip(t + ".num_batches_tracked")
+    return {f"params/{o}/scale": sd[t + ".weight"], f"params/{o}/bias": sd[t + ".bias"],
+            f"batch_stats/{o}/mean": sd[t + ".running_mean"], f"batch_stats/{o}/var": sd[t + ".running_var"]}
+
+
 def dense_params(sd: StateDict, t: str, o: str) -> dict[str, np.ndarray]:
     """torch Linear at key prefix ``t`` -> our Dense ``o/kernel`` (and ``o/bias`` when present)."""
     out = {o + "/kernel": linear(sd[t + ".weight"])}

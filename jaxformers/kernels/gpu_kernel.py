@@ -65,6 +65,21 @@ def triton_available() -> bool:
         return True
 
 
+def jax_gpu_info_module():
+    """jax's GPU-information module, wherever this jax keeps it (``jax._src.gpu_info`` from 0.12.1,
+    ``jax._src.pallas.triton.gpu_info`` before), or None. Its ``registry`` maps a device kind to a
+    ``GpuInfo``: deviceless lowering for a GPU (``benchmarks/compile_check.py``, the kernel tests)
+    registers the CPU host's kind as the target GPU there, since the Triton lowering asks for it."""
+    for name in ("jax._src.gpu_info", "jax._src.pallas.triton.gpu_info"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "registry"):
+            return module
+    return None
+
+
 # jax_default_matmul_precision values whose float32 dots Triton multiplies exactly (IEEE FMA products).
 EXACT_FLOAT32_PRECISIONS = ("float32", "highest", "f32_f32_f32")
 

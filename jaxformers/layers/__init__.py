@@ -1,9 +1,11 @@
 """Reusable Linen building blocks; every model is assembled from these."""
-from jaxformers.layers.attention import (KVCache, MultiHeadAttention, cached_attention, dot_product_attention,
-                                         init_kv_cache, segment_mask)
+from jaxformers.layers.attention import (KVCache, MultiHeadAttention, cached_attention, causal_mask,
+                                         dot_product_attention, init_kv_cache, segment_mask)
 from jaxformers.layers.block import TransformerBlock, maybe_remat
 from jaxformers.layers.checks import check_image, check_token_ids
 from jaxformers.layers.drop import DropPath, LayerScale
+from jaxformers.layers.features import (BackboneOutput, FeatureBackbone, check_image_strides, check_pyramid,
+                                        pyramid_shapes)
 from jaxformers.layers.linear import Conv, Dense, logical, trunc_normal
 from jaxformers.layers.mlp import Mlp, gelu
 from jaxformers.layers.norm import BatchNorm, LayerNorm, RMSNorm
@@ -12,8 +14,9 @@ from jaxformers.layers.pos_embed import (LePE, apply_rope, resample_abs_pos_embe
                                          sincos_1d, sincos_2d)
 
 __all__ = [
-    "MultiHeadAttention", "KVCache", "init_kv_cache", "cached_attention", "TransformerBlock", "maybe_remat", "dot_product_attention", "segment_mask", "check_image", "check_token_ids",
+    "MultiHeadAttention", "KVCache", "init_kv_cache", "cached_attention", "causal_mask", "TransformerBlock", "maybe_remat", "dot_product_attention", "segment_mask", "check_image", "check_token_ids",
     "DropPath", "LayerScale", "Conv", "Dense", "logical", "trunc_normal", "Mlp", "gelu", "BatchNorm",
     "LayerNorm", "RMSNorm", "ConvStem", "PatchEmbed", "to_2tuple", "LePE", "apply_rope",
     "resample_abs_pos_embed", "rope_frequencies", "sincos_1d", "sincos_2d",
+    "BackboneOutput", "FeatureBackbone", "check_pyramid", "check_image_strides", "pyramid_shapes",
 ]

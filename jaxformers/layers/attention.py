@@ -46,6 +46,12 @@ def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Arr
     return (same & (kv_segment_ids[:, None, :] != 0))[:, None]
 
 
+def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
+    """(1, 1, Lq, Lk) boolean mask: query i sees key j <= i + Lk - Lq (the queries are the last Lq positions)."""
+    kv_len = q_len if kv_len is None else kv_len
+    return (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + (kv_len - q_len))[None, None]
+
+
 def _xla_attention(q, k, v, bias, mask, scale, dropout_rate, dropout_rng):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
@@ -79,11 +85,13 @@ def dot_product_attention(
     implementation: AttentionImpl = "xla",
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    causal: bool = False,
 ) -> jax.Array:
     """softmax(q kᵀ · scale + bias, masked) v with q (B, Lq, H, D), k (B, Lk, H, D), v (B, Lk, H, Dv).
 
     ``mask`` (bool, True = attend) and ``bias`` broadcast to (B, H, Lq, Lk). ``segment_ids`` (B, L)
     int restricts attention to tokens of the same segment (self-attention, 0 = padding).
+    ``causal``: query i sees key j only if j <= i + Lk - Lq (decoders; combines with the rest).
     ``scale`` defaults to D**-0.5. Returns (B, Lq, H, Dv) in v's dtype.
     """
     if implementation not in IMPLEMENTATIONS:
@@ -101,8 +109,12 @@ def dot_product_attention(
                              "mask or attention dropout; use implementation='xla' for those")
         from jaxformers.kernels import local_global_attention
 
-        return local_global_attention(q, k, v, segment_ids=segment_ids, scale=scale, implementation="pallas")
+        return local_global_attention(q, k, v, segment_ids=segment_ids, scale=scale, causal=causal,
+                                      implementation="pallas")
 
+    if causal:
+        mask = causal_mask(q.shape[1], k.shape[1]) if mask is None else jnp.logical_and(
+            mask, causal_mask(q.shape[1], k.shape[1]))
     if segment_ids is not None:
         seg = segment_mask(segment_ids, segment_ids)
         mask = seg if mask is None else jnp.logical_and(mask, seg)
@@ -195,6 +207,12 @@ class MultiHeadAttention(nn.Module):
     Decoding with a cache of the whole sequence and s = 1 per step equals causal attention over
     the sequence. The step uses neither ``attention_fn`` nor ``attention_impl``: the cache (and
     ``mask``) define what it sees.
+
+    ``causal`` (decoders): position i attends to positions <= i, also within a multi-token cached
+    step (a prompt's prefill), so prefill + steps equal one causal pass.
+
+    ``binary`` (a ``jaxformers.compress.binary.BinaryRecipe``) binarizes the projections and the
+    attention core (Bi-Attention, BiPFT's elastic attention, BiViT's softmax-aware binarization...).
     """
 
     num_heads: int
@@ -207,13 +225,19 @@ class MultiHeadAttention(nn.Module):
     proj_dropout: float = 0.0
     attention_impl: AttentionImpl = "xla"
     attention_fn: Callable[..., jax.Array] | None = None
+    causal: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None
 
-    def _dense(self, features, axes, name, use_bias):
-        return nn.DenseGeneral(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+    def _dense(self, features, axes, name, use_bias, axis=-1):
+        if self.binary is not None:
+            return self.binary.dense(features, axes=axes, axis=axis, use_bias=use_bias, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name, role="attention")
+        return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                                kernel_init=logical(trunc_normal(0.02), axes),
-                               bias_init=logical(nn.initializers.zeros_init(), axes[1:]), name=name)
+                               bias_init=logical(nn.initializers.zeros_init(), axes[1 if isinstance(axis, int) else len(axis):]),
+                               name=name)
 
     @nn.compact
     def __call__(
@@ -246,10 +270,23 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (constrain(t, names) for t in (q, k, v))
         rate = self.attention_dropout if train else 0.0
         rng = self.make_rng("dropout") if rate > 0.0 and self.attention_fn is None else None
-        if cache is not None:
+        if self.binary is not None:
+            if cache is not None or kv is not None or self.attention_fn is not None or self.causal:
+                raise ValueError("binarized attention (binary=...) is bidirectional self-attention: no kv, cache, "
+                                 "attention_fn or causal")
+            out = self.binary.attention_core(x, q, k, v, mask=mask, bias=bias, segment_ids=segment_ids,
+                                             scale=self.scale, dropout_rate=rate, dropout_rng=rng)
+        elif cache is not None:
+            if self.causal:  # step position index + i sees cache slots <= index + i
+                step = (jnp.arange(cache.k.shape[1])[None, :]
+                        <= jnp.asarray(cache.index, jnp.int32) + jnp.arange(q.shape[1])[:, None])[None, None]
+                mask = step if mask is None else jnp.logical_and(mask, step)
             out, cache = cached_attention(q, k, v, cache, mask=mask, bias=bias, scale=self.scale, dropout_rate=rate,
                                           dropout_rng=rng)
         elif self.attention_fn is not None:
+            if self.causal:
+                raise ValueError("MultiHeadAttention with an attention_fn does not apply causal=True: give the "
+                                 "attention_fn its own causal pattern (e.g. local_global_attention(causal=True))")
             given = [name for name, on in (("mask", mask is not None), ("bias", bias is not None),
                                            (f"attention_dropout={self.attention_dropout} while training", rate > 0.0))
                      if on]
@@ -260,11 +297,8 @@ class MultiHeadAttention(nn.Module):
         else:
             out = dot_product_attention(
                 q, k, v, bias=bias, mask=mask, segment_ids=segment_ids, scale=self.scale,
-                implementation=self.attention_impl, dropout_rate=rate, dropout_rng=rng)
+                implementation=self.attention_impl, dropout_rate=rate, dropout_rng=rng, causal=self.causal)
         out = constrain(out, names)
-        out = nn.DenseGeneral(self.out_features or dim, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              kernel_init=logical(trunc_normal(0.02), ("heads", "kv", "embed")),
-                              bias_init=logical(nn.initializers.zeros_init(), ("embed",)), name="proj")(out)
+        out = self._dense(self.out_features or dim, ("heads", "kv", "embed"), "proj", self.out_bias, axis=(-2, -1))(out)
         out = nn.Dropout(self.proj_dropout)(out, deterministic=not train)
         return out if cache is None else (out, cache)

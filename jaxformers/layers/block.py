@@ -35,6 +35,7 @@ class TransformerBlock(nn.Module):
     attention_impl: AttentionImpl = "xla"
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # a jaxformers.compress.binary.BinaryRecipe for the attention and the MLP
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, mask: jax.Array | None = None,
@@ -44,12 +45,12 @@ class TransformerBlock(nn.Module):
         y = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         y = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attention_dropout,
                                proj_dropout=self.dropout, attention_impl=self.attention_impl, name="attn",
-                               **kw)(y, mask=mask, segment_ids=segment_ids, train=train)
+                               binary=self.binary, **kw)(y, mask=mask, segment_ids=segment_ids, train=train)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, name="ls1")(y)
         x = x + DropPath(self.drop_path)(y, train=train)
         y = LayerNorm(self.norm_eps, name="norm2", **kw)(x)
-        y = Mlp(int(dim * self.mlp_ratio), dropout=self.dropout, name="mlp", **kw)(y, train=train)
+        y = Mlp(int(dim * self.mlp_ratio), dropout=self.dropout, name="mlp", binary=self.binary, **kw)(y, train=train)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, name="ls2")(y)
         x = x + DropPath(self.drop_path)(y, train=train)

@@ -26,14 +26,16 @@ class Mlp(nn.Module):
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # a jaxformers.compress.binary.BinaryRecipe: binarized fc1 / fc2
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         out = self.out_features or x.shape[-1]
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Dense(self.hidden_features, axes=("embed", "mlp"), name="fc1", **kw)(x)
+        dense = Dense if self.binary is None else self.binary.dense
+        x = dense(self.hidden_features, axes=("embed", "mlp"), name="fc1", **kw)(x)
         x = constrain(x, ("act_batch",) + (None,) * (x.ndim - 2) + ("act_mlp",))
         x = self.activation(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        x = Dense(out, axes=("mlp", "embed"), name="fc2", **kw)(x)
+        x = dense(out, axes=("mlp", "embed"), name="fc2", **kw)(x)
         return nn.Dropout(self.dropout)(x, deterministic=not train)

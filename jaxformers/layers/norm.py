@@ -45,11 +45,13 @@ def BatchNorm(
     axis_name: str | None = "conv_out",
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
+    scale_init=nn.initializers.ones_init(),
     name: str | None = None,
 ) -> nn.BatchNorm:
     """BatchNorm over NHWC channels; statistics live in the ``batch_stats`` collection.
 
     ``momentum`` is Flax's (weight of the old statistic): PyTorch's momentum 0.1 is Flax's 0.9.
+    ``scale_init``: e.g. zeros for the last BN of a residual branch (timm's ``zero_init_last``).
     """
     return nn.BatchNorm(
         use_running_average=not train,
@@ -57,7 +59,7 @@ def BatchNorm(
         epsilon=epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
-        scale_init=logical(nn.initializers.ones_init(), (axis_name,)),
+        scale_init=logical(scale_init, (axis_name,)),
         bias_init=logical(nn.initializers.zeros_init(), (axis_name,)),
         name=name,
     )

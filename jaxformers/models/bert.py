@@ -93,13 +93,19 @@ class BertEmbeddings(nn.Module):
     dropout: float
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None
 
     def setup(self):
         def embed(num, axes, name):
             return nn.Embed(num, self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                             embedding_init=nn.with_logical_partitioning(bert_init, axes), name=name)
 
-        self.word_embeddings = embed(self.vocab_size, ("vocab", "embed"), "word_embeddings")
+        if self.binary is None:
+            self.word_embeddings = embed(self.vocab_size, ("vocab", "embed"), "word_embeddings")
+        else:  # binarized word embeddings (position / token-type embeddings stay float)
+            self.word_embeddings = self.binary.embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
+                                                     param_dtype=self.param_dtype, embedding_init=bert_init,
+                                                     name="word_embeddings")
         self.position_embeddings = embed(self.max_position_embeddings, (None, "embed"), "position_embeddings")
         if self.type_vocab_size:
             self.token_type_embeddings = embed(self.type_vocab_size, (None, "embed"), "token_type_embeddings")
@@ -131,6 +137,7 @@ class BertLayer(nn.Module):
     global_tokens: int = 0
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
@@ -141,10 +148,10 @@ class BertLayer(nn.Module):
             attention_fn = longformer_attention_fn(self.attention_window, self.global_tokens, self.attention_impl)
         y = MultiHeadAttention(self.num_attention_heads, attention_dropout=self.attention_probs_dropout_prob,
                                proj_dropout=self.hidden_dropout_prob, attention_impl=self.attention_impl,
-                               attention_fn=attention_fn, name="attn", **kw)(x, mask=mask, segment_ids=segment_ids,
-                                                                             train=train)
+                               attention_fn=attention_fn, binary=self.binary, name="attn", **kw)(
+                                   x, mask=mask, segment_ids=segment_ids, train=train)
         x = LayerNorm(self.layer_norm_eps, name="attn_norm", **kw)(x + y)
-        y = Mlp(self.intermediate_size, activation=activation(self.hidden_act), name="mlp", **kw)(x)
+        y = Mlp(self.intermediate_size, activation=activation(self.hidden_act), binary=self.binary, name="mlp", **kw)(x)
         y = nn.Dropout(self.hidden_dropout_prob)(y, deterministic=not train)
         x = LayerNorm(self.layer_norm_eps, name="mlp_norm", **kw)(x + y)
         return constrain(x, _ACT)
@@ -178,6 +185,7 @@ class Bert(nn.Module):
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # jaxformers.compress.binary.BinaryRecipe (BIBERT, BIPFT...): a binarized encoder
 
     # ------------------------------------------------------------------ derived configuration
     @property
@@ -215,6 +223,9 @@ class Bert(nn.Module):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                              f"{self.num_attention_heads}")
+        if self.binary is not None and (self.attention_window is not None or self.attention_impl == "pallas"):
+            raise ValueError("a binarized BERT (binary=...) runs its own attention core: it takes no "
+                             "attention_window and attention_impl='pallas'")
         needs_pooler = self.head in ("nsp", "pretraining") or (
             self.head in ("classification", "cross_encoder") and self.model_type == "bert")
         if needs_pooler and not self.has_pooler:
@@ -281,7 +292,7 @@ class Bert(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embeddings = BertEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
                                     self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout_prob,
-                                    name="embeddings", **kw)
+                                    binary=self.binary, name="embeddings", **kw)
         x = constrain(embeddings(input_ids, token_type_ids, position_ids, train=train), _ACT)
 
         mask = None
@@ -294,7 +305,8 @@ class Bert(nn.Module):
         for i in range(self.num_hidden_layers):
             x = layer_cls(self.num_attention_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
                           self.hidden_dropout_prob, self.attention_probs_dropout_prob, self.attention_impl,
-                          self.attention_window, self.global_tokens, name=f"layer_{i}", **kw)(x, train, mask, segment_ids)
+                          self.attention_window, self.global_tokens, binary=self.binary, name=f"layer_{i}", **kw)(
+                              x, train, mask, segment_ids)
         packed = segment_ids is not None and attention_mask is None
         features: dict[str, jax.Array] = {"last_hidden_state": x}
         pool_kw = dict(segment_ids=segment_ids if packed else None, num_segments=num_segments)
@@ -303,7 +315,8 @@ class Bert(nn.Module):
                 self.head == "embedding" and self.pooling == "cls"):
             first = pool_tokens(x, "cls", **pool_kw)
         if self.has_pooler:
-            features["pooler_output"] = Pooler(name="pooler", **kw)(first)
+            features["pooler_output"] = Pooler(binary=self.binary, layer_norm_eps=self.layer_norm_eps, name="pooler",
+                                               **kw)(first)
         out = self._head(x, features, first, embeddings, attention_mask, pool_kw, train)
         if return_features:
             return {**features, **(out if isinstance(out, dict) else {"output": out})}

@@ -14,6 +14,7 @@ Packed rows hold several sequences; ``pool_tokens`` pools per segment (B, S, E) 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Literal
 
 import flax.linen as nn
@@ -91,16 +92,25 @@ def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 class Pooler(nn.Module):
-    """tanh(W h + b) of the first token (``BertPooler``); applied to already-selected tokens."""
+    """tanh(W h + b) of the first token (``BertPooler``); applied to already-selected tokens.
+    ``binary`` (a ``jaxformers.compress.binary.BinaryRecipe``): the dense binarized (unless its
+    ``pooler`` is "float"); BiPFT's ``pooler="bipft"`` is tanh(LN(dense(h)) + h)."""
 
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None
+    layer_norm_eps: float = 1e-12
 
     @nn.compact
     def __call__(self, first_token: jax.Array) -> jax.Array:
         dim = first_token.shape[-1]
-        return jnp.tanh(Dense(dim, axes=("embed", "mlp"), kernel_init=bert_init, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="dense")(first_token))
+        binary = self.binary if self.binary is not None and self.binary.pooler != "float" else None
+        dense = Dense if binary is None else functools.partial(binary.dense, role="pooler")
+        y = dense(dim, axes=("embed", "mlp"), kernel_init=bert_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="dense")(first_token)
+        if binary is not None and binary.pooler == "bipft":
+            y = LayerNorm(self.layer_norm_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(y) + first_token
+        return jnp.tanh(y)
 
 
 class MaskedLMHead(nn.Module):

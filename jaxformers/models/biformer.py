@@ -50,6 +50,7 @@ from jaxformers.kernels import bi_level_routing_attention
 from jaxformers.layers import (BatchNorm, Conv, ConvStem, Dense, DropPath, LayerNorm, LePE, Mlp, check_image,
                                dot_product_attention, gelu, logical, maybe_remat, trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -143,7 +144,7 @@ def stage_resolutions(height: int, width: int) -> list[tuple[int, int]]:
     return out
 
 
-class BiFormer(nn.Module):
+class BiFormer(FeatureBackbone):
     """BiFormer: conv stem, four stages of BRA blocks with conv+BN downsampling, BN-pool-linear head.
 
     BatchNorm statistics live in ``batch_stats``: train with ``mutable=["batch_stats"]``.
@@ -184,9 +185,11 @@ class BiFormer(nn.Module):
                     f"for this stage (e.g. {32 * self.n_win} for every stage), or pad the image")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
-        """Logits (B, num_classes); with ``return_features`` a dict with ``stage1``..``stage4``
-        (NHWC maps), ``pre_logits`` (after the BN norm, pooled) and ``logits``."""
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes); ``output`` selects the dense-feature contract's other outputs
+        (``jaxformers.layers.features``): ``forward_features`` gives the four stage outputs
+        ``{4: ..., 8: ..., 16: ..., 32: ...}`` (NHWC), ``pre_logits`` the pooled (B, D) after the BN norm."""
+        check_output(output, "BiFormer")
         self._check(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         e = tuple(self.embed_dim)
@@ -205,19 +208,15 @@ class BiFormer(nn.Module):
                 x = block_cls(heads, self.n_win, self.topks[s], self.mlp_ratio, float(rates[n]), self.attention_impl,
                               name=f"stage{s + 1}_{j}", **kw)(x, train)
                 n += 1
-            features[f"stage{s + 1}"] = x
+            features[4 * 2 ** s] = x
+        if output == "features":
+            return features
         x = BatchNorm(train=train, axis_name="embed", name="norm", **kw)(x)
         pooled = x.mean(axis=(1, 2))
         logits = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
         if self.num_classes:
             logits = Dense(self.num_classes, axes=("embed", "classes"), name="head", **kw)(logits)
-        if not return_features:
-            return logits
-        return {**features, "pre_logits": pooled, "logits": logits}
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
-        return self(x, train=train, return_features=True)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ Deviations from timm:
 - Images are NHWC. The large-branch resize is torch's bicubic (A = -0.75, half-pixel centres, edge
   clamping, no antialias) written as two small matrices, so outputs match timm to float32 rounding.
 - The classifier heads start at zero (house style, as in ``vit.py``); timm draws them at random.
-- ``return_features`` adds per-block feature maps (``stages``), ordered branch-major like timm's
-  ``forward_intermediates``. Position tables of checkpoints are resampled to another ``img_size``
+- ``forward_features`` (the project's dense-feature contract) gives each branch's final normed patch
+  tokens as a map keyed by the branch's effective stride (12 and 17); timm's per-block
+  ``forward_intermediates`` are not exposed. Position tables of checkpoints are resampled to another ``img_size``
   (antialiased bicubic, as timm's ``resample_abs_pos_embed``); timm itself refuses other sizes for
   CrossViT checkpoints (``fixed_input_size``).
 """
@@ -45,6 +46,7 @@ from jaxformers.convert.common import (StateDict, conv2d, dense_params, fit_pos_
 from jaxformers.layers import (ConvStem, Dense, DropPath, LayerNorm, MultiHeadAttention, PatchEmbed, TransformerBlock,
                                check_image, gelu, logical, maybe_remat, to_2tuple, trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -199,7 +201,7 @@ class MultiScaleBlock(nn.Module):
         return tuple(fused)
 
 
-class CrossViT(nn.Module):
+class CrossViT(FeatureBackbone):
     """CrossViT (timm ``CrossVit``): two patch branches, multi-scale encoders, averaged heads."""
 
     img_size: int | tuple[int, int] = 240
@@ -254,6 +256,13 @@ class CrossViT(nn.Module):
         """Each branch's token grid (the position table's shape): scaled size // patch size."""
         return [(s[0] // p, s[1] // p) for s, p in zip(self.img_size_scaled, self.patch_size)]
 
+    @property
+    def feature_strides(self) -> tuple[int, ...]:
+        """Each branch's effective stride on the input image, ``round(patch_size / img_scale)``: the
+        key of its map in ``forward_features`` (12 and 17 = round(16 x 240 / 224) for the registered
+        variants; the large branch's map is 14x14 = 240 // 17 at 240 px)."""
+        return tuple(int(round(p / sc)) for p, sc in zip(self.patch_size, self.img_scale))
+
     def _validate(self) -> None:
         n = self.num_branches
         for name in ("embed_dim", "num_heads", "img_scale"):
@@ -262,6 +271,10 @@ class CrossViT(nn.Module):
                                  f"(patch_size={self.patch_size} has {n})")
         if len(self.mlp_ratio) < n:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} needs at least one entry per branch ({n})")
+        if len(set(self.feature_strides)) != n:
+            raise ValueError(f"branches with patch_size={self.patch_size} and img_scale={self.img_scale} have the "
+                             f"same effective stride {self.feature_strides}; forward_features keys each branch's map "
+                             f"by its stride, so the branches need different ones")
         for cfg in self.depth:
             if len(cfg) != n + 1 or min(cfg[:-1]) < 1 or cfg[-1] < 0:
                 raise ValueError(f"each depth entry must be (blocks per branch >= 1 ..., fusion depth >= 0) "
@@ -311,13 +324,13 @@ class CrossViT(nn.Module):
         return constrain(x, ACT)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
-        """Logits (B, num_classes): the mean of the branches' heads. With ``return_features`` a dict:
-        ``tokens`` (per branch, after the final norms), ``pre_logits`` (pooled branches concatenated,
-        timm's ``pre_logits``), ``feature_maps`` (per branch, normed patch tokens as (B, h, w, D)),
-        ``stages`` (every encoder's patch tokens as (B, h, w, D), branch-major: index
-        ``b * len(depth) + i`` is branch b after encoder i, as timm's ``forward_intermediates``) and
-        ``logits``."""
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes): the mean of the branches' heads. ``output`` selects the dense-feature
+        contract's other outputs (``jaxformers.layers.features``): ``forward_features`` gives each
+        branch's normed patch tokens as a (B, h, w, D) map keyed by its effective stride
+        (``feature_strides``: 12 and 17 for the registered variants), ``pre_logits`` the pooled
+        branches concatenated (B, sum D), timm's ``pre_logits``."""
+        check_output(output, "CrossViT")
         self._validate()
         check_image(x, in_chans=self.in_chans, img_size=self.img_size)
         if self.global_pool not in ("token", "avg"):
@@ -330,19 +343,21 @@ class CrossViT(nn.Module):
         # timm's stochastic-depth schedule: linear over sum(depth[-2:]) per encoder, sliced per encoder.
         total = sum(sum(cfg[-2:]) for cfg in self.depth)
         rates = [float(r) for r in np.linspace(0.0, self.drop_path_rate, total)]
-        ptr, stages = 0, [[] for _ in range(self.num_branches)]
+        ptr = 0
         for k, cfg in enumerate(self.depth):
             cur = max(cfg[:-1]) + cfg[-1]
             xs = MultiScaleBlock(self.embed_dim, cfg, self.num_heads, self.mlp_ratio, tuple(rates[ptr:ptr + cur]),
                                  self.qkv_bias, self.attn_drop_rate, self.proj_drop_rate, self.attention_impl,
                                  self.remat, name=f"blocks_{k}", **kw)(xs, train)
             ptr += cur
-            if return_features:
-                for b, (gh, gw) in enumerate(self.grid_sizes):
-                    stages[b].append(xs[b][:, 1:].reshape(x.shape[0], gh, gw, -1))
 
         xs = tuple(LayerNorm(1e-6, name=f"norm_{i}", **kw)(t) for i, t in enumerate(xs))
+        features = {s: t[:, 1:].reshape(x.shape[0], gh, gw, -1)
+                    for s, t, (gh, gw) in zip(self.feature_strides, xs, self.grid_sizes)}
+        if output == "features":
+            return features
         pooled = [t[:, 1:].mean(axis=1) if self.global_pool == "avg" else t[:, 0] for t in xs]
+        pre_logits = jnp.concatenate(pooled, axis=-1)
         pooled = [nn.Dropout(self.drop_rate)(p, deterministic=not train) for p in pooled]
         if self.num_classes:
             heads = [Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
@@ -350,15 +365,7 @@ class CrossViT(nn.Module):
             logits = jnp.mean(jnp.stack(heads, axis=0), axis=0)
         else:
             logits = jnp.concatenate(pooled, axis=-1)
-        if not return_features:
-            return logits
-        maps = [t[:, 1:].reshape(x.shape[0], gh, gw, -1) for t, (gh, gw) in zip(xs, self.grid_sizes)]
-        return {"tokens": xs, "pre_logits": jnp.concatenate(pooled, axis=-1), "feature_maps": tuple(maps),
-                "stages": [m for branch in stages for m in branch], "logits": logits}
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, Any]:
-        """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
-        return self(x, train=train, return_features=True)
+        return select_output(output, features, pre_logits, logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from jaxformers.convert.common import StateDict, conv2d, heads_out, linear, qkv_
 from jaxformers.layers import (Conv, Dense, DropPath, LayerNorm, LePE, Mlp, check_image, dot_product_attention,
                                logical, maybe_remat, to_2tuple, trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -183,7 +184,7 @@ class CSWinBlock(nn.Module):
         return constrain(x, MAP_AXES)
 
 
-class CSWinTransformer(nn.Module):
+class CSWinTransformer(FeatureBackbone):
     """CSWin: conv stem, four stages of cross-shaped window blocks with conv merges, LN-mean head."""
 
     img_size: int | tuple[int, int] = 224
@@ -214,9 +215,11 @@ class CSWinTransformer(nn.Module):
         return full
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
-        """Logits (B, num_classes); with ``return_features`` a dict with ``stage1``..``stage4``
-        (NHWC maps), ``pre_logits`` (pooled, after the final norm) and ``logits``."""
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes); ``output`` selects the dense-feature contract's other outputs
+        (``jaxformers.layers.features``): ``forward_features`` gives the four stage outputs
+        ``{4: ..., 8: ..., 16: ..., 32: ...}`` (NHWC), ``pre_logits`` the pooled (B, D) after the final norm."""
+        check_output(output, "CSWinTransformer")
         if not (len(self.depth) == len(self.num_heads) == len(self.split_size) == 4):
             raise ValueError(f"depth, num_heads and split_size need 4 entries (one per stage); got {self.depth}, "
                              f"{self.num_heads}, {self.split_size}")
@@ -240,19 +243,15 @@ class CSWinTransformer(nn.Module):
                               float(rates[n]), self.attn_drop_rate, self.drop_rate, self.attention_impl,
                               name=f"stage{s + 1}_{j}", **kw)(x, train)
                 n += 1
-            features[f"stage{s + 1}"] = x
+            features[4 * 2 ** s] = x
+        if output == "features":
+            return features
         x = LayerNorm(1e-5, name="norm", **kw)(x)
         pooled = x.mean(axis=(1, 2))
         logits = pooled
         if self.num_classes:
             logits = Dense(self.num_classes, axes=("embed", "classes"), name="head", **kw)(pooled)
-        if not return_features:
-            return logits
-        return {**features, "pre_logits": pooled, "logits": logits}
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
-        return self(x, train=train, return_features=True)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ Local attention: every local layer calls ``local_global_attention(group_size=N)`
 kernel, ``'xla'`` its reference, which computes such group-only masks group by group (N² per
 group, no O((T*N)²) dense mask).
 
-Sizes: the paper's tables could not be retrieved (``shared/papers.md`` §5 marks them [?]) and the
+Sizes: the paper's configuration tables were not available to us and the
 repo ships no FIT configs, so S/B/L are *our* definitions, at ViT-S/B/L widths (384/768/1024, heads
 6/12/16, MLP ratio 4) with equal data and latent widths; S and B use ``"(2)4(2)4(2)"`` (6 local +
 8 global layers), L uses ``"(4)6(4)6(4)"`` (12 local + 12 global). At 224² with 16-px patches the
@@ -46,6 +46,8 @@ Deliberate deviations from the official code:
 - The optional ``y`` prefix input of the official ``FIT.call`` is not implemented.
 - Drop-path rates are constant over layers (as official); LayerNorm eps 1e-6 everywhere.
 - Local attention has no attention dropout (the kernel has none; the official default is 0).
+- ``forward_features`` (the project's dense-feature contract) gives one map, ``{patch_size: the
+  normed data tokens on the patch grid}``; the latents are not spatial and are not returned.
 """
 from __future__ import annotations
 
@@ -57,8 +59,9 @@ import jax.numpy as jnp
 
 from jaxformers.layers import Dense, LayerNorm, check_image, logical, maybe_remat, sincos_2d, to_2tuple, trunc_normal
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.models.fit_layers import (GROUP_ACT, LATENT_ACT, FITCrossAttention, FITLayer, group_grid,
-                                          image_to_groups, parse_layer_spec)
+                                          groups_to_image, image_to_groups, parse_layer_spec)
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -209,7 +212,7 @@ class FITCore(nn.Module):
         return out, cache
 
 
-class FITEncoder(nn.Module):
+class FITEncoder(FeatureBackbone):
     """FIT image encoder with a classification head: NHWC image -> groups of patches -> FITCore."""
 
     img_size: int | tuple[int, int] = 224
@@ -250,15 +253,18 @@ class FITEncoder(nn.Module):
         return gh * gw
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
-        """Logits (B, num_classes), or with ``return_features`` a dict with ``tokens`` (B, T, N, C)
-        and ``latents`` (B, T, M, D) after the output norms, ``pre_logits`` and ``logits``."""
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes); ``output`` selects the dense-feature contract's other outputs
+        (``jaxformers.layers.features``): ``forward_features`` gives ``{patch_size: (B, H/p, W/p, C)}``,
+        the data tokens after their output norm put back on the patch grid (the latents are not
+        spatial and are not returned), ``pre_logits`` the pooled (B, D)."""
+        check_output(output, "FITEncoder")
         if self.pool not in ("auto", "latents", "tokens"):
             raise ValueError(f"pool must be 'auto', 'latents' or 'tokens'; got {self.pool!r}")
         spec = parse_layer_spec(self.layers)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         group = to_2tuple(self.group_size)
-        check_image(x, in_chans=self.in_chans, img_size=self.img_size, divisible_by=self.patch_size)
+        h, w = check_image(x, in_chans=self.in_chans, img_size=self.img_size, divisible_by=self.patch_size)
         t, n = self.num_groups, self.tokens_per_group
         b = x.shape[0]
         x = image_to_groups(x, self.patch_size, group).reshape(b * t, n, -1)
@@ -277,19 +283,17 @@ class FITEncoder(nn.Module):
                              name="core", **kw)(x, train=train)
         x = LayerNorm(1e-6, name="x_output_ln", **kw)(x).reshape(b, t, n, -1)
         latents = LayerNorm(1e-6, name="l_output_ln", **kw)(latents).reshape(b, t, self.latents_per_group, -1)
+        grid = (h // self.patch_size, w // self.patch_size)
+        features = {int(self.patch_size): groups_to_image(x, grid, 1, group)}
+        if output == "features":
+            return features
         pool = self.pool if self.pool != "auto" else ("latents" if spec[-1][1] > 0 else "tokens")
         pooled = latents.mean(axis=(1, 2)) if pool == "latents" else x.mean(axis=(1, 2))
         logits = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
         if self.num_classes:
             logits = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
                            name="head", **kw)(logits)
-        if not return_features:
-            return logits
-        return {"tokens": x, "latents": latents, "pre_logits": pooled, "logits": logits}
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
-        return self(x, train=train, return_features=True)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ gives a padded sequence the same outputs as the unpadded one).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -39,6 +40,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxformers.hf import register_hf_family
 from jaxformers.layers.checks import check_token_ids
@@ -47,6 +49,7 @@ from jaxformers.layers.linear import logical
 from jaxformers.layers.norm import RMSNorm
 from jaxformers.layers.ssm import SSMState, ScanMethod, init_ssm_state, ssm_branch, torch_linear_init
 from jaxformers.models import mamba_convert
+from jaxformers.models.gpt import sample_logits
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -244,18 +247,57 @@ class Mamba(nn.Module):
         return logits, MambaCache(states, cache.index + input_ids.shape[1])
 
 
-def generate(module: Mamba, variables: Any, input_ids: jax.Array, max_new_tokens: int, **sampling: Any) -> jax.Array:
-    """``input_ids`` (B, L) continued by ``max_new_tokens`` tokens (greedy by default; ``temperature``,
-    ``top_k``, ``top_p``, ``rng``, ``eos_token_id``, ``pad_token_id``: see
-    ``jaxformers.text.generation.generate``). The prompt is read by the parallel scan, then one
-    recurrent step per token: constant memory and time per token, whatever the length."""
-    from jaxformers.text.generation import generate as _generate
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "do_sample", "top_k", "top_p",
+                                             "eos_token_id", "pad_token_id"))
+def _generate(module, variables, input_ids, rng, temperature, *, max_new_tokens, do_sample, top_k, top_p,
+              eos_token_id, pad_token_id):
+    batch, prompt = input_ids.shape
+    sample = functools.partial(sample_logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens = jnp.concatenate([input_ids.astype(jnp.int32), jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)],
+                             axis=1)
+    logits, cache = module.apply(variables, input_ids, cache=module.init_cache(batch))
 
+    def body(i, carry):
+        tokens, cache, logits, done = carry
+        tok = sample(logits, jax.random.fold_in(rng, i))
+        if eos_token_id is not None:
+            tok = jnp.where(done, pad_token_id, tok)
+            done = done | (tok == eos_token_id)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], prompt + i, axis=1)
+        out, cache = module.apply(variables, tok[:, None], cache=cache)
+        return tokens, cache, out[:, -1], done
+
+    tokens, *_ = jax.lax.fori_loop(0, max_new_tokens, body, (tokens, cache, logits[:, -1], jnp.zeros((batch,), bool)))
+    return tokens
+
+
+def generate(module: Mamba, variables: Any, input_ids: Any, *, max_new_tokens: int, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
+             eos_token_id: int | None = None, pad_token_id: int | None = None) -> jax.Array:
+    """``input_ids`` (B, L) followed by ``max_new_tokens`` generated tokens, (B, L + max_new_tokens) int32;
+    the options and the sampling (``sample_logits``, step i drawing with ``fold_in(rng, i)``) are those of
+    ``jaxformers.models.gpt.generate``. The prompt is read by the parallel scan, then one recurrent step
+    per token from the ``MambaCache``: constant memory and time per token whatever the length. One
+    jitted program (a ``lax.fori_loop``) per shape and option set."""
+    if not isinstance(module, Mamba):
+        raise TypeError(f"generate needs a Mamba; got {type(module).__name__}")
     input_ids = jnp.asarray(input_ids)
     check_token_ids(input_ids, vocab_size=module.vocab_size)
-    cache = module.init_cache(input_ids.shape[0])
-    return _generate(lambda ids, c: module.apply(variables, ids, cache=c), cache, input_ids, max_new_tokens,
-                     **sampling)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if do_sample:
+        if rng is None:
+            raise ValueError("do_sample=True needs rng (a jax.random.key)")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0 or top_k > module.vocab_size:
+            raise ValueError(f"top_k must be in [0, vocab_size={module.vocab_size}], got {top_k}")
+    pad = pad_token_id if pad_token_id is not None else (module.pad_token_id or 0)
+    return _generate(module, variables, input_ids, jax.random.key(0) if rng is None else rng, jnp.float32(temperature),
+                     max_new_tokens=int(max_new_tokens), do_sample=do_sample, top_k=int(top_k), top_p=float(top_p),
+                     eos_token_id=eos_token_id, pad_token_id=int(pad))
 
 
 # ---------------------------------------------------------------------------------------------

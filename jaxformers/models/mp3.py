@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformers.layers import Dense, LayerNorm, PatchEmbed, TransformerBlock, to_2tuple
+from jaxformers.layers.features import FeatureBackbone, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -56,8 +57,11 @@ def position_loss(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-class MP3(nn.Module):
-    """``__call__(images (B, H, W, C), keep=None)`` -> position logits (B, N, N)."""
+class MP3(FeatureBackbone):
+    """``__call__(images (B, H, W, C), keep=None)`` -> position logits (B, N, N) (``num_classes=0``, the
+    pretraining model). With ``num_classes > 0`` it is a classifier without positions (a head on the
+    mean-pooled tokens) and follows the dense-feature contract (``forward_features`` -> {patch_size:
+    NHWC map}, ``pre_logits``); ``output="positions"`` always gives the position logits."""
 
     img_size: int | tuple[int, int] = 224
     patch_size: int = 16
@@ -67,6 +71,7 @@ class MP3(nn.Module):
     num_heads: int = 6
     mlp_ratio: float = 4.0
     masking_ratio: float = 0.75
+    num_classes: int = 0
     drop_path_rate: float = 0.0
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -77,7 +82,11 @@ class MP3(nn.Module):
         return (h // self.patch_size) * (w // self.patch_size)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, keep: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False, keep: jax.Array | None = None,
+                 output: str | None = None):
+        output = output or ("positions" if self.num_classes == 0 else "logits")
+        if output != "positions":
+            check_output(output, "MP3")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = PatchEmbed(self.embed_dim, self.patch_size, self.in_chans, img_size=self.img_size, name="patch_embed",
                        **kw)(x)
@@ -93,8 +102,18 @@ class MP3(nn.Module):
             x = TransformerBlock(self.num_heads, self.mlp_ratio, drop_path=float(rates[i]), name=f"blocks_{i}",
                                  **kw)(x, train, mask=mask)
         x = LayerNorm(1e-6, name="norm", **kw)(x)
-        x = LayerNorm(1e-6, name="position_norm", **kw)(x)
-        return Dense(n, axes=("embed", "classes"), name="position_head", **kw)(x).astype(jnp.float32)
+        if output == "positions":
+            x = LayerNorm(1e-6, name="position_norm", **kw)(x)
+            return Dense(n, axes=("embed", "classes"), name="position_head", **kw)(x).astype(jnp.float32)
+        gh, gw = (s // self.patch_size for s in to_2tuple(self.img_size))
+        features = {int(self.patch_size): x.reshape(b, gh, gw, -1)}
+        if output == "features":
+            return features
+        pooled = x.mean(axis=1)
+        logits = pooled
+        if self.num_classes:
+            logits = Dense(self.num_classes, axes=("embed", "classes"), name="head", **kw)(pooled).astype(jnp.float32)
+        return select_output(output, features, pooled, logits)
 
 
 def to_vit(module: MP3, variables: Any, num_classes: int, **vit_overrides: Any):
@@ -107,6 +126,8 @@ def to_vit(module: MP3, variables: Any, num_classes: int, **vit_overrides: Any):
                             num_classes=num_classes, embed_dim=module.embed_dim, depth=module.depth,
                             num_heads=module.num_heads, mlp_ratio=module.mlp_ratio, class_token=False,
                             global_pool="avg", fc_norm=False, **vit_overrides)
+    if module.num_classes:
+        raise ValueError("to_vit takes the pretraining model (num_classes=0)")
     params = dict(nn.unbox(variables)["params"])
     shapes = nn.unbox(jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, *to_2tuple(module.img_size),
                                                                            module.in_chans))))["params"]

@@ -25,7 +25,11 @@ Deviations from timm:
 - Images are NHWC; ``pixel_pos`` is stored (1, 4, 4, C) instead of (1, C, 4, 4).
 - timm's attention has separate ``qk`` and ``v`` linears (no bias); the converter concatenates them
   into the fused ``qkv`` layout of the shared ``MultiHeadAttention``, which computes the same thing.
-- The classifier head starts at zero (house style); ``return_features`` adds per-block feature maps.
+- The classifier head starts at zero (house style).
+- ``forward_features`` (the project's dense-feature contract) gives two maps: the last block's
+  pixel words laid out on the image (stride ``first_stride`` = 4: word (i, j) of patch (r, c) is
+  pixel block (4r + i, 4c + j)) and the normed patch tokens (stride 16). timm's per-block
+  ``forward_intermediates`` are not exposed.
 - Patch position tables are resampled for another ``img_size`` as timm's ``checkpoint_filter_fn``
   does (antialiased bicubic).
 """
@@ -43,6 +47,7 @@ from jaxformers.convert.common import StateDict, conv2d, dense_params, fit_pos_e
 from jaxformers.layers import (Conv, Dense, LayerNorm, TransformerBlock, check_image, logical, maybe_remat, to_2tuple,
                                trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -90,7 +95,7 @@ class TNTBlock(nn.Module):
         return pixels, constrain(patches, ACT)
 
 
-class TNT(nn.Module):
+class TNT(FeatureBackbone):
     """Transformer in Transformer (timm ``TNT``)."""
 
     img_size: int | tuple[int, int] = 224
@@ -159,11 +164,14 @@ class TNT(nn.Module):
         return x.reshape(b * gh * gw, wh * ww, self.inner_dim)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
-        """Logits (B, num_classes), or with ``return_features`` a dict of ``tokens`` (patch tokens
-        after the final norm, CLS first), ``pre_logits`` (pooled), ``feature_map`` (normed patch
-        tokens as (B, h, w, D)), ``stages`` (every block's patch tokens as (B, h, w, D), timm's
-        ``forward_intermediates``), ``pixel_tokens`` (the last block's words) and ``logits``."""
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes); ``output`` selects the dense-feature contract's other outputs
+        (``jaxformers.layers.features``): ``forward_features`` gives ``{first_stride: the last
+        block's pixel words as a (B, h * wh, w * ww, inner_dim) map, patch_size: the normed patch
+        tokens as (B, h, w, D)}`` ({4, 16} for TNT-S/B; the word map only when ``first_stride``
+        divides ``patch_size``, so that each word covers ``first_stride`` pixels), ``pre_logits`` the
+        pooled (B, D)."""
+        check_output(output, "TNT")
         self._validate()
         check_image(x, in_chans=self.in_chans, img_size=self.img_size)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -186,27 +194,24 @@ class TNT(nn.Module):
 
         block = maybe_remat(TNTBlock, self.remat)
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
-        stages = []
         for i in range(self.depth):
             pixels, patches = block(self.num_heads_inner, self.num_heads_outer, self.mlp_ratio, self.qkv_bias,
                                     float(rates[i]), self.attn_drop_rate, self.proj_drop_rate, self.legacy,
                                     self.attention_impl, name=f"blocks_{i}", **kw)((pixels, patches), train)
-            if return_features:
-                stages.append(patches[:, 1:].reshape(b, gh, gw, -1))
         patches = LayerNorm(EPS, name="norm", **kw)(patches)
+        features = {int(self.patch_size): patches[:, 1:].reshape(b, gh, gw, -1)}
+        (wh, ww), stride = self.word_grid, self.first_stride
+        if self.patch_size % stride == 0 and stride != self.patch_size:
+            words = pixels.reshape(b, gh, gw, wh, ww, -1).transpose(0, 1, 3, 2, 4, 5)
+            features = {int(stride): words.reshape(b, gh * wh, gw * ww, -1), **features}
+        if output == "features":
+            return features
         pooled = patches[:, 1:].mean(axis=1) if self.global_pool == "avg" else patches[:, 0]
         logits = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
         if self.num_classes:
             logits = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
                            name="head", **kw)(logits)
-        if not return_features:
-            return logits
-        return {"tokens": patches, "pre_logits": pooled, "feature_map": patches[:, 1:].reshape(b, gh, gw, -1),
-                "stages": stages, "pixel_tokens": pixels, "logits": logits}
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, Any]:
-        """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
-        return self(x, train=train, return_features=True)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

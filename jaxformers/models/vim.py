@@ -23,7 +23,7 @@ class-token-position variants of the official file are not built.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,18 +32,17 @@ import numpy as np
 
 from jaxformers.convert.common import StateDict, conv2d, linear
 from jaxformers.layers import Dense, PatchEmbed, RMSNorm, logical, to_2tuple
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.layers.ssm import ScanMethod
 from jaxformers.models.mamba import MambaBlock, _MixerConfig
 from jaxformers.models.mamba_convert import mixer_rows, to_ours
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
-Output = Literal["logits", "features", "pre_logits"]
 
-
-class VisionMamba(nn.Module):
-    """Vim: ``__call__(x (B, H, W, C))`` -> logits; ``output="features"`` -> {patch_size: NHWC map},
-    ``"pre_logits"`` -> the class token (B, D)."""
+class VisionMamba(FeatureBackbone):
+    """Vim: ``__call__(x (B, H, W, C))`` -> logits; the dense-feature contract's ``forward_features`` ->
+    {patch_size: NHWC map}, ``pre_logits`` -> the class token after the final norm (B, D)."""
 
     img_size: int | tuple[int, int] = 224
     patch_size: int = 16
@@ -81,8 +80,7 @@ class VisionMamba(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
-        if output not in ("logits", "features", "pre_logits"):
-            raise ValueError(f"output must be 'logits', 'features' or 'pre_logits'; got {output!r}")
+        check_output(output, "VisionMamba")
         self._check_geometry()
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = PatchEmbed(self.embed_dim, self.patch_size, self.in_chans, img_size=self.img_size, name="patch_embed",
@@ -103,18 +101,16 @@ class VisionMamba(nn.Module):
             x, _ = block(config, self.norm_epsilon, self.residual_in_fp32, True, float(rates[i]),
                          name=f"layers_{i}", **kw)(x, None, None, train)
         x = RMSNorm(self.norm_epsilon, name="norm_f", **kw)(x)
+        gh, gw = self.grid_size
+        patches = jnp.concatenate([x[:, :middle], x[:, middle + 1:]], axis=1)
+        features = {int(self.patch_size): patches.reshape(b, gh, gw, d)}
         if output == "features":
-            gh, gw = self.grid_size
-            patches = jnp.concatenate([x[:, :middle], x[:, middle + 1:]], axis=1)
-            return {int(self.patch_size): patches.reshape(b, gh, gw, d)}
+            return features
         pooled = x[:, middle]
-        if output == "pre_logits" or not self.num_classes:
-            return pooled
-        return Dense(self.num_classes, axes=("embed", "classes"), name="head", **kw)(pooled).astype(jnp.float32)
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
-        """``apply(..., method="forward_features")``: {patch_size: (B, H/p, W/p, D)}."""
-        return self(x, train=train, output="features")
+        logits = pooled
+        if self.num_classes:
+            logits = Dense(self.num_classes, axes=("embed", "classes"), name="head", **kw)(pooled).astype(jnp.float32)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,11 +21,12 @@ import numpy as np
 from jaxformers.convert.common import StateDict, conv2d, fit_pos_embed, linear, timm_block
 from jaxformers.layers import Dense, LayerNorm, PatchEmbed, TransformerBlock, logical, maybe_remat, to_2tuple
 from jaxformers.layers.attention import AttentionImpl
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(FeatureBackbone):
     """ViT: patch embedding, [CLS] + learned positions, pre-norm blocks, final norm, linear head."""
 
     img_size: int | tuple[int, int] = 224
@@ -48,6 +49,7 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # jaxformers.compress.binary.BinaryRecipe (e.g. BIVIT): binarized blocks
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -59,9 +61,11 @@ class VisionTransformer(nn.Module):
         return int(self.class_token)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
-        """Logits (B, num_classes), or with ``return_features`` a dict of ``tokens`` (after the final
-        norm), ``pre_logits`` (pooled), ``feature_map`` (patch tokens as (B, h, w, D)) and ``logits``."""
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes); ``output`` selects the dense-feature contract's other outputs
+        (``jaxformers.layers.features``): ``forward_features`` gives ``{patch_size: (B, h, w, D)}``,
+        the patch tokens after the final norm (no class token), ``pre_logits`` the pooled (B, D)."""
+        check_output(output, "VisionTransformer")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -82,11 +86,15 @@ class VisionTransformer(nn.Module):
         for i in range(self.depth):
             x = block(self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]), self.attn_drop_rate,
                       self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
-                      name=f"blocks_{i}", **kw)(x, train)
+                      binary=self.binary, name=f"blocks_{i}", **kw)(x, train)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = LayerNorm(1e-6, name="norm", **kw)(x)
         patches = x[:, self.num_prefix_tokens:]
+        gh, gw = self.grid_size
+        features = {int(self.patch_size): patches.reshape(b, gh, gw, -1)}
+        if output == "features":
+            return features
         pooled = x[:, 0] if self.global_pool == "token" else patches.mean(axis=1)
         if use_fc_norm:
             pooled = LayerNorm(1e-6, name="fc_norm", **kw)(pooled)
@@ -94,14 +102,7 @@ class VisionTransformer(nn.Module):
         if self.num_classes:
             logits = Dense(self.num_classes, axes=("embed", "classes"), kernel_init=nn.initializers.zeros_init(),
                            name="head", **kw)(logits)
-        if not return_features:
-            return logits
-        gh, gw = self.grid_size
-        return {"tokens": x, "pre_logits": pooled, "feature_map": patches.reshape(b, gh, gw, -1), "logits": logits}
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """``apply(..., method="forward_features")``: the feature dict of ``__call__``."""
-        return self(x, train=train, return_features=True)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

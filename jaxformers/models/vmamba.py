@@ -26,7 +26,7 @@ not built. Odd feature maps are zero-padded before patch merging as the official
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,11 +36,11 @@ import numpy as np
 from jaxformers.convert.common import StateDict, conv2d, linear
 from jaxformers.layers import Conv, Dense, DropPath, LayerNorm, logical
 from jaxformers.layers.checks import check_image
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.layers.ssm import ScanMethod, a_log_init, dt_bias_init, selective_scan, torch_linear_init
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
-Output = Literal["logits", "features", "pre_logits"]
 DIRECTIONS = 4
 
 
@@ -149,13 +149,14 @@ class PatchMerging2D(nn.Module):
         return Dense(2 * c, use_bias=False, axes=("embed", "embed"), name="reduction", **kw)(x)
 
 
-class VMamba(nn.Module):
-    """VSSM backbone + classifier; ``output="features"`` -> {4, 8, 16, 32}: NHWC stage outputs."""
+class VMamba(FeatureBackbone):
+    """VSSM backbone + classifier; ``forward_features`` -> {4, 8, 16, 32}: NHWC stage outputs (before
+    merging); ``pre_logits`` -> normed, average-pooled (B, C)."""
 
     num_classes: int = 1000
     in_chans: int = 3
     patch_size: int = 4
-    depths: Sequence[int] = (2, 2, 9, 2)
+    depth: Sequence[int] = (2, 2, 9, 2)  # blocks per stage
     dims: int | Sequence[int] = 96
     state_size: int = 16
     ssm_ratio: float = 2.0
@@ -169,13 +170,12 @@ class VMamba(nn.Module):
     @property
     def stage_dims(self) -> tuple[int, ...]:
         if isinstance(self.dims, int):
-            return tuple(self.dims * 2 ** i for i in range(len(self.depths)))
+            return tuple(self.dims * 2 ** i for i in range(len(self.depth)))
         return tuple(self.dims)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
-        if output not in ("logits", "features", "pre_logits"):
-            raise ValueError(f"output must be 'logits', 'features' or 'pre_logits'; got {output!r}")
+        check_output(output, "VMamba")
         check_image(x, in_chans=self.in_chans, divisible_by=self.patch_size)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dims = self.stage_dims
@@ -184,28 +184,25 @@ class VMamba(nn.Module):
         x = Conv(dims[0], (p, p), strides=p, padding="VALID", axes=(None, "embed"),
                  kernel_init=_uniform(bound), name="patch_embed_proj", **kw)(x)
         x = LayerNorm(1e-5, name="patch_embed_norm", **kw)(x)
-        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depth))
         block = nn.remat(VSSBlock, static_argnums=(2,)) if self.remat else VSSBlock
         features, k = {}, 0
-        for i, depth in enumerate(self.depths):
-            for j in range(depth):
+        for i, n_blocks in enumerate(self.depth):
+            for j in range(n_blocks):
                 x = block(float(rates[k]), self.state_size, self.ssm_ratio, self.scan, self.chunk_size,
                           name=f"layers_{i}_blocks_{j}", **kw)(x, train)
                 k += 1
             features[p * 2 ** i] = x
-            if i < len(self.depths) - 1:
+            if i < len(self.depth) - 1:
                 x = PatchMerging2D(name=f"layers_{i}_downsample", **kw)(x)
         if output == "features":
             return features
         x = LayerNorm(1e-5, name="norm", **kw)(x)
         pooled = x.mean(axis=(1, 2))
-        if output == "pre_logits" or not self.num_classes:
-            return pooled
-        return Dense(self.num_classes, axes=("embed", "classes"), name="head", **kw)(pooled).astype(jnp.float32)
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
-        """``apply(..., method="forward_features")``: {4, 8, 16, 32} -> (B, H/s, W/s, C_s)."""
-        return self(x, train=train, output="features")
+        logits = pooled
+        if self.num_classes:
+            logits = Dense(self.num_classes, axes=("embed", "classes"), name="head", **kw)(pooled).astype(jnp.float32)
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +234,8 @@ def convert_vmamba(sd: StateDict, model: VMamba, expected: dict[str, tuple] | No
         out["params/head/kernel"] = linear(get("classifier.head.weight"))
         out["params/head/bias"] = get("classifier.head.bias")
     e_of = [int(model.ssm_ratio * c) for c in model.stage_dims]
-    for i, depth in enumerate(model.depths):
-        for j in range(depth):
+    for i, n_blocks in enumerate(model.depth):
+        for j in range(n_blocks):
             o, t = f"params/layers_{i}_blocks_{j}/", f"layers.{i}.blocks.{j}."
             e = e_of[i]
             out.update({o + "norm/scale": get(t + "norm.weight"), o + "norm/bias": get(t + "norm.bias")})
@@ -255,7 +252,7 @@ def convert_vmamba(sd: StateDict, model: VMamba, expected: dict[str, tuple] | No
             out[o + "op/out_norm/scale"] = get(t + "op.out_norm.weight")
             out[o + "op/out_norm/bias"] = get(t + "op.out_norm.bias")
             out[o + "op/out_proj/kernel"] = linear(get(t + "op.out_proj.weight"))
-        if i < len(model.depths) - 1:
+        if i < len(model.depth) - 1:
             o, t = f"params/layers_{i}_downsample/", f"layers.{i}.downsample."
             out.update({o + "norm/scale": get(t + "norm.weight"), o + "norm/bias": get(t + "norm.bias"),
                         o + "reduction/kernel": linear(get(t + "reduction.weight"))})
@@ -268,9 +265,9 @@ def convert_vmamba(sd: StateDict, model: VMamba, expected: dict[str, tuple] | No
 # B are the same code at the paper's Table 3 sizes (the repository lists 44M and 76M).
 
 VARIANTS = {
-    "vmamba_tiny": dict(depths=(2, 2, 9, 2), dims=96, drop_path_rate=0.2),
-    "vmamba_small": dict(depths=(2, 2, 27, 2), dims=96, drop_path_rate=0.3),
-    "vmamba_base": dict(depths=(2, 2, 27, 2), dims=128, drop_path_rate=0.6),
+    "vmamba_tiny": dict(depth=(2, 2, 9, 2), dims=96, drop_path_rate=0.2),
+    "vmamba_small": dict(depth=(2, 2, 27, 2), dims=96, drop_path_rate=0.3),
+    "vmamba_base": dict(depth=(2, 2, 27, 2), dims=128, drop_path_rate=0.6),
 }
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxformers.layers import MultiHeadAttention, dot_product_attention, segment_mask
-from tests.helpers import on_fake_gpu
+from tests.helpers import numpy_variables, on_fake_gpu
 
 
 def _naive(q, k, v, mask=None, bias=None, scale=None):
@@ -139,20 +139,13 @@ def test_mha_attention_fn_replaces_the_pattern_keeping_params():
         windowed.apply(v, x, mask=jnp.ones((1, 1, 9, 9), bool))
 
 
-def _perturbed_mha_params(mha, x, seed=0):
-    """Initialised params plus noise (zero-initialised biases would hide bias bugs)."""
-    params = nn.unbox(jax.jit(mha.init)(jax.random.key(seed), x))["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda p: np.asarray(p) + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
-
-
 def test_mha_kv_cache_decoding_equals_causal_attention():
     from jaxformers.layers.attention import KVCache, init_kv_cache
 
     b, length, dim, heads, max_len = 2, 7, 12, 3, 9  # the cache is longer than the sequence
     x = jax.random.normal(jax.random.key(0), (b, length, dim))
     mha = MultiHeadAttention(num_heads=heads)
-    params = {"params": _perturbed_mha_params(mha, x)}
+    params = numpy_variables(mha, x)
     causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
     want = np.asarray(jax.jit(lambda x: mha.apply(params, x, mask=causal))(x))
 
@@ -201,3 +194,17 @@ def test_mha_kv_cache_bad_inputs_raise_clear_errors():
     # traced indices cannot be checked: the caller keeps index + steps <= max_len (documented)
     out, cache = jax.jit(lambda c: mha.apply(params, x, cache=c))(good._replace(index=jnp.asarray(2)))
     assert out.shape == x.shape and int(cache.index) == 3
+
+
+def test_causal_attention_equals_a_lower_triangular_mask():
+    """``causal=True`` is the lower-triangular mask, on XLA and in the Pallas kernel, with segments too."""
+    from jaxformers.layers import causal_mask
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 2, 8)) for i in range(3))
+    seg = jnp.asarray([[1] * 9 + [2] * 7, [1] * 16])
+    tril = jnp.tril(jnp.ones((16, 16), bool))[None, None]
+    np.testing.assert_array_equal(causal_mask(16), tril)
+    ref = dot_product_attention(q, k, v, mask=tril, segment_ids=seg)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, causal=True, segment_ids=seg), ref, atol=1e-6)
+    pallas = dot_product_attention(q, k, v, causal=True, segment_ids=seg, implementation="pallas")
+    np.testing.assert_allclose(pallas, ref, atol=1e-5)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxformers import layers as L
+from tests.helpers import fast_jit
 
 
 def test_mlp_shapes_and_axes():
@@ -134,7 +135,7 @@ def test_grouped_conv_gradients_under_a_mesh_equal_one_device(mesh_axes):
         want = jax.grad(loss, argnums=(0, 1))(variables, x)
         mesh = sharding.make_mesh(mesh_axes)
         with sharding.activate(mesh):
-            got = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, sharding.shard_batch(x, mesh))
+            got = fast_jit(jax.grad(loss, argnums=(0, 1)))(variables, sharding.shard_batch(x, mesh))
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
 

@@ -12,6 +12,7 @@ from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.bert import Bert, from_pretrained, positions_in_segments, save_pretrained
 from jaxformers.text import pack_sequences, pad_sequences, segment_index, unpack
 from jaxformers.text.hf_config import ConfigError
+from tests.helpers import fast_jit, numpy_variables
 
 TINY = dict(vocab_size=67, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=24)
@@ -27,13 +28,6 @@ PUBLISHED = {
     ("bioformer_16l", "pretraining"): 41_699_074,
     ("minilm_l6", "embedding"): 22_713_216,           # BertModel incl. pooler (the checkpoint's tensors)
 }
-
-
-def _perturbed(module, ids, seed=0):
-    """Initialised and perturbed (zero biases / unit LayerNorms would hide mix-ups); numpy noise."""
-    v = nn.unbox(jax.jit(module.init)(jax.random.key(seed), ids))
-    rng = np.random.RandomState(seed)
-    return jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), v)
 
 
 def test_param_counts_equal_published():
@@ -82,9 +76,9 @@ def test_packed_equals_padded_per_sequence(model_type):
     padded = pad_sequences(seqs, pad_id=pad_id, token_type_ids=types if model_type == "bert" else None)
     assert packed.input_ids.shape[0] < len(seqs) and packed.fill > 0.7
     module = Bert(**{**TINY, **extra}, head="pretraining", add_pooler=True)
-    variables = _perturbed(module, jnp.asarray(padded["input_ids"]))
+    variables = numpy_variables(module, jnp.asarray(padded["input_ids"]))
     S = packed.num_segments
-    run = jax.jit(lambda v, b, **kw: module.apply(v, **b, return_features=True, **kw), static_argnames="num_segments")
+    run = fast_jit(lambda v, b, **kw: module.apply(v, **b, return_features=True, **kw), static_argnames="num_segments")
     out_packed = run(variables, {k: jnp.asarray(v) for k, v in packed.model_inputs().items()}, num_segments=S)
     out_padded = run(variables, {k: jnp.asarray(v) for k, v in padded.items()})
     for key in ("last_hidden_state", "mlm_logits"):
@@ -102,8 +96,8 @@ def test_packed_sentence_embeddings_equal_padded():
     seqs = [list(rng.randint(3, TINY["vocab_size"], n)) for n in (6, 3, 9, 4)]
     packed, padded = pack_sequences(seqs, 12), pad_sequences(seqs)
     module = Bert(**TINY, head="embedding")
-    variables = _perturbed(module, jnp.asarray(padded["input_ids"]))
-    run = jax.jit(lambda v, ids, **kw: module.apply(v, ids, **kw), static_argnames="num_segments")
+    variables = numpy_variables(module, jnp.asarray(padded["input_ids"]))
+    run = fast_jit(lambda v, ids, **kw: module.apply(v, ids, **kw), static_argnames="num_segments")
     emb_padded = run(variables, padded["input_ids"], attention_mask=padded["attention_mask"])
     emb_packed = run(variables, packed.input_ids, segment_ids=packed.segment_ids, num_segments=packed.num_segments)
     for i, (r, slot) in enumerate(segment_index(packed.placements)):
@@ -123,7 +117,7 @@ def test_sharded_equals_single_device():
     emb = sharded["params"]["embeddings"]["word_embeddings"]["embedding"]
     assert not emb.sharding.is_fully_replicated  # vocab x embed split over tensor x fsdp
     single = jax.device_get(sharded)
-    fn = jax.jit(lambda v, i, m: module.apply(v, i, attention_mask=m))
+    fn = fast_jit(lambda v, i, m: module.apply(v, i, attention_mask=m))
     ref = fn(single, ids, mask)
     with activate(mesh):
         out = fn(sharded, *shard_batch((ids, mask), mesh))
@@ -135,10 +129,10 @@ def test_local_global_attention_option():
     ids = jnp.asarray(np.random.RandomState(2).randint(3, TINY["vocab_size"], (2, 20)))
     one_layer = {**TINY, "num_hidden_layers": 1}
     dense = Bert(**one_layer)
-    variables = _perturbed(dense, ids)
+    variables = numpy_variables(dense, ids)
 
     def run(module, x):
-        return jax.jit(lambda v, x: module.apply(v, x)["last_hidden_state"])(variables, x)
+        return fast_jit(lambda v, x: module.apply(v, x)["last_hidden_state"])(variables, x)
 
     ref = run(dense, ids)
     wide = run(Bert(**one_layer, attention_window=32, global_tokens=1), ids)
@@ -154,7 +148,7 @@ def test_local_global_attention_option():
 def test_bad_inputs_raise_clear_errors(tmp_path):
     module = Bert(**TINY)
     ids = jnp.zeros((1, 5), jnp.int32)
-    variables = nn.unbox(jax.jit(module.init)(jax.random.key(0), ids))
+    variables = nn.unbox(fast_jit(module.init)(jax.random.key(0), ids))
     with pytest.raises(ValueError, match=r"input_ids holds ids in \[0, 67\].*67 entries"):
         module.apply(variables, ids.at[0, 2].set(67))
     with pytest.raises(ValueError, match="input_ids has length 25 but the position table holds 24"):
@@ -196,9 +190,9 @@ def test_pallas_kernel_paths_equal_xla():
     ids = jnp.asarray(np.random.RandomState(3).randint(3, TINY["vocab_size"], (2, 20)))
     mask = jnp.asarray((np.arange(20)[None] < np.array([[20], [13]])).astype(np.int32))
     valid = np.asarray(mask).astype(bool)
-    variables = _perturbed(Bert(**cfg), ids)
+    variables = numpy_variables(Bert(**cfg), ids)
     for extra in ({}, {"attention_window": 3, "global_tokens": 2}):
-        ref, out = (jax.jit(lambda v, m=Bert(**cfg, **extra, attention_impl=impl): m.apply(v, ids, mask))(variables)
+        ref, out = (fast_jit(lambda v, m=Bert(**cfg, **extra, attention_impl=impl): m.apply(v, ids, mask))(variables)
                     for impl in ("xla", "pallas"))
         np.testing.assert_allclose(np.asarray(out["last_hidden_state"])[valid],
                                    np.asarray(ref["last_hidden_state"])[valid], atol=1e-5)
@@ -210,7 +204,7 @@ def test_cross_encoder_is_the_one_label_classifier_and_legacy_names_load():
 
     ids = jnp.asarray(np.random.RandomState(4).randint(3, TINY["vocab_size"], (3, 9)))
     clf = Bert(**TINY, head="classification", num_labels=1)
-    variables = _perturbed(clf, ids)
+    variables = numpy_variables(clf, ids)
     cross = Bert(**TINY, head="cross_encoder")
     np.testing.assert_allclose(cross.apply(variables, ids), clf.apply(variables, ids)[:, 0], atol=1e-6)
     assert cross.num_classes == 1 and clf.num_classes == 1

@@ -14,7 +14,7 @@ from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.biformer import BiFormerBlock, BiLevelRoutingAttentionLayer, stage_resolutions
 from jaxformers.registry import count_params
 from jaxformers.sharding import make_mesh, unsharded_params
-from tests.helpers import (assert_every_param_has_gradient, assert_sharded_grads_match, digits, image,
+from tests.helpers import (assert_sharded_grads_match, digits, fast_jit, image, train_classifier,
                            model_and_features, needs_mosaic_gpu_interpreter, numpy_variables, random_params,
                            shard_like_init, single_and_sharded)
 
@@ -48,12 +48,14 @@ def test_param_counts_equal_official_implementation():
 
 
 def test_forward_shapes_features_and_batch_stats(tiny):
-    model, variables, feats = tiny
-    assert {k: v.shape for k, v in feats.items()} == {
-        "stage1": (2, 16, 16, 16), "stage2": (2, 8, 8, 32), "stage3": (2, 4, 4, 64), "stage4": (2, 2, 2, 64),
-        "pre_logits": (2, 64), "logits": (2, 10)}
-    assert bool(jnp.all(jnp.isfinite(feats["logits"])))
-    assert float(jnp.std(feats["logits"][0] - feats["logits"][1])) > 1e-4
+    model, variables, out = tiny
+    assert {k: v.shape for k, v in out.features.items()} == {
+        4: (2, 16, 16, 16), 8: (2, 8, 8, 32), 16: (2, 4, 4, 64), 32: (2, 2, 2, 64)}
+    assert out.pre_logits.shape == (2, 64) and out.logits.shape == (2, 10)
+    head = variables["params"]["head"]
+    np.testing.assert_allclose(out.pre_logits @ head["kernel"] + head["bias"], out.logits, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(out.logits)))
+    assert float(jnp.std(out.logits[0] - out.logits[1])) > 1e-4
     assert set(variables["batch_stats"]) == {"stem", "downsample1", "downsample2", "downsample3", "norm"}
     assert jax.eval_shape(model.apply, variables, image(2, 64)).shape == (2, 10)
     # Training mode normalises with batch statistics and returns updated running ones.
@@ -127,7 +129,7 @@ def test_block_matches_dense_masked_reference(shape, heads, n_win, topk):
     block = BiFormerBlock(num_heads=heads, n_win=n_win, topk=topk)
     x = jax.random.normal(jax.random.key(2), (2,) + shape + (16,))
     params = random_params(block, x)
-    out = np.asarray(jax.jit(block.apply)({"params": params}, x))
+    out = np.asarray(fast_jit(block.apply)({"params": params}, x))
     ref = _np_block(params, np.asarray(x, np.float64), heads, n_win, topk)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
     if topk != -2:  # the routing matters: full attention would give another answer
@@ -243,7 +245,7 @@ def test_sharded_equals_single_device(tiny):
     sharded_vars = shard_like_init(model, variables, x, mesh)
     assert unsharded_params(sharded_vars, mesh, min_size=4096) == []  # fsdp really splits the large params
     # Training mode: the BatchNorm statistics must be global over the sharded batch.
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    fwd = fast_jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     (single, single_stats), (sharded, sharded_stats) = single_and_sharded(fwd, variables, sharded_vars, x, mesh)
     assert float(jnp.std(single)) > 1e-3
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
@@ -259,30 +261,9 @@ def test_train_steps_reduce_the_loss_and_grad_reaches_every_parameter():
                             n_win=2, topks=(1, 2, 4, -2), num_classes=10, drop_path_rate=0.1, remat=True)
     x, y = digits()
     variables = numpy_variables(model, x[:2])
-    params, stats = variables["params"], variables["batch_stats"]
-    tx = optax.adamw(3e-3)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(params, stats, opt, rng):
-        def loss_fn(p):
-            logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"],
-                                      rngs={"dropout": rng})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
-        (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), stats, opt, loss, g
-
-    losses = []
-    first_stats = stats
-    for i in range(12):
-        params, stats, opt, loss, grads = step(params, stats, opt, jax.random.key(i))
-        losses.append(float(loss))
-        if i == 0:
-            assert_every_param_has_gradient(grads)
-    assert np.all(np.isfinite(losses))
+    losses, trained = train_classifier(model, variables, x, y, steps=12, tx=optax.adamw(3e-3))
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
-    assert not np.allclose(stats["norm"]["mean"], first_stats["norm"]["mean"])  # running stats move
+    assert not np.allclose(trained["batch_stats"]["norm"]["mean"], variables["batch_stats"]["norm"]["mean"])
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
@@ -342,9 +323,9 @@ def test_pallas_attention_matches_xla():
         xla = BiLevelRoutingAttentionLayer(2, n_win=2, topk=topk)
         pallas = BiLevelRoutingAttentionLayer(2, n_win=2, topk=topk, attention_impl="pallas")
         params = {"params": random_params(xla, x)}
-        np.testing.assert_allclose(jax.jit(pallas.apply)(params, x), jax.jit(xla.apply)(params, x),
+        np.testing.assert_allclose(fast_jit(pallas.apply)(params, x), fast_jit(xla.apply)(params, x),
                                    rtol=1e-5, atol=1e-5)
         if topk > 0:
-            grad = lambda m: jax.jit(jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1)))  # noqa: E731
+            grad = lambda m: fast_jit(jax.grad(lambda p, x: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1)))  # noqa: E731
             for a, b in zip(jax.tree_util.tree_leaves(grad(pallas)(params, x)), jax.tree_util.tree_leaves(grad(xla)(params, x))):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

@@ -132,11 +132,11 @@ def test_features_and_attention_switch():
     model = jf.create_model("crossvit_9_dagger_240", **{**FAST, "img_size": 120})
     x = image(2, 120)
     params = init_variables(model, 120, perturbed=True)["params"]
-    feats = fast_jit(lambda p, x: model.apply({"params": p}, x, method="forward_features"))(params, x)
-    assert [f.shape for f in feats["stages"]] == [(2, 10, 10, 16), (2, 7, 7, 32)]
-    assert [f.shape for f in feats["feature_maps"]] == [(2, 10, 10, 16), (2, 7, 7, 32)]
-    assert feats["pre_logits"].shape == (2, 48) and feats["logits"].shape == (2, 10)
-    assert np.abs(np.asarray(feats["logits"])).max() > 0.01
+    out = fast_jit(lambda p, x: model.apply({"params": p}, x, output="all"))(params, x)
+    # one map per branch, keyed by its effective stride: 12 (patch 12) and round(16 * 240 / 224) = 17
+    assert {k: v.shape for k, v in out.features.items()} == {12: (2, 10, 10, 16), 17: (2, 7, 7, 32)}
+    assert out.pre_logits.shape == (2, 48) and out.logits.shape == (2, 10)
+    assert np.abs(np.asarray(out.logits)).max() > 0.01
     headless = jf.create_model("crossvit_9_240", **{**FAST, "num_classes": 0})
     logits, _ = jax.eval_shape(lambda: headless.init_with_output(jax.random.key(0), image(2, 48)))
     assert logits.shape == (2, 48)  # pre-logits of both branches, as timm with num_classes=0

@@ -14,8 +14,9 @@ from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.models.cswin import CSWinBlock, stripe_attention
 from jaxformers.registry import count_params
 from jaxformers.sharding import make_mesh, unsharded_params
-from tests.helpers import (assert_every_param_has_gradient, assert_sharded_grads_match, digits, image,
-                           model_and_features, numpy_variables, random_params, shard_like_init, single_and_sharded)
+from tests.helpers import (assert_every_param_has_gradient, assert_sharded_grads_match, digits, fast_jit, image,
+                           model_and_features, numpy_variables, random_params, shard_like_init,
+                           single_and_sharded)
 
 # Exact counts of the official implementation (microsoft/CSWin-Transformer models/cswin.py, 1000
 # classes): sum of numel over the parameters of its modules, derived from its structure (stem conv
@@ -64,12 +65,14 @@ def test_registered_variants_and_layout():
 
 
 def test_forward_shapes_and_features(tiny):
-    model, variables, feats = tiny
-    assert {k: v.shape for k, v in feats.items()} == {
-        "stage1": (2, 16, 16, 16), "stage2": (2, 8, 8, 32), "stage3": (2, 4, 4, 64), "stage4": (2, 2, 2, 128),
-        "pre_logits": (2, 128), "logits": (2, 10)}
-    assert bool(jnp.all(jnp.isfinite(feats["logits"])))
-    assert float(jnp.std(feats["logits"][0] - feats["logits"][1])) > 1e-4  # the images are told apart
+    model, variables, out = tiny
+    assert {k: v.shape for k, v in out.features.items()} == {
+        4: (2, 16, 16, 16), 8: (2, 8, 8, 32), 16: (2, 4, 4, 64), 32: (2, 2, 2, 128)}
+    assert out.pre_logits.shape == (2, 128) and out.logits.shape == (2, 10)
+    head = variables["params"]["head"]
+    np.testing.assert_allclose(out.pre_logits @ head["kernel"] + head["bias"], out.logits, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(out.logits)))
+    assert float(jnp.std(out.logits[0] - out.logits[1])) > 1e-4  # the images are told apart
     assert jax.eval_shape(model.apply, variables, image(2, 64)).shape == (2, 10)
     # Other sizes run with the same layout (stripes over the actual resolution).
     assert jax.eval_shape(model.apply, variables, image(1, 128)).shape == (1, 10)
@@ -92,7 +95,7 @@ def _dense_stripe_reference(q, k, v, window, scale):
 def test_stripe_attention_matches_dense_masked_reference(shape, window):
     keys = jax.random.split(jax.random.key(1), 3)
     q, k, v = (jax.random.normal(kk, (2,) + shape + (3, 4)) for kk in keys)
-    both = jax.jit(lambda q, k, v: (stripe_attention(q, k, v, window=window, scale=0.5),
+    both = fast_jit(lambda q, k, v: (stripe_attention(q, k, v, window=window, scale=0.5),
                                     _dense_stripe_reference(q, k, v, window, 0.5)))
     out, ref = both(q, k, v)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -147,7 +150,7 @@ def test_block_matches_masked_reference(shape, split, full):
     block = CSWinBlock(num_heads=4, split_size=split, full_attention=full)
     x = jax.random.normal(jax.random.key(2), (2,) + shape + (16,))
     params = random_params(block, x)
-    out, ref = jax.jit(lambda p, x: (block.apply({"params": p}, x), _reference_block(p, x, 4, split, full)))(params, x)
+    out, ref = fast_jit(lambda p, x: (block.apply({"params": p}, x), _reference_block(p, x, 4, split, full)))(params, x)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -252,7 +255,7 @@ def test_sharded_equals_single_device(tiny):
     x = image(4, 64)
     sharded_vars = shard_like_init(model, variables, x, mesh)
     assert unsharded_params(sharded_vars, mesh, min_size=4096) == []  # fsdp really splits the large params
-    fwd = jax.jit(model.apply)
+    fwd = fast_jit(model.apply)
     single, sharded = single_and_sharded(fwd, variables, sharded_vars, x, mesh)
     assert float(jnp.std(single)) > 1e-3  # the logits differ between images (no degenerate head)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
@@ -292,7 +295,7 @@ def test_drop_path_is_random_in_training_only(tiny):
     variables = tiny[1]
     x = image(2, 64)
     drop = jf.create_model("cswin_tiny_224", **TINY, drop_path_rate=0.5)
-    run = jax.jit(lambda v, x, r, train: drop.apply(v, x, train=train, rngs={"dropout": r}), static_argnums=3)
+    run = fast_jit(lambda v, x, r, train: drop.apply(v, x, train=train, rngs={"dropout": r}), static_argnums=3)
     a, b = run(variables, x, jax.random.key(0), True), run(variables, x, jax.random.key(1), True)
     assert not np.allclose(a, b)
 
@@ -318,6 +321,6 @@ def test_pallas_attention_matches_xla():
     """``attention_impl="pallas"`` sends the stripe attention to the Pallas kernel (interpret mode on CPU)."""
     x = jax.random.normal(jax.random.key(7), (1, 8, 8, 16))
     params = {"params": random_params(CSWinBlock(num_heads=4, split_size=2), x)}
-    xla = jax.jit(CSWinBlock(num_heads=4, split_size=2).apply)(params, x)
-    pallas = jax.jit(CSWinBlock(num_heads=4, split_size=2, attention_impl="pallas").apply)(params, x)
+    xla = fast_jit(CSWinBlock(num_heads=4, split_size=2).apply)(params, x)
+    pallas = fast_jit(CSWinBlock(num_heads=4, split_size=2, attention_impl="pallas").apply)(params, x)
     np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)

@@ -20,13 +20,7 @@ from jaxformers.models.fit_diffusion import FITDenoiser, ddpm_loss, ddpm_sample_
 from jaxformers.models.fit_layers import (chunk_causal_mask, group_grid, groups_to_image, image_to_groups,
                                           local_attention, parse_layer_spec)
 from jaxformers.sharding import activate, logical_shardings, make_mesh, shard_batch
-
-
-def _perturb(tree, seed=0, scale=0.05):
-    """Adds host-side Gaussian noise to every leaf (numpy: no per-leaf PRNG programs to compile), so
-    zero-initialised heads and biases cannot make outputs trivially equal."""
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda x: np.asarray(x) + scale * rng.standard_normal(x.shape).astype(np.float32), tree)
+from tests.helpers import fast_jit, perturb
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +108,8 @@ def test_local_attention_equals_block_diagonal_dense(causal):
     t, n, c = 3, 5, 16
     x = jax.random.normal(jax.random.key(1), (2 * t, n, c))
     layer = _local_layer(t, causal)
-    params = _perturb(nn.unbox(jax.jit(layer.init)(jax.random.key(2), x))["params"])
-    out = jax.jit(layer.apply)({"params": params}, x)
+    params = perturb(nn.unbox(fast_jit(layer.init)(jax.random.key(2), x))["params"], seed=0)
+    out = fast_jit(layer.apply)({"params": params}, x)
     np.testing.assert_allclose(out, _dense_block_diagonal(params, x, t, causal), rtol=1e-5, atol=1e-5)
 
 
@@ -124,9 +118,9 @@ def test_local_attention_pallas_path_equals_xla():
     t, n, c = 2, 16, 32
     x = jax.random.normal(jax.random.key(3), (2 * t, n, c))
     layer = _local_layer(t, True)
-    params = _perturb(nn.unbox(jax.jit(layer.init)(jax.random.key(4), x))["params"])
-    ref = jax.jit(layer.apply)({"params": params}, x)
-    out = jax.jit(_local_layer(t, True, "pallas").apply)({"params": params}, x)
+    params = perturb(nn.unbox(fast_jit(layer.init)(jax.random.key(4), x))["params"], seed=0)
+    ref = fast_jit(layer.apply)({"params": params}, x)
+    out = fast_jit(_local_layer(t, True, "pallas").apply)({"params": params}, x)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
@@ -143,7 +137,7 @@ def _tiny_encoder(**kw):
 @pytest.fixture(scope="module")
 def encoder_setup():
     model = _tiny_encoder()
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 8, 8, 1))))["params"]
+    params = nn.unbox(fast_jit(model.init)(jax.random.key(0), jnp.zeros((2, 8, 8, 1))))["params"]
     return model, params
 
 
@@ -152,10 +146,11 @@ def test_encoder_shapes_features_and_bad_input(encoder_setup):
     x = jnp.zeros((2, 8, 8, 1))
     variables = {"params": params}
     assert model.num_groups == 4
-    feats = jax.jit(lambda v, x: model.apply(v, x, method="forward_features"))(variables, x)
-    assert feats["logits"].shape == (2, 10)
-    assert feats["tokens"].shape == (2, 4, 4, 32) and feats["latents"].shape == (2, 4, 2, 48)
-    assert feats["pre_logits"].shape == (2, 32)  # spec ends with local layers: tokens are pooled
+    out = fast_jit(lambda v, x: model.apply(v, x, output="all"))(variables, x)
+    assert out.logits.shape == (2, 10)
+    assert {k: v.shape for k, v in out.features.items()} == {2: (2, 4, 4, 32)}  # 2x2 groups of 2x2 patches
+    assert out.pre_logits.shape == (2, 32)  # spec ends with local layers: tokens are pooled
+    np.testing.assert_allclose(out.pre_logits, out.features[2].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="channels"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 8, 8, 3)))
     with pytest.raises(ValueError, match="img_size"):
@@ -167,8 +162,8 @@ def test_encoder_shapes_features_and_bad_input(encoder_setup):
     abstract = jax.eval_shape(bf16.init, jax.random.key(0), x)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(nn.unbox(abstract)))
     assert "x_pos_emb" not in abstract["params"]
-    out = jax.eval_shape(lambda v: bf16.apply(v, x, return_features=True), nn.unbox(abstract))
-    assert out["tokens"].dtype == jnp.bfloat16 and out["pre_logits"].shape == (2, 48)
+    out = jax.eval_shape(lambda v: bf16.apply(v, x, output="all"), nn.unbox(abstract))
+    assert out.features[2].dtype == jnp.bfloat16 and out.pre_logits.shape == (2, 48)
 
 
 def test_registered_variants():
@@ -216,16 +211,16 @@ def test_encoder_sharded_over_groups_equals_single_device(encoder_setup):
     """data=2, fsdp=2, tensor=2 with remat: the (B*T, N, C) group axis is split over data x fsdp, heads
     over tensor; loss, features and gradients equal the single-device, non-remat computation."""
     model, params = encoder_setup
-    params = _perturb(params, seed=3)
+    params = perturb(params, seed=3)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     x = jax.random.normal(jax.random.key(5), (4, 8, 8, 1))
     y = jnp.arange(4)
 
     def loss_and_grads(model):
         def f(p, x):
-            feats = model.apply({"params": p}, x, return_features=True)
-            return optax.softmax_cross_entropy_with_integer_labels(feats["logits"], y).mean(), feats
-        return jax.jit(jax.value_and_grad(f, has_aux=True))
+            out = model.apply({"params": p}, x, output="all")
+            return optax.softmax_cross_entropy_with_integer_labels(out.logits, y).mean(), out
+        return fast_jit(jax.value_and_grad(f, has_aux=True))
 
     (ref_loss, ref), ref_grads = loss_and_grads(model)(params, x)
     abstract = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
@@ -234,8 +229,8 @@ def test_encoder_sharded_over_groups_equals_single_device(encoder_setup):
     with activate(mesh):
         (loss, out), grads = loss_and_grads(model.clone(remat=True))(placed, shard_batch(x, mesh))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    for key in ("logits", "tokens", "latents"):
-        np.testing.assert_allclose(out[key], ref[key], rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
@@ -253,7 +248,7 @@ def _tiny_ar():
 def ar_setup():
     model = _tiny_ar()
     targets = jax.random.randint(jax.random.key(0), (2, 24), 0, 13)
-    params = _perturb(nn.unbox(jax.jit(model.init)(jax.random.key(1), targets))["params"], scale=0.1)
+    params = perturb(nn.unbox(fast_jit(model.init)(jax.random.key(1), targets))["params"], scale=0.1)
 
     @jax.jit
     def loss_and_grads(p, targets):
@@ -290,7 +285,7 @@ def test_ar_pallas_attention_equals_xla(ar_setup):
     model, params, targets, loss_and_grads = ar_setup
     pallas = model.clone(attention_impl="pallas", local_attention_impl="pallas")
     (loss, logits), grads = loss_and_grads(params, targets)
-    (loss_p, logits_p), grads_p = jax.jit(jax.value_and_grad(
+    (loss_p, logits_p), grads_p = fast_jit(jax.value_and_grad(
         lambda p: ar_loss(pallas, {"params": p}, targets, return_logits=True), has_aux=True))(params)
     np.testing.assert_allclose(logits_p, logits, rtol=1e-4, atol=1e-5)
     for g, w in zip(jax.tree_util.tree_leaves(grads_p), jax.tree_util.tree_leaves(grads)):
@@ -328,7 +323,7 @@ def test_denoiser_trains_on_digits_and_samples(digits):
     model = FITDenoiser(img_size=8, patch_size=2, in_chans=1, layers="(1)1(1)", group_size=2, latents_per_group=2,
                         x_dim=32, latent_dim=32, x_num_heads=2, latent_num_heads=2, num_classes=10)
     sched = ddpm_schedule(50)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.asarray(images[:2]), jnp.zeros(2),
+    params = nn.unbox(fast_jit(model.init)(jax.random.key(0), jnp.asarray(images[:2]), jnp.zeros(2),
                                           jnp.asarray(labels[:2])))["params"]
     tx = optax.adam(3e-3)
     opt = tx.init(params)
@@ -350,7 +345,7 @@ def test_denoiser_trains_on_digits_and_samples(digits):
         params, opt, _, _ = step(params, opt, jnp.asarray(images[idx]), jnp.asarray(labels[idx]), jax.random.key(i))
     _, _, loss1, _ = step(params, opt, *fixed)
     assert float(loss1) < 0.8 * float(loss0), (float(loss0), float(loss1))
-    sample_step = jax.jit(lambda p, x, s, r: ddpm_sample_step(model, {"params": p}, x, s, r, schedule=sched,
+    sample_step = fast_jit(lambda p, x, s, r: ddpm_sample_step(model, {"params": p}, x, s, r, schedule=sched,
                                                               labels=jnp.arange(4)))
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     x_prev = np.asarray(sample_step(params, x, 49, jax.random.key(2)))

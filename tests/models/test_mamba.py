@@ -12,7 +12,6 @@ import jaxformers as jf
 from jaxformers.convert.pretrained import CheckpointMismatchError
 from jaxformers.layers.ssm import selective_scan, selective_state_update
 from jaxformers.models.mamba import Mamba, generate
-from jaxformers.text.generation import sample_logits
 from jaxformers.sharding import make_mesh
 from tests.helpers import (assert_sharded_grads_match, digit_sequences, fast_jit, numpy_variables, shard_like_init,
                            single_and_sharded)
@@ -70,21 +69,6 @@ def test_scan_methods_and_steps_agree():
         selective_scan(x, dt, A, B[:, :3], C, D)
 
 
-def test_sampling_restricts_to_top_k_and_top_p():
-    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
-    keys = jax.random.key(0)
-    assert np.all(np.asarray(sample_logits(logits, None)) == 0)
-    counts = lambda ids: np.bincount(np.asarray(ids), minlength=4) / 2000  # noqa: E731
-    np.testing.assert_allclose(counts(sample_logits(logits, keys, temperature=1.0)), [0.5, 0.3, 0.15, 0.05], atol=0.04)
-    np.testing.assert_allclose(counts(sample_logits(logits, keys, temperature=1.0, top_k=2)), [0.625, 0.375, 0, 0],
-                               atol=0.04)
-    # top_p=0.7: the smallest prefix reaching 0.7 is {0, 1}
-    np.testing.assert_allclose(counts(sample_logits(logits, keys, temperature=1.0, top_p=0.7)), [0.625, 0.375, 0, 0],
-                               atol=0.04)
-    with pytest.raises(ValueError, match="needs an rng key"):
-        sample_logits(logits, None, temperature=0.5)
-
-
 def test_full_sequence_equals_cached_steps_and_generate(tiny):
     model, variables, ids = tiny
     others = [Mamba(**TINY, scan="sequential"), Mamba(**TINY, scan="chunked", chunk_size=7)]
@@ -102,10 +86,15 @@ def test_full_sequence_equals_cached_steps_and_generate(tiny):
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-4)
     assert int(cache.index) == 24
     # greedy generation: every new token is the argmax of the full forward pass over the result
-    out = generate(model, variables, ids[:, :6], 8)
+    out = generate(model, variables, ids[:, :6], max_new_tokens=8)
     assert out.shape == (4, 14) and np.array_equal(out[:, :6], ids[:, :6])
     again = fast_jit(model.apply)(variables, out)
     np.testing.assert_array_equal(np.argmax(again[:, 5:-1], -1), out[:, 6:])
+    sampled = generate(model, variables, ids[:, :6], max_new_tokens=8, do_sample=True, top_k=4, top_p=0.9,
+                       rng=jax.random.key(1), eos_token_id=3)
+    assert sampled.shape == (4, 14) and int(sampled.max()) < 17
+    after = np.cumsum(np.asarray(sampled[:, 6:]) == 3, axis=1) > 0  # after an EOS a row holds padding (0)
+    assert np.all(np.asarray(sampled[:, 7:])[after[:, :-1]] == 0)
 
 
 def test_left_padding_gives_the_unpadded_outputs(tiny):
@@ -204,5 +193,5 @@ def test_bad_input_is_named(tiny):
         model.apply(variables, ids + 10)
     with pytest.raises(ValueError, match="cache must be a MambaCache with 2 layers"):
         model.apply(variables, ids, cache=Mamba(**{**TINY, "num_hidden_layers": 1}).init_cache(4))
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        generate(model, variables, ids[:, :3], 0)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        generate(model, variables, ids[:, :3], max_new_tokens=0)

@@ -37,7 +37,7 @@ def test_transformers_directory_loads_and_ours_saves(tmp_path):
     assert np.abs(expected).max() > 0.1
     np.testing.assert_allclose(out[0], expected[0], atol=TOL, rtol=0)
     np.testing.assert_allclose(out[1, 4:], expected[1, 4:], atol=TOL, rtol=0)
-    np.testing.assert_array_equal(generate(module, variables, jnp.asarray(ids[:1, :7]), 5), expected_greedy)
+    np.testing.assert_array_equal(generate(module, variables, jnp.asarray(ids[:1, :7]), max_new_tokens=5), expected_greedy)
 
     jf.save_pretrained(module, variables, tmp_path / "ours")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()

@@ -105,3 +105,4 @@ def test_sharded_task_and_config(tiny, tmp_path):
     root = config_lib.pathlib.Path(__file__).resolve().parents[2]
     config = config_lib.resolve_config(str(root / "train" / "configs" / "mp3_digits.py"), ["smoke=True"])
     assert config.task == "position_prediction" and config.model.overrides.masking_ratio == 0.75
+    assert config.model.overrides.num_classes == 0  # the trainer would otherwise add a 10-class head

@@ -102,11 +102,13 @@ def test_features_and_attention_switch():
     model = jf.create_model("tnt_s_patch16_224", img_size=48, **TINY)
     x = image(2, 48)
     params = init_variables(model, 48, perturbed=True)["params"]
-    feats = fast_jit(lambda p, x: model.apply({"params": p}, x, method="forward_features"))(params, x)
-    assert [f.shape for f in feats["stages"]] == [(2, 3, 3, 32)] * 2
-    assert feats["feature_map"].shape == (2, 3, 3, 32) and feats["pre_logits"].shape == (2, 32)
-    assert feats["pixel_tokens"].shape == (2 * 9, 16, 8) and feats["logits"].shape == (2, 10)
-    assert np.abs(np.asarray(feats["logits"])).max() > 0.01
+    out = fast_jit(lambda p, x: model.apply({"params": p}, x, output="all"))(params, x)
+    # words (4x4 per 16-px patch, each covering 4x4 pixels) at stride 4, patch tokens at stride 16
+    assert {k: v.shape for k, v in out.features.items()} == {4: (2, 12, 12, 8), 16: (2, 3, 3, 32)}
+    assert out.pre_logits.shape == (2, 32) and out.logits.shape == (2, 10)
+    np.testing.assert_allclose(out.pre_logits @ params["head"]["kernel"] + params["head"]["bias"], out.logits,
+                               rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(out.logits)).max() > 0.01
     # attention_impl reaches the inner and outer attentions
     bogus = jf.create_model("tnt_s_patch16_224", img_size=48, attention_impl="bogus", **TINY)
     with pytest.raises(ValueError, match="implementation must be one of"):

@@ -1,4 +1,3 @@
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,33 +5,29 @@ import pytest
 
 import jaxformers
 from jaxformers.convert.pretrained import CheckpointMismatchError
-from tests.helpers import perturbed_torch_model, torch_logits
+from tests.helpers import numpy_variables, perturbed_torch_model, torch_logits
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
-
-
-def _init(model, x):
-    return nn.unbox(model.init({"params": jax.random.key(0)}, x))
 
 
 def test_shapes_and_features():
     model = jaxformers.create_model("vit_tiny_patch16_224", **TINY)
     x = jnp.ones((2, 32, 32, 3))
-    v = _init(model, x)
+    v = numpy_variables(model, x)
     assert model.apply(v, x).shape == (2, 10)
     f = model.apply(v, x, method="forward_features")
-    assert f["tokens"].shape == (2, 17, 64) and f["pre_logits"].shape == (2, 64)
-    assert f["feature_map"].shape == (2, 4, 4, 64)
+    assert list(f) == [8] and f[8].shape == (2, 4, 4, 64)  # patch tokens on their grid, no class token
+    assert model.apply(v, x, method="pre_logits").shape == (2, 64)
     avg = jaxformers.create_model("vit_tiny_patch16_224", **{**TINY, "num_classes": 0}, global_pool="avg", class_token=False)
-    assert avg.apply(_init(avg, x), x).shape == (2, 64)
+    assert avg.apply(numpy_variables(avg, x), x).shape == (2, 64)
     with pytest.raises(ValueError, match="needs class_token"):
-        _init(jaxformers.create_model("vit_tiny_patch16_224", **TINY, class_token=False), x)
+        numpy_variables(jaxformers.create_model("vit_tiny_patch16_224", **TINY, class_token=False), x)
 
 
 def test_jit_grad_dropout_and_remat():
     model = jaxformers.create_model("vit_tiny_patch16_224", **TINY, drop_rate=0.1, drop_path_rate=0.2, remat=True)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    v = _init(model, x)
+    v = numpy_variables(model, x)
     v["params"]["head"]["kernel"] = jax.random.normal(jax.random.key(5), (64, 10))  # zero-init head: no grads
 
     @jax.jit
@@ -49,7 +44,7 @@ def test_jit_grad_dropout_and_remat():
 def test_bf16_compute_keeps_f32_params():
     model = jaxformers.create_model("vit_tiny_patch16_224", **TINY, dtype=jnp.bfloat16)
     x = jnp.ones((2, 32, 32, 3))
-    v = _init(model, x)
+    v = numpy_variables(model, x)
     assert v["params"]["blocks_0"]["mlp"]["fc1"]["kernel"].dtype == jnp.float32
     assert model.apply(v, x).dtype == jnp.bfloat16
 

@@ -11,7 +11,7 @@ from jaxformers.models.vmamba import cross_merge, cross_scan
 from jaxformers.sharding import make_mesh
 from tests.helpers import digits, fast_jit, numpy_variables, shard_like_init, single_and_sharded
 
-TINY = dict(depths=(1, 1), dims=16, state_size=4, num_classes=10, drop_path_rate=0.0)
+TINY = dict(depth=(1, 1), dims=16, state_size=4, num_classes=10, drop_path_rate=0.0)
 
 
 def _torch_vmamba(sd, x, depths, dims, n):
@@ -113,7 +113,7 @@ def test_cross_scan_merge_features_and_bad_input():
 
 def test_trains_on_digits_and_shards():
     """One stage (patch merging is covered by the parity test), the sequential scan (the scans agree)."""
-    model = jf.create_model("vmamba_tiny", **{**TINY, "depths": (1,), "drop_path_rate": 0.1}, scan="sequential")
+    model = jf.create_model("vmamba_tiny", **{**TINY, "depth": (1,), "drop_path_rate": 0.1}, scan="sequential")
     x, y = digits(32)
     params = numpy_variables(model, x[:1])["params"]
     tx = optax.adam(3e-2)

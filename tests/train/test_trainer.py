@@ -22,7 +22,11 @@ def test_smoke_run_writes_everything_and_resumes(tiny_config, tmp_path, capsys):
     config = tiny_config("num_train_steps=6", "checkpoint_every_steps=3", "eval_every_steps=3", "log_every_steps=2")
     out = trainer.train_and_evaluate(config, tmp_path)
     assert out["step"] == 6 and 0.0 <= out["eval/accuracy"] <= 1.0
-    assert "Final test accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Final test accuracy" in printed
+    # The parameter count comes with the overrides that make the registered model this small.
+    assert "Model vit_tiny_patch16_224 with depth=1, embed_dim=48, img_size=32, mlp_ratio=2.0, num_heads=4, patch_size=8: " \
+        "29,674 params" in printed
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4, 6]

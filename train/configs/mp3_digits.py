@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
     c = config_lib.base_config()
     c.model.name = "mp3_vit_small_patch16_224"
     c.model.overrides = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
-                             masking_ratio=0.75)
+                             masking_ratio=0.75, num_classes=0)  # 0: position logits, not digit classes
     c.task = "position_prediction"
     c.task_args = {}
 

@@ -26,7 +26,7 @@ Implementations:
 
 Also exported for models, benchmarks and notebooks: :func:`route_regions` (the routing indices),
 :func:`to_regions` / :func:`from_regions` (layout helpers), :func:`attention_cost` (FLOPs and
-least bytes), :data:`BIFORMER_STAGE_SHAPES` (the benchmark shapes of ``shared/anchors.md``) and
+least bytes), :data:`BIFORMER_STAGE_SHAPES` (the benchmark shapes of ``benchmarks/ANCHORS.md``) and
 :func:`make_inputs` (random q, k, v for one of them).
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class BraShape(NamedTuple):
     topk: int
 
 
-# The four BiFormer shapes of shared/anchors.md (head dim 32, q/k/v all `channels` wide).
+# The four BiFormer shapes of benchmarks/ANCHORS.md (head dim 32, q/k/v all `channels` wide).
 BIFORMER_STAGE_SHAPES: tuple[BraShape, ...] = (
     BraShape(128, 56, 56, 64, 2, 7, 1),
     BraShape(128, 28, 28, 128, 4, 7, 4),

@@ -7,8 +7,8 @@ visit tables of 64-token blocks: each query block walks the key blocks its regio
 each key block, in the backward, the query blocks whose regions chose it (inverse routing). The
 shared pipeline runs with one compute warpgroup per 64 query rows (neighbouring blocks route
 differently, hence different lists). Nothing is gathered: K/V blocks are streamed by TMA from
-their place in the region-major maps. Deviation from the issue's sketch ("all heads of a region in
-one program", which the Triton and TPU kernels follow): here a CUDA block serves one head, since
+their place in the region-major maps. Unlike the Triton and TPU kernels (all heads of a region in
+one program): here a CUDA block serves one head, since
 each head's tiles are separate wgmma operands anyway; the grid (heads x blocks x batch, e.g.
 8 x 4 x 128 at stage 3) stays wide, and the routing table is read once per block.
 
@@ -16,7 +16,7 @@ each head's tiles are separate wgmma operands anyway; the grid (heads x blocks x
   with S = 16): a block lies in one region, every visited pair is allowed, so no element mask is
   ever computed.
 - Smaller regions of 1..32 tokens (powers of two: the 4x4 and 2x2 regions of stages 2 and 3, 1x1
-  regions of a last stage that routes), the case the issue asks to stack: a 64-row block holds
+  regions of a last stage that routes), stacked: a 64-row block holds
   64/T whole regions, a query block visits the union of the key blocks its regions routed to, and
   a per-row routing bit mask
   (``local_global.mosaic_gpu.Route``: for each query token, one bit per key region, and the
@@ -33,8 +33,8 @@ memory-bound on an H100: at stage 1 (B=128, 56², 64 channels, bf16) the FLOPs t
 400 TFLOP/s while one pass over a map (51 MB) takes ~20 us at 2.5 TB/s. The kernel itself moves
 about 4 map passes (q, k, v, out) plus the routing's 2 (region means of q and k); the copies add
 8 (read and write of q, k, v and out), so this path may run near 2x the Triton path's time unless
-the Triton kernels are far from bandwidth. ``"auto"`` still picks this path on Hopper, as the issue
-asks (the Triton lowering is deprecated upstream); ``benchmarks/kernels.py --only bra`` times both
+the Triton kernels are far from bandwidth. ``"auto"`` still picks this path on Hopper (the Triton
+lowering is deprecated upstream); ``benchmarks/kernels.py --only bra`` times both
 side by side, which has not happened yet (the tests run this path in Mosaic GPU interpret mode on
 CPU and lower it for CUDA). Reading NHWC in place by TMA would need a region row per copy of at
 least 8 tokens (the 8-row swizzle tile): possible for 8x8 regions, not for 4x4 or 2x2.

@@ -35,7 +35,7 @@ Backends:
   K/V block index depends only on the batch index, so Pallas fetches it once per image (HBM reads
   of K/V = one pass, the memory floor) and the kernel indexes routed regions in VMEM. Batches whose
   tables would overflow SMEM are split into chunks. T padded to a multiple of 8. The resident
-  blocks must fit VMEM (:func:`tpu_vmem_bytes`; the BiFormer stage shapes of ``shared/anchors.md``
+  blocks must fit VMEM (:func:`tpu_vmem_bytes`; the BiFormer stage shapes of ``benchmarks/ANCHORS.md``
   need 2-5 MiB per image, its 128x128 map with S=16 ~22 MiB; with a 128-lane tile per head of 32
   channels they needed 7-15 MiB and ~41 MiB). Resident blocks are double-buffered (the next
   image's fetched during this one) or, where two copies exceed the budget (a v4's 12 MiB and the

@@ -5,8 +5,7 @@ Why not only splash attention (``splash_tpu.py``): splash decides which blocks t
 static mask, worked out on the host at trace time; segment ids are runtime data it applies element
 by element. These kernels walk the block table that ``blocks.index_table`` builds from the mask
 spec AND the segment ids on the device (the GPU kernels' tables), so a packed batch skips every
-block pair that shares no segment and padding costs nothing, as the issue asks of packed
-variable-length attention. ``api.local_global_attention`` sends packed calls (``segment_ids``
+block pair that shares no segment and padding costs nothing (packed variable-length attention). ``api.local_global_attention`` sends packed calls (``segment_ids``
 given) here on TPU and the rest to splash.
 
 TPU idioms (the same as the BRA TPU kernels): the flat int32 table is scalar-prefetched into SMEM
