@@ -321,3 +321,16 @@ def zen_of_python_chars(rows: int, length: int, vocab_size: int = 100) -> tuple[
     ids = np.clip(np.frombuffer(text.encode("ascii", "replace"), np.uint8).astype(np.int32) - 30, 1, vocab_size - 1)
     starts = np.linspace(0, len(ids) - length - 1, rows).astype(int)
     return np.stack([ids[s:s + length] for s in starts]).astype(np.int32), len(np.unique(ids))
+
+
+def digit_sequences(n: int = 32, seed: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The first ``n`` scikit-learn digits read as sequences: (n, 64) int32 pixel intensities 0..16 in
+    row-major order (a fixed random permutation of the 64 steps when ``seed`` is given: a small
+    psMNIST), and their labels. Real data for sequence models (language models, LMU, SSMs)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images[:n].reshape(n, 64).astype(np.int32)
+    if seed is not None:
+        x = x[:, np.random.default_rng(seed).permutation(64)]
+    return jnp.asarray(x), jnp.asarray(d.target[:n])
