@@ -118,7 +118,8 @@ class BertEmbeddings(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """Post-LN block: LN(x + Attn(x)) then LN(x + FFN(x)) (``BertLayer``; HF's dropout placement)."""
+    """Post-LN block: LN(x + Attn(x)) then LN(x + FFN(x)) (``BertLayer``; HF's dropout placement).
+    ``bias`` (broadcast to (B, H, L, L)) is added to the attention logits (MPNet's relative positions)."""
 
     num_attention_heads: int
     intermediate_size: int
@@ -134,7 +135,7 @@ class BertLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention_fn = None
         if self.attention_window is not None:
@@ -142,7 +143,7 @@ class BertLayer(nn.Module):
         y = MultiHeadAttention(self.num_attention_heads, attention_dropout=self.attention_probs_dropout_prob,
                                proj_dropout=self.hidden_dropout_prob, attention_impl=self.attention_impl,
                                attention_fn=attention_fn, name="attn", **kw)(x, mask=mask, segment_ids=segment_ids,
-                                                                             train=train)
+                                                                             bias=bias, train=train)
         x = LayerNorm(self.layer_norm_eps, name="attn_norm", **kw)(x + y)
         y = Mlp(self.intermediate_size, activation=activation(self.hidden_act), name="mlp", **kw)(x)
         y = nn.Dropout(self.hidden_dropout_prob)(y, deterministic=not train)
