@@ -115,3 +115,22 @@ def test_configs_resolve_and_biobert_shapes_count_bert_for_question_answering():
         input_pipeline.resolve_fields(task.fields, source, config.input.eval_pp)
     config = config_lib.resolve_config("train/configs/biobert_qa.py:biobert", [])
     assert jf.count_params(config.model.name, **dict(config.model.overrides)) == 107_721_218
+
+
+def test_packed_mlm_pipeline_fields():
+    """Packed masked-LM rows through the typed pipeline: int32 ids, segment ids and labels, no float
+    slot, and fewer rows than the padded layout for the same passages."""
+    from train import input_pipeline, tasks_text
+
+    padded, packed = tasks_text.load_mlm("test"), tasks_text.load_mlm_packed("test")
+    assert packed["input_ids"].shape[0] < 0.75 * padded["input_ids"].shape[0]
+    assert (packed["segment_ids"] > 0).sum() == padded["attention_mask"].sum()  # every token, once
+    config = config_lib.resolve_config("train/configs/bert_mlm.py:packed", ["smoke=True"])
+    task = tasks.get_task(config.task, **dict(config.task_args))
+    source, _ = input_pipeline.open_source(config.input, "test")
+    fields = input_pipeline.resolve_fields(task.fields, source, config.input.train_pp)
+    assert {k: (f.dtype.name, f.shape) for k, f in fields.items()} == {
+        k: ("int32", (tasks_text.MAX_LEN,)) for k in ("input_ids", "segment_ids", "token_type_ids", "labels")}
+    ids, mask, types, positions, segments = task.model_inputs({k: source[0][k][None] for k in source[0]} | {
+        "labels": np.zeros((1, tasks_text.MAX_LEN), np.int32)})
+    assert mask is None and positions is None and segments.shape == ids.shape
