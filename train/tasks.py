@@ -81,6 +81,11 @@ class Task:
         """Predictions for display (e.g. class ids)."""
         raise NotImplementedError
 
+    def finish_eval(self, means: dict[str, float]) -> dict[str, float]:
+        """The eval metrics from the per-example means of ``eval_sums`` (each sum divided by
+        ``count``): add ratios of sums here (entity-level F1 = 2 correct / (true + predicted))."""
+        return means
+
 
 @register_task("classification")
 class ClassificationTask(Task):

@@ -5,7 +5,8 @@ Importing this module (the ``bert_*`` configs do) registers
 
 - tasks ``bert_mlm``, ``bert_classification``, ``bert_contrastive`` (``config.task``);
 - embedded datasets (``config.input.dataset`` with ``input.source="embedded"``):
-  ``stdlib_mlm`` (docstring passages), ``stdlib_topics`` (passages labelled by the stdlib area they
+  ``stdlib_mlm`` (docstring passages), ``stdlib_mlm_packed`` (the same passages packed several to a
+  row with ``segment_ids``, see ``load_mlm_packed``), ``stdlib_topics`` (passages labelled by the stdlib area they
   document: 6 classes) and ``stdlib_retrieval`` (query = an API's name in words, e.g. "shutil copy
   tree", positive document = its docstring);
 - the preprocessing op ``mlm_mask(...)`` (BERT's 80/10/10 dynamic masking, per-example RNG).
@@ -272,7 +273,23 @@ def load_retrieval(split: str) -> dict[str, np.ndarray]:
     return {k: v for k, v in {**queries, **documents}.items() if not k.endswith("token_type_ids")}
 
 
+@functools.lru_cache(maxsize=None)
+def load_mlm_packed(split: str) -> dict[str, np.ndarray]:
+    """The ``load_mlm`` passages unpadded, packed into rows of MAX_LEN tokens (first-fit decreasing,
+    ``jaxformers.text.pack_sequences``): ``input_ids``, ``segment_ids`` (1..S per row, 0 = padding)
+    and ``token_type_ids``, int32 (R, MAX_LEN). Attention stays within each passage and positions
+    restart per passage (``Bert(segment_ids=...)``), so no compute goes to padding."""
+    from jaxformers.text import pack_sequences
+
+    padded = load_mlm(split)
+    lengths = padded["attention_mask"].sum(1)
+    packed = pack_sequences([ids[:n] for ids, n in zip(padded["input_ids"], lengths)], MAX_LEN,
+                            pad_id=corpus_tokenizer().pad_token_id)
+    return {"input_ids": packed.input_ids, "segment_ids": packed.segment_ids, "token_type_ids": packed.token_type_ids}
+
+
 input_pipeline.EMBEDDED.setdefault("stdlib_mlm", (load_mlm, 0))
+input_pipeline.EMBEDDED.setdefault("stdlib_mlm_packed", (load_mlm_packed, 0))
 input_pipeline.EMBEDDED.setdefault("stdlib_topics", (load_topics, len(TOPICS)))
 input_pipeline.EMBEDDED.setdefault("stdlib_retrieval", (load_retrieval, 0))
 
@@ -319,12 +336,18 @@ def _text_fields(prefix: str = "", token_type_ids: bool = True) -> dict[str, Fie
 @register_task("bert_mlm")
 class MaskedLMTask(Task):
     """Masked-LM: ``Bert(head="mlm")`` on ``input_ids`` / ``attention_mask`` / ``token_type_ids``;
-    logits vs ``labels`` (target ids, -1 = not a target)."""
+    logits vs ``labels`` (target ids, -1 = not a target). ``packed=True`` reads packed rows
+    (``segment_ids`` instead of ``attention_mask``: the ``stdlib_mlm_packed`` dataset)."""
 
-    def __init__(self):
-        self.fields = {**_text_fields(), "labels": Field("int32", TOKENS)}
+    def __init__(self, packed: bool = False):
+        self.packed = bool(packed)
+        mask = {"segment_ids": Field("int32", TOKENS)} if self.packed else {"attention_mask": Field("int32", TOKENS)}
+        self.fields = {"input_ids": Field("int32", TOKENS), **mask, "token_type_ids": Field("int32", TOKENS),
+                       "labels": Field("int32", TOKENS)}
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
+        if self.packed:  # Bert(input_ids, attention_mask, token_type_ids, position_ids, segment_ids)
+            return batch["input_ids"], None, batch["token_type_ids"], None, batch["segment_ids"]
         return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
     def _token_terms(self, logits, labels):

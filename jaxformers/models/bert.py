@@ -129,7 +129,8 @@ class BertEmbeddings(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """Post-LN block: LN(x + Attn(x)) then LN(x + FFN(x)) (``BertLayer``; HF's dropout placement)."""
+    """Post-LN block: LN(x + Attn(x)) then LN(x + FFN(x)) (``BertLayer``; HF's dropout placement).
+    ``bias`` (broadcast to (B, H, L, L)) is added to the attention logits (MPNet's relative positions)."""
 
     num_attention_heads: int
     intermediate_size: int
@@ -150,7 +151,7 @@ class BertLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention_fn = None
         if self.attention_window is not None:
@@ -160,7 +161,7 @@ class BertLayer(nn.Module):
                                attention_fn=attention_fn, softmax=self.attn_softmax, gate=self.attn_gate,
                                gate_mlp=self.attn_gate_mlp, gate_init=self.attn_gate_init,
                                binary=self.binary, name="attn", **kw)(
-                                   x, mask=mask, segment_ids=segment_ids, train=train)
+                                   x, mask=mask, segment_ids=segment_ids, bias=bias, train=train)
         x = LayerNorm(self.layer_norm_eps, name="attn_norm", **kw)(x + y)
         y = Mlp(self.intermediate_size, activation=activation(self.hidden_act), binary=self.binary, name="mlp", **kw)(x)
         y = nn.Dropout(self.hidden_dropout_prob)(y, deterministic=not train)

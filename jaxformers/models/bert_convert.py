@@ -157,7 +157,8 @@ def _check_and_fill(module, converted: dict[str, np.ndarray], sd: StateDict, sou
     if [k for k in unused if k not in other_head]:
         problems.append(_describe("unexpected checkpoint keys", [k for k in unused if k not in other_head]))
     if problems and strict:
-        raise CheckpointMismatchError(f"checkpoint {source} does not fit Bert(head={module.head!r}, "
+        raise CheckpointMismatchError(f"checkpoint {source} does not fit {type(module).__name__}("
+                                      f"head={module.head!r}, "
                                       f"hidden_size={module.hidden_size}, num_hidden_layers="
                                       f"{module.num_hidden_layers}, vocab_size={module.vocab_size}).\n  "
                                       + "\n  ".join(problems))
@@ -176,12 +177,15 @@ def _check_and_fill(module, converted: dict[str, np.ndarray], sd: StateDict, sou
 
 
 def load_directory(module, path: str | os.PathLike, *, strict: bool = True, seed: int = 0, mesh: Any = None,
-                   rules: Any = None) -> dict[str, Any]:
+                   rules: Any = None, convert: Any = None) -> dict[str, Any]:
     """``module``'s variables from the weights of the HF directory ``path``: checked like
-    ``load_pretrained`` (``_check_and_fill``), placed in their logical shardings with ``mesh``."""
+    ``load_pretrained`` (``_check_and_fill``), placed in their logical shardings with ``mesh``.
+    ``convert(sd, module)`` maps the state dict (default ``convert_hf_bert``; other text families
+    pass their own)."""
     weights = hf_config.weights_file(path)
     sd = StateDict(read_checkpoint(weights))
-    variables = _check_and_fill(module, convert_hf_bert(sd, module), sd, os.fspath(weights), strict=strict, seed=seed)
+    converted = (convert or convert_hf_bert)(sd, module)
+    variables = _check_and_fill(module, converted, sd, os.fspath(weights), strict=strict, seed=seed)
     if mesh is not None:
         from jaxformers.sharding import DEFAULT_RULES, logical_shardings
 

@@ -55,3 +55,26 @@ def decode_answer(
     score, i, j = best
     lo, hi = int(offsets[i][0]), int(offsets[j][1])
     return Answer(context[lo:hi], lo, hi, float(score))
+
+
+def char_span_to_tokens(offsets: np.ndarray, sequence_ids: np.ndarray, start_char: int, end_char: int, *,
+                        context_sequence: int = 1) -> tuple[int, int]:
+    """First and last token (inclusive) of the answer ``context[start_char:end_char]`` in one encoded
+    example (``offsets`` (L, 2), ``sequence_ids`` (L,) from ``Tokenizer.encode(question, context,
+    return_offsets=True)``): the training targets of an extractive-QA head.
+
+    A span that is empty, or not inside the encoded context (outside the text, or cut off by
+    truncation), is a ``ValueError`` naming the span and the context's character range.
+    """
+    offsets, sequence_ids = np.asarray(offsets), np.asarray(sequence_ids)
+    in_context = np.flatnonzero(sequence_ids == context_sequence)
+    if in_context.size == 0:
+        raise ValueError(f"the example has no tokens of sequence {context_sequence} (the context)")
+    lo, hi = int(offsets[in_context[0], 0]), int(offsets[in_context[-1], 1])
+    if not 0 <= start_char < end_char or start_char < lo or end_char > hi:
+        raise ValueError(f"answer span [{start_char}, {end_char}) is outside the encoded context, which covers "
+                         f"characters [{lo}, {hi}) (truncated?)")
+    tokens = in_context[(offsets[in_context, 1] > start_char) & (offsets[in_context, 0] < end_char)]
+    if tokens.size == 0:
+        raise ValueError(f"answer span [{start_char}, {end_char}) covers no token of the context (whitespace only?)")
+    return int(tokens[0]), int(tokens[-1])

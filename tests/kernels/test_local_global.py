@@ -9,7 +9,7 @@ import pytest
 
 from jaxformers.kernels import local_global_attention
 from jaxformers.kernels.local_global.mask import MaskSpec, dense_mask
-from tests.helpers import lowered_functions, shard_map_specs, subjaxprs
+from tests.helpers import fast_jit, lowered_functions, shard_map_specs, subjaxprs
 
 
 def _hand_mask(length, *, window=None, global_tokens=0, group_size=None, causal=False, chunk_size=None, seg=None):
@@ -573,3 +573,30 @@ def test_reference_group_layout_has_no_length_squared_intermediate():
     memory = jax.jit(fwd_bwd).lower(shape, shape, shape, seg).compile().memory_analysis()
     if memory is not None:  # some backends do not report
         assert memory.temp_size_in_bytes < 32 * 2**20, memory.temp_size_in_bytes
+
+
+def test_banded_reference_equals_dense_mask():
+    """The reference's banded layout (finite windows, linear memory) equals the full-mask softmax,
+    values and gradients, with global tokens, causal/chunk rules, groups and packed segments."""
+    from jaxformers.kernels.local_global.reference import _masked_attention, is_banded
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 2, 8)), jnp.float32) for _ in range(3))
+    seg = np.ones((2, 37), np.int32)
+    seg[0, 20:], seg[1, 30:] = 2, 0
+    specs = [MaskSpec(window=(2, 5), global_tokens=3), MaskSpec(window=(4, 0), causal=True, chunk_size=3),
+             MaskSpec(window=(3, 3), group_size=8, global_tokens=2)]
+    for spec, segment_ids in zip(specs, (jnp.asarray(seg), None, jnp.asarray(seg))):
+        assert is_banded(spec, 37, 37)
+
+        def both(q, k, v, segment_ids):
+            mask = dense_mask(spec, 37, 37, segment_ids)[:, None]
+            banded = lambda *a: local_global_attention_reference(*a, spec, segment_ids=segment_ids, scale=0.3)  # noqa: E731
+            dense = lambda *a: _masked_attention(*a, mask, 0.3)  # noqa: E731
+            return [jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v) + (f(q, k, v),)
+                    for f in (banded, dense)]
+
+        got, want = fast_jit(both)(q, k, v, segment_ids)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    assert not is_banded(MaskSpec(window=(20, 20)), 37, 37) and not is_banded(MaskSpec(window=(None, 2)), 64, 64)

@@ -10,13 +10,14 @@ tokens), 64 tokens per passage; BERT's dynamic 80/10/10 masking of 15% of the to
 (steps=200, a 2-core CPU shared with other jobs, 90 s in all): the eval masked-token loss falls
 from ln(3875) = 8.26 (uniform) to 6.10, masked-token accuracy 11.8%; the default 1000 steps go
 further. ``:smoke`` shrinks it to seconds.
-Arguments: ``steps``, ``batch``, ``layers``, ``width``.
+``:packed`` trains on packed rows instead (several passages per row with ``segment_ids``: about half
+the rows for the same passages). Arguments: ``steps``, ``batch``, ``layers``, ``width``, ``packed``.
 """
 from train import config_lib, tasks_text
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg, smoke=False, steps=1000, batch=32, layers=2, width=128)
+    args = config_lib.parse_arg(arg, smoke=False, steps=1000, batch=32, layers=2, width=128, packed=False)
     tok = tasks_text.corpus_tokenizer()
     c = config_lib.base_config()
     c.model.name = "bert_base_uncased"
@@ -24,10 +25,10 @@ def get_config(arg: str | None = None):
                              num_hidden_layers=args.layers, num_attention_heads=max(1, args.width // 64),
                              intermediate_size=4 * args.width, max_position_embeddings=tasks_text.MAX_LEN)
     c.task = "bert_mlm"
-    c.task_args = dict()
+    c.task_args = dict(packed=args.packed)
 
     c.input.source = "embedded"
-    c.input.dataset = "stdlib_mlm"
+    c.input.dataset = "stdlib_mlm_packed" if args.packed else "stdlib_mlm"
     c.input.train_pp = f"mlm_mask(mask_id={tok.mask_token_id}, vocab_size={tok.vocab_size})"
     c.input.eval_pp = c.input.train_pp  # the eval pipeline's fixed seed makes its masks fixed
 

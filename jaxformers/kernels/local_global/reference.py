@@ -1,11 +1,17 @@
 """Plain-jnp local + global attention: the test oracle and the ``implementation="xla"`` path.
 
-A masked softmax in float32 with the mask from ``mask.allowed`` (the one definition). Two layouts:
+A masked softmax in float32 with the mask from ``mask.allowed`` (the one definition). Three layouts:
 
 - Group-structured specs (``group_size`` set, no global tokens; any window, causal or chunk rule and
   segment ids): no pair crosses a group, so the sequence is cut into groups of ``g`` positions
   (B, ⌈L/g⌉, g, H, D), the tail padded and masked, and each group attends within itself. Memory
   O(B·H·L·g); the result equals the full-mask computation (same allowed keys per query).
+- Banded specs (a finite window on both sides, self-attention, longer than three window blocks):
+  the sequence is cut into blocks of c = max(left, right) positions; a query block attends to its
+  own and its two neighbouring key blocks (which hold every key its window reaches) plus the first
+  ``global_tokens`` keys as extra columns (taken out of the band, so each key counts once), and the
+  global query rows attend densely (G x L). Memory O(B·H·L·(3c + G)): linear in the length and the
+  window (Longformer's sliding chunks), so long-document training runs on this path too.
 - Everything else builds the full (B, Lq, Lk) mask (``mask.dense_mask``): O(B·H·Lq·Lk) memory,
   fine as a reference and for short sequences; the Pallas kernel skips masked blocks.
 
@@ -60,6 +66,56 @@ def _grouped_attention(q, k, v, spec: MaskSpec, segment_ids, kv_segment_ids, sca
     return out.reshape((batch, groups * size) + out.shape[3:])[:, :length]
 
 
+def is_banded(spec: MaskSpec, q_len: int, k_len: int) -> bool:
+    """True when the banded layout applies and is smaller than the full mask: a finite window on
+    both sides, self-attention lengths, and three window blocks plus the global columns < L."""
+    if spec.window is None or None in spec.window or q_len != k_len:
+        return False
+    block = max(spec.window[0], spec.window[1], 1)
+    return 3 * block + min(spec.global_tokens, k_len) < k_len
+
+
+def _banded_attention(q, k, v, spec: MaskSpec, segment_ids, scale: float):
+    """Self-attention of a spec with a finite window, one query block of c = max(left, right)
+    positions against its three neighbouring key blocks plus the global key columns."""
+    batch, length = q.shape[:2]
+    block = max(spec.window[0], spec.window[1], 1)
+    blocks = -(-length // block)
+    pad = blocks * block - length
+    n_global = min(spec.global_tokens, length)
+
+    def pad_len(t, before, after):
+        return jnp.pad(t, [(0, 0), (before, after)] + [(0, 0)] * (t.ndim - 2))
+
+    q_pos = jnp.arange(blocks)[:, None] * block + jnp.arange(block)[None, :]  # (n, c)
+    window = q_pos[:, :1] + jnp.arange(3 * block)[None, :]  # (n, 3c): indices into the keys padded by c
+    k_pos = window - block  # absolute key positions of the band
+    g_pos = jnp.arange(n_global)
+    band = allowed(spec, q_pos[:, :, None], k_pos[:, None, :]) & ((k_pos >= n_global) & (k_pos < length))[:, None, :]
+    cols = allowed(spec, q_pos[:, :, None], g_pos[None, None, :])  # (n, c, G): the global keys, once
+    mask = jnp.concatenate([cols, band], axis=-1)[None]  # (1, n, c, G + 3c)
+    if segment_ids is not None:
+        seg = segment_ids.astype(jnp.int32)
+        q_seg = pad_len(seg, 0, pad).reshape(batch, blocks, block)
+        k_seg = jnp.concatenate([jnp.broadcast_to(seg[:, None, :n_global], (batch, blocks, n_global)),
+                                 pad_len(seg, block, pad + block)[:, window]], axis=-1)
+        mask = mask & segments_allowed(q_seg[:, :, :, None], k_seg[:, :, None, :])
+
+    def keys(t):  # (B, L, H, D) -> (B, n, G + 3c, H, D)
+        glob = jnp.broadcast_to(t[:, None, :n_global], (batch, blocks) + t[:, :n_global].shape[1:])
+        return jnp.concatenate([glob, pad_len(t, block, pad + block)[:, window]], axis=2)
+
+    qb = pad_len(q, 0, pad).reshape((batch, blocks, block) + q.shape[2:])
+    out = _masked_attention(qb, keys(k), keys(v), mask[:, :, None], scale)
+    out = out.reshape((batch, blocks * block) + out.shape[3:])[:, :length]
+    if n_global and spec.global_queries:  # the global queries see every key: a dense G x L pass
+        seg = None if segment_ids is None else segment_ids
+        rows_mask = dense_mask(spec, n_global, length, None if seg is None else seg[:, :n_global], seg)[:, None]
+        rows = _masked_attention(q[:, :n_global], k, v, rows_mask, scale)
+        out = jnp.concatenate([rows, out[:, n_global:]], axis=1)
+    return out
+
+
 def local_global_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -83,5 +139,7 @@ def local_global_attention_reference(
         v = jnp.repeat(v, rep, axis=2)
     if is_group_structured(spec) and q_len == k_len:
         return _grouped_attention(q, k, v, spec, segment_ids, kv_segment_ids, scale)
+    if kv_segment_ids is None and is_banded(spec, q_len, k_len):
+        return _banded_attention(q, k, v, spec, segment_ids, scale)
     mask = dense_mask(spec, q_len, k_len, segment_ids, kv_segment_ids)[:, None]  # (B|1, 1, Lq, Lk)
     return _masked_attention(q, k, v, mask, scale)
