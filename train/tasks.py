@@ -65,6 +65,8 @@ class Task:
 
     name = "task"
     fields: dict[str, Field] = {}
+    # True: ``loss(outputs, batch, rng=key)`` gets a PRNG key (a fresh one every step).
+    loss_uses_rng = False
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
         raise NotImplementedError
@@ -80,6 +82,11 @@ class Task:
     def predict(self, outputs: Any) -> jax.Array:
         """Predictions for display (e.g. class ids)."""
         raise NotImplementedError
+
+    def summarize(self, metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+        """Final eval metrics from the averaged ``eval_sums`` (keys start with ``prefix``); for metrics
+        that are not means over examples (e.g. panoptic quality from per-class counts)."""
+        return metrics
 
 
 @register_task("classification")

@@ -159,7 +159,7 @@ def _data_what(config: Any, split: str, pp: str) -> str:
     return f"input.dataset {config.input.dataset!r} split {split!r} after pp {pp!r}"
 
 
-def _evaluate(eval_fn, state, config, source, fields, mesh, use_ema: bool) -> dict[str, float]:
+def _evaluate(eval_fn, state, config, source, fields, mesh, use_ema: bool, summarize=None) -> dict[str, float]:
     params = state["ema_params"] if use_ema else state["params"]
     totals: dict[str, float] = {}
     for local in input_pipeline.eval_batches(source, config.input.eval_pp, fields=fields,
@@ -173,7 +173,8 @@ def _evaluate(eval_fn, state, config, source, fields, mesh, use_ema: bool) -> di
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.pop("count", 0.0), 1.0)
     prefix = "eval_ema" if use_ema else "eval"
-    return {f"{prefix}/{k}": v / count for k, v in totals.items()}
+    out = {f"{prefix}/{k}": v / count for k, v in totals.items()}
+    return summarize(out, prefix=f"{prefix}/") if summarize is not None else out
 
 
 def _report_nonfinite(metrics: dict, step: int, names: list[str]) -> str:
@@ -241,6 +242,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
                  writer=MetricsWriter(workdir, enabled=is_main),
                  progress=ProgressLine(total_steps, enabled=is_main and config.progress_bar))
     loop.eval_fn = jax.jit(steps.make_eval_step(model, task), out_shardings=NamedSharding(mesh, P()))
+    loop.summarize = task.summarize
     try:
         with activate(mesh, rules), _Preemption() as preemption:
             restored = ckpt.restore_latest(spec.abstract)
@@ -290,14 +292,16 @@ class _Loop:
     writer: MetricsWriter
     progress: ProgressLine
     eval_fn: Any = None
+    summarize: Any = None
     history: list = dataclasses.field(default_factory=list)
     final: dict = dataclasses.field(default_factory=dict)
 
     def evaluate(self, state) -> dict[str, float]:
-        out = _evaluate(self.eval_fn, state, self.config, self.eval_source, self.eval_fields, self.mesh, use_ema=False)
+        out = _evaluate(self.eval_fn, state, self.config, self.eval_source, self.eval_fields, self.mesh, use_ema=False,
+                        summarize=self.summarize)
         if self.config.ema_decay > 0:
             out.update(_evaluate(self.eval_fn, state, self.config, self.eval_source, self.eval_fields, self.mesh,
-                                 use_ema=True))
+                                 use_ema=True, summarize=self.summarize))
         return out
 
     def check(self, metrics: dict | None) -> None:

@@ -83,7 +83,7 @@ class ConvNeXt(nn.Module):
         return list(self.dims)
 
     @nn.compact
-    def _forward(self, x: jax.Array, train: bool):
+    def _forward(self, x: jax.Array, train: bool, features_only: bool = False):
         if len(self.depths) != len(self.dims):
             raise ValueError(f"depths and dims need one entry per stage; got {self.depths}, {self.dims}")
         h, w = check_image(x, in_chans=self.in_chans)
@@ -106,6 +106,8 @@ class ConvNeXt(nn.Module):
                           **kw)(x, train)
                 n += 1
             features[4 * 2 ** i] = x
+        if features_only:  # dense heads read the maps; the classifier's norm and head are not built
+            return features, None, None
         pooled = LayerNorm(1e-6, name="head_norm", **kw)(x.mean(axis=(1, 2)))
         logits = None
         if self.num_classes:
@@ -120,7 +122,7 @@ class ConvNeXt(nn.Module):
 
     def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
         """``apply(..., method="forward_features")``: {stride: NHWC map} for strides 4, 8, 16, 32."""
-        return self._forward(x, train)[0]
+        return self._forward(x, train, features_only=True)[0]
 
     def pre_logits(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """``apply(..., method="pre_logits")``: pooled -> LayerNorm features (B, C) the classifier reads."""

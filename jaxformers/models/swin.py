@@ -135,7 +135,7 @@ class SwinTransformer(nn.Module):
                              f"feature pyramid divides the image")
 
     @nn.compact
-    def _forward(self, x: jax.Array, train: bool):
+    def _forward(self, x: jax.Array, train: bool, features_only: bool = False):
         self._check(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = PatchEmbed(self.embed_dim, self.patch_size, self.in_chans, flatten=False, use_norm=True, norm_eps=1e-5,
@@ -152,6 +152,8 @@ class SwinTransformer(nn.Module):
             n += depth
             stride = self.patch_size * 2 ** i
             features[stride] = LayerNorm(1e-5, name=f"out_norm{i}", **kw)(x) if self.out_norms else x
+        if features_only:  # dense heads read the maps; the classifier's norm and head are not built
+            return features, None, None
         if self.out_norms:
             pooled = features[stride].mean(axis=(1, 2))
         else:
@@ -169,7 +171,7 @@ class SwinTransformer(nn.Module):
 
     def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
         """``apply(..., method="forward_features")``: {stride: NHWC map} for strides 4, 8, 16, 32."""
-        return self._forward(x, train)[0]
+        return self._forward(x, train, features_only=True)[0]
 
     def pre_logits(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """``apply(..., method="pre_logits")``: the pooled, normalised features (B, C) the head reads."""
