@@ -178,7 +178,8 @@ def _digits_fields(split: str) -> dict[str, np.ndarray]:
     return {"image": images, "label": labels}
 
 
-# name -> (load(split) -> {field: array with a leading example axis}, number of classes or 0)
+# name -> (load(split) -> {field: array with a leading example axis} or a random-access source
+# (``len`` + ``[i]``), number of classes or 0)
 EMBEDDED = {"digits": (_digits_fields, 10)}
 
 
@@ -219,7 +220,8 @@ def open_source(input_config: Any, split: str) -> tuple[Any, DatasetInfo]:
             raise ValueError(f"input.dataset: no embedded dataset {name!r}; embedded: {sorted(EMBEDDED)} "
                              f"(or set input.source='tfds')")
         load, num_classes = EMBEDDED[name]
-        source = ArraySource(load(split))
+        loaded = load(split)  # arrays, or a random-access source (e.g. a generated data set)
+        source = ArraySource(loaded) if isinstance(loaded, Mapping) else loaded
     elif kind == "tfds":
         source, num_classes = _open_tfds(name, split, input_config.get("data_dir") or None,
                                          input_config.get("label_key", "label"))

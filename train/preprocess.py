@@ -14,7 +14,13 @@ them with their dtypes; nothing is cast behind its back.
 Ops: ``decode`` (implicit first step when the example has an ``image``), ``resize(size)``,
 ``resize_small(size)``, ``center_crop(size)``, ``random_crop(size, pad=0)``,
 ``random_resized_crop(size, scale=(0.08, 1.0), ratio=(0.75, 1.333))``, ``flip``, ``to_rgb``,
-``value_range(lo=-1, hi=1)``, ``normalize(mean=IMAGENET, std=IMAGENET)``, ``rename(new="old", ...)``.
+``value_range(lo=-1, hi=1)``, ``normalize(mean=IMAGENET, std=IMAGENET)``, ``rename(new="old", ...)``,
+``scale_jitter(min_scale, max_scale)``, ``crop_or_pad(size)``.
+
+Geometric ops move the per-pixel label maps of segmentation examples with the image (``MASK_FIELDS``:
+``semantic`` and ``panoptic``): the same crop, flip and resize, with nearest-neighbour resampling for
+labels, and padding filled with the void label (255 for ``semantic``, 0 for ``panoptic``). Large-scale
+jitter (Mask2Former / kMaX-DeepLab) is ``scale_jitter(0.1, 2.0)|crop_or_pad(size)``.
 """
 from __future__ import annotations
 
@@ -32,6 +38,37 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Example = dict[str, Any]
+
+# Per-pixel label maps that geometric ops move with the image, and the value padding gives them.
+MASK_FIELDS = {"semantic": 255, "panoptic": 0}
+
+
+def _label_maps(ex: Example) -> list[str]:
+    image = ex.get("image")
+    names = [k for k in MASK_FIELDS if k in ex]
+    for k in names:
+        if image is not None and np.shape(ex[k])[:2] != np.shape(image)[:2]:
+            raise ValueError(f"label map {k!r} is {np.shape(ex[k])[:2]} but the image is {np.shape(image)[:2]}: "
+                             f"per-pixel labels must have the image's size")
+    return names
+
+
+def _resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a label map (the source pixel under each output pixel's centre)."""
+    h, w = labels.shape[:2]
+    if (h, w) == (height, width):
+        return labels
+    rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def _with_image(ex: Example, image: np.ndarray, labels: Callable[[np.ndarray, Any], np.ndarray]) -> Example:
+    """``ex`` with ``image`` and every label map passed through ``labels(map, fill)``."""
+    out = {**ex, "image": image}
+    for k in _label_maps(ex):
+        out[k] = labels(np.asarray(ex[k]), MASK_FIELDS[k])
+    return out
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -61,7 +98,7 @@ def decode(ex: Example, rng) -> Example:
 
 def resize(size: int | tuple[int, int]) -> Callable:
     h, w = (size, size) if isinstance(size, int) else size
-    return lambda ex, rng: {**ex, "image": _resize(ex["image"], h, w)}
+    return lambda ex, rng: _with_image(ex, _resize(ex["image"], h, w), lambda m, fill: _resize_labels(m, h, w))
 
 
 def resize_small(size: int) -> Callable:
@@ -70,7 +107,8 @@ def resize_small(size: int) -> Callable:
     def op(ex, rng):
         h, w = ex["image"].shape[:2]
         scale = size / min(h, w)
-        return {**ex, "image": _resize(ex["image"], max(1, round(h * scale)), max(1, round(w * scale)))}
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        return _with_image(ex, _resize(ex["image"], nh, nw), lambda m, fill: _resize_labels(m, nh, nw))
 
     return op
 
@@ -82,7 +120,8 @@ def center_crop(size: int) -> Callable:
         if h < size or w < size:
             raise ValueError(f"center_crop({size}): image is only {h}x{w}; resize first")
         top, left = (h - size) // 2, (w - size) // 2
-        return {**ex, "image": image[top:top + size, left:left + size]}
+        return _with_image(ex, image[top:top + size, left:left + size],
+                           lambda m, fill: m[top:top + size, left:left + size])
 
     return op
 
@@ -99,13 +138,51 @@ def random_crop(size: int, pad: int = 0) -> Callable:
         top = int(rng.integers(0, h + 2 * pad - size + 1)) - pad
         left = int(rng.integers(0, w + 2 * pad - size + 1)) - pad
         if pad == 0:
-            return {**ex, "image": image[top:top + size, left:left + size]}
-        out = np.zeros((size, size, image.shape[2]), image.dtype)
-        y0, x0 = max(top, 0), max(left, 0)
-        y1, x1 = min(top + size, h), min(left + size, w)
-        if y1 > y0 and x1 > x0:
-            out[y0 - top:y1 - top, x0 - left:x1 - left] = image[y0:y1, x0:x1]
-        return {**ex, "image": out}
+            return _with_image(ex, image[top:top + size, left:left + size],
+                               lambda m, fill: m[top:top + size, left:left + size])
+        return _with_image(ex, _window(image, top, left, size, size, 0),
+                           lambda m, fill: _window(m, top, left, size, size, fill))
+
+    return op
+
+
+def _window(array: np.ndarray, top: int, left: int, height: int, width: int, fill) -> np.ndarray:
+    """``array[top:top+height, left:left+width]`` where it overlaps the array, ``fill`` elsewhere."""
+    h, w = array.shape[:2]
+    out = np.full((height, width) + array.shape[2:], fill, array.dtype)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + height, h), min(left + width, w)
+    if y1 > y0 and x1 > x0:
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = array[y0:y1, x0:x1]
+    return out
+
+
+def scale_jitter(min_scale: float = 0.1, max_scale: float = 2.0) -> Callable:
+    """Resize the whole example by a random factor in [``min_scale``, ``max_scale``] (large-scale
+    jitter; labels nearest-neighbour). Follow with ``crop_or_pad(size)``."""
+    if not 0 < min_scale <= max_scale:
+        raise ValueError(f"scale_jitter needs 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+
+    def op(ex, rng):
+        h, w = ex["image"].shape[:2]
+        scale = rng.uniform(min_scale, max_scale)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        return _with_image(ex, _resize(ex["image"], nh, nw), lambda m, fill: _resize_labels(m, nh, nw))
+
+    return op
+
+
+def crop_or_pad(size: int | tuple[int, int]) -> Callable:
+    """A random ``size`` window where the image is larger, padding at the bottom / right where it is
+    smaller (image 0, labels void): detectron2's ``FixedSizeCrop(pad=True)``."""
+    ch, cw = (size, size) if isinstance(size, int) else size
+
+    def op(ex, rng):
+        h, w = ex["image"].shape[:2]
+        top = int(rng.integers(0, h - ch + 1)) if h > ch else 0
+        left = int(rng.integers(0, w - cw + 1)) if w > cw else 0
+        return _with_image(ex, _window(ex["image"], top, left, ch, cw, 0),
+                           lambda m, fill: _window(m, top, left, ch, cw, fill))
 
     return op
 
@@ -129,14 +206,18 @@ def random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.0),
         else:
             ch = cw = min(h, w)
             top, left = (h - ch) // 2, (w - cw) // 2
-        return {**ex, "image": _resize(image[top:top + ch, left:left + cw], size, size)}
+        return _with_image(ex, _resize(image[top:top + ch, left:left + cw], size, size),
+                           lambda m, fill: _resize_labels(m[top:top + ch, left:left + cw], size, size))
 
     return op
 
 
 def flip(ex: Example, rng) -> Example:
-    """Random horizontal flip with probability 1/2."""
-    return {**ex, "image": ex["image"][:, ::-1]} if rng.random() < 0.5 else ex
+    """Random horizontal flip with probability 1/2 (label maps flip with the image)."""
+    _label_maps(ex)
+    if rng.random() >= 0.5:
+        return ex
+    return _with_image(ex, ex["image"][:, ::-1], lambda m, fill: m[:, ::-1])
 
 
 def to_rgb(ex: Example, rng) -> Example:
@@ -172,7 +253,8 @@ def rename(**new_to_old: str) -> Callable:
 PP_OPS: dict[str, Callable] = {
     "decode": decode, "resize": resize, "resize_small": resize_small, "center_crop": center_crop,
     "random_crop": random_crop, "random_resized_crop": random_resized_crop, "flip": flip, "to_rgb": to_rgb,
-    "value_range": value_range, "normalize": normalize, "rename": rename,
+    "value_range": value_range, "normalize": normalize, "rename": rename, "scale_jitter": scale_jitter,
+    "crop_or_pad": crop_or_pad,
 }
 _NO_ARGS = {"decode", "flip", "to_rgb"}
 

@@ -129,7 +129,9 @@ def make_train_step(model: nn.Module, task: Task, tx: optax.GradientTransformati
 
     def loss_fn(params, batch_stats, batch, rng):
         outputs, new_bs = _apply(model, task, params, batch_stats, batch, train=True, rng=rng)
-        loss, metrics = task.loss(outputs, batch)
+        # A task whose loss draws random numbers (e.g. point-sampled mask losses) gets its own key.
+        extra = {"rng": jax.random.fold_in(rng, 1)} if getattr(task, "loss_uses_rng", False) else {}
+        loss, metrics = task.loss(outputs, batch, **extra)
         return loss, (metrics, new_bs)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -65,6 +65,8 @@ class Task:
 
     name = "task"
     fields: dict[str, Field] = {}
+    # True: ``loss(outputs, batch, rng=key)`` gets a PRNG key (a fresh one every step).
+    loss_uses_rng = False
 
     def model_inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
         raise NotImplementedError

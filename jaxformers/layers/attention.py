@@ -347,6 +347,11 @@ class MultiHeadAttention(nn.Module):
     ``gate_mlp`` / ``gate_init`` (π). The gate multiplies each head's output before ``proj``.
     Probabilities come from ``attention_probs`` (the ``"xla"`` implementation; a non-default
     softmax makes ``"auto"`` take it).
+
+    ``separate_qkv`` gives three projections ``q``, ``k``, ``v`` (embed, heads, head_dim) instead of
+    the fused ones, and ``value`` (an input for the values, default: the keys' input) lets the keys
+    and values read different inputs: DETR-style attention adds position embeddings to the queries
+    and keys but not to the values (Mask2Former, Deformable DETR).
     """
 
     num_heads: int
@@ -368,6 +373,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Any = jnp.float32
     return_qk: bool = False  # also return (q, k), each (B, L, H, D): token reduction reads keys / [CLS] attention
     binary: Any = None
+    separate_qkv: bool = False
 
     def attention_probs(self, scores: jax.Array, mask: jax.Array | None) -> jax.Array:
         """Attention probabilities (B, H, Lq, Lk) from the scaled scores (plus bias) before masking
@@ -398,6 +404,7 @@ class MultiHeadAttention(nn.Module):
         segment_ids: jax.Array | None = None,
         train: bool = False,
         cache: KVCache | None = None,
+        value: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         dim = x.shape[-1]
         custom_softmax = parse_softmax(self.softmax) is not None
@@ -407,14 +414,22 @@ class MultiHeadAttention(nn.Module):
                              "does not see; use 'conditional_per_token' for cached decoding")
         if self.attention_fn is not None and custom_softmax:
             raise ValueError(f"softmax={self.softmax!r} needs the built-in attention, not an attention_fn")
-        if cache is not None and (kv is not None or segment_ids is not None or self.attention_fn is not None):
-            raise ValueError("a KV cache is for self-attention decoding steps: pass no kv, segment_ids or "
+        if cache is not None and (kv is not None or segment_ids is not None or self.attention_fn is not None
+                                  or value is not None):
+            raise ValueError("a KV cache is for self-attention decoding steps: pass no kv, value, segment_ids or "
                              "attention_fn with cache")
+        if value is not None and not self.separate_qkv:
+            raise ValueError("value= (a separate input for the values) needs MultiHeadAttention(separate_qkv=True)")
         if self.head_dim is None and dim % self.num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by num_heads={self.num_heads}")
         head_dim = self.head_dim or dim // self.num_heads
         heads = (self.num_heads, head_dim)
-        if kv is None:
+        if self.separate_qkv:
+            kin = x if kv is None else kv
+            q = self._dense(heads, ("embed", "heads", "kv"), "q", self.qkv_bias)(x)
+            k = self._dense(heads, ("embed", "heads", "kv"), "k", self.qkv_bias)(kin)
+            v = self._dense(heads, ("embed", "heads", "kv"), "v", self.qkv_bias)(kin if value is None else value)
+        elif kv is None:
             qkv = self._dense((3,) + heads, ("embed", None, "heads", "kv"), "qkv", self.qkv_bias)(x)
             q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         else:

@@ -32,6 +32,7 @@ class PatchEmbed(nn.Module):
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -42,7 +43,7 @@ class PatchEmbed(nn.Module):
         if self.flatten:
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         if self.use_norm:
-            x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+            x = LayerNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
         return x
 
 

@@ -50,6 +50,7 @@ from jaxformers.layers import (Conv, Dense, DropPath, LayerNorm, LePE, Mlp, chec
                                logical, maybe_remat, to_2tuple, trunc_normal)
 from jaxformers.layers.attention import AttentionImpl
 from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
+from jaxformers.layers.window import window_partition as to_windows, window_reverse as from_windows
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -59,25 +60,6 @@ TOTAL_STRIDE = 32
 
 # ---------------------------------------------------------------------------------------------
 # The core op: attention inside non-overlapping (stripe) windows
-
-
-def to_windows(x: jax.Array, window: tuple[int, int]) -> jax.Array:
-    """(B, H, W, *rest) -> (B * H/wh * W/ww, wh, ww, *rest): windows in row-major order."""
-    b, height, width = x.shape[:3]
-    rest = x.shape[3:]
-    wh, ww = window
-    x = x.reshape((b, height // wh, wh, width // ww, ww) + rest)
-    x = jnp.moveaxis(x, 3, 2)  # (B, nH, nW, wh, ww, *rest)
-    return x.reshape((-1, wh, ww) + rest)
-
-
-def from_windows(x: jax.Array, window: tuple[int, int], height: int, width: int) -> jax.Array:
-    """Inverse of :func:`to_windows`."""
-    wh, ww = window
-    rest = x.shape[3:]
-    x = x.reshape((-1, height // wh, width // ww, wh, ww) + rest)
-    x = jnp.moveaxis(x, 2, 3)
-    return x.reshape((-1, height, width) + rest)
 
 
 def stripe_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: tuple[int, int],

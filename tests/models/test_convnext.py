@@ -1,0 +1,86 @@
+"""ConvNeXt: timm counts, live timm parity (logits and the stride-keyed feature maps; timm and official
+checkpoint layouts), sharding, training, bad input."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxformers as jf
+from jaxformers.models.convnext import TIMM_PARAMS
+from jaxformers.sharding import make_mesh
+from tests.helpers import (fast_jit, image, numpy_variables, perturbed_torch_model, shard_like_init,
+                           single_and_sharded, torch_logits)
+
+NAME = "convnext_tiny"
+TINY = dict(depths=(1, 2, 1, 1), dims=(16, 32, 32, 64), num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = jf.create_model(NAME, **TINY)
+    return model, numpy_variables(model, image(1, 64))
+
+
+def test_param_counts_equal_timm():
+    for name, expected in TIMM_PARAMS.items():
+        assert jf.count_params(name) == expected, name
+
+
+def _official_layout(sd):
+    """timm keys -> the official facebookresearch/ConvNeXt names (downsample_layers, dwconv, pwconv)."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("stem.", "downsample_layers.0.").replace("head.fc.", "head.").replace("head.norm.", "norm.")
+        k = k.replace(".conv_dw.", ".dwconv.").replace(".mlp.fc1.", ".pwconv1.").replace(".mlp.fc2.", ".pwconv2.")
+        k = k.replace(".blocks.", ".")
+        for i in range(1, 4):
+            k = k.replace(f"stages.{i}.downsample.", f"downsample_layers.{i}.")
+        out[k] = v
+    return out
+
+
+def test_timm_parity_logits_and_feature_maps(tmp_path):
+    """timm parity; the official checkpoint layout loads to the same variables."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    ref = perturbed_torch_model(lambda: timm.create_model(NAME, **TINY))
+    torch.save(ref.state_dict(), tmp_path / "timm.pth")
+    torch.save(_official_layout(ref.state_dict()), tmp_path / "official.pth")
+    variables = jf.load_pretrained(NAME, tmp_path / "timm.pth", **TINY)
+    official = jf.load_pretrained(NAME, tmp_path / "official.pth", **TINY)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, official)
+    model = jf.create_model(NAME, **TINY)
+    x = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
+    logits, feats = fast_jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="forward_features")))(
+        variables, x)
+    with torch.no_grad():
+        ref_feats = ref.forward_intermediates(torch.from_numpy(x.transpose(0, 3, 1, 2)), intermediates_only=True)
+    ref_logits = torch_logits(ref, x)
+    assert np.abs(ref_logits).max() > 0.1
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+    assert sorted(feats) == [4, 8, 16, 32]
+    for i, f in enumerate(ref_feats):
+        np.testing.assert_allclose(feats[4 * 2 ** i], f.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
+
+
+def test_sharded_equals_single_device(tiny):
+    model, variables = tiny
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    x = image(4, 64)
+    sharded_vars = shard_like_init(model, variables, x, mesh)
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables, sharded_vars, x, mesh)
+    assert float(jnp.std(single)) > 1e-3
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_contract_and_bad_inputs(tiny):
+    model, variables = tiny
+    feats = jax.eval_shape(lambda v, x: model.apply(v, x, method="forward_features"), variables, image(2, 64))
+    assert {k: v.shape for k, v in feats.items()} == {4: (2, 16, 16, 16), 8: (2, 8, 8, 32), 16: (2, 4, 4, 32),
+                                                     32: (2, 2, 2, 64)}
+    with pytest.raises(ValueError, match="48x48, but ConvNeXt needs height and width divisible by 32"):
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 48, 48, 3)))
+    with pytest.raises(ValueError, match="in_chans=3"):
+        jax.eval_shape(model.apply, variables, jnp.zeros((1, 64, 64, 4)))
