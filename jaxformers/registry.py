@@ -41,6 +41,10 @@ class ModelInfo:
     ``params_m`` / ``flops_g`` / ``top1`` are the paper's numbers for this variant (None where the
     paper gives none). ``input_size`` is the default input: (H, W, C) for images, (L,) for token ids.
     ``converter`` maps an official checkpoint (see ``jaxformers.convert``) to our variables.
+    ``task`` is what ``__call__`` computes: ``"classification"`` (logits over classes; image
+    classifiers follow the dense-feature contract of ``jaxformers.layers.features``) or another task
+    (``"panoptic segmentation"``, ...); ``metric`` names the paper's score held in ``top1`` (top-1
+    accuracy unless said otherwise, e.g. ``"PQ"``).
     """
 
     paper: str
@@ -54,6 +58,8 @@ class ModelInfo:
     converter: Callable[..., Any] | None = None
     name: str = ""
     family: str = ""
+    task: str = "classification"
+    metric: str = "top-1"
 
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], ModelInfo]] = {}

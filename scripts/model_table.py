@@ -18,12 +18,12 @@ BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
 def model_table() -> str:
     import jaxformers
 
-    rows = ["| model | family | paper | arXiv | params (M) | top-1 | status |",
+    rows = ["| model | family | paper | arXiv | params (M) | score (top-1 unless named) | status |",
             "|---|---|---|---|---|---|---|"]
     for name in jaxformers.list_models():
         info = jaxformers.model_info(name)
         paper = "–" if info.params_m is None else f"{info.params_m:g}"
-        top1 = "–" if info.top1 is None else f"{info.top1:g}"
+        top1 = "–" if info.top1 is None else f"{info.top1:g}" + ("" if info.metric == "top-1" else f" {info.metric}")
         arxiv = f"[{info.arxiv}](https://arxiv.org/abs/{info.arxiv})" if info.arxiv else "–"
         rows.append(f"| `{name}` | {info.family} | {info.paper} | {arxiv} | {paper} | {top1} | {info.status} |")
     return "\n".join(rows)

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxformers.convert.common import StateDict, conv2d, linear
 from jaxformers.layers import Conv, Dense, DropPath, LayerNorm, LayerScale, Mlp, check_image, maybe_remat
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -58,7 +59,7 @@ class ConvNeXtBlock(nn.Module):
         return constrain(x + DropPath(self.drop_path)(y, train=train), MAP_AXES)
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(FeatureBackbone):
     """ConvNeXt: patchify stem, four stages of ConvNeXt blocks with strided-conv downsampling,
     pool -> LN -> Linear head."""
 
@@ -83,7 +84,12 @@ class ConvNeXt(nn.Module):
         return list(self.dims)
 
     @nn.compact
-    def _forward(self, x: jax.Array, train: bool, features_only: bool = False):
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes) (the pooled features when ``num_classes`` is 0); ``output`` selects the
+        dense-feature contract's other outputs (``jaxformers.layers.features``): ``forward_features``
+        gives the stage outputs ``{4: ..., 8: ..., 16: ..., 32: ...}`` (NHWC), ``pre_logits`` the
+        pooled, normalised (B, C) the head reads."""
+        check_output(output, "ConvNeXt")
         if len(self.depths) != len(self.dims):
             raise ValueError(f"depths and dims need one entry per stage; got {self.depths}, {self.dims}")
         h, w = check_image(x, in_chans=self.in_chans)
@@ -106,27 +112,14 @@ class ConvNeXt(nn.Module):
                           **kw)(x, train)
                 n += 1
             features[4 * 2 ** i] = x
-        if features_only:  # dense heads read the maps; the classifier's norm and head are not built
-            return features, None, None
+        if output == "features":  # dense heads read the maps; the classifier's norm and head are not built
+            return features
         pooled = LayerNorm(1e-6, name="head_norm", **kw)(x.mean(axis=(1, 2)))
-        logits = None
+        logits = pooled
         if self.num_classes:
             y = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
             logits = Dense(self.num_classes, axes=("embed", "classes"), name="head_fc", **kw)(y)
-        return features, pooled, logits
-
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """Logits (B, num_classes); the pooled, normalised features (B, C) when ``num_classes`` is 0."""
-        _, pooled, logits = self._forward(x, train)
-        return pooled if logits is None else logits
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
-        """``apply(..., method="forward_features")``: {stride: NHWC map} for strides 4, 8, 16, 32."""
-        return self._forward(x, train, features_only=True)[0]
-
-    def pre_logits(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """``apply(..., method="pre_logits")``: pooled -> LayerNorm features (B, C) the classifier reads."""
-        return self._forward(x, train)[1]
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

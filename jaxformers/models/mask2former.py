@@ -375,7 +375,8 @@ VARIANTS = {
 
 def _info(pq: float, params_m: float) -> ModelInfo:
     return ModelInfo(paper="Masked-attention Mask Transformer for Universal Image Segmentation", arxiv="2112.01527",
-                     repo="facebookresearch/Mask2Former", input_size=(384, 384, 3), params_m=params_m, top1=pq)
+                     repo="facebookresearch/Mask2Former", input_size=(384, 384, 3), params_m=params_m, top1=pq,
+                     task="panoptic segmentation", metric="PQ")
 
 
 def _build(name: str, overrides: dict[str, Any]) -> Mask2Former:

@@ -43,6 +43,7 @@ from jaxformers.convert.common import StateDict, conv2d, heads_out, linear, qkv_
 from jaxformers.layers import Dense, LayerNorm, PatchEmbed, check_image, maybe_remat, to_2tuple
 from jaxformers.layers.attention import AttentionImpl
 from jaxformers.layers.window import PatchMerging, SwinBlock, effective_window
+from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output
 from jaxformers.registry import ModelInfo, register_model
 
 
@@ -79,7 +80,7 @@ class SwinStage(nn.Module):
         return x
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(FeatureBackbone):
     """Swin: patch embedding, four stages of (shifted) window blocks with patch merging, LN-pool head."""
 
     img_size: int | tuple[int, int] = 224
@@ -135,7 +136,12 @@ class SwinTransformer(nn.Module):
                              f"feature pyramid divides the image")
 
     @nn.compact
-    def _forward(self, x: jax.Array, train: bool, features_only: bool = False):
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+        """Logits (B, num_classes) (the pooled features when ``num_classes`` is 0); ``output`` selects the
+        dense-feature contract's other outputs (``jaxformers.layers.features``): ``forward_features``
+        gives the stage outputs ``{4: ..., 8: ..., 16: ..., 32: ...}`` (NHWC), ``pre_logits`` the
+        pooled, normalised (B, C) the head reads."""
+        check_output(output, "Swin")
         self._check(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = PatchEmbed(self.embed_dim, self.patch_size, self.in_chans, flatten=False, use_norm=True, norm_eps=1e-5,
@@ -152,30 +158,17 @@ class SwinTransformer(nn.Module):
             n += depth
             stride = self.patch_size * 2 ** i
             features[stride] = LayerNorm(1e-5, name=f"out_norm{i}", **kw)(x) if self.out_norms else x
-        if features_only:  # dense heads read the maps; the classifier's norm and head are not built
-            return features, None, None
+        if output == "features":  # dense heads read the maps; the classifier's norm and head are not built
+            return features
         if self.out_norms:
             pooled = features[stride].mean(axis=(1, 2))
         else:
             pooled = LayerNorm(1e-5, name="norm", **kw)(x).mean(axis=(1, 2))
-        logits = None
+        logits = pooled
         if self.num_classes:
             y = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
             logits = Dense(self.num_classes, axes=("embed", "classes"), name="head", **kw)(y)
-        return features, pooled, logits
-
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """Logits (B, num_classes); the pooled features (B, C) when ``num_classes`` is 0."""
-        _, pooled, logits = self._forward(x, train)
-        return pooled if logits is None else logits
-
-    def forward_features(self, x: jax.Array, *, train: bool = False) -> dict[int, jax.Array]:
-        """``apply(..., method="forward_features")``: {stride: NHWC map} for strides 4, 8, 16, 32."""
-        return self._forward(x, train, features_only=True)[0]
-
-    def pre_logits(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """``apply(..., method="pre_logits")``: the pooled, normalised features (B, C) the head reads."""
-        return self._forward(x, train)[1]
+        return select_output(output, features, pooled, logits)
 
 
 # ---------------------------------------------------------------------------------------------

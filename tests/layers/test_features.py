@@ -11,7 +11,8 @@ from jaxformers.layers import BackboneOutput, FeatureBackbone, check_image_strid
 
 
 def _image_models() -> list[str]:
-    return [n for n in jf.list_models() if len(jf.model_info(n).input_size) == 3]
+    return [n for n in jf.list_models()
+            if len(jf.model_info(n).input_size) == 3 and jf.model_info(n).task == "classification"]
 
 
 def _shallow(model):
