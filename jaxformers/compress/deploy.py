@@ -15,13 +15,16 @@ so every jaxformers model quantises without changes. Schemes:
   forward (qwix ``QtProvider``: straight-through gradients, clipped to the calibration range), the
   float parameters are the ones you train; quantise them with the PTQ scheme afterwards.
 
-Kept in float: the head (``keep_float``, default ``quantize.DEFAULT_KEEP_FLOAT``), convolutions
+Embedding tables: qwix leaves lookups alone (a lookup is not a matmul, and a tied LM head's
+``attend`` would turn the table into an int8 matmul operand its own lookup cannot read), so the PTQ
+schemes store every table outside the head as int8 with one float32 scale per row here and
+dequantise it inside the jitted forward (a tied head then reads the int8 table's values).
+
+Kept in float: the head (``keep_float``, default ``quantize.DEFAULT_KEEP_FLOAT``) and convolutions
 (qwix's PTQ quantises a convolution only with int8 activations too, on scales that depend on the
-image size; a ViT has one, its patch embedding) and embedding tables (a lookup is not a matmul; a
-tied LM head's ``attend`` would otherwise turn the table into an int8 matmul operand that its own
-lookup cannot read). The attention score/probability einsums stay float (qwix's static scales for
-them would depend on the sequence length); the paper-faithful simulation of those is the
-``"w8a8"`` scheme.
+image size; a ViT has one, its patch embedding). The attention score/probability einsums stay
+float (qwix's static scales for them would depend on the sequence length); the paper-faithful
+simulation of those is the ``"w8a8"`` scheme.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxformers.compress.quantize import DEFAULT_KEEP_FLOAT, QuantizedModel, as_call, register_scheme
 
@@ -43,8 +48,9 @@ def _qwix():
     return qwix
 
 
-def _float_paths(module: nn.Module, variables: Any, args, kwargs, keep_float: str) -> str:
-    """A regex of the module paths qwix must leave alone: ``keep_float`` and every ``nn.Embed``."""
+def _float_paths(module: nn.Module, variables: Any, args, kwargs, keep_float: str) -> tuple[str, list[str]]:
+    """A regex of the module paths qwix must leave alone (``keep_float`` and every ``nn.Embed``), and
+    the embeddings' paths."""
     embeds = set()
 
     def spy(next_fun, a, k, context):
@@ -54,7 +60,7 @@ def _float_paths(module: nn.Module, variables: Any, args, kwargs, keep_float: st
 
     with nn.intercept_methods(spy):
         jax.eval_shape(lambda v: module.apply(v, *args, **kwargs), variables)
-    return "|".join([f"(?:{keep_float})"] + [re.escape(p) for p in sorted(embeds)])
+    return "|".join([f"(?:{keep_float})"] + [re.escape(p) for p in sorted(embeds)]), sorted(embeds)
 
 
 def _input_absmax(module: nn.Module, variables: Any, calibration: list, float_paths: str) -> dict[str, float]:
@@ -106,7 +112,7 @@ def _deploy(module: nn.Module, variables: Any, *, calibration: list, acts: str |
                              f"traced once")
         batch = tuple(module.example_inputs(1))
     args, kwargs = as_call(batch)
-    float_paths = _float_paths(module, variables, args, kwargs, keep_float)
+    float_paths, embeds = _float_paths(module, variables, args, kwargs, keep_float)
     rest = {k: v for k, v in variables.items() if k != "params"}
     if qat:
         qt_model = qwix.quantize_model(module, qwix.QtProvider(_rules(qwix, qwix.QtRule, float_paths, acts)))
@@ -120,12 +126,25 @@ def _deploy(module: nn.Module, variables: Any, *, calibration: list, acts: str |
     rules = _rules(qwix, qwix.QuantizationRule, float_paths, acts, ranges)
     ptq_model = qwix.quantize_model(module, qwix.PtqProvider(rules))
     abstract = jax.eval_shape(lambda: ptq_model.init(jax.random.key(0), *args, **kwargs))
-    qparams = qwix.quantize_params(variables["params"], abstract["params"])
+    qparams = flatten_dict(qwix.quantize_params(variables["params"], abstract["params"]), sep="/")
+    keep = re.compile(keep_float)
+    tables = {}
+    for path in embeds:
+        key = f"{path}/embedding"
+        if key in qparams and not keep.fullmatch(path):
+            table = np.asarray(qparams[key], np.float32)
+            scale = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-8) / 127.0
+            qparams[key] = jnp.asarray(np.clip(np.round(table / scale), -127, 127).astype(np.int8))
+            tables[key] = jnp.asarray(scale, jnp.float32)
 
     def run(v, *a, **k):
-        return ptq_model.apply(v, *a, **k)
+        params = flatten_dict(v["params"], sep="/")
+        params.update({key: params[key].astype(jnp.float32) * v["embedding_scale"][key] for key in tables})
+        others = {c: x for c, x in v.items() if c not in ("params", "embedding_scale")}
+        return ptq_model.apply({**others, "params": unflatten_dict(params, sep="/")}, *a, **k)
 
-    return QuantizedModel(ptq_model, name, run, original=module), {**rest, "params": qparams}
+    return QuantizedModel(ptq_model, name, run, original=module), {**rest, "params": unflatten_dict(qparams, sep="/"),
+                                                                   "embedding_scale": tables}
 
 
 def _scheme(name: str, acts: str | None, qat: bool, needs_calibration: bool, description: str) -> None:

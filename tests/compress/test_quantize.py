@@ -160,6 +160,10 @@ def test_qwix_int8_runs_on_bert_vit_and_opt(model):
         rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
         assert 0 < rel < 0.05, (scheme, rel)
         assert any(leaf.dtype == jnp.int8 for leaf in jax.tree.leaves(qv))
+        if model == "bert":  # embedding tables: int8 with one float32 scale per row
+            table = qv["params"]["embeddings"]["word_embeddings"]["embedding"]
+            assert table.dtype == jnp.int8 and qv["embedding_scale"]["embeddings/word_embeddings/embedding"].shape == (
+                table.shape[0], 1)
         assert compress.variable_bytes(qv) < compress.float32_bytes(variables)
     if model == "opt":  # QAT: a fake-quantised forward whose float parameters train
         qm, qv = compress.quantize(module, variables, "int8-w8a8-qat")
