@@ -211,6 +211,9 @@ class MultiHeadAttention(nn.Module):
     ``causal`` (decoders): position i attends to positions <= i, also within a multi-token cached
     step (a prompt's prefill), so prefill + steps equal one causal pass.
 
+    ``qk_fn`` (a call argument) maps the projected (q, k), each (B, L, H, D), to new ones before
+    attention: position encodings that act on queries and keys (``jaxformers.layers.PositionTerms``).
+
     ``binary`` (a ``jaxformers.compress.binary.BinaryRecipe``) binarizes the projections and the
     attention core (Bi-Attention, BiPFT's elastic attention, BiViT's softmax-aware binarization...).
     """
@@ -250,6 +253,7 @@ class MultiHeadAttention(nn.Module):
         segment_ids: jax.Array | None = None,
         train: bool = False,
         cache: KVCache | None = None,
+        qk_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         dim = x.shape[-1]
         if cache is not None and (kv is not None or segment_ids is not None or self.attention_fn is not None):
@@ -268,6 +272,8 @@ class MultiHeadAttention(nn.Module):
             k, v = kvp[..., 0, :, :], kvp[..., 1, :, :]
         names = ("act_batch", "act_len", "act_heads", None)
         q, k, v = (constrain(t, names) for t in (q, k, v))
+        if qk_fn is not None:  # position encodings that act on queries and keys (e.g. SeqPE's attn_mul)
+            q, k = qk_fn(q, k)
         rate = self.attention_dropout if train else 0.0
         rng = self.make_rng("dropout") if rate > 0.0 and self.attention_fn is None else None
         if self.binary is not None:

@@ -39,13 +39,14 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, qk_fn=None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim = x.shape[-1]
         y = LayerNorm(self.norm_eps, name="norm1", **kw)(x)
         y = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attention_dropout,
                                proj_dropout=self.dropout, attention_impl=self.attention_impl, name="attn",
-                               binary=self.binary, **kw)(y, mask=mask, segment_ids=segment_ids, train=train)
+                               binary=self.binary, **kw)(y, mask=mask, segment_ids=segment_ids, train=train,
+                                                         qk_fn=qk_fn)
         if self.layer_scale_init is not None:
             y = LayerScale(self.layer_scale_init, name="ls1")(y)
         x = x + DropPath(self.drop_path)(y, train=train)
