@@ -339,6 +339,9 @@ class MultiHeadAttention(nn.Module):
     ``causal`` (decoders): position i attends to positions <= i, also within a multi-token cached
     step (a prompt's prefill), so prefill + steps equal one causal pass.
 
+    ``qk_fn`` (a call argument) maps the projected (q, k), each (B, L, H, D), to new ones before
+    attention: position encodings that act on queries and keys (``jaxformers.layers.PositionTerms``).
+
     ``binary`` (a ``jaxformers.compress.binary.BinaryRecipe``) binarizes the projections and the
     attention core (Bi-Attention, BiPFT's elastic attention, BiViT's softmax-aware binarization...).
 
@@ -405,6 +408,7 @@ class MultiHeadAttention(nn.Module):
         train: bool = False,
         cache: KVCache | None = None,
         value: jax.Array | None = None,
+        qk_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         dim = x.shape[-1]
         custom_softmax = parse_softmax(self.softmax) is not None
@@ -438,6 +442,8 @@ class MultiHeadAttention(nn.Module):
             k, v = kvp[..., 0, :, :], kvp[..., 1, :, :]
         names = ("act_batch", "act_len", "act_heads", None)
         q, k, v = (constrain(t, names) for t in (q, k, v))
+        if qk_fn is not None:  # position encodings that act on queries and keys (e.g. SeqPE's attn_mul)
+            q, k = qk_fn(q, k)
         rate = self.attention_dropout if train else 0.0
         rng = self.make_rng("dropout") if rate > 0.0 and self.attention_fn is None else None
         if self.binary is not None:

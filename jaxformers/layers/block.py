@@ -54,7 +54,7 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, bias: jax.Array | None = None,
-                 size: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                 size: jax.Array | None = None, qk_fn=None) -> jax.Array | tuple[jax.Array, jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim = x.shape[-1]
         if self.num_heads == 0:  # attention sublayer removed (pruned)
@@ -67,7 +67,8 @@ class TransformerBlock(nn.Module):
                                return_qk=self.reduce is not None, name="attn", binary=self.binary,
                                softmax=self.attn_softmax, gate=self.attn_gate, gate_mlp=self.attn_gate_mlp,
                                gate_init=self.attn_gate_init,
-                               **kw)(y, mask=mask, bias=bias, segment_ids=segment_ids, train=train)
+                               **kw)(y, mask=mask, bias=bias, segment_ids=segment_ids, train=train,
+                                       qk_fn=qk_fn)
         if self.reduce is not None:
             y, (q, k) = y
         if self.layer_scale_init is not None:

@@ -1,7 +1,7 @@
 """Position embeddings: learned tables (with resampling), 1D/2D sin-cos, RoPE and LePE."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -100,3 +100,17 @@ class LePE(nn.Module):
         k = self.kernel_size
         return Conv(c, (k, k), padding=k // 2, feature_group_count=c, axes=(None, "embed"),
                     dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(v)
+
+
+class PositionTerms(NamedTuple):
+    """What a *position encoder* module (a model's ``position_encoder`` field, e.g.
+    ``jaxformers.models.seqpe.SeqPE``) contributes, in place of a learned position table: ``inputs``
+    (Lq, D) added to the token embeddings; ``biases``, one (H, Lq, Lk) attention-logit bias per
+    layer; ``qk_fns``, one ``(q, k) -> (q, k)`` transform per layer (applied to the projected
+    queries and keys). Any of them may be None. A position encoder is called as
+    ``encoder(q_positions (Lq, dims), k_positions (Lk, dims), num_layers=, num_heads=, head_dim=,
+    width=, num_prefix=, train=)``; ``num_prefix`` leading tokens (class tokens) have no position."""
+
+    inputs: Any = None
+    biases: Any = None
+    qk_fns: Any = None

@@ -99,7 +99,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None, bias: jax.Array | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn_norm = LayerNorm(self.layer_norm_eps, name="attn_norm", **kw)
         mlp_norm = LayerNorm(self.layer_norm_eps, name="mlp_norm", **kw)
@@ -108,7 +108,7 @@ class DecoderLayer(nn.Module):
                                attention_dropout=self.attention_dropout, proj_dropout=self.dropout, causal=True,
                                attention_impl=self.attention_impl, softmax=self.attn_softmax, gate=self.attn_gate,
                                gate_mlp=self.attn_gate_mlp, gate_init=self.attn_gate_init, name="attn", **kw)(
-            y, mask=mask, segment_ids=segment_ids, train=train, cache=cache)
+            y, mask=mask, bias=bias, segment_ids=segment_ids, train=train, cache=cache)
         if cache is not None:
             y, cache = y
         x = x + y
@@ -154,6 +154,11 @@ class CausalLM(nn.Module):
     attn_gate_mlp: bool = False
     attn_gate_init: float | None = None
     remat: bool = False
+    # A module giving ``jaxformers.layers.PositionTerms`` from the positions (e.g. SeqPE): replaces the
+    # learned position table; its input term is added to the embeddings and its per-layer biases to the
+    # attention logits. It reads the positions of the batch's first row for every row (left-padded rows
+    # whose padding differs from the first row's see shifted positions).
+    position_encoder: Any = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -222,7 +227,11 @@ class CausalLM(nn.Module):
         """
         self._validate()
         check_token_ids(input_ids, vocab_size=self.vocab_size,
-                        max_len=None if cache is not None else self.max_position_embeddings)
+                        max_len=None if cache is not None or self.position_encoder is not None
+                        else self.max_position_embeddings)
+        if self.position_encoder is not None and segment_ids is not None:
+            raise ValueError("a position_encoder reads one row of positions for the batch: packed documents "
+                             "(segment_ids, positions restarting per document) need the learned position table")
         batch, length = input_ids.shape
         if cache is not None:
             if segment_ids is not None:
@@ -259,13 +268,26 @@ class CausalLM(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embed_tokens = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=nn.with_logical_partitioning(
             _init, ("vocab", "embed")), name="embed_tokens", **kw)
-        embed_positions = nn.Embed(self.max_position_embeddings + self.position_offset, self.hidden_size,
-                                   embedding_init=nn.with_logical_partitioning(_init, (None, "embed")),
-                                   name="embed_positions", **kw)
         x = embed_tokens(input_ids)
         if self.word_embed_proj_dim is not None:
             x = Dense(self.hidden_size, axes=("embed", "mlp"), use_bias=False, name="project_in", **kw)(x)
-        x = x + embed_positions(position_ids + self.position_offset)
+        terms = None
+        if self.position_encoder is None:
+            embed_positions = nn.Embed(self.max_position_embeddings + self.position_offset, self.hidden_size,
+                                       embedding_init=nn.with_logical_partitioning(_init, (None, "embed")),
+                                       name="embed_positions", **kw)
+            x = x + embed_positions(position_ids + self.position_offset)
+        else:
+            q_pos = jnp.maximum(position_ids[0], 0).astype(jnp.int32)[:, None]
+            k_pos = q_pos
+            if cache is not None:  # cache slot s holds position s - (index - position of the first new token)
+                offset = cache[0].index - position_ids[0, 0]
+                k_pos = jnp.maximum(jnp.arange(cache[0].k.shape[1], dtype=jnp.int32) - offset, 0)[:, None]
+            terms = self.position_encoder(q_pos, k_pos, num_layers=self.num_hidden_layers,
+                                          num_heads=self.num_attention_heads, head_dim=self.head_dim,
+                                          width=self.hidden_size, train=train)
+            if terms.inputs is not None:
+                x = x + terms.inputs[None].astype(x.dtype)
         x = nn.Dropout(self.embed_dropout)(x, deterministic=not train)
         x = constrain(x, _ACT)
 
@@ -282,10 +304,11 @@ class CausalLM(nn.Module):
                               self.dropout, self.attention_dropout, self.do_layer_norm_before, self.enable_bias, scale,
                               self.attention_impl, self.attn_softmax, self.attn_gate, self.attn_gate_mlp,
                               self.attn_gate_init, name=f"layer_{i}", **kw)
+            bias = None if terms is None or terms.biases is None else terms.biases[i][None]
             if cache is None:
-                x = layer(x, train, mask, segment_ids)
+                x = layer(x, train, mask, segment_ids, bias=bias)
             else:
-                x, c = layer(x, train, mask, None, cache[i])
+                x, c = layer(x, train, mask, None, cache[i], bias=bias)
                 new_cache.append(c)
         if self.has_final_norm:
             x = LayerNorm(self.layer_norm_eps, name="final_norm", **kw)(x)

@@ -77,6 +77,10 @@ class VisionTransformer(FeatureBackbone):
     # A jaxformers.compress token reduction (ToMe / pruning / Token Transforming / IA-RED^2).
     token_reduction: Any = None
     binary: Any = None  # jaxformers.compress.binary.BinaryRecipe (e.g. BIVIT): binarized blocks
+    # A module giving ``jaxformers.layers.PositionTerms`` for the (row, column) of every patch (e.g. 2-D
+    # SeqPE): replaces the learned position table (so any img_size works with the same parameters); its
+    # input term is added to the patch tokens, its per-layer (q, k) transforms act in every block.
+    position_encoder: Any = None
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -120,9 +124,13 @@ class VisionTransformer(FeatureBackbone):
                                   (1, 1, self.embed_dim), self.param_dtype)
                 prefix.append(jnp.broadcast_to(dist.astype(x.dtype), (b, 1, self.embed_dim)))
             x = jnp.concatenate([*prefix, x], axis=1)
-        pos = self.param("pos_embed", logical(nn.initializers.normal(0.02), (None, None, "embed")),
-                         (1, x.shape[1], self.embed_dim), self.param_dtype)
-        x = x + pos.astype(x.dtype)
+        qk_fns = None
+        if self.position_encoder is None:
+            pos = self.param("pos_embed", logical(nn.initializers.normal(0.02), (None, None, "embed")),
+                             (1, x.shape[1], self.embed_dim), self.param_dtype)
+            x = x + pos.astype(x.dtype)
+        else:
+            x, qk_fns = self._encoded_positions(x, train)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         block = maybe_remat(TransformerBlock, self.remat)
@@ -141,8 +149,9 @@ class VisionTransformer(FeatureBackbone):
             out = block(extra.pop("num_heads", self.num_heads), self.mlp_ratio, self.qkv_bias, float(rates[i]),
                         self.attn_drop_rate, self.drop_rate, self.layer_scale_init, attention_impl=self.attention_impl,
                         binary=self.binary, attn_softmax=self.attn_softmax, attn_gate=self.attn_gate,
-                        attn_gate_mlp=self.attn_gate_mlp, attn_gate_init=self.attn_gate_init, reduce=reduce, name=f"blocks_{i}", **extra, **kw)(x, train, bias=bias,
-                                                                                            size=size)
+                        attn_gate_mlp=self.attn_gate_mlp, attn_gate_init=self.attn_gate_init, reduce=reduce,
+                        name=f"blocks_{i}", **extra, **kw)(x, train, bias=bias, size=size,
+                                                           qk_fn=None if qk_fns is None else qk_fns[i])
             x, size = out if reduce is not None else (out, size)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
@@ -184,6 +193,24 @@ class VisionTransformer(FeatureBackbone):
                     self.sow("intermediates", "logits_dist", dist)
                 logits = (logits + dist) / 2  # timm / DeiT inference: the mean of both heads
         return select_output(output, features, pooled, logits)
+
+    def _encoded_positions(self, x: jax.Array, train: bool):
+        """The position encoder's terms for the patch grid: x with the input term added to the patch tokens,
+        and the per-layer (q, k) transforms (or None)."""
+        if self.remat:
+            raise ValueError("a position_encoder with remat=True is not supported (its (q, k) transforms are "
+                             "closures); use remat=False")
+        gh, gw = self.grid_size
+        grid = jnp.asarray(np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), -1).reshape(-1, 2))
+        terms = self.position_encoder(grid, grid, num_layers=self.depth, num_heads=self.num_heads,
+                                      head_dim=self.embed_dim // self.num_heads, width=self.embed_dim,
+                                      num_prefix=self.num_prefix_tokens, train=train)
+        if terms.biases is not None:
+            raise ValueError("VisionTransformer takes a position encoder's input term and (q, k) transforms, not "
+                             "attention biases (use mode 'attn_mul', 'attn_add' or 'input_add')")
+        if terms.inputs is not None:
+            x = x.at[:, self.num_prefix_tokens:].add(terms.inputs[None].astype(x.dtype))
+        return x, terms.qk_fns
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_sharded_equals_single_device():
     x = jax.random.normal(jax.random.key(2), (4, 24, 3))
     variables = numpy_variables(model, x)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    single, sharded = single_and_sharded(jax.jit(model.apply), variables, shard_like_init(model, variables, x, mesh),
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables, shard_like_init(model, variables, x, mesh),
                                          x, mesh)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5)
 

@@ -92,7 +92,7 @@ def test_pretraining_on_digits_reduces_the_position_loss():
 def test_sharded_task_and_config(tiny, tmp_path):
     model, variables, x = tiny
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    single, sharded = single_and_sharded(jax.jit(model.apply), variables, shard_like_init(model, variables, x, mesh),
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables, shard_like_init(model, variables, x, mesh),
                                          x, mesh)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5)
     pytest.importorskip("grain")

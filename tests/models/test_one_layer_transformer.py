@@ -73,7 +73,7 @@ def test_permutation_equivariant_and_memorises_random_labels():
     assert accuracy == 1.0 and float(losses[-1]) < 0.1 * float(losses[0]), (accuracy, losses[::50])
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     variables = {"params": params}
-    single, sharded = single_and_sharded(jax.jit(model.apply), variables, shard_like_init(model, variables, x, mesh),
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables, shard_like_init(model, variables, x, mesh),
                                          x, mesh)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5)
     assert nn.unbox(params)["attn"]["qkv"]["kernel"].shape == (4, 3, 1, 1)  # rank-1 query, key and value

@@ -56,7 +56,8 @@ def test_features_and_bad_input(tiny):
     feats = fast_jit(lambda v, x: model.apply(v, x, method="forward_features"))(variables, x)
     assert list(feats) == [8] and feats[8].shape == (8, 4, 4, 32)
     with pytest.raises(ValueError, match="img_size 30x30 is not divisible by patch_size=8"):
-        jf.create_model("vim_tiny_patch16_224", **{**TINY, "img_size": 30}).init(jax.random.key(0), x[:, :30, :30])
+        jax.eval_shape(jf.create_model("vim_tiny_patch16_224", **{**TINY, "img_size": 30}).init, jax.random.key(0),
+                       x[:, :30, :30])
     with pytest.raises(ValueError, match="built for img_size=32x32"):
         model.apply(variables, x[:, :24, :24])
 
@@ -96,7 +97,7 @@ def test_sharded_equals_single_device(tiny):
     variables = numpy_variables(model, x)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded_vars = shard_like_init(model, variables, x, mesh)
-    single, sharded = single_and_sharded(jax.jit(model.apply), variables, sharded_vars, x, mesh)
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables, sharded_vars, x, mesh)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5)
 
 

@@ -141,7 +141,7 @@ def test_trains_on_digits_and_shards():
 
     variables = {"params": params}
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    single, sharded = single_and_sharded(jax.jit(model.apply), variables,
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables,
                                          shard_like_init(model, variables, x[:4], mesh), x[:4], mesh)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5)
 
