@@ -56,6 +56,7 @@ active, the only state its compression leaves); one device (no all-reduce of alp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Iterable, Sequence
 
@@ -203,12 +204,13 @@ class OFBSearchViT(nn.Module):
             return multiplier(space, alpha, score, w_p)
 
         p = self.patch_size
-        x = nn.Conv(D, (p, p), strides=p, padding="VALID", name="patch_embed_proj")(x)
+        x = nn.Conv(D, (p, p), strides=p, padding="VALID", kernel_init=_init((None, None, None, "embed")),
+                    bias_init=_init(("embed",), zeros=True), name="patch_embed_proj")(x)
         b = x.shape[0]
         x = x.reshape(b, -1, D)
         m_e = arch("embed", embed, embed.grid).astype(x.dtype)
-        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, D))
-        pos = self.param("pos_embed", nn.initializers.zeros, (1, x.shape[1] + 1, D))
+        cls = self.param("cls_token", _init((None, None, "embed"), zeros=True), (1, 1, D))
+        pos = self.param("pos_embed", _init((None, None, "embed"), zeros=True), (1, x.shape[1] + 1, D))
         x = x * m_e + pos[:, 1:] * m_e
         cls = jnp.broadcast_to((cls + pos[:, :1]) * m_e, (b, 1, D))
         x = jnp.concatenate([cls, x], axis=1)
@@ -216,16 +218,28 @@ class OFBSearchViT(nn.Module):
             attn, mlp = self.spaces[1 + 2 * i], self.spaces[2 + 2 * i]
             H, d = attn.size
             y = LayerNorm(1e-6, name=f"blocks_{i}_norm1")(x)
-            qkv = nn.DenseGeneral((3, H, d), use_bias=self.qkv_bias, name=f"blocks_{i}_attn_qkv")(y)
+            qkv = _dense((3, H, d), ("embed", None, "heads", "kv"), f"blocks_{i}_attn_qkv", self.qkv_bias)(y)
             m_a = arch(f"blocks_{i}_attn", attn, attn.grid)
             q, k, v = (qkv[..., j, :, :] * m_a for j in range(3))
             out = dot_product_attention(q, k, v, scale=self.scale)
-            x = x + nn.DenseGeneral(D, axis=(-2, -1), name=f"blocks_{i}_attn_proj")(out)
+            x = x + _dense(D, ("heads", "kv", "embed"), f"blocks_{i}_attn_proj", axis=(-2, -1))(out)
             y = LayerNorm(1e-6, name=f"blocks_{i}_norm2")(x)
-            hdn = nn.Dense(mlp.size[0], name=f"blocks_{i}_mlp_fc1")(y) * arch(f"blocks_{i}_mlp", mlp, mlp.grid)
-            x = x + nn.Dense(D, name=f"blocks_{i}_mlp_fc2")(gelu(hdn))
+            hdn = _dense(mlp.size[0], ("embed", "mlp"), f"blocks_{i}_mlp_fc1")(y) * arch(f"blocks_{i}_mlp", mlp, mlp.grid)
+            x = x + _dense(D, ("mlp", "embed"), f"blocks_{i}_mlp_fc2")(gelu(hdn))
         x = LayerNorm(1e-6, name="norm")(x)
-        return nn.Dense(self.num_classes, name="head")(x[:, 0])
+        return _dense(self.num_classes, ("embed", "classes"), "head")(x[:, 0])
+
+
+def _init(names, zeros: bool = False):
+    """Flax's default initializer (the values come from the host in ``init_search``) with the host
+    ViT's logical axis names, so the search model shards like the host."""
+    return logical(nn.initializers.zeros_init() if zeros else nn.initializers.lecun_normal(), names)
+
+
+def _dense(features, names, name, use_bias: bool = True, axis=-1):
+    n_in = 1 if isinstance(axis, int) else len(axis)
+    return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, kernel_init=_init(names),
+                           bias_init=_init(names[n_in:], zeros=True), name=name)
 
 
 # Our flat search names <-> the host VisionTransformer's nested names.
@@ -536,11 +550,13 @@ def search(model: OFBSearchViT, variables: dict, batches: Iterable[tuple[jax.Arr
            lr: float = 1e-3, lr_arch: float = 1e-3, weight_decay: float = 1e-3, label_smoothing: float = 0.1,
            w_head: float = 0.5, w_mlp: float = 0.5, w_embed: float = 0.5, w_flops: float = 5.0,
            thresh: float = 0.2, compress_every: int | None = None,
-           log: Callable[[str], None] | None = None) -> tuple[OFBSearchViT, dict, list[dict]]:
+           log: Callable[[str], None] | None = None,
+           compiler_options: dict | None = None) -> tuple[OFBSearchViT, dict, list[dict]]:
     """Run the OFB search for ``steps`` steps on ``batches`` (an iterator of (images, labels)).
     Compression every ``compress_every`` steps (default a third of an epoch, as the official engine).
     Returns the final (model, variables) and per-step metrics (``gflops``: the searched FLOPs of the
-    architecture the step trained, before its update)."""
+    architecture the step trained, before its update). ``compiler_options`` go to ``jax.jit`` of the
+    step (e.g. a lower XLA optimisation level for tiny models, where compiling dominates)."""
     compress_every = compress_every or max(steps_per_epoch // 3, 1)
     tx_w = optax.adamw(lr, weight_decay=0.05)
     tx_a = optax.adamw(lr_arch, b1=0.5, b2=0.999, weight_decay=weight_decay)
@@ -560,7 +576,7 @@ def search(model: OFBSearchViT, variables: dict, batches: Iterable[tuple[jax.Arr
             gflops = flops(model, jax.lax.stop_gradient(train_vars["ofb"]))[1]
             return task + arch, {"task": task, "arch": arch, "accuracy": acc, "gflops": gflops}
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=compiler_options)
         def step(train_vars, opt_w, opt_a, x, y, w_p):
             (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(train_vars, x, y, w_p)
             # alpha of finished modules is frozen (official: requires_grad False)

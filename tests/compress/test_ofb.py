@@ -15,7 +15,8 @@ import pytest
 import jaxformers as jf
 from jaxformers.compress import ofb
 from jaxformers.models.ofb_deit import OFB_CONFIGS
-from tests.helpers import digits, fast_jit, numpy_variables
+from jaxformers.sharding import activate, make_mesh, shard_batch
+from tests.helpers import FAST_COMPILE, digits, fast_jit, numpy_variables, shard_like_init
 
 OFB_REPO = "/work/ext/HankYe+Once-for-Both"
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
@@ -112,6 +113,13 @@ def test_losses_compress_and_export_to_a_dense_vit():
     assert float(searched) < total  # the weighted masks count fewer units than the full model
     assert float(jnp.abs(g["blocks_0_attn_alpha"]).sum()) > 0
     assert logits.shape == (16, 10)
+    # The search model carries the host's logical axes: sharded over a mesh it computes the same logits.
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded_vars = shard_like_init(model, variables, x, mesh)
+    assert sharded_vars["params"]["blocks_0_mlp_fc1"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()
+    with activate(mesh):
+        sharded = fast_jit(lambda v, x: model.apply(v, x, 0.5))(sharded_vars, shard_batch(x, mesh))
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(logits), rtol=1e-5, atol=1e-5)
     # Force every module to a single cell (alpha peaked on one candidate), compress, export.
     peaked = {k: (jnp.full(v.shape, -20.0).at[(0,) * v.ndim].set(20.0) if k.endswith("alpha") else v)
               for k, v in ofb_vars.items()}
@@ -138,7 +146,8 @@ def test_search_moves_toward_the_flops_target_and_compresses():
             yield x, y
 
     model, variables, hist = ofb.search(model, variables, batches(), target_gflops=target, steps=12,
-                                        steps_per_epoch=8, warmup_epochs=1, lr_arch=0.1, thresh=0.6, compress_every=12)
+                                        steps_per_epoch=8, warmup_epochs=1, lr_arch=0.1, thresh=0.6, compress_every=12,
+                                        compiler_options=FAST_COMPILE)
     assert abs(hist[-1]["gflops"] - target) < abs(hist[0]["gflops"] - target)
     assert hist[0]["w_p"] == 0.99 and hist[-1]["w_p"] < 0.2  # the score weight decays over the warm-up
     assert any(s.active < len(s.switch) or s.finished for s in model.spaces)  # cells were switched off

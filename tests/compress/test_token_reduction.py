@@ -64,7 +64,7 @@ def test_special_cases_of_the_token_matrix(distill):
     x, size, q, k = _tokens()
     prefix, r = 1 + distill, 5
 
-    @jax.jit
+    @fast_jit
     def run(x, size, q, k):
         out = {}
         for method in ("prune", "tome", "transform"):
@@ -132,8 +132,7 @@ def test_reduced_vit_jit_grad_flops_and_sharding(reduced):
     full = model.clone(token_reduction=None)
 
     def cost(m):
-        f = fast_jit(m.apply).lower(variables, x).compile().cost_analysis()
-        return (f[0] if isinstance(f, list) else f)["flops"]
+        return fast_jit(m.apply).lower(variables, x).cost_analysis()["flops"]  # lowered: no compile
 
     assert cost(model) < 0.7 * cost(full)
     grads = fast_jit(jax.grad(lambda p: model.apply({"params": p}, x).sum()))(variables["params"])
