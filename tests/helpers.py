@@ -334,3 +334,54 @@ def digit_sequences(n: int = 32, seed: int | None = None) -> tuple[jax.Array, ja
     if seed is not None:
         x = x[:, np.random.default_rng(seed).permutation(64)]
     return jnp.asarray(x), jnp.asarray(d.target[:n])
+
+
+def import_pytorch_wavelets() -> Any:
+    """``pytorch_wavelets`` (skips the test when it is not installed). Version 1.3.0 reads its filter
+    taps through ``pkg_resources.resource_stream``, which setuptools >= 81 no longer ships: a stand-in
+    ``pkg_resources`` with just that function (``importlib.resources``) is installed when it is missing."""
+    import importlib.resources
+    import sys
+    import types
+
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_stream = lambda package, name: importlib.resources.files(package).joinpath(name).open("rb")
+        sys.modules["pkg_resources"] = shim
+    return pytest.importorskip("pytorch_wavelets")
+
+
+OFFICIAL_CODE = __import__("pathlib").Path(__import__("os").environ.get("JAXFORMERS_EXT", "/work/ext"))
+
+
+def load_official(repo: str, relpath: str, name: str | None = None, *, path_entry: str | None = None,
+                  stubs: dict[str, Any] | None = None) -> Any:
+    """The module at ``$JAXFORMERS_EXT/<repo>/<relpath>`` (default /work/ext: official code fetched for
+    live parity checks, never committed); the test skips where it is absent (CI). With ``name`` the file is
+    imported as a module of that name; without, as the package module its path names (``nets/x.py`` ->
+    ``nets.x``, relative imports work) with the repository root on ``sys.path``. ``path_entry`` (relative
+    to the repository) goes on ``sys.path`` for the file's own imports; ``stubs`` maps module names to
+    stand-in modules (e.g. a registry import) set in ``sys.modules`` unless already imported."""
+    import importlib
+    import importlib.util
+    import sys
+
+    file = OFFICIAL_CODE / repo / relpath
+    if not file.exists():
+        pytest.skip(f"the official {repo} code is not fetched to {OFFICIAL_CODE}")
+    for module_name, stub in (stubs or {}).items():
+        sys.modules.setdefault(module_name, stub)
+    entry = path_entry if path_entry is not None else ("" if name is None else None)
+    if entry is not None and str(OFFICIAL_CODE / repo / entry) not in sys.path:
+        sys.path.insert(0, str(OFFICIAL_CODE / repo / entry))
+    if name is None:
+        return importlib.import_module(relpath[:-3].replace("/", "."))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
