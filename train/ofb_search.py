@@ -3,8 +3,9 @@
 Trains (or loads) the host, runs ``jaxformers.compress.ofb.search`` on the embedded digits toward
 the configured FLOPs target, settles any module still undecided when the epochs run out on its
 best candidate, exports the subnet as a plain ViT, fine-tunes it, and writes to the workdir:
-``subnet.json`` (the ``create_model`` overrides of the exported ViT), ``subnet.npz`` (its
-variables) and ``metrics.jsonl`` (one line per search step, then the summary).
+``subnet.json`` (the host's model name and the ``create_model`` overrides of the exported ViT),
+``subnet.npz`` (its fine-tuned parameters) and ``metrics.jsonl`` (one line per search step, then
+the summary). ``load_subnet(workdir)`` gives the exported model and its variables back.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jaxformers as jf
 from jaxformers.compress import ofb
@@ -108,10 +109,22 @@ def run(config, workdir: str) -> dict:
     overrides = {k: getattr(dense, k) for k in ("img_size", "patch_size", "num_classes", "embed_dim", "depth",
                                                  "num_heads")}
     overrides["block_overrides"] = [dict(b) for b in dense.block_overrides]
-    (out / "subnet.json").write_text(json.dumps(overrides, indent=1))
+    (out / "subnet.json").write_text(json.dumps({"model": config.model.name, "overrides": overrides}, indent=1))
     np.savez(out / "subnet.npz", **{"/".join(k): np.asarray(v) for k, v in flatten_dict({"params": tuned}).items()})
     log(json.dumps(summary))
     return summary
+
+
+def load_subnet(workdir: str) -> tuple[nn.Module, dict]:
+    """The searched, fine-tuned subnet a ``run`` wrote to ``workdir``: (model, {"params": ...})."""
+    out = pathlib.Path(workdir)
+    spec = json.loads((out / "subnet.json").read_text())
+    overrides = dict(spec["overrides"])
+    overrides["block_overrides"] = tuple(overrides["block_overrides"])
+    model = jf.create_model(spec["model"], **overrides)
+    with np.load(out / "subnet.npz") as f:
+        flat = {tuple(k.split("/")): jnp.asarray(f[k]) for k in f.files}
+    return model, unflatten_dict(flat)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
