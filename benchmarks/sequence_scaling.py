@@ -1,4 +1,5 @@
-r"""Sequence mixing at growing lengths, and the position-encoding and one-layer demonstrations of issue 23.
+r"""Sequence mixing at growing lengths: Mamba's selective scan against dense and local attention; SeqPE length
+extrapolation; the one-layer universal-approximation demonstrations.
 
     python benchmarks/sequence_scaling.py                      # everything (CPU: a few minutes)
     python benchmarks/sequence_scaling.py --only scaling --max-len 65536
