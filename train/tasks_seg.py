@@ -23,6 +23,7 @@ import numpy as np
 from jaxformers.segmentation import (Mask2FormerLossConfig, check_panoptic, mask2former_loss, mask2former_probs,
                                      panoptic_inference, panoptic_quality_stats, pq_summary, semantic_inference,
                                      semantic_stats)
+from jaxformers.segmentation.kmax_loss import KMaXLossConfig, kmax_loss, kmax_probs
 from jaxformers.segmentation.metrics import miou
 from train import seg_data  # noqa: F401  (registers the embedded data set)
 from train.input_pipeline import Field
@@ -41,6 +42,13 @@ def _m2f_loss(outputs, batch, rng, cfg):
 
 
 register_criterion("mask2former", Mask2FormerLossConfig, _m2f_loss, mask2former_probs)
+
+
+def _kmax_loss(outputs, batch, rng, cfg):
+    return kmax_loss(outputs, batch["panoptic"], batch["segment_classes"], batch["segment_crowd"], rng, cfg)
+
+
+register_criterion("kmax", KMaXLossConfig, _kmax_loss, kmax_probs)
 
 
 @register_task("panoptic_segmentation")

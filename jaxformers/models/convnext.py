@@ -165,7 +165,9 @@ def convert_timm_convnext(sd: StateDict, model: ConvNeXt, expected: dict[str, tu
     def conv(t, o):
         return {f"params/{o}/kernel": conv2d(get(t + ".weight")), f"params/{o}/bias": get(t + ".bias")}
 
-    out = {**conv("stem.0", "stem_conv"), **norm("stem.1", "stem_norm"), **norm("head.norm", "head_norm")}
+    out = {**conv("stem.0", "stem_conv"), **norm("stem.1", "stem_norm")}
+    if "head.norm.weight" in names or "params/head_norm/scale" in expected:  # dense backbones have none
+        out.update(norm("head.norm", "head_norm"))
     if model.num_classes and "head.fc.weight" in names:
         out.update({"params/head_fc/kernel": linear(get("head.fc.weight")), "params/head_fc/bias": get("head.fc.bias")})
     sd.skip(*(names[k] for k in ("head.fc.weight", "head.fc.bias") if k in names))
