@@ -210,6 +210,9 @@ class MultiHeadAttention(nn.Module):
 
     ``causal`` (decoders): position i attends to positions <= i, also within a multi-token cached
     step (a prompt's prefill), so prefill + steps equal one causal pass.
+
+    ``head_mask`` (B, heads) multiplies each head's output before ``proj`` (0 drops a head: pruning,
+    weight-sharing supernets that sample the number of heads per example).
     """
 
     num_heads: int
@@ -242,6 +245,7 @@ class MultiHeadAttention(nn.Module):
         segment_ids: jax.Array | None = None,
         train: bool = False,
         cache: KVCache | None = None,
+        head_mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         dim = x.shape[-1]
         if cache is not None and (kv is not None or segment_ids is not None or self.attention_fn is not None):
@@ -285,6 +289,8 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, bias=bias, mask=mask, segment_ids=segment_ids, scale=self.scale,
                 implementation=self.attention_impl, dropout_rate=rate, dropout_rng=rng, causal=self.causal)
         out = constrain(out, names)
+        if head_mask is not None:
+            out = out * head_mask.astype(out.dtype)[:, None, :, None]
         out = nn.DenseGeneral(self.out_features or dim, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               kernel_init=logical(trunc_normal(0.02), ("heads", "kv", "embed")),
