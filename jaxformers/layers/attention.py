@@ -355,6 +355,9 @@ class MultiHeadAttention(nn.Module):
     the fused ones, and ``value`` (an input for the values, default: the keys' input) lets the keys
     and values read different inputs: DETR-style attention adds position embeddings to the queries
     and keys but not to the values (Mask2Former, Deformable DETR).
+
+    ``head_mask`` (B, heads) multiplies each head's output before ``proj`` (0 drops a head: pruning,
+    weight-sharing supernets that sample the number of heads per example).
     """
 
     num_heads: int
@@ -409,6 +412,7 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         value: jax.Array | None = None,
         qk_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+        head_mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         dim = x.shape[-1]
         custom_softmax = parse_softmax(self.softmax) is not None
@@ -480,6 +484,8 @@ class MultiHeadAttention(nn.Module):
             gate = HeadGate(self.gate, self.num_heads, self.gate_mlp, self.gate_init, self.param_dtype, name="gate")(x)
             out = out * gate.astype(out.dtype)
         out = constrain(out, names)
+        if head_mask is not None:
+            out = out * head_mask.astype(out.dtype)[:, None, :, None]
         out = self._dense(self.out_features or dim, ("heads", "kv", "embed"), "proj", self.out_bias, axis=(-2, -1))(out)
         out = nn.Dropout(self.proj_dropout)(out, deterministic=not train)
         if self.return_qk:
