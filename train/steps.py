@@ -55,12 +55,13 @@ class StateSpec:
 
 
 def state_spec(model: nn.Module, tx: optax.GradientTransformation, *, mesh, rules, seed: int,
-               ema: bool) -> StateSpec:
+               ema: bool, init_variables: Callable[[Any], Any] | None = None) -> StateSpec:
     """Shapes and shardings of the train state, and a jitted init that creates it in place.
 
     Parameter (and batch-stat) shardings come from the model's logical axis names; optimizer
     state leaves that mirror parameters (Adam moments, momentum, ...) get their parameter's
-    sharding and scalars (counts) are replicated."""
+    sharding and scalars (counts) are replicated. ``init_variables`` (e.g. ``Task.init_variables``)
+    maps the fresh variables to the initial ones (same structure) inside the jitted init."""
     inputs = example_inputs(model, 1)
     rngs = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
     boxed = jax.eval_shape(lambda: model.init(rngs, *inputs, train=False))
@@ -72,6 +73,8 @@ def state_spec(model: nn.Module, tx: optax.GradientTransformation, *, mesh, rule
     def init() -> State:
         k_params, k_dropout, k_train = jax.random.split(jax.random.key(seed), 3)
         variables = nn.unbox(model.init({"params": k_params, "dropout": k_dropout}, *inputs, train=False))
+        if init_variables is not None:
+            variables = init_variables(variables)
         params = variables["params"]
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                  "rng": jax.random.key_data(k_train), "nonfinite_streak": jnp.zeros((), jnp.int32)}
@@ -109,10 +112,10 @@ def _apply(model, task, params, batch_stats, batch, *, train: bool, rng=None):
         variables["batch_stats"] = batch_stats
     kwargs = {"rngs": {"dropout": rng}} if train else {}
     if train and batch_stats is not None:
-        outputs, updates = model.apply(variables, *task.model_inputs(batch), train=True,
-                                       mutable=["batch_stats"], **kwargs)
+        outputs, updates = task.apply_model(model, variables, *task.model_inputs(batch), train=True,
+                                            mutable=["batch_stats"], **kwargs)
         return outputs, updates["batch_stats"]
-    return model.apply(variables, *task.model_inputs(batch), train=train, **kwargs), batch_stats
+    return task.apply_model(model, variables, *task.model_inputs(batch), train=train, **kwargs), batch_stats
 
 
 def _optimizer_count(opt_state: Any, fallback: jax.Array) -> jax.Array:

@@ -83,6 +83,19 @@ class Task:
         """Predictions for display (e.g. class ids)."""
         raise NotImplementedError
 
+    def apply_model(self, model: Any, variables: Any, *inputs: Any, **kwargs: Any) -> Any:
+        """How the trainer runs the model (train and eval): ``model.apply`` unless a task needs more
+        than the outputs (a distillation task collects intermediate features here). With ``mutable``
+        in ``kwargs`` it returns ``(outputs, updated collections)`` like ``model.apply``."""
+        return model.apply(variables, *inputs, **kwargs)
+
+    def init_variables(self, model: Any, variables: Any, inputs: tuple) -> Any:
+        """The initial variables from a fresh ``model.init`` (same structure back): identity, unless a
+        task starts from other weights (a distillation student from its teacher's). ``inputs`` are the
+        model inputs of the first training batch (for data-initialised scales). Only runs when the
+        workdir has no checkpoint; traced inside the jitted init."""
+        return variables
+
     def finish_eval(self, means: dict[str, float]) -> dict[str, float]:
         """The eval metrics from the per-example means of ``eval_sums`` (each sum divided by
         ``count``): add ratios of sums here (entity-level F1 = 2 correct / (true + predicted))."""

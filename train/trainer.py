@@ -118,6 +118,20 @@ def _resolve_steps(config: Any, train_size: int) -> int:
     return max(1, int(math.ceil(config.num_epochs * train_size / config.batch_size)))
 
 
+def _task_init(task, model, config: Any, train_source):
+    """``Task.init_variables`` bound to the model and the first training batch (read without the
+    train iterator, the same on every host), or None for tasks that keep the fresh init."""
+    from train.tasks import Task
+
+    if type(task).init_variables is Task.init_variables:
+        return None
+    first = next(input_pipeline.eval_batches(train_source, config.input.eval_pp, fields=task.fields,
+                                             global_batch=config.batch_size, num_threads=1,
+                                             what=_data_what(config, config.input.train_split, config.input.eval_pp)))
+    inputs = task.model_inputs({k: np.asarray(v) for k, v in first.items()})
+    return lambda variables: task.init_variables(model, variables, inputs)
+
+
 def _expected_meta(config: Any, model, spec: steps.StateSpec) -> dict:
     overrides = {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v)
                  for k, v in dict(config.model.overrides).items()}
@@ -222,7 +236,8 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike) -> dict[str, Any
     model = build_model(config, train_info.num_classes)
     schedule = optim.make_schedule(config, total_steps)
     tx = optim.make_optimizer(config, schedule)
-    spec = steps.state_spec(model, tx, mesh=mesh, rules=rules, seed=config.seed, ema=config.ema_decay > 0)
+    spec = steps.state_spec(model, tx, mesh=mesh, rules=rules, seed=config.seed, ema=config.ema_decay > 0,
+                            init_variables=_task_init(task, model, config, train_source))
     meta = _expected_meta(config, model, spec)
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints,
