@@ -490,7 +490,8 @@ def _build(name: str, overrides: dict[str, Any]) -> KMaXDeepLab:
 
 def _info(pq: float) -> ModelInfo:
     return ModelInfo(paper="kMaX-DeepLab: k-means Mask Transformer", arxiv="2207.04044",
-                     repo="bytedance/kmax-deeplab", input_size=(1280, 1280, 3), top1=pq)
+                     repo="bytedance/kmax-deeplab", input_size=(1280, 1280, 3), top1=pq,
+                     task="panoptic segmentation", metric="PQ")
 
 
 @register_model(_info(53.3))
