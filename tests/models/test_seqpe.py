@@ -11,7 +11,8 @@ import jaxformers as jf
 from jaxformers.models.gpt import CausalLM, init_cache
 from jaxformers.models.seqpe import (SeqPE, SeqPEEncoder, contrastive_batch, contrastive_loss, max_digits_for,
                                      positions_to_digits, transfer_batch, transfer_loss)
-from tests.helpers import digits, fast_jit, numpy_variables
+from jaxformers.sharding import make_mesh
+from tests.helpers import digits, fast_jit, numpy_variables, shard_like_init, single_and_sharded
 
 
 def test_positions_to_digits_and_masks():
@@ -149,6 +150,14 @@ def test_gpt2_with_seqpe_cached_decoding_and_training(lm):
         model.apply(variables, jnp.zeros((1, 101), jnp.int32))
     with pytest.raises(ValueError, match="packed documents"):
         model.apply(variables, ids, segment_ids=jnp.ones_like(ids))
+
+
+def test_gpt2_with_seqpe_sharded_equals_single_device(lm):
+    model, variables, ids = lm
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables, shard_like_init(model, variables, ids, mesh),
+                                         ids, mesh)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5)
 
 
 def test_vit_with_2d_seqpe_runs_at_any_image_size():
