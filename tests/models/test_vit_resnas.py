@@ -194,7 +194,7 @@ def test_sampling_supernet_training_and_search(supernet):
         assert np.isfinite(float(loss))
     assert float(full_loss(params)) < 0.9 * before  # the shared weights learn: the full network improves (0.84 measured)
     # evolutionary search within a MAC budget (scored here by a cheap stand-in: fewer MACs is better)
-    budget = count_macs(SPACE.supernet, 56) * 0.6
+    budget = count_macs(SPACE.supernet, 56) * 0.75  # random archs: 0.65-0.92 of the supernet
     history = evolutionary_search(SPACE, lambda a: -count_macs(subnet_network_def(SPACE, a), 56), macs_budget=budget,
                                   img_size=56, iterations=3, population=20, parents=5, mutations=5, crossovers=5)
     scores = [s for s, _ in history]
