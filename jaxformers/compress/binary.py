@@ -10,7 +10,7 @@ Papers:
   arXiv 2404.01278 (edmav4/BiPer).
 
 A model is binarized by a field, never by a forked model file: ``Bert(..., binary=BIBERT)``,
-``VisionTransformer(..., binary=BIVIT)``, the BiPer CIFAR nets' ``binary=BIPER``, and timm's ResNet
+``VisionTransformer(..., binary=BIVIT)`` (and ``SwinTransformer``), the BiPer CIFAR nets' ``binary=BIPER``, and timm's ResNet
 through its convolution seam ``ResNet(..., conv=BIPER.conv)`` (``binarize(module, recipe)`` sets
 whichever applies). The field holds a
 :class:`BinaryRecipe` (which binarizer each tensor gets); the shared layers ask it for their
@@ -544,8 +544,8 @@ def binarize(module: nn.Module, recipe: BinaryRecipe) -> nn.Module:
         return module.clone(conv=recipe.conv)  # ResNet's seam: the residual branches' convolutions
     if "binary" not in fields:
         raise TypeError(f"{type(module).__name__} has no binary form (no 'binary' field): the binarizable modules are "
-                        "Bert, VisionTransformer, ResNet (its conv seam), ResNetCifar, VGGSmall and the layers "
-                        "MultiHeadAttention, Mlp, TransformerBlock")
+                        "Bert, VisionTransformer, SwinTransformer, ResNet (its conv seam), ResNetCifar, VGGSmall and "
+                        "the layers MultiHeadAttention, Mlp, TransformerBlock, SwinBlock")
     return module.clone(binary=recipe)
 
 

@@ -116,6 +116,7 @@ class WindowAttention(nn.Module):
     attention_impl: AttentionImpl = "xla"
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # a jaxformers.compress.binary.BinaryRecipe (BIVIT): binarized q/k/v, proj and attention
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -145,7 +146,8 @@ class WindowAttention(nn.Module):
             bias = jnp.broadcast_to(bias[None], (b, nw, self.num_heads, n, n)).reshape(b * nw, self.num_heads, n, n)
         out = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attention_dropout,
                                  proj_dropout=self.proj_dropout, attention_impl=self.attention_impl, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="mha")(windows, bias=bias, train=train)
+                                 param_dtype=self.param_dtype, binary=self.binary, name="mha")(windows, bias=bias,
+                                                                                              train=train)
         out = window_reverse(out.reshape(-1, window[0], window[1], dim), window, hp, wp)
         if self.pad_first:
             return roll(out, 1)[:, :height, :width]
@@ -168,6 +170,7 @@ class SwinBlock(nn.Module):
     attention_impl: AttentionImpl = "xla"
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # a jaxformers.compress.binary.BinaryRecipe for the attention and the MLP
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -178,10 +181,10 @@ class SwinBlock(nn.Module):
         y = LayerNorm(1e-5, name="norm1", **kw)(x)
         y = WindowAttention(self.num_heads, tuple(self.window_size), tuple(self.shift_size), self.pad_first,
                             self.qkv_bias, self.attention_dropout, self.dropout, self.attention_impl, name="attn",
-                            **kw)(y, train=train)
+                            binary=self.binary, **kw)(y, train=train)
         x = x + DropPath(self.drop_path)(y, train=train)
         y = LayerNorm(1e-5, name="norm2", **kw)(x)
-        y = Mlp(int(dim * self.mlp_ratio), dropout=self.dropout, name="mlp", **kw)(y, train=train)
+        y = Mlp(int(dim * self.mlp_ratio), dropout=self.dropout, name="mlp", binary=self.binary, **kw)(y, train=train)
         x = x + DropPath(self.drop_path)(y, train=train)
         return constrain(x, MAP_AXES)
 

