@@ -9,6 +9,8 @@ Not collected (the name does not start with ``test_``).
 """
 from __future__ import annotations
 
+import os
+import pathlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -353,7 +355,8 @@ def import_pytorch_wavelets() -> Any:
     return pytest.importorskip("pytorch_wavelets")
 
 
-OFFICIAL_CODE = __import__("pathlib").Path(__import__("os").environ.get("JAXFORMERS_EXT", "/work/ext"))
+# Official PyTorch code fetched for live parity checks (never committed): $JAXFORMERS_EXT/<owner+repo>.
+OFFICIAL_CODE = pathlib.Path(os.environ.get("JAXFORMERS_EXT", "/work/ext"))
 
 
 def load_official(repo: str, relpath: str, name: str | None = None, *, path_entry: str | None = None,

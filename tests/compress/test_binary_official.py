@@ -4,8 +4,6 @@ edmav4/BiPer; never committed). Each test skips where its repository is absent (
 also tested without the official code in test_binary.py."""
 import importlib
 import importlib.util
-import os
-import pathlib
 import sys
 import types
 
@@ -19,25 +17,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxformers.compress import binary as B  # noqa: E402
 from jaxformers.layers import MultiHeadAttention  # noqa: E402
-from tests.helpers import fast_jit  # noqa: E402
+from tests.helpers import OFFICIAL_CODE as EXT, fast_jit, load_official as _module  # noqa: E402
 
-EXT = pathlib.Path(os.environ.get("JAXFORMERS_EXT", "/work/ext"))
 RNG = np.random.default_rng(0)
-
-
-def _module(repo: str, relpath: str, name: str, path_entry: str | None = None):
-    file = EXT / repo / relpath
-    if not file.exists():
-        pytest.skip(f"official {repo} not fetched to {EXT}")
-    if path_entry is not None and str(EXT / repo / path_entry) not in sys.path:
-        sys.path.insert(0, str(EXT / repo / path_entry))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _t(x, grad=True):

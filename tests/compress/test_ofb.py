@@ -2,9 +2,6 @@
 the losses, compression to a finished subnet and its export as a dense ViT, and OFB-DeiT A-E."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import types
 
 import jax
@@ -16,9 +13,9 @@ import jaxformers as jf
 from jaxformers.compress import ofb
 from jaxformers.models.ofb_deit import OFB_CONFIGS
 from jaxformers.sharding import activate, make_mesh, shard_batch
-from tests.helpers import FAST_COMPILE, digits, fast_jit, numpy_variables, shard_like_init
+from tests.helpers import FAST_COMPILE, digits, fast_jit, load_official, numpy_variables, shard_like_init
 
-OFB_REPO = "/work/ext/HankYe+Once-for-Both"
+OFB_REPO = "HankYe+Once-for-Both"
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
 
@@ -44,16 +41,11 @@ def test_ofb_deit_sizes_match_the_readme():
 
 
 def _official_layers():
-    if not os.path.isdir(OFB_REPO):
-        pytest.skip("the official OFB code is not fetched (HankYe/Once-for-Both in /work/ext)")
     timm_layers = pytest.importorskip("timm.layers")
     helpers = types.ModuleType("timm.models.layers.helpers")
     helpers.to_2tuple = timm_layers.to_2tuple
-    sys.modules.setdefault("timm.models.layers.helpers", helpers)
-    spec = importlib.util.spec_from_file_location("ofb_official_layers", f"{OFB_REPO}/models/layers.py")
-    layers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(layers)
-    return layers
+    return load_official(OFB_REPO, "models/layers.py", "ofb_official_layers",
+                         stubs={"timm.models.layers.helpers": helpers})
 
 
 def test_bi_mask_matches_the_official_modules():

@@ -1,6 +1,5 @@
 """Quantizable Transformers (Bondarenko et al. 2023): clipped softmax, gated attention, the official
 presets on BERT / OPT / ViT, and the outlier metrics."""
-import pathlib
 import sys
 
 import flax.linen as nn
@@ -13,9 +12,9 @@ import jaxformers as jf
 from jaxformers.compress import inf_norm, kurtosis, outlier_metrics, outlier_preset
 from jaxformers.layers import MultiHeadAttention, clipped_softmax
 from jaxformers.models.bert import Bert
-from tests.helpers import fast_jit, numpy_variables
+from tests.helpers import OFFICIAL_CODE, fast_jit, numpy_variables
 
-OFFICIAL = pathlib.Path("/work/ext/outlier-free-transformers")
+OFFICIAL = OFFICIAL_CODE / "outlier-free-transformers"
 H, D = 4, 8
 GATE_VARIANTS = {  # ours -> the official BertSelfAttentionWithExtras arguments
     "clipped": (dict(softmax="clipped(-.025:1)"), dict(softmax="clipped(-.025:1)")),

@@ -1,6 +1,5 @@
 """``jaxformers.compress.quantize``: the paper-faithful W8A8 simulation (running min-max, quantiser
 placement, real int8 storage), qwix deployment int8 on BERT / ViT / OPT (PTQ and QAT), errors."""
-import pathlib
 import sys
 
 import jax
@@ -15,9 +14,9 @@ from jaxformers.compress.ops import (asymmetric_params, batch_range, fake_quant_
 from jaxformers.compress.w8a8 import activation_points
 from jaxformers.models.bert import Bert
 from jaxformers.models.gpt import CausalLM
-from tests.helpers import fast_jit, numpy_variables
+from tests.helpers import OFFICIAL_CODE, fast_jit, numpy_variables
 
-OFFICIAL = pathlib.Path("/work/ext/outlier-free-transformers")
+OFFICIAL = OFFICIAL_CODE / "outlier-free-transformers"
 TINY_BERT = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
                  max_position_embeddings=16)
 TINY_OPT = dict(model_type="opt", vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

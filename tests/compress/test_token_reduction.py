@@ -14,10 +14,10 @@ import pytest
 import jaxformers as jf
 from jaxformers.compress.token_reduction import apply_transform, parse_schedule, token_reduction
 from jaxformers.sharding import make_mesh
-from tests.helpers import (fast_jit, image, numpy_variables, perturbed_torch_model, shard_like_init,
+from tests.helpers import (OFFICIAL_CODE, fast_jit, image, numpy_variables, perturbed_torch_model, shard_like_init,
                            single_and_sharded, torch_logits)
 
-TOME_REPO = "/work/ext/facebookresearch+ToMe"
+TOME_REPO = str(OFFICIAL_CODE / "facebookresearch+ToMe")
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 
 

@@ -17,13 +17,13 @@ import jaxformers as jf
 from jaxformers.compress import ecoformer as eco
 from jaxformers.models.pvt_v2 import TIMM_PARAMS
 from jaxformers.sharding import activate, make_mesh, shard_batch
-from tests.helpers import (digits, fast_jit, image, model_and_features, numpy_variables,
+from tests.helpers import (OFFICIAL_CODE, digits, fast_jit, image, model_and_features, numpy_variables,
                            perturbed_torch_model, shard_like_init, torch_logits)
 
 TINY = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2),
             num_classes=10)
 ECO = {**TINY, "attn_type": "ecoformer", "ecoformer_anchors": 6, "ecoformer_topk": 3}
-ECOFORMER_PVT = "/work/ext/ziplab+EcoFormer/pvt"
+ECOFORMER_PVT = str(OFFICIAL_CODE / "ziplab+EcoFormer" / "pvt")
 
 
 @pytest.fixture(scope="module")
