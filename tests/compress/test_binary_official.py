@@ -87,9 +87,9 @@ def _bipft_modules():
     for name in ("find_pruneable_heads_and_indices", "prune_linear_layer", "apply_chunking_to_forward"):
         if not hasattr(pu, name):
             setattr(pu, name, lambda *a, **k: None)
-    uq = _module("BiPFT", "binary_pretraining/utils_quant.py", "utils_quant", "binary_pretraining")
+    uq = _module("BiPFT", "binary_pretraining/utils_quant.py", "utils_quant", path_entry="binary_pretraining")
     try:
-        model = _module("BiPFT", "binary_pretraining/bipft.py", "bipft_model", "binary_pretraining")
+        model = _module("BiPFT", "binary_pretraining/bipft.py", "bipft_model", path_entry="binary_pretraining")
     except ImportError as e:  # transformers moved an internal name the official file imports
         pytest.skip(f"BiPFT's bipft.py does not import with this transformers: {e}")
     return uq, model
@@ -180,7 +180,7 @@ def test_bipft_quantizers_linear_and_attention_match_official():
 
 
 def test_bivit_sab_attention_matches_official():
-    um = _module("BiViT", "binary_modules/utils_model.py", "binary_modules.utils_model", "")
+    um = _module("BiViT", "binary_modules/utils_model.py", "binary_modules.utils_model", path_entry="")
     torch.manual_seed(0)
     ref = um.BiAttention_SAB(48, num_heads=4, qkv_bias=True).eval()
     with torch.no_grad():
