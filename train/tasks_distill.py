@@ -218,8 +218,8 @@ class BinaryDistillationTask(Task):
         bad = [f"{k}: teacher {np.shape(v)} vs student {np.shape(student[k])}"
                for k, v in teacher.items() if k in student and np.shape(v) != np.shape(student[k])]
         if bad or not set(teacher) & set(student):
-            raise ValueError(f"the student (config.model) must have the teacher's architecture to start from its "
-                             f"weights; " + ("mismatched: " + "; ".join(bad[:4]) if bad else "no parameter in common"))
+            raise ValueError("the student (config.model) must have the teacher's architecture to start from its "
+                             "weights; " + ("mismatched: " + "; ".join(bad[:4]) if bad else "no parameter in common"))
         merged = {k: jnp.asarray(teacher.get(k, v)) for k, v in student.items()}
         variables = {**variables, "params": traverse_util.unflatten_dict(merged, sep="/")}
         return B.calibrate(model, variables, *inputs)  # the recipe's data-initialised scales on real text

@@ -36,7 +36,7 @@ def test_bibert_distillation_through_the_cli_loss_falls(teacher, tmp_path):
     """BiBERT's recipe and losses (DMD + normalised-L2 hidden states + embedding MSE) through
     ``python -m train.main``'s function on 8 simulated devices: the summed loss falls."""
     rc = cli.main(["--config", f"{CONFIG}:smoke,recipe=bibert,teacher={teacher}", "--workdir", str(tmp_path),
-                   "--config.num_train_steps=12", "--config.log_every_steps=3", "--config.eval_every_steps=12",
+                   "--config.num_train_steps=8", "--config.log_every_steps=2", "--config.eval_every_steps=8",
                    "--config.eval_batch_size=160", "--config.schedule.name=constant", "--config.progress_bar=False",
                    "--config.optimizer.learning_rate=3e-3"])
     assert rc == 0
@@ -50,7 +50,7 @@ def test_bipft_recipe_of_the_config_builds_its_pretraining_objective(teacher):
     """``:recipe=bipft`` of the same config: a BiPFT-binarized student with MLM + NSP heads on NSP pairs
     masked by ``mlm_mask``, started from the teacher (``init_variables``: the teacher's weights + the
     recipe's extras), and BiPFT's pretraining loss (hidden MSE + NSP soft-CE to the teacher + MLM + NSP)
-    with its gradient, traced abstractly (the CLI test above compiles and trains the BiBERT recipe)."""
+    traced abstractly (the CLI test above compiles and trains the BiBERT recipe)."""
     import jax
     import jax.numpy as jnp
 
@@ -79,9 +79,8 @@ def test_bipft_recipe_of_the_config_builds_its_pretraining_objective(teacher):
         return task.loss(task.apply_model(model, {"params": params}, *inputs, train=True,
                                           rngs={"dropout": jax.random.key(0)}), batch)
 
-    (value, terms), grads = jax.eval_shape(jax.value_and_grad(loss, has_aux=True), start["params"])
+    value, terms = jax.eval_shape(loss, start["params"])
     assert value.shape == () and set(terms) >= {"nsp_distill", "hidden", "mlm", "nsp", "nsp_agreement"}
-    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(start["params"])
 
 
 def test_bad_arguments_are_named(teacher):
