@@ -17,6 +17,12 @@ completed by ``calibrate`` on the first batch (``train/tasks_distill.py``).
   dynamic masking, ``head="pretraining"``.
 - ``recipe=sign_ste``: the plain sign-STE baseline with BiBERT's losses.
 
+Measured (``recipe=bibert``, ``steps=40``, batch 16 x 32 tokens, a shared 2-core CPU, ~1 step/s after a
+37 s compile): the summed loss falls from 21.6 (mean of steps 1-10; DMD 13.0, hidden 8.5) to 16.6
+(steps 31-40; DMD 9.3, hidden 7.3), and the student's mean embedding cosine to the teacher on the 303
+held-out sentences reaches 0.19 (from ~0 at the start, as ``benchmarks/RESULTS.md`` records for the
+binarized MiniLM); the default 600 steps go further.
+
 Arguments: ``recipe``, ``teacher``, ``steps``, ``batch``, ``lr``, ``smoke``. ``:smoke`` runs a few steps
 (the architecture stays the teacher's). ``benchmarks/binary.py`` measures the same recipes on MiniLM
 (embedding cosine to the teacher, paraphrase ranking).
