@@ -27,6 +27,12 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The notebooks (the longest tests, each a kernel of its own) first: xdist workers then finish
+    together instead of one running a notebook alone at the end."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_notebooks.py::test_notebook_runs") else 1)
+
+
 def pytest_terminal_summary(terminalreporter):
     """Seconds of test time (setup + call + teardown, summed over workers) per test folder."""
     totals: dict[str, float] = collections.Counter()
