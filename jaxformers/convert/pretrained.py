@@ -23,6 +23,47 @@ def _describe(title: str, items: list[str], limit: int = 20) -> str:
     return f"{title} ({len(items)}): {', '.join(items[:limit])}{more}"
 
 
+def expected_variables(boxed: Any) -> dict[str, Any]:
+    """``{"params/a/b": ShapeDtypeStruct}`` of an abstract (possibly logically boxed) init."""
+    return {"/".join(k): v for k, v in flatten_dict(nn.unbox(boxed)).items()}
+
+
+def checkpoint_problems(expected: dict[str, Any], converted: dict[str, Any],
+                        unexpected: list[str]) -> tuple[list[str], list[str]]:
+    """The keys of ``converted`` whose shape differs from ``expected``, and one line per kind of
+    problem (missing, mis-shaped, unexpected checkpoint keys), each naming the keys."""
+    missing = sorted(set(expected) - set(converted))
+    wrong = sorted(k for k in set(expected) & set(converted)
+                   if tuple(np.shape(converted[k])) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(_describe("missing in the checkpoint", missing))
+    if wrong:
+        problems.append(_describe("shape mismatch", [f"{k} {np.shape(converted[k])} vs expected "
+                                                     f"{expected[k].shape}" for k in wrong]))
+    if unexpected:
+        problems.append(_describe("unexpected checkpoint keys", unexpected))
+    return wrong, problems
+
+
+def assemble_variables(expected: dict[str, Any], converted: dict[str, Any], wrong: list[str], init_fresh,
+                       boxed: Any, mesh: Any = None, rules: Any = None) -> dict[str, Any]:
+    """Nested variables: the converted values that fit (cast to the expected dtypes), the rest from
+    ``init_fresh()`` (called only when something is missing); placed in their logical shardings on
+    ``mesh`` when given."""
+    flat = {k: jnp.asarray(converted[k], dtype=expected[k].dtype) for k in expected
+            if k in converted and k not in wrong}
+    if len(flat) < len(expected):
+        fresh = expected_variables(init_fresh())
+        flat.update({k: fresh[k] for k in expected if k not in flat})
+    variables = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    if mesh is not None:
+        from jaxformers.sharding import DEFAULT_RULES, logical_shardings
+
+        variables = jax.device_put(variables, logical_shardings(boxed, mesh, rules or DEFAULT_RULES))
+    return variables
+
+
 def load_pretrained(
     name: str,
     path: str | os.PathLike,
@@ -51,7 +92,7 @@ def load_pretrained(
         raise NotImplementedError(f"{name}: no checkpoint converter is registered for this architecture")
     model = create_model(name, **overrides)
     boxed = init_abstract(model)
-    expected = {"/".join(k): v for k, v in flatten_dict(nn.unbox(boxed)).items()}
+    expected = expected_variables(boxed)
     sd = StateDict(read_checkpoint(path, checkpoint_key))
     try:
         converted = info.converter(sd, model, {k: v.shape for k, v in expected.items()})
@@ -59,19 +100,8 @@ def load_pretrained(
         raise CheckpointMismatchError(f"{name}: checkpoint {os.fspath(path)} does not fit the model: "
                                       f"{e.args[0]}") from None
 
-    missing = sorted(set(expected) - set(converted))
+    wrong, problems = checkpoint_problems(expected, converted, sd.unused())
     extra_out = sorted(set(converted) - set(expected))
-    unexpected = sd.unused()
-    wrong = sorted(k for k in set(expected) & set(converted)
-                   if tuple(np.shape(converted[k])) != tuple(expected[k].shape))
-    problems = []
-    if missing:
-        problems.append(_describe("missing in the checkpoint", missing))
-    if wrong:
-        problems.append(_describe("shape mismatch", [f"{k} {np.shape(converted[k])} vs expected "
-                                                     f"{expected[k].shape}" for k in wrong]))
-    if unexpected:
-        problems.append(_describe("unexpected checkpoint keys", unexpected))
     if extra_out:
         problems.append(_describe("converter produced unknown variables", extra_out))
     if problems and strict:
@@ -81,19 +111,10 @@ def load_pretrained(
         warnings.warn(f"{name}: " + "; ".join(problems) + " -- freshly initialised where missing",
                       stacklevel=2)
 
-    flat = {k: jnp.asarray(converted[k], dtype=expected[k].dtype) for k in expected
-            if k in converted and k not in wrong}
-    if len(flat) < len(expected):
+    def init_fresh():
         from jaxformers.registry import example_inputs
 
-        fresh = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)},
-                           *example_inputs(model), train=False)
-        fresh = {"/".join(k): v for k, v in flatten_dict(nn.unbox(fresh)).items()}
-        flat.update({k: fresh[k] for k in expected if k not in flat})
-    variables = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-    if mesh is not None:
-        from jaxformers.sharding import DEFAULT_RULES, logical_shardings
+        return model.init({"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)},
+                          *example_inputs(model), train=False)
 
-        shardings = logical_shardings(boxed, mesh, rules or DEFAULT_RULES)
-        variables = jax.device_put(variables, shardings)
-    return variables
+    return assemble_variables(expected, converted, wrong, init_fresh, boxed, mesh, rules)

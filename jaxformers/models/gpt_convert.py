@@ -20,12 +20,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
 from jaxformers.convert.common import StateDict, heads_out, linear, read_checkpoint
-from jaxformers.convert.pretrained import CheckpointMismatchError, _describe
+from jaxformers.convert.pretrained import (CheckpointMismatchError, assemble_variables, checkpoint_problems,
+                                           expected_variables)
 from jaxformers.text import hf_config
 
 MODEL_TYPES = ("gpt2", "opt")
@@ -220,35 +220,19 @@ def load_directory(module, path: str | os.PathLike, *, strict: bool = True, seed
     sd = StateDict(read_checkpoint(weights))
     converted = convert_hf_causal_lm(sd, module)
     boxed = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, *module.example_inputs(1)))
-    expected = {"/".join(k): v for k, v in flatten_dict(nn.unbox(boxed)).items()}
-    missing = sorted(set(expected) - set(converted))
-    wrong = sorted(k for k in set(expected) & set(converted) if tuple(np.shape(converted[k])) != expected[k].shape)
-    problems = []
-    if missing:
-        problems.append(_describe("missing in the checkpoint", missing))
-    if wrong:
-        problems.append(_describe("shape mismatch", [f"{k} {np.shape(converted[k])} vs expected {expected[k].shape}"
-                                                     for k in wrong]))
-    if sd.unused():
-        problems.append(_describe("unexpected checkpoint keys", sd.unused()))
+    expected = expected_variables(boxed)
+    wrong, problems = checkpoint_problems(expected, converted, sd.unused())
     if problems and strict:
         raise CheckpointMismatchError(f"checkpoint {os.fspath(weights)} does not fit CausalLM(model_type="
                                       f"{module.model_type!r}, hidden_size={module.hidden_size}, num_hidden_layers="
                                       f"{module.num_hidden_layers}, vocab_size={module.vocab_size}).\n  "
                                       + "\n  ".join(problems))
-    flat = {k: jnp.asarray(converted[k], expected[k].dtype) for k in expected if k in converted and k not in wrong}
     if problems:
         warnings.warn(f"{os.fspath(weights)}: " + "; ".join(problems) + " -- freshly initialised where missing",
                       stacklevel=3)
-        fresh = nn.unbox(module.init({"params": jax.random.key(seed)}, *module.example_inputs(1)))
-        fresh = {"/".join(k): v for k, v in flatten_dict(fresh).items()}
-        flat.update({k: fresh[k] for k in expected if k not in flat})
-    variables = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-    if mesh is not None:
-        from jaxformers.sharding import DEFAULT_RULES, logical_shardings
-
-        variables = jax.device_put(variables, logical_shardings(boxed, mesh, rules or DEFAULT_RULES))
-    return variables
+    return assemble_variables(expected, converted, wrong,
+                              lambda: module.init({"params": jax.random.key(seed)}, *module.example_inputs(1)),
+                              boxed, mesh, rules)
 
 
 def export_tensors(module, variables: Any) -> dict[str, np.ndarray]:

@@ -17,12 +17,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
 from jaxformers.convert.common import StateDict, read_checkpoint
-from jaxformers.convert.pretrained import CheckpointMismatchError, _describe
+from jaxformers.convert.pretrained import (CheckpointMismatchError, assemble_variables, checkpoint_problems,
+                                           expected_variables)
 
 Row = tuple[str, str | tuple[str, ...], str, int]  # (ours, hf key(s), kind, heads)
 
@@ -299,33 +299,17 @@ def load_directory(module, path: str | os.PathLike, *, strict: bool = True, mesh
     converted = convert_hf_mask2former(sd, module)
     inputs = example_inputs(module, 1)
     boxed = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, *inputs))
-    expected = {"/".join(k): v for k, v in flatten_dict(nn.unbox(boxed)).items()}
-    missing = sorted(set(expected) - set(converted))
-    wrong = sorted(k for k in set(expected) & set(converted) if tuple(np.shape(converted[k])) != expected[k].shape)
-    problems = []
-    if missing:
-        problems.append(_describe("missing in the checkpoint", missing))
-    if wrong:
-        problems.append(_describe("shape mismatch", [f"{k} {np.shape(converted[k])} vs expected {expected[k].shape}"
-                                                     for k in wrong]))
-    if sd.unused():
-        problems.append(_describe("unexpected checkpoint keys", sd.unused()))
+    expected = expected_variables(boxed)
+    wrong, problems = checkpoint_problems(expected, converted, sd.unused())
     if problems and strict:
         raise CheckpointMismatchError(f"checkpoint {os.fspath(weights)} does not fit the Mask2Former of its "
                                       f"config.json.\n  " + "\n  ".join(problems))
-    flat = {k: jnp.asarray(converted[k], expected[k].dtype) for k in expected if k in converted and k not in wrong}
-    if len(flat) < len(expected):
+    if set(expected) - set(converted) or wrong:
         warnings.warn(f"{os.fspath(weights)}: " + "; ".join(problems) + " -- freshly initialised where missing",
                       stacklevel=3)
-        fresh = nn.unbox(module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, *inputs))
-        fresh = {"/".join(k): v for k, v in flatten_dict(fresh).items()}
-        flat.update({k: fresh[k] for k in expected if k not in flat})
-    variables = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-    if mesh is not None:
-        from jaxformers.sharding import DEFAULT_RULES, logical_shardings
-
-        variables = jax.device_put(variables, logical_shardings(boxed, mesh, rules or DEFAULT_RULES))
-    return variables
+    return assemble_variables(
+        expected, converted, wrong,
+        lambda: module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, *inputs), boxed, mesh, rules)
 
 
 def save_directory(module, variables: Any, path: str | os.PathLike, *, id2label: dict | None = None,
