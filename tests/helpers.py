@@ -131,6 +131,16 @@ def digits(n: int = 32, size: int = 32) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(np.repeat(x[..., None], 3, axis=-1) - 0.5), jnp.asarray(d.target[:n])
 
 
+def segmentation_shapes(n: int = 8, size: int = 64, split: str = "train") -> tuple[jax.Array, jax.Array]:
+    """The first ``n`` generated scenes of ``train.seg_data.PanopticShapes`` as (n, size, size, 3) images
+    in [-0.5, 0.5] and (n, size, size) int32 semantic labels (6 classes, 255 = void): the offline
+    per-pixel task of the segmentation training tests."""
+    from train.seg_data import PanopticShapes
+
+    data = PanopticShapes(split, size=size).arrays(n)
+    return jnp.asarray(data["image"], jnp.float32) / 255.0 - 0.5, jnp.asarray(data["semantic"])
+
+
 def assert_every_param_has_gradient(grads: Any) -> None:
     """Fails naming every parameter whose gradient is all zeros (a branch cut off from the loss)."""
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
@@ -139,12 +149,19 @@ def assert_every_param_has_gradient(grads: Any) -> None:
 
 
 def train_classifier(model: nn.Module, variables: dict, x: jax.Array, y: jax.Array, *, steps: int,
-                     tx: Any = None) -> tuple[list[float], dict]:
-    """``steps`` optimizer steps (default Adam, lr 3e-3) of softmax cross-entropy on ``(x, y)`` in
-    training mode, one fast-compiled step: dropout / drop-path key ``i`` at step ``i``, BatchNorm
-    statistics (``batch_stats``, when the model has them) updated as it trains. Fails, naming them,
-    when a parameter gets no gradient at the first step. Returns the losses and the final variables."""
+                     tx: Any = None, loss: Callable[[Any, jax.Array], jax.Array] | None = None,
+                     ) -> tuple[list[float], dict]:
+    """``steps`` optimizer steps (default Adam, lr 3e-3) of ``loss(outputs, y)`` (default softmax
+    cross-entropy of the logits; e.g. ``jaxformers.segmentation.semantic_cross_entropy`` for per-pixel
+    labels) on ``(x, y)`` in training mode, one fast-compiled step: dropout / drop-path key ``i`` at
+    step ``i``, BatchNorm statistics (``batch_stats``, when the model has them) updated as it trains.
+    Fails, naming them, when a parameter gets no gradient at the first step (parameters a model keeps
+    frozen with ``jax.lax.stop_gradient`` must then be left out of ``variables["params"]``).
+    Returns the losses and the final variables."""
     tx = optax.adam(3e-3) if tx is None else tx
+    if loss is None:
+        def loss(logits, labels):
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     mutable = [k for k in rest if k == "batch_stats"]
 
@@ -152,8 +169,8 @@ def train_classifier(model: nn.Module, variables: dict, x: jax.Array, y: jax.Arr
     def step(params, rest, opt_state, rng):
         def loss_fn(p):
             out = model.apply({"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=mutable)
-            logits, updates = out if mutable else (out, {})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
+            outputs, updates = out if mutable else (out, {})
+            return loss(outputs, y), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         new, opt_state = tx.update(grads, opt_state, params)
