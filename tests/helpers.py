@@ -159,9 +159,7 @@ def train_classifier(model: nn.Module, variables: dict, x: jax.Array, y: jax.Arr
     frozen with ``jax.lax.stop_gradient`` must then be left out of ``variables["params"]``).
     Returns the losses and the final variables."""
     tx = optax.adam(3e-3) if tx is None else tx
-    if loss is None:
-        def loss(logits, labels):
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    objective = loss or (lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     mutable = [k for k in rest if k == "batch_stats"]
 
@@ -170,7 +168,7 @@ def train_classifier(model: nn.Module, variables: dict, x: jax.Array, y: jax.Arr
         def loss_fn(p):
             out = model.apply({"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=mutable)
             outputs, updates = out if mutable else (out, {})
-            return loss(outputs, y), updates
+            return objective(outputs, y), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         new, opt_state = tx.update(grads, opt_state, params)
