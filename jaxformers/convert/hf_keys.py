@@ -1,9 +1,11 @@
-"""Table-driven Hugging Face <-> jaxformers key maps for text encoders (Longformer, MPNet, ...).
+"""Table-driven Hugging Face <-> jaxformers key maps for text encoders (BERT, Longformer, MPNet, ...).
 
 A model's converter lists its variables as rows ``(ours, hf, kind)``, where ``ours`` is the flat
 ``params/a/b`` path and ``hf`` the torch state-dict key, and ``kind`` says how the tensor moves:
 
-- ``"copy"``: unchanged (embeddings, biases, LayerNorm parameters);
+- ``"copy"``: unchanged (embeddings, biases);
+- ``"norm"``: a LayerNorm's weight / bias, unchanged, read as ``gamma`` / ``beta`` where an old
+  TF-converted checkpoint names them so;
 - ``"linear"``: a torch Linear weight (out, in) <-> a Dense kernel (in, out);
 - ``"heads_out"``: a torch Linear (E, H*D) <-> a DenseGeneral kernel over (heads, head_dim): (H, D, E).
 
@@ -31,7 +33,7 @@ def dense_rows(ours: str, hf: str) -> list[Row]:
 
 def norm_rows(ours: str, hf: str) -> list[Row]:
     """A LayerNorm ``ours`` (scale, bias) <-> torch LayerNorm ``hf`` (weight, bias)."""
-    return [(f"{ours}/scale", f"{hf}.weight", "copy"), (f"{ours}/bias", f"{hf}.bias", "copy")]
+    return [(f"{ours}/scale", f"{hf}.weight", "norm"), (f"{ours}/bias", f"{hf}.bias", "norm")]
 
 
 def find_base(sd: StateDict | Mapping, prefixes: Sequence[str], probe: str = "embeddings.word_embeddings.weight",
@@ -48,10 +50,13 @@ def import_tensors(sd: StateDict, rows: Sequence[Row], fused: Sequence[Fused]) -
     """Our flat ``params/...`` arrays from ``sd`` through the table (absent keys are skipped)."""
     out: dict[str, np.ndarray] = {}
     for ours, hf, kind in rows:
+        if hf not in sd and kind == "norm":
+            hf = hf[:-len(".weight")] + ".gamma" if hf.endswith(".weight") else hf[:-len(".bias")] + ".beta"
         if hf not in sd:
             continue
         w = sd[hf]
-        out[ours] = linear(w) if kind == "linear" else w if kind == "copy" else heads_out(w, int(kind.split(":")[1]))
+        out[ours] = (linear(w) if kind == "linear" else heads_out(w, int(kind.split(":")[1]))
+                     if kind.startswith("heads_out") else w)
     for ours, names, heads in fused:
         if all(n + ".weight" in sd for n in names):
             w = np.stack([sd[n + ".weight"] for n in names])  # (n, H*D, E)

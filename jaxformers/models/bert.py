@@ -162,11 +162,21 @@ class BertLayer(nn.Module):
                                gate_mlp=self.attn_gate_mlp, gate_init=self.attn_gate_init,
                                binary=self.binary, name="attn", **kw)(
                                    x, mask=mask, segment_ids=segment_ids, bias=bias, train=train)
-        x = LayerNorm(self.layer_norm_eps, name="attn_norm", **kw)(x + y)
-        y = Mlp(self.intermediate_size, activation=activation(self.hidden_act), binary=self.binary, name="mlp", **kw)(x)
-        y = nn.Dropout(self.hidden_dropout_prob)(y, deterministic=not train)
-        x = LayerNorm(self.layer_norm_eps, name="mlp_norm", **kw)(x + y)
-        return constrain(x, _ACT)
+        return post_norm_sublayers(self, x, y, train)
+
+
+def post_norm_sublayers(layer: nn.Module, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
+    """The rest of a post-norm encoder layer after its attention output ``y`` (dropout applied):
+    ``LN(x + y)``, then ``LN(h + Dropout(FFN(h)))``, as ``layer``'s submodules ``attn_norm``, ``mlp`` and
+    ``mlp_norm`` (call it inside ``layer``'s compact ``__call__``). ``layer`` supplies the configuration
+    fields of ``BertLayer`` (``binary`` optional); BERT's, Longformer's and MPNet's layers share it."""
+    kw = dict(dtype=layer.dtype, param_dtype=layer.param_dtype)
+    binary = getattr(layer, "binary", None)
+    x = LayerNorm(layer.layer_norm_eps, name="attn_norm", **kw)(x + y)
+    y = Mlp(layer.intermediate_size, activation=activation(layer.hidden_act), binary=binary, name="mlp", **kw)(x)
+    y = nn.Dropout(layer.hidden_dropout_prob)(y, deterministic=not train)
+    x = LayerNorm(layer.layer_norm_eps, name="mlp_norm", **kw)(x + y)
+    return constrain(x, _ACT)
 
 
 class Bert(nn.Module):

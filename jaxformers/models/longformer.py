@@ -50,10 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformers.convert import hf_encoder
 from jaxformers.hf import register_hf_family
-from jaxformers.layers import LayerNorm, Mlp, check_token_ids, dot_product_attention, logical, maybe_remat
-from jaxformers.models import bert_convert, longformer_convert
-from jaxformers.models.bert_heads import (MaskedLMHead, Pooler, RobertaClassificationHead, activation, bert_init,
+from jaxformers.layers import LayerNorm, check_token_ids, dot_product_attention, logical, maybe_remat
+from jaxformers.models import longformer_convert
+from jaxformers.models.bert import post_norm_sublayers
+from jaxformers.models.bert_heads import (MaskedLMHead, Pooler, RobertaClassificationHead, bert_init,
                                           normalize, pool_tokens)
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
@@ -195,11 +197,7 @@ class LongformerLayer(nn.Module):
                                     self.attention_impl, self.attention_probs_dropout_prob, name="attn",
                                     **kw)(x, valid, is_global, global_index, global_valid, train)
         y = nn.Dropout(self.hidden_dropout_prob)(y, deterministic=not train)
-        x = LayerNorm(self.layer_norm_eps, name="attn_norm", **kw)(x + y)
-        y = Mlp(self.intermediate_size, activation=activation(self.hidden_act), name="mlp", **kw)(x)
-        y = nn.Dropout(self.hidden_dropout_prob)(y, deterministic=not train)
-        x = LayerNorm(self.layer_norm_eps, name="mlp_norm", **kw)(x + y)
-        return constrain(x, _ACT)
+        return post_norm_sublayers(self, x, y, train)
 
 
 class Longformer(nn.Module):
@@ -430,8 +428,8 @@ def from_pretrained(path, *, strict: bool = True, seed: int = 0, mesh: Any = Non
     if unknown:
         raise TypeError(f"unknown Longformer field(s) {sorted(unknown)}")
     module = Longformer(**{**fields, **overrides})
-    variables = bert_convert.load_directory(module, path, strict=strict, seed=seed, mesh=mesh, rules=rules,
-                                            convert=longformer_convert.convert_hf_longformer)
+    variables = hf_encoder.load_directory(module, path, longformer_convert.convert_hf_longformer, strict=strict, seed=seed, mesh=mesh,
+                                          rules=rules)
     return module, variables
 
 

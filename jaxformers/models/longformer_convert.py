@@ -9,17 +9,15 @@ imports ``longformer.py`` (the model file imports this one).
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
-from flax.traverse_util import flatten_dict
 
+from jaxformers.convert import hf_encoder
 from jaxformers.convert.common import StateDict
-from jaxformers.convert.hf_keys import (Fused, Row, dense_rows, export_tensors, find_base, heads_out_kind,
-                                        import_tensors, norm_rows)
+from jaxformers.convert.hf_keys import Fused, Row, export_tensors, norm_rows
 from jaxformers.text.hf_config import ConfigError
 
 MODEL_TYPE = "longformer"
@@ -56,52 +54,19 @@ def key_table(model) -> tuple[list[Row], list[Fused]]:
         fused += [(o + "attn/qkv", (s + "query", s + "key", s + "value"), h),
                   (o + "attn/global_q", (s + "query_global",), h),
                   (o + "attn/global_kv", (s + "key_global", s + "value_global"), h)]
-        rows += [(o + "attn/proj/kernel", t + "attention.output.dense.weight", heads_out_kind(h)),
-                 (o + "attn/proj/bias", t + "attention.output.dense.bias", "copy"),
-                 *norm_rows(o + "attn_norm", t + "attention.output.LayerNorm"),
-                 *dense_rows(o + "mlp/fc1", t + "intermediate.dense"), *dense_rows(o + "mlp/fc2", t + "output.dense"),
-                 *norm_rows(o + "mlp_norm", t + "output.LayerNorm")]
-    if model.has_pooler:
-        rows += dense_rows("params/pooler/dense", base + "pooler.dense")
-    if model.head == "mlm":
-        rows += [*dense_rows("params/mlm/dense", "lm_head.dense"), *norm_rows("params/mlm/norm", "lm_head.layer_norm"),
-                 ("params/mlm/bias", "lm_head.bias", "copy")]
-    elif model.head == "classification":
-        rows += [*dense_rows("params/classifier/dense", "classifier.dense"),
-                 *dense_rows("params/classifier/out_proj", "classifier.out_proj")]
-    elif model.head == "token_classification":
-        rows += dense_rows("params/classifier", "classifier")
-    elif model.head == "qa":
-        rows += dense_rows("params/qa_outputs", "qa_outputs")
+        rows += hf_encoder.post_norm_layer_rows(o, t, h, out_proj=t + "attention.output.dense",
+                                                attn_norm=t + "attention.output.LayerNorm")
+    rows += hf_encoder.head_rows(model.head, has_pooler=model.has_pooler, base=base)
     return rows, fused
-
-
-def _rebased(model, sd: StateDict) -> tuple[list[Row], list[Fused], str]:
-    rows, fused = key_table(model)
-    wanted = "" if model.head in (None, "embedding") else "longformer."
-    actual = find_base(sd, _BASES, default=wanted)
-
-    def move(key: str) -> str:
-        if key.startswith(("lm_head.", "classifier", "qa_outputs.")):
-            return key
-        return actual + key[len(wanted):]
-
-    rows = [(o, move(k), kind) for o, k, kind in rows]
-    fused = [(o, tuple(move(n) for n in names), h) for o, names, h in fused]
-    return rows, fused, actual
 
 
 def convert_hf_longformer(sd: StateDict, model, expected: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
     """HF Longformer state dict -> our flat ``params/...`` arrays (absent keys left out, so the
     caller reports them missing). The ``position_ids`` buffer, the tied decoder and an unused
     pooler are skipped; the checkpoint may be a ``LongformerModel`` or a task class."""
-    rows, fused, base = _rebased(model, sd)
-    out = import_tensors(sd, rows, fused)
-    skip = [base + "embeddings.position_ids", "lm_head.decoder.weight", "lm_head.decoder.bias"]
-    if not model.has_pooler:
-        skip += [base + "pooler.dense.weight", base + "pooler.dense.bias"]
-    sd.skip(*skip)
-    return out
+    rows, fused = key_table(model)
+    wanted = "" if model.head in (None, "embedding") else "longformer."
+    return hf_encoder.import_encoder(sd, model, rows, fused, wanted=wanted, bases=_BASES)
 
 
 def fields_from_config(config: dict[str, Any], *, source: str = "config.json") -> dict[str, Any]:
@@ -115,17 +80,7 @@ def fields_from_config(config: dict[str, Any], *, source: str = "config.json") -
     fields["attention_window"] = tuple(int(w) for w in window) if isinstance(window, (list, tuple)) else int(window)
     if "id2label" in config:
         fields["num_labels"] = len(config["id2label"])
-    head = None
-    archs = config.get("architectures") or []
-    for arch in archs:
-        if arch in ARCHITECTURES:
-            head = ARCHITECTURES[arch]
-            break
-    else:
-        if archs:
-            raise ConfigError(f"{source}: architectures {archs} are not a supported Longformer class; expected one "
-                              f"of {sorted(ARCHITECTURES)}")
-    fields["head"] = head
+    fields["head"] = hf_encoder.head_from_architectures(config, ARCHITECTURES, "Longformer", source)
     return fields
 
 
@@ -138,29 +93,16 @@ def config_from_module(module, *, id2label: dict | None = None) -> dict[str, Any
     config.update(bos_token_id=0, eos_token_id=2, initializer_range=0.02, onnx_export=False,
                   tie_word_embeddings=True)
     if module.head in ("classification", "token_classification"):
-        id2label = id2label or {i: f"LABEL_{i}" for i in range(module.num_labels)}
-        config["id2label"] = {str(k): v for k, v in id2label.items()}
-        config["label2id"] = {v: int(k) for k, v in id2label.items()}
+        config.update(hf_encoder.label_config(module.num_labels, id2label))
     return config
 
 
 def save_directory(module, variables: Any, path: str | os.PathLike, *, id2label: dict | None = None,
                    tokenizer: Any = None) -> pathlib.Path:
     """``config.json`` + ``model.safetensors`` (float32, HF names) that ``transformers`` loads."""
-    import flax.linen as nn
-    from safetensors.numpy import save_file
-
     if module.max_item_embeddings:
         raise ConfigError("a Longformer with item-position embeddings (Recformer) has no Hugging Face class; "
                           "save its variables with jaxformers' checkpointing instead")
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(nn.unbox(dict(variables))).items()}
     rows, fused = key_table(module)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in export_tensors(flat, rows, fused)}
-    save_file(tensors, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
-    config = config_from_module(module, id2label=id2label)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path
+    return hf_encoder.write_directory(path, export_tensors(hf_encoder.flat_variables(variables), rows, fused),
+                                      config_from_module(module, id2label=id2label), tokenizer)

@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformers.convert import hf_encoder
 from jaxformers.hf import register_hf_family
 from jaxformers.layers import Dense, check_token_ids, maybe_remat
 from jaxformers.layers.attention import AttentionImpl
-from jaxformers.models import bert_convert, mpnet_convert
+from jaxformers.models import mpnet_convert
 from jaxformers.models.bert import BertEmbeddings, BertLayer, positions_in_segments
 from jaxformers.models.bert_heads import (MaskedLMHead, Pooler, RobertaClassificationHead, bert_init, normalize,
                                           pool_tokens)
@@ -206,8 +207,8 @@ def from_pretrained(path, *, strict: bool = True, seed: int = 0, mesh: Any = Non
     if unknown:
         raise TypeError(f"unknown MPNet field(s) {sorted(unknown)}")
     module = MPNet(**{**fields, **overrides})
-    variables = bert_convert.load_directory(module, path, strict=strict, seed=seed, mesh=mesh, rules=rules,
-                                            convert=mpnet_convert.convert_hf_mpnet)
+    variables = hf_encoder.load_directory(module, path, mpnet_convert.convert_hf_mpnet, strict=strict, seed=seed, mesh=mesh,
+                                          rules=rules)
     return module, variables
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxformers.compress.ecoformer import EcoFormerAttention
 from jaxformers.convert.common import StateDict, conv2d, heads_in, heads_out, linear, qkv_fused
-from jaxformers.layers import (Conv, Dense, DropPath, LayerNorm, MultiHeadAttention, check_image, gelu, logical,
+from jaxformers.layers import (Conv, Dense, DropPath, LayerNorm, MultiHeadAttention, check_image, gelu,
                                maybe_remat)
 from jaxformers.layers.attention import AttentionImpl
 from jaxformers.layers.features import FeatureBackbone, Output, check_output, select_output

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxformers.layers import Dense, LayerNorm, PositionTerms, sincos_1d
+from jaxformers.layers import Dense, LayerNorm, PositionTerms
 from jaxformers.models.gpt import DecoderLayer
 
 __all__ = ["SeqPE", "SeqPEEncoder", "SinCosPositions", "positions_to_digits", "max_digits_for", "contrastive_loss",

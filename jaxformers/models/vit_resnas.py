@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn

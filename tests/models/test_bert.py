@@ -209,10 +209,10 @@ def test_cross_encoder_is_the_one_label_classifier_and_legacy_names_load():
     np.testing.assert_allclose(cross.apply(variables, ids), clf.apply(variables, ids)[:, 0], atol=1e-6)
     assert cross.num_classes == 1 and clf.num_classes == 1
     # TF-converted checkpoints name LayerNorm parameters gamma / beta
-    from jaxformers.models.bert_convert import _export_tensors
+    from jaxformers.models.bert_convert import hf_tensors
 
     sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-          for k, v in _export_tensors(clf, variables)}
+          for k, v in hf_tensors(clf, variables)}
     assert any(k.endswith("LayerNorm.gamma") for k in sd)
     flat = convert_hf_bert(StateDict(sd), clf)
     np.testing.assert_array_equal(flat["params/layer_0/attn_norm/scale"],
