@@ -166,7 +166,7 @@ def train_classifier(model: nn.Module, variables: dict, x: jax.Array, y: jax.Arr
     @fast_jit
     def step(params, rest, opt_state, rng):
         def loss_fn(p):
-            out = model.apply({"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=mutable)
+            out = model.apply({"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=mutable or False)
             outputs, updates = out if mutable else (out, {})
             return objective(outputs, y), updates
 
@@ -284,6 +284,37 @@ def assert_logits_match_torch(name: str, ref_model: Any, path, img_size: int, **
     out = np.asarray(fast_jit(model.apply)(variables, x))
     assert np.abs(ref).max() > 0.1
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def assert_timm_backbone_parity(name: str, cfg: dict, official_layout: Callable[[dict], dict], tmp_path,
+                                 size: int = 64) -> None:
+    """timm model ``name`` (``cfg``, perturbed weights) against ours loaded through ``load_pretrained``:
+    the logits and the four feature maps (strides 4-32, timm's ``forward_intermediates``) match, and the
+    official repository's checkpoint layout (``official_layout(timm state dict)``) loads to the same
+    variables."""
+    import torch
+    import timm
+
+    import jaxformers as jf
+
+    ref = perturbed_torch_model(lambda: timm.create_model(name, **cfg))
+    torch.save(ref.state_dict(), tmp_path / "timm.pth")
+    torch.save(official_layout(ref.state_dict()), tmp_path / "official.pth")
+    variables = jf.load_pretrained(name, tmp_path / "timm.pth", **cfg)
+    official = jf.load_pretrained(name, tmp_path / "official.pth", **cfg)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, official)
+    model = jf.create_model(name, **cfg)
+    x = np.random.RandomState(1).randn(2, size, size, 3).astype(np.float32)
+    logits, feats = fast_jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="forward_features")))(
+        variables, x)
+    with torch.no_grad():
+        ref_feats = ref.forward_intermediates(torch.from_numpy(x.transpose(0, 3, 1, 2)), intermediates_only=True)
+    ref_logits = torch_logits(ref, x)
+    assert np.abs(ref_logits).max() > 0.1
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+    assert sorted(feats) == [4, 8, 16, 32]
+    for i, f in enumerate(ref_feats):
+        np.testing.assert_allclose(feats[4 * 2 ** i], f.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
 
 
 def packed_segments(batch: int, length: int) -> jax.Array:

@@ -10,8 +10,8 @@ import pytest
 import jaxformers as jf
 from jaxformers.models.convnext import TIMM_PARAMS
 from jaxformers.sharding import make_mesh
-from tests.helpers import (fast_jit, image, numpy_variables, perturbed_torch_model, shard_like_init,
-                           single_and_sharded, torch_logits)
+from tests.helpers import (assert_timm_backbone_parity, fast_jit, image, numpy_variables, shard_like_init,
+                           single_and_sharded)
 
 NAME = "convnext_tiny"
 TINY = dict(depths=(1, 2, 1, 1), dims=(16, 32, 32, 64), num_classes=10)
@@ -43,26 +43,9 @@ def _official_layout(sd):
 
 def test_timm_parity_logits_and_feature_maps(tmp_path):
     """timm parity; the official checkpoint layout loads to the same variables."""
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    ref = perturbed_torch_model(lambda: timm.create_model(NAME, **TINY))
-    torch.save(ref.state_dict(), tmp_path / "timm.pth")
-    torch.save(_official_layout(ref.state_dict()), tmp_path / "official.pth")
-    variables = jf.load_pretrained(NAME, tmp_path / "timm.pth", **TINY)
-    official = jf.load_pretrained(NAME, tmp_path / "official.pth", **TINY)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, official)
-    model = jf.create_model(NAME, **TINY)
-    x = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
-    logits, feats = fast_jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="forward_features")))(
-        variables, x)
-    with torch.no_grad():
-        ref_feats = ref.forward_intermediates(torch.from_numpy(x.transpose(0, 3, 1, 2)), intermediates_only=True)
-    ref_logits = torch_logits(ref, x)
-    assert np.abs(ref_logits).max() > 0.1
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
-    assert sorted(feats) == [4, 8, 16, 32]
-    for i, f in enumerate(ref_feats):
-        np.testing.assert_allclose(feats[4 * 2 ** i], f.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    assert_timm_backbone_parity(NAME, TINY, _official_layout, tmp_path)
 
 
 def test_sharded_equals_single_device(tiny):

@@ -1,6 +1,5 @@
 """VMamba (vanilla, SS2D): an independent PyTorch re-derivation of the official v0 forward through the
 converter, cross-scan algebra, features, training on digits, sharding, parameter counts."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -9,7 +8,8 @@ import pytest
 import jaxformers as jf
 from jaxformers.models.vmamba import cross_merge, cross_scan
 from jaxformers.sharding import make_mesh
-from tests.helpers import digits, fast_jit, numpy_variables, shard_like_init, single_and_sharded
+from tests.helpers import (digits, fast_jit, numpy_variables, shard_like_init, single_and_sharded,
+                           train_classifier)
 
 TINY = dict(depth=(1, 1), dims=16, state_size=4, num_classes=10, drop_path_rate=0.0)
 
@@ -115,31 +115,10 @@ def test_trains_on_digits_and_shards():
     """One stage (patch merging is covered by the parity test), the sequential scan (the scans agree)."""
     model = jf.create_model("vmamba_tiny", **{**TINY, "depth": (1,), "drop_path_rate": 0.1}, scan="sequential")
     x, y = digits(32)
-    params = numpy_variables(model, x[:1])["params"]
-    tx = optax.adam(3e-2)
-    opt = tx.init(params)
+    losses, variables = train_classifier(model, numpy_variables(model, x[:1]), x, y, steps=10,
+                                         tx=optax.adam(3e-2))
+    assert losses[-1] < 0.8 * losses[0], losses
 
-    @fast_jit
-    def step(params, opt, rng):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss, grads
-
-    losses = []
-    for i in range(10):
-        params, opt, loss, grads = step(params, opt, jax.random.key(i))
-        losses.append(float(loss))
-        if i == 0:
-            dead = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
-                    if not np.any(np.asarray(g))]
-            assert not dead, dead
-    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
-
-    variables = {"params": params}
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     single, sharded = single_and_sharded(fast_jit(model.apply), variables,
                                          shard_like_init(model, variables, x[:4], mesh), x[:4], mesh)
