@@ -1,6 +1,6 @@
 """Test setup: 8 simulated CPU devices for mesh tests, float32 matmuls at full precision, one JAX
 persistent compilation cache shared by every xdist worker (and the CLI subprocesses they start)
-within a run, and the test time per folder at the end of the run (the CI budget: README,
+within a run, and the test time per folder and of the slowest files at the end of the run (the CI budget: README,
 "Contributing")."""
 import collections
 import os
@@ -34,16 +34,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Seconds of test time (setup + call + teardown, summed over workers) per test folder."""
-    totals: dict[str, float] = collections.Counter()
+    """Seconds of test time (setup + call + teardown, summed over workers) per test folder, and the 30
+    test files that take the most (a model family's file against its budget)."""
+    folders: dict[str, float] = collections.Counter()
+    files: dict[str, float] = collections.Counter()
     for reports in terminalreporter.stats.values():
         for report in reports:
             if hasattr(report, "duration") and getattr(report, "nodeid", ""):
                 path = report.nodeid.split("::")[0]
-                folder = os.path.dirname(path) or path
-                totals[folder] += report.duration
-    if totals:
+                folders[os.path.dirname(path) or path] += report.duration
+                files[path] += report.duration
+    if folders:
         terminalreporter.write_sep("=", "test time per folder (seconds, all workers)")
-        for folder, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        for folder, seconds in sorted(folders.items(), key=lambda kv: -kv[1]):
             terminalreporter.write_line(f"{seconds:9.1f}  {folder}")
-        terminalreporter.write_line(f"{sum(totals.values()):9.1f}  total")
+        terminalreporter.write_line(f"{sum(folders.values()):9.1f}  total")
+        terminalreporter.write_sep("=", "slowest 30 test files (seconds, all workers)")
+        for path, seconds in sorted(files.items(), key=lambda kv: -kv[1])[:30]:
+            terminalreporter.write_line(f"{seconds:9.1f}  {path}")
