@@ -221,7 +221,7 @@ def test_contract_heads_and_token_label_outputs(tiny):
     aux = out.features[32] @ p["aux_head"]["kernel"] + p["aux_head"]["bias"]
     head = out.pre_logits @ p["head"]["kernel"] + p["head"]["bias"]
     np.testing.assert_allclose(out.logits, head + 0.5 * aux.max(axis=(1, 2)), rtol=1e-5, atol=1e-5)
-    tl = model.apply(variables, image(2, 32), token_labels=True)  # eval: no MixToken
+    tl = fast_jit(lambda v, x: model.apply(v, x, token_labels=True))(variables, image(2, 32))  # eval: no MixToken
     assert isinstance(tl, TokenLabelOutput) and tl.token_logits.shape == (2, 1, 1, 5) and not np.any(tl.box)
     np.testing.assert_allclose(tl.logits, head, rtol=1e-5, atol=1e-5)
     labels = jax.nn.one_hot(jnp.array([1, 3]), 5)  # no mixing: the plain soft-target cross-entropies
@@ -276,7 +276,7 @@ def test_sharded_equals_single_device(tiny):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     x = image(4, 32)
     sharded = shard_like_init(model, variables, x, mesh)
-    single, multi = single_and_sharded(jax.jit(model.apply), variables, sharded, x, mesh)
+    single, multi = single_and_sharded(fast_jit(model.apply), variables, sharded, x, mesh)
     np.testing.assert_allclose(np.asarray(multi), np.asarray(single), rtol=1e-4, atol=1e-4)
 
 
