@@ -133,7 +133,8 @@ class SamImageEncoder(nn.Module):
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         if any(not 0 <= i < self.depth for i in self.global_attn_indexes):
-            raise ValueError(f"global_attn_indexes {tuple(self.global_attn_indexes)} must lie in [0, depth={self.depth})")
+            raise ValueError(f"global_attn_indexes {tuple(self.global_attn_indexes)} must lie in "
+                             f"[0, depth={self.depth})")
         self.patch_embed = Conv(self.embed_dim, (self.patch_size, self.patch_size), strides=self.patch_size,
                                 padding="VALID", axes=("conv_in", "embed"), name="patch_embed")
         self.pos_embed = self.param("pos_embed", logical(nn.initializers.zeros_init(), (None, None, None, "embed")),
@@ -226,7 +227,8 @@ class SamPromptEncoder(nn.Module):
         emb = self.pe(points / self.input_image_size)
         lab = labels[..., None]
         emb = jnp.where(lab == -1, self.not_a_point_embed, emb)
-        emb = emb + jnp.where(lab == 0, self.point_embeddings[0], 0.0) + jnp.where(lab == 1, self.point_embeddings[1], 0.0)
+        emb = emb + jnp.where(lab == 0, self.point_embeddings[0], 0.0)
+        emb = emb + jnp.where(lab == 1, self.point_embeddings[1], 0.0)
         return emb
 
     def embed_boxes(self, boxes: jax.Array) -> jax.Array:
@@ -293,7 +295,8 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + _attention(self.num_heads, dim, 1, "self_attn")(q, q, value=queries)
         queries = LayerNorm(1e-5, name="norm1")(queries)
         q, k = queries + query_pe, keys + key_pe
-        queries = queries + _attention(self.num_heads, dim, self.downsample, "cross_attn_token_to_image")(q, k, value=keys)
+        token_to_image = _attention(self.num_heads, dim, self.downsample, "cross_attn_token_to_image")
+        queries = queries + token_to_image(q, k, value=keys)
         queries = LayerNorm(1e-5, name="norm2")(queries)
         queries = queries + Mlp(self.mlp_dim, activation=nn.relu, name="mlp")(queries)
         queries = LayerNorm(1e-5, name="norm3")(queries)
@@ -321,7 +324,8 @@ class TwoWayTransformer(nn.Module):
             queries, keys = TwoWayAttentionBlock(self.num_heads, self.mlp_dim, self.downsample, i == 0,
                                                  name=f"layers_{i}")(queries, keys, tokens, key_pe)
         q, k = queries + tokens, keys + key_pe
-        queries = queries + _attention(self.num_heads, c, self.downsample, "final_attn_token_to_image")(q, k, value=keys)
+        final = _attention(self.num_heads, c, self.downsample, "final_attn_token_to_image")
+        queries = queries + final(q, k, value=keys)
         return LayerNorm(1e-5, name="norm_final_attn")(queries), keys
 
 

@@ -49,6 +49,8 @@ Deviations / choices:
 - Convolutions start from Flax's defaults (the official Reshapers use He-normal fan-out, the ResNet
   torchvision's init; timm's ``zero_init_last`` here): only the initialisation differs.
 - Boxes are checked (inside the image, x0 <= x1, y0 <= y1) when concrete; under ``jit`` they cannot be.
+- With ``iou_head=True`` an official checkpoint loads with ``strict=False`` (the IoU token and head keep
+  fresh values: the official model has none).
 """
 from __future__ import annotations
 
@@ -140,10 +142,12 @@ class SamUNetMaskDecoder(nn.Module):
         n = sparse.shape[0]
         tokens = jnp.concatenate([jnp.broadcast_to(jnp.concatenate(tokens)[None], (n, len(tokens), c)), sparse], axis=1)
         src = image_embeddings + dense
-        hs, src = TwoWayTransformer(self.depth, self.num_heads, self.mlp_dim, name="transformer")(src, image_pe[None], tokens)
+        transformer = TwoWayTransformer(self.depth, self.num_heads, self.mlp_dim, name="transformer")
+        hs, src = transformer(src, image_pe[None], tokens)
         g = image_embeddings.shape[1]
         up = UpscaleStack(c // 4, c // 8, final_gelu=True, name="output_upscaling")(src.reshape(n, g, g, c))
-        x = gelu(LayerNorm2d("embedding_maskfeature_1")(Conv(c // 4, (3, 3), padding=1, name="embedding_maskfeature_0")(up)))
+        x = Conv(c // 4, (3, 3), padding=1, name="embedding_maskfeature_0")(up)
+        x = gelu(LayerNorm2d("embedding_maskfeature_1")(x))
         feature = Conv(c // 8, (3, 3), padding=1, name="embedding_maskfeature_3")(x) + multi_scale
         med = hs[:, 1 if self.iou_head else 0]
         hyper = MLP(c, c // 8, 3, name="hf_mlp")(med)
@@ -163,7 +167,8 @@ def _concrete(x) -> np.ndarray | None:
 def check_boxes(boxes: jax.Array, size: int) -> None:
     """Clear errors for boxes that are not (..., 4) (x0, y0, x1, y1) pixel boxes inside a size x size image."""
     if boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must be (batch, 4) or (batch, prompts, 4) as (x0, y0, x1, y1); got shape {boxes.shape}")
+        raise ValueError(f"boxes must be (batch, 4) or (batch, prompts, 4) as (x0, y0, x1, y1); "
+                         f"got shape {boxes.shape}")
     b = _concrete(boxes)
     if b is None:
         return
@@ -204,7 +209,8 @@ class SamUNet(nn.Module):
         return jnp.zeros((batch_size, self.img_size, self.img_size, self.in_chans), jnp.float32), boxes
 
     def _validate(self) -> None:
-        if len(self.global_attn_indexes) != 4 or list(self.global_attn_indexes) != sorted(set(self.global_attn_indexes)):
+        indexes = list(self.global_attn_indexes)
+        if len(indexes) != 4 or indexes != sorted(set(indexes)):
             raise ValueError(f"SAM-UNet adds one ResNet stage before each of 4 global blocks: global_attn_indexes must "
                              f"be 4 increasing block indexes; got {tuple(self.global_attn_indexes)}")
         if self.img_size % 32 or (self.img_size // self.patch_size) & (self.img_size // self.patch_size - 1):
@@ -231,7 +237,7 @@ class SamUNet(nn.Module):
             m = boxes.shape[1]
         if points is not None:
             coords, labels = points
-            if coords.ndim != 4 or coords.shape[:2] != (b, coords.shape[1]) or labels.shape != coords.shape[:3]:
+            if coords.ndim != 4 or coords.shape[0] != b or coords.shape[-1] != 2 or labels.shape != coords.shape[:3]:
                 raise ValueError(f"points must be coords (B, M, P, 2) and labels (B, M, P); got {coords.shape}, "
                                  f"{labels.shape}")
             if boxes is not None and coords.shape[1] != m:
@@ -239,7 +245,10 @@ class SamUNet(nn.Module):
             m = coords.shape[1]
         if mask_inputs is not None:
             if mask_inputs.shape[0] != b or mask_inputs.shape[2:] != (4 * grid, 4 * grid):
-                raise ValueError(f"mask_inputs must be (batch={b}, prompts, {4 * grid}, {4 * grid}); got {mask_inputs.shape}")
+                raise ValueError(f"mask_inputs must be (batch={b}, prompts, {4 * grid}, {4 * grid}); "
+                                 f"got {mask_inputs.shape}")
+            if (boxes is not None or points is not None) and mask_inputs.shape[1] != m:
+                raise ValueError(f"mask_inputs give {mask_inputs.shape[1]} prompts per image but boxes / points {m}")
             m = mask_inputs.shape[1]
 
         resnet = ResNet(self.resnet_block, tuple(self.resnet_depth), tuple(self.resnet_channels), num_classes=0,
@@ -263,10 +272,16 @@ class SamUNet(nn.Module):
         multi_scale = multi_scale + bridges[0] + bridges[1] + bridges[2]
 
         prompt = SamPromptEncoder(self.prompt_dim, grid, self.img_size, self.mask_in_chans, name="prompt_encoder")
-        flat = lambda t: None if t is None else t.reshape((b * m,) + t.shape[2:])
+
+        def flat(t):  # (B, M, ...) -> (B * M, ...): every prompt decoded on its own
+            return None if t is None else t.reshape((b * m,) + t.shape[2:])
+
         pts = None if points is None else (flat(points[0]), flat(points[1]))
         sparse, dense = prompt(b * m, pts, flat(boxes), flat(mask_inputs))
-        rep = lambda t: jnp.repeat(t, m, axis=0)
+
+        def rep(t):
+            return jnp.repeat(t, m, axis=0)
+
         decoder = SamUNetMaskDecoder(self.prompt_dim, self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim,
                                      self.iou_head, name="mask_decoder")
         low, iou = decoder(rep(embedding), prompt.dense_pe(), sparse, dense, rep(multi_scale))
@@ -413,7 +428,8 @@ def convert_official_sam_unet(sd: StateDict, model: SamUNet, expected: dict[str,
     _conv(sd, d + "embedding_maskfeature.3", od + "embedding_maskfeature_3", out)
 
     resnet = ResNet(model.resnet_block, tuple(model.resnet_depth), tuple(model.resnet_channels), num_classes=0)
-    rn_expected = {"params/" + k[len("params/resnet/"):]: v for k, v in expected.items() if k.startswith("params/resnet/")}
+    rn_expected = {"params/" + k[len("params/resnet/"):]: v for k, v in expected.items()
+                   if k.startswith("params/resnet/")}
     rn = convert_timm_resnet(_Prefixed(sd, "resnet."), resnet, rn_expected)
     for k, v in rn.items():
         col, rest = k.split("/", 1)

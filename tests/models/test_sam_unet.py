@@ -20,7 +20,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import jaxformers as jf
 from jaxformers.convert.common import StateDict
 from jaxformers.models.sam import SamImageEncoder, convert_sam_image_encoder
-from jaxformers.models.sam_unet import (OFFICIAL_PARAMS, convert_official_sam_unet, frozen_train_step, join_frozen,
+from jaxformers.models.sam_unet import (OFFICIAL_PARAMS, convert_official_sam_unet, frozen_train_step,
                                         split_frozen)
 from jaxformers.segmentation import sam_unet_loss
 from jaxformers.sharding import make_mesh
@@ -120,10 +120,7 @@ def test_trains_with_frozen_encoder(tiny):
         moved = any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params[name]),
                                                             jax.tree_util.tree_leaves(trainable[name])))
         assert moved, name
-    # The gradient of the plain (unsplit) loss reaches the encoder's input side: it is the split that freezes.
-    grads = fast_jit(jax.grad(lambda p: loss_fn(model.apply({"params": join_frozen(p, frozen), **rest}, x[:2],
-                                                            boxes[:2]), target[:2])))(params)
-    assert float(jnp.max(jnp.abs(grads["adapters_in_0"]["layers_3"]["kernel"]))) > 0
+    # adapters_in_0 feeds the frozen blocks 1..5 before any output: its update proves the gradient crosses them.
 
 
 def test_sharded_equals_single_device(tiny):
@@ -183,8 +180,9 @@ def _official_tiny(resnet: int):
                                             out_chans=256),
               prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(8, 8), input_image_size=(64, 64),
                                            mask_in_chans=16),
-              mask_decoder=MaskDecoder(transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=64, num_heads=2),
-                                       transformer_dim=256))
+              mask_decoder=MaskDecoder(transformer_dim=256,
+                                       transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=64,
+                                                                     num_heads=2)))
     try:
         model = smod.SAM_UNET(resnet_type=resnet, ori_sam=sam, is_resnet_pretrained_or_not=False)
     finally:
@@ -200,22 +198,32 @@ def _official_tiny(resnet: int):
 
 
 def test_live_parity_with_official_sam_unet(monkeypatch):
+    """Boxes, points and mask prompts together (two prompts per image) through the official tiny build."""
     torch = pytest.importorskip("torch")
     smod, ref = _official_tiny(34)
-    monkeypatch.setattr(smod, "preprocess", lambda x, pixel_mean, pixel_std: (x - torch.tensor(pixel_mean).view(-1, 1, 1))
-                        / torch.tensor(pixel_std).view(-1, 1, 1))
+    def normalise(x, pixel_mean, pixel_std):  # the official preprocess also pads to its import-time img_size
+        return (x - torch.tensor(pixel_mean).view(-1, 1, 1)) / torch.tensor(pixel_std).view(-1, 1, 1)
+
+    monkeypatch.setattr(smod, "preprocess", normalise)
     rng = np.random.default_rng(1)
     raw = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     boxes = np.array([[[4, 6, 40, 30], [20, 8, 62, 50]], [[0, 0, 64, 64], [10, 30, 33, 60]]], np.float32)
+    coords = rng.uniform(0, 64, (2, 2, 3, 2)).astype(np.float32)  # 3 points per prompt, with the box
+    labels = np.array([[[1, 0, -1], [1, 1, 0]], [[0, 1, 1], [-1, 1, 0]]], np.int64)
+    mask_in = rng.standard_normal((2, 2, 32, 32)).astype(np.float32)
+    t = torch.from_numpy
     with torch.no_grad():
-        ref_out = ref.train_forward([{"image": torch.from_numpy(raw[i].transpose(2, 0, 1)), "boxes": torch.from_numpy(boxes[i])}
-                                     for i in range(2)])
+        ref_out = ref.train_forward([{"image": t(raw[i].transpose(2, 0, 1)), "boxes": t(boxes[i]),
+                                      "point_coords": t(coords[i]), "point_labels": t(labels[i]),
+                                      "mask_inputs": t(mask_in[i][:, None])} for i in range(2)])
     model = jf.create_model("sam_unet_res34", **OFFICIAL_TINY)
     sd = StateDict({k: v.numpy() for k, v in ref.state_dict().items()})
     expected = {k: v.shape for k, v in _flat(_abstract(model, *model.example_inputs())).items()}
     variables = unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
                                 for k, v in convert_official_sam_unet(sd, model, expected).items()})
-    out = fast_jit(lambda v, x, b: model.apply(v, x, b))(variables, jnp.asarray((raw - MEAN) / STD), jnp.asarray(boxes))
+    out = fast_jit(lambda v, x, b, p, m: model.apply(v, x, b, points=p, mask_inputs=m))(
+        variables, jnp.asarray((raw - MEAN) / STD), jnp.asarray(boxes), (jnp.asarray(coords), jnp.asarray(labels)),
+        jnp.asarray(mask_in))
     for i in range(2):
         want = ref_out[i]["low_res_logits"][:, 0].numpy()
         scale = np.abs(want).max()
