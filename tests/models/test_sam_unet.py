@@ -197,8 +197,9 @@ def _official_tiny(resnet: int):
     return smod, model.eval()
 
 
-def test_live_parity_with_official_sam_unet(monkeypatch):
-    """Boxes, points and mask prompts together (two prompts per image) through the official tiny build."""
+def test_live_parity_with_official_sam_unet(monkeypatch, tmp_path):
+    """Boxes, points and mask prompts together (two prompts per image) through the official tiny build,
+    loaded with ``jaxformers.load_pretrained`` from a checkpoint in the official layout."""
     torch = pytest.importorskip("torch")
     smod, ref = _official_tiny(34)
     def normalise(x, pixel_mean, pixel_std):  # the official preprocess also pads to its import-time img_size
@@ -217,10 +218,9 @@ def test_live_parity_with_official_sam_unet(monkeypatch):
                                       "point_coords": t(coords[i]), "point_labels": t(labels[i]),
                                       "mask_inputs": t(mask_in[i][:, None])} for i in range(2)])
     model = jf.create_model("sam_unet_res34", **OFFICIAL_TINY)
-    sd = StateDict({k: v.numpy() for k, v in ref.state_dict().items()})
-    expected = {k: v.shape for k, v in _flat(_abstract(model, *model.example_inputs())).items()}
-    variables = unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
-                                for k, v in convert_official_sam_unet(sd, model, expected).items()})
+    path = tmp_path / "sam_unet.pth"  # the official training script's checkpoint layout: {"model": state_dict}
+    torch.save({"model": ref.state_dict()}, path)
+    variables = jf.load_pretrained("sam_unet_res34", path, **OFFICIAL_TINY)
     out = fast_jit(lambda v, x, b, p, m: model.apply(v, x, b, points=p, mask_inputs=m))(
         variables, jnp.asarray((raw - MEAN) / STD), jnp.asarray(boxes), (jnp.asarray(coords), jnp.asarray(labels)),
         jnp.asarray(mask_in))
