@@ -434,3 +434,22 @@ def load_official(repo: str, relpath: str, name: str | None = None, *, path_entr
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def prompted_shapes(n: int = 8, size: int = 64, split: str = "train") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Box-prompted binary segmentation from the generated scenes (``train.seg_data.PanopticShapes``): per
+    image the largest thing (disc, box or triangle) as a (n, size, size) float32 0/1 mask and its
+    bounding box (n, 4) as (x0, y0, x1, y1) pixels (x1, y1 exclusive), with the (n, size, size, 3)
+    images in [-0.5, 0.5]: the offline task of prompted segmenters (SAM-style)."""
+    from train.seg_data import THING_IDS, PanopticShapes
+
+    data = PanopticShapes(split, size=size).arrays(n)
+    masks, boxes = np.zeros((n, size, size), np.float32), np.zeros((n, 4), np.float32)
+    for i in range(n):
+        pan, classes = data["panoptic"][i], data["segment_classes"][i]
+        areas = [(np.sum(pan == s + 1), s + 1) for s in range(len(classes)) if classes[s] in THING_IDS]
+        seg = max(areas)[1] if areas else int(np.bincount(pan.ravel()).argmax())
+        masks[i] = pan == seg
+        ys, xs = np.nonzero(masks[i])
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return jnp.asarray(data["image"], jnp.float32) / 255.0 - 0.5, jnp.asarray(masks), jnp.asarray(boxes)

@@ -246,6 +246,29 @@ def cached_attention(q, k, v, cache: KVCache, *, mask=None, bias=None, scale=Non
     return out, KVCache(new_k, new_v, index + steps)
 
 
+def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
+                            grid: tuple[int, int]) -> jax.Array:
+    """Decomposed relative position bias (MViTv2, Li et al. 2022, arXiv 2112.01526; SAM's image encoder,
+    facebookresearch/segment-anything ``modeling/image_encoder.py`` ``add_decomposed_rel_pos``):
+    bias[q=(y, x), k=(y', x')] = <q, R_h[y - y']> + <q, R_w[x - x']> for queries and keys on the same
+    ``grid`` (h, w). ``q`` (B, h*w, H, D) unscaled; ``rel_pos_h`` (2h - 1, D), ``rel_pos_w`` (2w - 1, D).
+    Returns the (B, H, h*w, h*w) float32 bias added to the scaled logits."""
+    h, w = grid
+    b, length, heads, dim = q.shape
+    if length != h * w:
+        raise ValueError(f"relative positions over a {h}x{w} grid need {h * w} queries; got {length}")
+    if rel_pos_h.shape != (2 * h - 1, dim) or rel_pos_w.shape != (2 * w - 1, dim):
+        raise ValueError(f"rel_pos tables must be ({2 * h - 1}, {dim}) and ({2 * w - 1}, {dim}) for a {h}x{w} grid; "
+                         f"got {rel_pos_h.shape} and {rel_pos_w.shape}")
+    r_h = rel_pos_h[jnp.arange(h)[:, None] - jnp.arange(h)[None, :] + h - 1]  # (h, h', D)
+    r_w = rel_pos_w[jnp.arange(w)[:, None] - jnp.arange(w)[None, :] + w - 1]  # (w, w', D)
+    qg = q.reshape(b, h, w, heads, dim).astype(jnp.float32)
+    rel_h = jnp.einsum("byxnd,ykd->bnyxk", qg, r_h.astype(jnp.float32))
+    rel_w = jnp.einsum("byxnd,xkd->bnyxk", qg, r_w.astype(jnp.float32))
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, H, h, w, h', w')
+    return bias.reshape(b, heads, length, length)
+
+
 GATES = ("unconditional_per_head", "conditional_per_head", "conditional_per_token")
 
 
@@ -358,6 +381,10 @@ class MultiHeadAttention(nn.Module):
 
     ``head_mask`` (B, heads) multiplies each head's output before ``proj`` (0 drops a head: pruning,
     weight-sharing supernets that sample the number of heads per example).
+
+    ``rel_pos`` = (h, w): the tokens are an h x w grid (row-major) and the logits get the decomposed
+    relative position bias (``decomposed_rel_pos_bias``; parameters ``rel_pos_h`` (2h - 1, head_dim)
+    and ``rel_pos_w``, zero-initialised as SAM's image encoder).
     """
 
     num_heads: int
@@ -380,6 +407,7 @@ class MultiHeadAttention(nn.Module):
     return_qk: bool = False  # also return (q, k), each (B, L, H, D): token reduction reads keys / [CLS] attention
     binary: Any = None
     separate_qkv: bool = False
+    rel_pos: tuple[int, int] | None = None
 
     def attention_probs(self, scores: jax.Array, mask: jax.Array | None) -> jax.Array:
         """Attention probabilities (B, H, Lq, Lk) from the scaled scores (plus bias) before masking
@@ -448,6 +476,12 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (constrain(t, names) for t in (q, k, v))
         if qk_fn is not None:  # position encodings that act on queries and keys (e.g. SeqPE's attn_mul)
             q, k = qk_fn(q, k)
+        if self.rel_pos is not None:
+            (gh, gw), zeros = self.rel_pos, logical(nn.initializers.zeros_init(), (None, "kv"))
+            rel = decomposed_rel_pos_bias(q, self.param("rel_pos_h", zeros, (2 * gh - 1, head_dim), self.param_dtype),
+                                          self.param("rel_pos_w", zeros, (2 * gw - 1, head_dim), self.param_dtype),
+                                          (gh, gw))
+            bias = rel if bias is None else bias + rel
         rate = self.attention_dropout if train else 0.0
         rng = self.make_rng("dropout") if rate > 0.0 and self.attention_fn is None else None
         if self.binary is not None:
