@@ -14,5 +14,5 @@ from jaxformers.segmentation.targets import VOID, check_panoptic, panoptic_targe
 __all__ = ["VOID", "KMaXLossConfig", "Mask2FormerLossConfig", "check_panoptic", "hungarian_match", "kmax_loss",
            "kmax_match", "kmax_probs", "mask2former_loss",
            "mask2former_probs", "miou", "panoptic_inference", "panoptic_quality_stats", "panoptic_targets",
-           "pq_summary", "resize_logits", "sam_unet_loss", "semantic_cross_entropy", "semantic_inference", "semantic_prediction",
-           "semantic_stats", "upsample_masks"]
+           "pq_summary", "resize_logits", "sam_unet_loss", "semantic_cross_entropy", "semantic_inference",
+           "semantic_prediction", "semantic_stats", "upsample_masks"]
