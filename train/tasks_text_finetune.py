@@ -204,6 +204,40 @@ def recipe_tokenizer(vocab_size: int = 1500) -> Tokenizer:
     return Tokenizer.from_vocab(vocab, model_max_length=QA_MAX_LEN)
 
 
+def recipe_config(args, *, head: str, task: str, dataset: str, max_len: int, warmup_steps: int,
+                  eval_batch_size: int, **head_fields):
+    """The shared half of the study's recipe configs (``train/configs/bert_{ner,sentiment,qa}.py``):
+    ``bert_base_uncased`` shrunk to ``args.layers`` x ``args.width`` with the recipe tokenizer's vocabulary,
+    trained from scratch on the embedded ``dataset``; AdamW 1e-3 (weight decay 0.01), linear schedule
+    with ``warmup_steps``, ``args.steps`` steps of ``args.batch``, evaluated twice; ``:smoke`` runs one
+    layer of width 32."""
+    from train import config_lib
+
+    c = config_lib.base_config()
+    c.model.name = "bert_base_uncased"
+    c.model.overrides = dict(head=head, vocab_size=recipe_tokenizer().vocab_size, hidden_size=args.width,
+                             num_hidden_layers=args.layers, num_attention_heads=max(1, args.width // 64),
+                             intermediate_size=4 * args.width, max_position_embeddings=max_len, **head_fields)
+    c.task = task
+    c.input.source = "embedded"
+    c.input.dataset = dataset
+    c.input.train_pp = c.input.eval_pp = ""
+    c.batch_size = args.batch
+    c.eval_batch_size = eval_batch_size
+    c.num_train_steps = args.steps
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.weight_decay = 0.01
+    c.schedule.name = "linear"
+    c.schedule.warmup_steps = warmup_steps
+    c.log_every_steps = 50
+    c.eval_every_steps = max(1, args.steps // 2)
+    c.checkpoint_every_steps = args.steps
+    c.smoke = args.smoke
+    c.smoke_overrides = {"model": {"overrides": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                                 "intermediate_size": 64}}}
+    return c
+
+
 def encode_tagged(words_and_tags, tokenizer: Tokenizer, labels=NER_LABELS, max_len: int = MAX_LEN
                   ) -> dict[str, np.ndarray]:
     """Token-classification records: each word's first sub-token carries its tag id, the other

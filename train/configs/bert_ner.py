@@ -16,30 +16,9 @@ from train import config_lib, tasks_text_finetune as recipes
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, steps=400, batch=32, layers=2, width=128)
-    tok = recipes.recipe_tokenizer()
-    c = config_lib.base_config()
-    c.model.name = "bert_base_uncased"
-    c.model.overrides = dict(head="token_classification", num_labels=len(recipes.NER_LABELS), vocab_size=tok.vocab_size,
-                             hidden_size=args.width, num_hidden_layers=args.layers,
-                             num_attention_heads=max(1, args.width // 64), intermediate_size=4 * args.width,
-                             max_position_embeddings=recipes.MAX_LEN)
-    c.task = "bert_token_classification"
+    c = recipes.recipe_config(args, head="token_classification", task="bert_token_classification", dataset="tr_ner",
+                              max_len=recipes.MAX_LEN, warmup_steps=40, eval_batch_size=50,
+                              num_labels=len(recipes.NER_LABELS))
     c.task_args = dict(labels=recipes.NER_LABELS)
-    c.input.source = "embedded"
-    c.input.dataset = "tr_ner"
-    c.input.train_pp = c.input.eval_pp = ""
-    c.batch_size = args.batch
-    c.eval_batch_size = 50
-    c.num_train_steps = args.steps
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.weight_decay = 0.01
-    c.schedule.name = "linear"
-    c.schedule.warmup_steps = 40
     c.best_metric = "eval/f1"
-    c.log_every_steps = 50
-    c.eval_every_steps = 200
-    c.checkpoint_every_steps = 400
-    c.smoke = args.smoke
-    c.smoke_overrides = {"model": {"overrides": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-                                                 "intermediate_size": 64}}}
     return c

@@ -15,29 +15,8 @@ from train import config_lib, tasks_text_finetune as recipes
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, steps=300, batch=32, layers=2, width=128)
-    tok = recipes.recipe_tokenizer()
-    c = config_lib.base_config()
-    c.model.name = "bert_base_uncased"
-    c.model.overrides = dict(head="classification", num_labels=len(recipes.SENTIMENT_LABELS), vocab_size=tok.vocab_size,
-                             hidden_size=args.width, num_hidden_layers=args.layers,
-                             num_attention_heads=max(1, args.width // 64), intermediate_size=4 * args.width,
-                             max_position_embeddings=recipes.MAX_LEN)
-    c.task = "bert_classification"
+    c = recipes.recipe_config(args, head="classification", task="bert_classification", dataset="tr_sentiment",
+                              max_len=recipes.MAX_LEN, warmup_steps=30, eval_batch_size=50,
+                              num_labels=len(recipes.SENTIMENT_LABELS))
     c.task_args = dict(label_smoothing=0.0)
-    c.input.source = "embedded"
-    c.input.dataset = "tr_sentiment"
-    c.input.train_pp = c.input.eval_pp = ""
-    c.batch_size = args.batch
-    c.eval_batch_size = 50
-    c.num_train_steps = args.steps
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.weight_decay = 0.01
-    c.schedule.name = "linear"
-    c.schedule.warmup_steps = 30
-    c.log_every_steps = 50
-    c.eval_every_steps = 150
-    c.checkpoint_every_steps = 300
-    c.smoke = args.smoke
-    c.smoke_overrides = {"model": {"overrides": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-                                                 "intermediate_size": 64}}}
     return c
