@@ -7,8 +7,9 @@ Expert Systems with Applications 2024, arXiv 2310.15025. Official code: mohameda
 ``convert_official_p2at`` (``jaxformers/models/p2at_convert.py``) maps its state dicts key for key.
 
 Variants (``builders/model_builder.py``): ``p2at_s`` / ``p2at_m`` / ``p2at_l`` on ResNet-18 / 34 / 50
-(``jaxformers/models/resnet.py``, the torchvision layout; ImageNet weights load into ``backbone``
-through ``convert_timm_resnet``), 19 classes by default. Parameters: 12,736,019 / 22,844,179 /
+(``jaxformers/models/resnet.py``, the torchvision layout: ImageNet variables from
+``jaxformers.load_pretrained("resnet18", path)`` go under ``backbone``; the ``fc`` layer is not
+used), 19 classes by default. Parameters: 12,736,019 / 22,844,179 /
 25,276,435 in the inference build (the official ``is_train=False``), 12,812,729 / 22,920,889 /
 25,353,145 with the two auxiliary heads (``aux_heads=True``, the official training build).
 
