@@ -166,7 +166,7 @@ def train_classifier(model: nn.Module, variables: dict, x: jax.Array, y: jax.Arr
     @fast_jit
     def step(params, rest, opt_state, rng):
         def loss_fn(p):
-            out = model.apply({"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=mutable)
+            out = model.apply({"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=mutable or False)
             outputs, updates = out if mutable else (out, {})
             return objective(outputs, y), updates
 
