@@ -32,7 +32,9 @@ What the official code computes (and this module does the same):
   loss than the previous row's (one decision for all heads, as the official scalar loss).
 
 Use: ``attn_type="ecoformer"`` on ``pvt_v2_*`` (stages 1-3; stage 4 keeps full attention, the
-official ``last_stage`` rule). The hash state lives in the ``hashing`` collection (A, anchors, mu;
+official ``last_stage`` rule, ``pvt/pvt_v2.py``) and on ``twins_svt_*`` / ``twins_pcpvt_*`` (the
+official ``EcoBlock`` of ``twins/gvt.py``: every block of a stage with ``sr_ratio > 1``, i.e. stages
+1-3, LSA and GSA positions alike; full attention where ``sr_ratio == 1``). The hash state lives in the ``hashing`` collection (A, anchors, mu;
 buffers, not parameters). Learn it on a first batch with :func:`learn_hashing` (the official code
 does this at the first forward of a run, and again every ``k=300`` epochs, i.e. once in its 30-epoch
 fine-tuning); afterwards apply the model as usual (the hash state is read-only).
@@ -52,8 +54,8 @@ import jax.numpy as jnp
 from jaxformers.layers.linear import logical, trunc_normal
 from jaxformers.sharding import constrain
 
-__all__ = ["EcoFormerAttention", "binary_quantizer", "kernel_features", "ksh_hash", "ksh_loss", "learn_ksh",
-           "learn_hashing", "linear_attention_bias", "similarity_targets", "square_dist"]
+__all__ = ["EcoFormerAttention", "binary_quantizer", "explicit_attention_bias", "kernel_features", "ksh_hash", "ksh_loss",
+           "learn_ksh", "learn_hashing", "linear_attention_bias", "similarity_targets", "square_dist"]
 
 
 @jax.custom_vjp
@@ -101,6 +103,16 @@ def linear_attention_bias(q: jax.Array, k: jax.Array, v: jax.Array, bias: float)
     denom = jnp.einsum("bhnd,bhd->bhn", q, k.sum(axis=-2)) + n * bias
     context = jnp.einsum("bhnd,bhne->bhde", k, v)
     return (jnp.einsum("bhde,bhnd->bhne", context, q) + v * bias) / denom[..., None]
+
+
+def explicit_attention_bias(q: jax.Array, k: jax.Array, v: jax.Array, bias: float) -> jax.Array:
+    """The same attention written with the explicit (B, H, N, N) kernel ``q_n . k_j`` (O(N^2); the
+    reference that :func:`linear_attention_bias` reorders): ``(sum_j (q_n . k_j) v_j + bias v_n) /
+    (sum_j q_n . k_j + N bias)``, float32."""
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    kernel = jnp.einsum("bhnd,bhmd->bhnm", q, k)
+    n = q.shape[-2]
+    return (jnp.einsum("bhnm,bhme->bhne", kernel, v) + bias * v) / (kernel.sum(-1) + n * bias)[..., None]
 
 
 def similarity_targets(x: jax.Array, topk: int) -> jax.Array:
