@@ -18,8 +18,8 @@ import jaxformers as jf
 from jaxformers.convert.common import StateDict
 from jaxformers.models.duoformer import convert_official_duoformer, gather_patch_tokens, patch_index_tables
 from jaxformers.sharding import make_mesh
-from tests.helpers import (assert_sharded_grads_match, fast_jit, image, load_official, numpy_variables,
-                           perturbed_torch_model, shard_like_init, train_classifier)
+from tests.helpers import (fast_jit, image, load_official, numpy_variables,
+                           perturbed_torch_model, shard_like_init, single_and_sharded, train_classifier)
 
 # The official MyModel (pretrained=False, depth 12, width 768, 100 classes) counted with torch, less the
 # 32x32 patch embedding its timm base class builds and never calls (3*32*32*768 + 768 parameters).
@@ -112,26 +112,29 @@ def _import_official():
 
 
 def test_matches_official_pytorch_on_random_weights():
-    """4 scales, 3 blocks (so the official patch-attention wiring matters), random weights, 224 px. The
-    official forward projects only two stages (its 3- and 4-scale paths fail with a KeyError); the check
-    hands its projection all four stages, as the authors' model_wo_extra_params.py does."""
+    """4 scales, 3 blocks (so the official patch-attention wiring matters), random weights, 224 px, the
+    ResNet-50 cut to the first bottleneck of each stage (same widths; the full trunk is checked key for
+    key above). The official forward projects only two stages (its 3- and 4-scale paths fail with a
+    KeyError); the check hands its projection all four stages, as the authors' model_wo_extra_params.py does."""
     torch = pytest.importorskip("torch")
     official = _import_official()
 
     def make():
         m = official.MyModel(depth=3, patch_size=32, embed_dim=768, num_heads=12, num_classes=3, num_layers=4,
                              proj_dim=768, model_ver="scaleformer", pretrained=False, freeze=True)
+        for i in range(4, 8):  # layer1..layer4 of the nn.Sequential trunk
+            m.resnet_projector[i] = m.resnet_projector[i][:1]
         stages, get_features, project = {}, m.get_features, m.projection.forward
         m.get_features = lambda x: stages.update(get_features(x)) or stages
         m.projection.forward = lambda _: project(dict(stages))
         return m
 
     ref = perturbed_torch_model(make)
-    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
-        want = ref(torch.from_numpy(x)).numpy()
+        want = ref(torch.from_numpy(x)).numpy().reshape(1, -1)  # the official head output is squeezed
     sd = StateDict({k: v.numpy() for k, v in ref.state_dict().items()})
-    model = jf.create_model("duoformer_4scale_r50", **KEYS_CONFIG)
+    model = jf.create_model("duoformer_4scale_r50", **KEYS_CONFIG, backbone_depth=(1, 1, 1, 1))
     variables = unflatten_dict(convert_official_duoformer(sd, model, _expected(model)), sep="/")
     got = fast_jit(model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert float(np.std(want)) > 1e-2
@@ -168,7 +171,10 @@ def test_sharded_equals_single_device(tiny):
     model, variables = tiny
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     x = image(4, 64)
-    assert_sharded_grads_match(model, variables, shard_like_init(model, variables, x, mesh), x, mesh)
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables, shard_like_init(model, variables, x, mesh),
+                                         x, mesh)
+    assert float(jnp.std(single)) > 1e-3
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-4, atol=1e-4)
 
 
 def test_trains_on_histology_tiles(tiny):
@@ -181,10 +187,10 @@ def test_trains_on_histology_tiles(tiny):
     data = ihc_tiles("train")
     assert data["image"].shape == (609, 64, 64, 3) and np.bincount(data["label"]).min() >= 200
     assert ihc_tiles("test")["image"].shape == (145, 64, 64, 3)
-    pick = np.random.default_rng(0).choice(609, 16, replace=False)
+    pick = np.random.default_rng(0).choice(609, 12, replace=False)
     x = jnp.asarray(data["image"][pick], jnp.float32) / 127.5 - 1.0
-    losses, _ = train_classifier(model, variables, x, jnp.asarray(data["label"][pick]), steps=12)
-    assert min(losses[-3:]) < 0.7 * losses[0], losses
+    losses, _ = train_classifier(model, variables, x, jnp.asarray(data["label"][pick]), steps=8)
+    assert min(losses[-2:]) < 0.7 * losses[0], losses
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
