@@ -1,8 +1,8 @@
 """Labelled tiles of a real immunohistochemistry photograph, offline (scikit-image ships it).
 
-``skimage.data.immunohistochemistry()`` is a 512 x 512 RGB micrograph of a human colon section stained
-for FHL2 with DAB (brown) and counterstained with hematoxylin (blue) (scikit-image's data docs: "IHC"
-image from the Human Protein Atlas). There are no expert labels for it, so the labels here are derived
+``skimage.data.immunohistochemistry()`` is a 512 x 512 RGB micrograph of colonic glands, the FHL2
+protein revealed with DAB (brown), counterstained with hematoxylin (blue) (its docstring: acquired at
+the Center for Microscopy And Molecular Imaging, no known copyright restrictions). There are no expert labels for it, so the labels here are derived
 from the image itself and say so: each 64 x 64 tile (stride 16) gets the tertile of its mean DAB
 optical density after colour deconvolution (``skimage.color.rgb2hed``, Ruifrok & Johnston's stain
 vectors): 0 = weak, 1 = moderate, 2 = strong DAB staining, a staining-intensity score of the kind

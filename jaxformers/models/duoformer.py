@@ -14,7 +14,10 @@ Wiring (``DuoFormer.__call__``), for a 224 x 224 image:
 1. Backbone: torchvision ResNet-50 without pool and fc (our :class:`jaxformers.models.resnet.ResNet`, same
    layout), frozen by default as the official ``freeze=True`` (``jax.lax.stop_gradient`` on its outputs: no
    gradient reaches it; its BatchNorms still follow ``train`` like the official ``model.train()``). Stage
-   outputs at strides 4 / 8 / 16 / 32 (256 / 512 / 1024 / 2048 channels, 56 / 28 / 14 / 7 wide).
+   outputs at strides 4 / 8 / 16 / 32 (256 / 512 / 1024 / 2048 channels, 56 / 28 / 14 / 7 wide). An
+   optimizer with decoupled weight decay (AdamW) would still shrink the frozen weights: keep ``backbone``
+   out of its decay (the training CLI: add ``"backbone"`` to ``optimizer.no_decay_names``; a zero
+   gradient then gives a zero Adam update) or mask it out of the optimizer.
 2. Scale token (the official ``Channel_Projector_*``): stride 4 -> two 3x3 stride-2 convs and a 2x2 max-pool;
    stride 8 -> one 3x3 stride-2 conv and a max-pool; stride 16 -> a max-pool; stride 32 as is; concatenated
    (3840 channels) and four 3x3 conv -> BN -> ReLU layers to ``embed_dim`` (768 in the official code,
@@ -328,29 +331,33 @@ def convert_official_duoformer(sd: StateDict, model: DuoFormer, expected: dict[s
 # its unused 2,360,064-parameter patch embedding; trainable = without the frozen ResNet-50 trunk.
 
 
-def _info() -> ModelInfo:
+OFFICIAL_PARAMS = {2: 185_428_900, 3: 185_835_172, 4: 186_081_700}  # 161.9M / 162.3M / 162.6M trainable
+
+
+def _info(scales: int) -> ModelInfo:
     return ModelInfo(paper="DuoFormer: Leveraging Hierarchical Representations by Local and Global Attention "
                            "Vision Transformer", arxiv="2506.12982", repo="AliSerwat/duoformer_TCGA",
-                     input_size=(224, 224, 3), converter=convert_official_duoformer)
+                     input_size=(224, 224, 3), params_m=round(OFFICIAL_PARAMS[scales] / 1e6, 2),
+                     converter=convert_official_duoformer)
 
 
 def _make(scales: int, overrides: dict[str, Any]) -> DuoFormer:
     return DuoFormer(**{"scales": scales, **overrides})
 
 
-@register_model(_info())
+@register_model(_info(2))
 def duoformer_2scale_r50(**overrides: Any) -> DuoFormer:
     """DuoFormer, 2 scales (strides 32, 16: 6 tokens per patch), ResNet-50, frozen backbone."""
     return _make(2, overrides)
 
 
-@register_model(_info())
+@register_model(_info(3))
 def duoformer_3scale_r50(**overrides: Any) -> DuoFormer:
     """DuoFormer, 3 scales (strides 32, 16, 8: 22 tokens per patch), ResNet-50, frozen backbone."""
     return _make(3, overrides)
 
 
-@register_model(_info())
+@register_model(_info(4))
 def duoformer_4scale_r50(**overrides: Any) -> DuoFormer:
     """DuoFormer, 4 scales (strides 32, 16, 8, 4: 86 tokens per patch), ResNet-50, frozen backbone."""
     return _make(4, overrides)

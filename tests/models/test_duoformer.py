@@ -177,13 +177,14 @@ def test_sharded_equals_single_device(tiny):
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-4, atol=1e-4)
 
 
-def test_trains_on_histology_tiles(tiny):
-    """The intended patch-attention chain with a trainable backbone: every parameter gets a gradient and
-    the loss falls on real IHC tiles (``train/histology_data.py``)."""
+def test_trains_on_histology_tiles():
+    """A trainable backbone (one block): every parameter gets a gradient and the loss falls on real IHC
+    tiles (``train/histology_data.py``)."""
     from train.histology_data import ihc_tiles
 
-    model, variables = tiny
-    model = model.clone(chain_patch_attention=True, freeze_backbone=False)
+    model = jf.create_model("duoformer_4scale_r50", **{**TINY, "depth": 1}, chain_patch_attention=True,
+                            freeze_backbone=False)
+    variables = numpy_variables(model, image(1, 64))
     data = ihc_tiles("train")
     assert data["image"].shape == (609, 64, 64, 3) and np.bincount(data["label"]).min() >= 200
     assert ihc_tiles("test")["image"].shape == (145, 64, 64, 3)
@@ -205,3 +206,15 @@ def test_bad_inputs_raise_clear_errors(tiny):
         jax.eval_shape(model.clone(scales=5).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     with pytest.raises(ValueError, match="scale_token must be 'channel' or 'learned'"):
         jax.eval_shape(model.clone(scale_token="mean").init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+
+@pytest.mark.parametrize("arg, params", [("", 1_600_323), (":baseline=True", 514_691)])
+def test_histology_config_builds_its_model(arg, params):
+    """``train/configs/duoformer_histology.py`` (its measured run: benchmarks/RESULTS.md) and its trunk-alone
+    baseline name models of the sizes its docstring reports, on the embedded IHC tiles."""
+    from train import config_lib
+
+    config = config_lib.resolve_config(str(pathlib.Path(__file__).parents[2] / "train" / "configs"
+                                           / "duoformer_histology.py") + arg)
+    assert config.input.dataset == "ihc_tiles" and config.task == "classification"
+    assert jf.count_params(config.model.name, **config.model.overrides) == params
