@@ -2,8 +2,8 @@
 
 ``skimage.data.immunohistochemistry()`` is a 512 x 512 RGB micrograph of colonic glands, the FHL2
 protein revealed with DAB (brown), counterstained with hematoxylin (blue) (its docstring: acquired at
-the Center for Microscopy And Molecular Imaging, no known copyright restrictions). There are no expert labels for it, so the labels here are derived
-from the image itself and say so: each 64 x 64 tile (stride 16) gets the tertile of its mean DAB
+the Center for Microscopy And Molecular Imaging, no known copyright restrictions). There are no expert
+labels for it, so the labels here are derived from the image itself and say so: each 64 x 64 tile (stride 16) gets the tertile of its mean DAB
 optical density after colour deconvolution (``skimage.color.rgb2hed``, Ruifrok & Johnston's stain
 vectors): 0 = weak, 1 = moderate, 2 = strong DAB staining, a staining-intensity score of the kind
 pathologists read off IHC slides (0 / 1+ / 2+). Thresholds are the tertiles over the training tiles.

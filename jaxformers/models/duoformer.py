@@ -283,22 +283,26 @@ def convert_official_duoformer(sd: StateDict, model: DuoFormer, expected: dict[s
     ``params/...`` and ``batch_stats/...``. The unused timm patch embedding
     (``vision_transformer.patch_embed.*``) is skipped (module docstring)."""
     h = model.num_heads
-    backbone = ResNet(block="bottleneck", depth=model.backbone_depth, num_classes=0)
+    if model.scale_token != "channel":
+        raise ValueError("the official MyModel checkpoints carry the channel scale token: convert into "
+                         f"scale_token='channel', not {model.scale_token!r}")
+    backbone = ResNet(block="bottleneck", depth=model.backbone_depth, channels=model.backbone_channels, num_classes=0)
     inner = {k.replace("/backbone/", "/", 1): v for k, v in expected.items() if "/backbone/" in k}
-    out = {k.replace("/", "/backbone/", 1): v for k, v in convert_timm_resnet(_official_resnet(sd), backbone, inner).items()}
+    trunk = convert_timm_resnet(_official_resnet(sd), backbone, inner)
+    out = {k.replace("/", "/backbone/", 1): v for k, v in trunk.items()}
     for k in range(model.scales):
         out.update({f"params/proj_s{STRIDES[k]}/kernel": conv2d(sd[f"projection.proj_heads{3 - k}.weight"]),
                     f"params/proj_s{STRIDES[k]}/bias": sd[f"projection.proj_heads{3 - k}.bias"]})
-    if model.scale_token == "channel":
-        for ours, theirs in (("proj1_conv1", "chann_proj1.conv1"), ("proj1_conv2", "chann_proj1.conv2"),
-                             ("proj2_conv1", "chann_proj2.conv1")):
-            out[f"params/scale_token/{ours}/kernel"] = conv2d(sd[f"{theirs}.weight"])
-            out[f"params/scale_token/{ours}/bias"] = sd[f"{theirs}.bias"]
-        for i in range(4):
-            t = f"chann_proj_all.nConvs.{i}."
-            out[f"params/scale_token/fuse{i}_conv/kernel"] = conv2d(sd[t + "conv.weight"])
-            out[f"params/scale_token/fuse{i}_conv/bias"] = sd[t + "conv.bias"]
-            out.update(batch_norm_params(sd, t + "norm", f"scale_token/fuse{i}_bn"))
+    # the channel projectors (Channel_Projector_layer1/2, Channel_Projector_All)
+    for ours, theirs in (("proj1_conv1", "chann_proj1.conv1"), ("proj1_conv2", "chann_proj1.conv2"),
+                         ("proj2_conv1", "chann_proj2.conv1")):
+        out[f"params/scale_token/{ours}/kernel"] = conv2d(sd[f"{theirs}.weight"])
+        out[f"params/scale_token/{ours}/bias"] = sd[f"{theirs}.bias"]
+    for i in range(4):
+        t = f"chann_proj_all.nConvs.{i}."
+        out[f"params/scale_token/fuse{i}_conv/kernel"] = conv2d(sd[t + "conv.weight"])
+        out[f"params/scale_token/fuse{i}_conv/bias"] = sd[t + "conv.bias"]
+        out.update(batch_norm_params(sd, t + "norm", f"scale_token/fuse{i}_bn"))
     v = "vision_transformer."
     out["params/cls_token"] = sd[v + "cls_token"]
     out["params/pos_embed"] = sd[v + "pos_embed"]

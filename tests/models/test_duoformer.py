@@ -160,6 +160,14 @@ def test_outputs_and_gradients(tiny):
     def loss(params):
         return jnp.sum(model.apply({**variables, "params": params}, x) * jnp.arange(3.0))
 
+    # scale_token="learned" (model_wo_extra_params.py's "random"): one shared (1, 1, 1, D) token, no projectors.
+    learned = model.clone(scale_token="learned")
+    params = nn.unbox(jax.eval_shape(learned.init, jax.random.key(0), x))["params"]
+    assert params["scale_token"].shape == (1, 1, 1, 32) and jax.eval_shape(
+        learned.apply, {**variables, "params": params}, x).shape == (2, 3)
+    with pytest.raises(ValueError, match="channel scale token"):
+        convert_official_duoformer(StateDict({}), learned, {})
+
     value, grads = fast_jit(jax.value_and_grad(loss))(variables["params"])
     assert np.isfinite(float(value))
     flat = {"/".join(k): np.asarray(g) for k, g in flatten_dict(grads).items()}
