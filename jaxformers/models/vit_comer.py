@@ -362,6 +362,9 @@ class ViTCoMer(FeatureBackbone):
         if any(len(p) != 2 or p[0] > p[1] for p in idx) or flat != list(range(self.depth)):
             raise ValueError(f"interaction_indexes {idx} must be [first, last] block ranges that cover blocks "
                              f"0..{self.depth - 1} in order (e.g. [[0, 2], [3, 5], [6, 8], [9, 11]] for depth 12)")
+        if self.add_vit_feature and len(idx) != 4:
+            raise ValueError(f"add_vit_feature adds one CTI block's ViT output to each of the 4 output maps: "
+                             f"interaction_indexes must have 4 groups, got {len(idx)}")
         return idx
 
     @nn.compact
@@ -423,7 +426,7 @@ class ViTCoMer(FeatureBackbone):
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants: the official ADE20K configs (DeiT-T/S/B, patch 16, conv_inplane 64, 4 points, cffn 0.25,
+# Variants: the official ADE20K configs (params_m: the official ViTCoMer backbone's count) (DeiT-T/S/B, patch 16, conv_inplane 64, 4 points, cffn 0.25,
 # interaction indexes [[0, 2], [3, 5], [6, 8], [9, 11]], extra CTI, init_values 0).
 
 VARIANTS = {
@@ -443,19 +446,19 @@ def _info(params_m=None):
                      metric="none")
 
 
-@register_model(_info())
+@register_model(_info(10.62))
 def vit_comer_tiny(**overrides: Any) -> ViTCoMer:
     """ViT-CoMer-T backbone (DeiT-T; ``upernet_vit_comer_tiny`` is the ADE20K segmenter)."""
     return ViTCoMer(**{**VARIANTS["vit_comer_tiny"], **overrides})
 
 
-@register_model(_info())
+@register_model(_info(31.28))
 def vit_comer_small(**overrides: Any) -> ViTCoMer:
     """ViT-CoMer-S backbone (DeiT-S)."""
     return ViTCoMer(**{**VARIANTS["vit_comer_small"], **overrides})
 
 
-@register_model(_info())
+@register_model(_info(110.60))
 def vit_comer_base(**overrides: Any) -> ViTCoMer:
     """ViT-CoMer-B backbone (DeiT-B)."""
     return ViTCoMer(**{**VARIANTS["vit_comer_base"], **overrides})
