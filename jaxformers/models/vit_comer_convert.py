@@ -50,7 +50,7 @@ def convert_vit_comer(sd: StateDict, model, expected: dict[str, tuple]) -> dict[
     backbone = getattr(model, "backbone", model) if wrapped else model
     out: dict[str, np.ndarray] = {}
     for key, shape in expected.items():
-        collection, *parts = key.split("/")
+        _, *parts = key.split("/")
         leaf, mods = parts[-1], parts[:-1]
         if wrapped and mods and mods[0] == "backbone" and bare_ckpt:
             mods = mods[1:]  # a backbone-only checkpoint into the segmenter: its backbone keys
