@@ -233,6 +233,20 @@ def single_and_sharded(fn: Callable, variables: Any, sharded_variables: Any, x: 
     return single, sharded
 
 
+def assert_sharded_forward_matches(model: nn.Module, variables: Any, x: jax.Array, *, tol: float = 1e-5) -> None:
+    """``model.apply`` on one device equals the same call on a data x fsdp x tensor = 2 x 2 x 2 mesh
+    (parameters placed as ``init`` would shard them, ``x`` split over the batch), every output leaf
+    non-trivial (std > 1e-3) and within ``tol`` (relative and absolute)."""
+    from jaxformers.sharding import make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    single, sharded = single_and_sharded(fast_jit(model.apply), variables,
+                                         shard_like_init(model, variables, x, mesh), x, mesh)
+    for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
+        assert float(jnp.std(a)) > 1e-3
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=tol, atol=tol)
+
+
 def assert_sharded_grads_match(model: nn.Module, variables: Any, sharded_variables: Any, x: jax.Array,
                                 mesh: jax.sharding.Mesh, tol: float = 1e-4) -> None:
     """The parameter gradients of a fixed random projection of ``model``'s output agree on one device and

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jaxformers as jf
 from jaxformers.models.convnext import TIMM_PARAMS
-from jaxformers.sharding import make_mesh
-from tests.helpers import (assert_timm_backbone_parity, fast_jit, image, numpy_variables, shard_like_init,
-                           single_and_sharded)
+from tests.helpers import assert_sharded_forward_matches, assert_timm_backbone_parity, image, numpy_variables
 
 NAME = "convnext_tiny"
 TINY = dict(depths=(1, 2, 1, 1), dims=(16, 32, 32, 64), num_classes=10)
@@ -50,12 +47,7 @@ def test_timm_parity_logits_and_feature_maps(tmp_path):
 
 def test_sharded_equals_single_device(tiny):
     model, variables = tiny
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    x = image(4, 64)
-    sharded_vars = shard_like_init(model, variables, x, mesh)
-    single, sharded = single_and_sharded(fast_jit(model.apply), variables, sharded_vars, x, mesh)
-    assert float(jnp.std(single)) > 1e-3
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
+    assert_sharded_forward_matches(model, variables, image(4, 64), tol=1e-5)
 
 
 def test_dense_contract_and_bad_inputs(tiny):

@@ -18,8 +18,7 @@ from jaxformers.convert.common import StateDict
 from jaxformers.models.kmax_deeplab import kmeans_update
 from jaxformers.models.kmax_deeplab_convert import convert_official_kmax
 from jaxformers.segmentation.kmax_loss import KMaXLossConfig, kmax_loss, kmax_match
-from jaxformers.sharding import make_mesh
-from tests.helpers import fast_jit, image, numpy_variables, shard_like_init, single_and_sharded
+from tests.helpers import assert_sharded_forward_matches, image, numpy_variables
 
 NAME = "kmax_deeplab_convnext_tiny_coco"
 BACKBONE = dict(depths=(1, 1, 1, 1), dims=(16, 32, 32, 64), drop_path_rate=0.0)
@@ -94,13 +93,7 @@ def test_output_layout(tiny):
 
 def test_sharded_equals_single_device(tiny):
     model, variables = tiny
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    x = image(4, 64)
-    sharded_vars = shard_like_init(model, variables, x, mesh)
-    single, sharded = single_and_sharded(fast_jit(model.apply), variables, sharded_vars, x, mesh)
-    for k in ("pred_logits", "pred_masks"):
-        assert float(jnp.std(single[k])) > 1e-3
-        np.testing.assert_allclose(np.asarray(sharded[k]), np.asarray(single[k]), rtol=1e-4, atol=1e-4)
+    assert_sharded_forward_matches(model, variables, image(4, 64), tol=1e-4)
 
 
 def test_bad_inputs_raise_clear_errors(tiny):

@@ -18,9 +18,8 @@ from jaxformers.convert.common import StateDict
 from jaxformers.models.p2at import p2at_loss
 from jaxformers.models.p2at_convert import convert_official_p2at
 from jaxformers.segmentation import miou, ohem_cross_entropy, semantic_prediction, semantic_stats
-from jaxformers.sharding import make_mesh
-from tests.helpers import (fast_jit, image, load_official, numpy_variables, segmentation_shapes, shard_like_init,
-                           single_and_sharded, train_classifier)
+from tests.helpers import (assert_sharded_forward_matches, fast_jit, image, load_official, numpy_variables,
+                           segmentation_shapes, train_classifier)
 
 # Parameter counts of the official models/P2AT.py (torchvision ResNets, 19 classes): inference build
 # (is_train=False) and training build (is_train=True, with the two auxiliary heads).
@@ -137,12 +136,7 @@ def test_output_layout_and_pyramid_flag(tiny):
 
 def test_sharded_equals_single_device(tiny):
     model, variables = tiny
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    x = image(4, 64)
-    sharded_vars = shard_like_init(model, variables, x, mesh)
-    single, sharded = single_and_sharded(fast_jit(model.apply), variables, sharded_vars, x, mesh)
-    assert float(jnp.std(single)) > 1e-3
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-4, atol=1e-4)
+    assert_sharded_forward_matches(model, variables, image(4, 64), tol=1e-4)
 
 
 def test_trains_on_generated_scenes(tiny):

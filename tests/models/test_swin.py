@@ -13,9 +13,7 @@ import pytest
 import jaxformers as jf
 from jaxformers.layers.window import shifted_window_mask, window_partition
 from jaxformers.models.swin import TIMM_PARAMS
-from jaxformers.sharding import make_mesh
-from tests.helpers import (assert_timm_backbone_parity, fast_jit, image, numpy_variables, shard_like_init,
-                           single_and_sharded)
+from tests.helpers import assert_sharded_forward_matches, assert_timm_backbone_parity, image, numpy_variables
 
 NAME = "swin_tiny_patch4_window7_224"
 TINY = dict(img_size=64, embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=4, num_classes=10)
@@ -76,12 +74,7 @@ def test_dense_contract_out_norms_and_always_partition(tiny):
 
 def test_sharded_equals_single_device(tiny):
     model, variables = tiny
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    x = image(4, 64)
-    sharded_vars = shard_like_init(model, variables, x, mesh)
-    single, sharded = single_and_sharded(fast_jit(model.apply), variables, sharded_vars, x, mesh)
-    assert float(jnp.std(single)) > 1e-3
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
+    assert_sharded_forward_matches(model, variables, image(4, 64), tol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
