@@ -67,6 +67,72 @@ def test_trans_encoder_cycle_mechanics(tiny):
     assert 0 < metrics["mrr@10"] <= 1 and metrics["recall@1"] <= metrics["recall@10"]
 
 
+def test_mutual_distill_averages_the_two_models_labels(tiny, monkeypatch):
+    """Mutual distillation (``src/mutual_distill_parallel.py``): both cross-encoders train on the mean of
+    the two bi-encoders' cosines (both orders), both bi-encoders on the mean of the two trained
+    cross-encoders' sigmoids; every model restarts from its own starting weights each cycle, the next
+    cycle labels with the newly trained bi-encoders, and the dev rows score what was trained. The
+    trainers are replaced by recorders that return perturbed weights (training itself: the test above)."""
+    from jaxformers.text.encoders import cross_scores, embed
+    from jaxformers.text.metrics import spearman
+
+    def perturbed(encoder, seed):
+        rng = np.random.default_rng(seed)
+        return encoder.replace(params=jax.tree.map(
+            lambda p: np.asarray(p) + 0.1 * rng.standard_normal(np.shape(p)).astype(np.float32), encoder.params))
+
+    bi1, cross1 = tiny
+    bi2, cross2 = perturbed(bi1, 100), perturbed(cross1, 101)
+    data = te.synthetic_sts(seed=0, num_pairs=12, num_dev=8, num_retrieval=4)
+    pairs, dev = data["pairs"], data["dev_pairs"]
+    calls = {"cross": [], "bi": []}
+
+    def recorder(kind):
+        def train(init, train_pairs, labels, **kwargs):
+            trained = perturbed(init, len(calls["cross"]) + 10 * len(calls["bi"]))
+            calls[kind].append({"init": init, "pairs": list(train_pairs), "labels": np.asarray(labels),
+                                "trained": trained})
+            return trained, [1.0, 0.5]
+        return train
+
+    monkeypatch.setattr(te, "train_cross_encoder", recorder("cross"))
+    monkeypatch.setattr(te, "train_bi_encoder", recorder("bi"))
+    history = te.mutual_distill([bi1, bi2], [cross1, cross2], pairs, dev, data["dev_scores"], cycles=2)
+
+    def cos(bi, which):
+        unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+        return np.sum(unit(embed(bi, [a for a, _ in which])) * unit(embed(bi, [b for _, b in which])), -1)
+
+    def sigmoid(cross, which):
+        return 1 / (1 + np.exp(-cross_scores(cross, [a for a, _ in which], [b for _, b in which])))
+
+    assert len(calls["cross"]) == len(calls["bi"]) == 4 and len(history) == 2
+    labellers = [bi1, bi2]
+    for cycle in range(2):
+        cross_calls, bi_calls = calls["cross"][2 * cycle:2 * cycle + 2], calls["bi"][2 * cycle:2 * cycle + 2]
+        first, second = (cos(b, pairs) for b in labellers)
+        assert np.abs(first - second).max() > 1e-3  # two different labellers: the mean is a real check
+        mean = (first + second) / 2
+        for call, start in zip(cross_calls, [cross1, cross2]):
+            assert call["init"] is start  # re-initialised from its own start every cycle
+            assert call["pairs"] == list(pairs) + [(b, a) for a, b in pairs]
+            np.testing.assert_allclose(call["labels"], np.concatenate([mean, mean]), rtol=0, atol=1e-6)
+        first, second = (sigmoid(c["trained"], pairs) for c in cross_calls)
+        assert np.abs(first - second).max() > 1e-3
+        silver = (first + second) / 2
+        for call, start in zip(bi_calls, [bi1, bi2]):
+            assert call["init"] is start and call["pairs"] == list(pairs)
+            np.testing.assert_allclose(call["labels"], silver, rtol=0, atol=1e-6)
+        labellers = [c["trained"] for c in bi_calls]  # the next cycle labels with these
+        row = history[cycle]
+        bi_dev = [cos(b, dev) for b in labellers]
+        cross_dev = [sigmoid(c["trained"], dev) for c in cross_calls]
+        np.testing.assert_allclose(row["bi"], [spearman(s, data["dev_scores"]) for s in bi_dev], atol=1e-6)
+        np.testing.assert_allclose(row["cross"], [spearman(s, data["dev_scores"]) for s in cross_dev], atol=1e-6)
+        assert row["bi_ensemble"] == pytest.approx(spearman(np.mean(bi_dev, 0), data["dev_scores"]), abs=1e-6)
+        assert row["cross_ensemble"] == pytest.approx(spearman(np.mean(cross_dev, 0), data["dev_scores"]), abs=1e-6)
+
+
 @pytest.mark.parametrize("groups, same, by_type", [
     ([("PER", "John Doe"), ("O", "works at"), ("ORG", "OpenAI"), ("O", "in"), ("LOC", "San Francisco"), ("O", ".")],
      "[MASK] works at [MASK] in [MASK] .", "PER works at ORG in LOC ."),
