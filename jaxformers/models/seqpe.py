@@ -368,7 +368,7 @@ def extrapolation_run(position: Literal["seqpe", "learned", "sincos"], *, train_
     model = CausalLM(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                      max_position_embeddings=max(max(eval_lens), train_len), dropout=0.0, embed_dropout=0.0,
                      attention_dropout=0.0, position_encoder=encoder)
-    params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, train_len), jnp.int32)))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, train_len), jnp.int32)))["params"]
     tx = optax.adam(lr)
     opt = tx.init(params)
 
@@ -398,9 +398,9 @@ def extrapolation_run(position: Literal["seqpe", "learned", "sincos"], *, train_
         pivots, cands, labels = contrastive_batch(rng, 16, 16, max_position, local_range=64)
         main, shifted = transfer_batch(rng, 32, train_len, max_position)
         params, opt, loss = step(params, opt, ids, pivots, cands, labels, main, shifted)
-    accuracy = {}
+    accuracy, apply = {}, jax.jit(model.apply)
     for length in eval_lens:
         ids = jnp.asarray(periodic_copy_batch(np.random.default_rng(seed + 1), 64, length, period=period, vocab=vocab))
-        pred = jnp.argmax(jax.jit(model.apply)({"params": params}, ids), -1)
+        pred = jnp.argmax(apply({"params": params}, ids), -1)
         accuracy[length] = float(jnp.mean(pred[:, period - 1:-1] == ids[:, period:]))
     return {"position": position, "train_loss": float(loss), "accuracy": accuracy}
