@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2 --durations=25
 
-.PHONY: setup demo test test-latest test-device-jax compile-h100 compile-tpu model-table clean
+.PHONY: setup demo test setup-latest test-latest setup-device-jax test-device-jax compile-h100 compile-tpu model-table clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,14 @@ PY312 ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c "import 
 VENV312 ?= .venv312
 LATEST_TESTS ?= tests/kernels --ignore=tests/kernels/test_random_configs.py tests/test_registry.py \
 	tests/test_sharding.py tests/test_hf.py tests/test_imports.py tests/test_zoo.py
-test-latest:
+$(VENV312)/.installed: pyproject.toml
 	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
 	$(PY312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
 	$(VENV312)/bin/python -m pip install -q --upgrade -e ".[dev]" jax flax optax orbax-checkpoint chex scikit-learn
+	touch $@
+setup-latest: $(VENV312)/.installed
+test-latest: setup-latest
 	$(VENV312)/bin/python -c "import jax, flax; print('latest leg: jax', jax.__version__, 'flax', flax.__version__)"
 	@$(call RUN_PYTEST,$(VENV312)/bin/python,-m "not slow and not mosaic_gpu_interpret" $(LATEST_TESTS))
 
@@ -50,11 +53,14 @@ test-latest:
 # (marker mosaic_gpu_interpret) happen here, with the deviceless lowering checks and the benchmark smoke.
 DEVICE_JAX ?= 0.11.2
 VENV_DEVICE_JAX ?= .venv-device-jax
-test-device-jax:
+$(VENV_DEVICE_JAX)/.installed: pyproject.toml
 	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
 	$(PY312) -m venv $(VENV_DEVICE_JAX)
 	$(VENV_DEVICE_JAX)/bin/python -m pip install -q --upgrade pip
 	$(VENV_DEVICE_JAX)/bin/python -m pip install -q --upgrade -e ".[dev]" jax==$(DEVICE_JAX) jaxlib==$(DEVICE_JAX) flax optax orbax-checkpoint chex
+	touch $@
+setup-device-jax: $(VENV_DEVICE_JAX)/.installed
+test-device-jax: setup-device-jax
 	$(VENV_DEVICE_JAX)/bin/python -c "import jax, flax; print('device-jax leg: jax', jax.__version__, 'flax', flax.__version__)"
 	@$(call RUN_PYTEST,$(VENV_DEVICE_JAX)/bin/python,-m "mosaic_gpu_interpret and not slow" tests/kernels tests/models)
 	@$(call RUN_PYTEST,$(VENV_DEVICE_JAX)/bin/python,-m "not slow" tests/kernels/test_gpu_kernel.py \
