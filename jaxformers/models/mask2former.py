@@ -28,6 +28,20 @@ Outputs (HF names and layouts): ``class_queries_logits`` (B, Q, C+1) and ``masks
 ``auxiliary_logits``, the earlier predictions stacked: class (L-1, B, Q, C+1), masks (L-1, B, Q,
 H/4, W/4). Losses, matching and panoptic/semantic inference: ``jaxformers.segmentation``.
 
+Early exit (ECO-M2F, "Efficient Transformer Encoders for Mask2Former-style models", Yao et al.,
+arXiv 2404.15244; official code GYeow/ECO-M2F, ``mask2former/modeling/pixel_decoder/gating.py`` and
+``msdeformattn.py``): ``num_gates=G`` > 0 adds the gating network ``GatingFunction`` (mean over the
+stride-32 encoder input tokens, before any encoder layer -> Linear(D -> G), bias 0-init; 1,285
+parameters at D 256, G 5) to the pixel decoder; each image then leaves the encoder after
+``argmax(gate) + encoder_layers - G + 1`` layers (2..6 for the official 6 layers and 5 gates, whose
+config calls the 4 gated layers ``NUM_GATES: 4``). The official encoder takes one argmax over the
+flattened (B, G) gate tensor, which is only correct for batch 1; here every image gets its own exit
+(``select_exits``): under ``jit`` all layers run and each image keeps the output of its own exit
+layer, called eagerly only the layers up to the batch's deepest exit run; ``encoder_layers=k`` runs
+exactly k layers (the FLOPs of an exit). Outputs then add ``gate_logits`` (B, G) and
+``encoder_exit`` (B,). Targets, gate loss and per-exit PQ: ``jaxformers.compress.eco_m2f``. Hugging
+Face directories carry no gate (``num_gates=0``).
+
 Deviations: none in the math. Parameter counts: HF's count includes the Swin backbone's final
 LayerNorm, which ``SwinBackbone`` builds but never uses (2 x the last width); we do not build it
 (the official D2 Swin has none): Swin-T / 133 classes has 47,435,264 parameters here and 47,436,800
@@ -119,11 +133,37 @@ class DeformableEncoderLayer(nn.Module):
         return LayerNorm(1e-5, name="final_norm", **kw)(x + drop(y))
 
 
+class GatingFunction(nn.Module):
+    """ECO-M2F's gate: average of the tokens (B, N, D) -> Linear(D -> num_gates) with a 0-init bias
+    (official ``GatingFunction``: AdaptiveAvgPool1d + Linear)."""
+
+    num_gates: int = 5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return Dense(self.num_gates, axes=("embed", None), name="head", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(jnp.mean(tokens, axis=1))
+
+
+def select_exits(gate_logits: jax.Array, encoder_layers: int) -> jax.Array:
+    """Per-image number of encoder layers to run, (B,) int32: ``argmax(gate_logits, -1) + encoder_layers
+    - G + 1`` for gate logits (B, G) (the official 6 layers, 5 gates: 2..6). The official code's
+    ``gates.argmax()`` flattens the batch, which is right only for batch 1."""
+    g = gate_logits.shape[-1]
+    if not 1 <= g <= encoder_layers:
+        raise ValueError(f"{g} gates need 1..encoder_layers={encoder_layers} of them")
+    return (jnp.argmax(gate_logits, axis=-1) + encoder_layers - g + 1).astype(jnp.int32)
+
+
 class MSDeformAttnPixelDecoder(nn.Module):
     """Deformable-attention encoder over strides 32/16/8 plus an FPN step to stride 4.
 
     Returns (mask_features (B, H/4, W/4, mask_dim), [maps at strides 32, 16, 8] (B, h, w, D),
-    encoder input tokens of the first (stride-32) level (B, h*w, D), the gate's input in ECO-M2F)."""
+    encoder input tokens of the first (stride-32) level (B, h*w, D), the gate's input in ECO-M2F,
+    and the gate logits (B, num_gates) or None). With ``num_gates`` and no ``num_layers`` every image
+    leaves the encoder at its gate's exit (``select_exits``)."""
 
     feature_size: int = 256
     mask_feature_size: int = 256
@@ -133,6 +173,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     n_points: int = 4
     common_stride: int = 4
     dropout: float = 0.0
+    num_gates: int = 0
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -154,6 +195,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.output = Conv(d, (3, 3), padding=1, use_bias=False, **kw)
         self.output_norm = group_norm(**kw)
         self.mask_projection = Conv(self.mask_feature_size, (1, 1), **kw)
+        if self.num_gates:
+            if not 1 <= self.num_gates <= self.encoder_layers:
+                raise ValueError(f"num_gates={self.num_gates} must be in 1..encoder_layers={self.encoder_layers}")
+            self.gate = GatingFunction(self.num_gates, **kw)
 
     def encoder_inputs(self, features: Mapping[int, jax.Array]):
         """Projected, flattened stride-32/16/8 tokens (B, S, D), their positions (B, S, D) and shapes."""
@@ -171,8 +216,21 @@ class MSDeformAttnPixelDecoder(nn.Module):
         x, pos, shapes = self.encoder_inputs(features)
         first_level = x[:, :shapes[0][0] * shapes[0][1]]
         ref = reference_points(shapes, x.shape[0]).astype(x.dtype)
-        for layer in self.layers[:num_layers]:
-            x = layer(x, pos, ref, shapes, train)
+        gate_logits = self.gate(first_level) if self.num_gates else None
+        if gate_logits is None or num_layers is not None:
+            for layer in self.layers[:num_layers]:
+                x = layer(x, pos, ref, shapes, train)
+        else:
+            exits = select_exits(gate_logits, self.encoder_layers)
+            depth = self.encoder_layers
+            if not isinstance(exits, jax.core.Tracer) and not self.is_initializing():
+                depth = int(jnp.max(exits))  # eager: nothing past the batch's deepest exit runs
+            out = x
+            for i, layer in enumerate(self.layers[:depth], 1):
+                x = layer(x, pos, ref, shapes, train)
+                if i >= self.encoder_layers - self.num_gates + 1:
+                    out = jnp.where((exits == i)[:, None, None], x, out)
+            x = out
         b, d = x.shape[0], x.shape[-1]
         outs, start = [], 0
         for h, w in shapes:
@@ -181,7 +239,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         lateral = self.lateral_norm(self.lateral(features[4]))
         y = lateral + resize_bilinear(outs[-1], lateral.shape[1:3])
         y = nn.relu(self.output_norm(self.output(y)))
-        return self.mask_projection(y), outs, first_level
+        return self.mask_projection(y), outs, first_level, gate_logits
 
 
 class MaskedAttentionDecoderLayer(nn.Module):
@@ -314,6 +372,7 @@ class Mask2Former(nn.Module):
     enforce_input_projection: bool = False
     dropout: float = 0.0
     output_auxiliary_logits: bool = False
+    num_gates: int = 0
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -325,7 +384,7 @@ class Mask2Former(nn.Module):
         backbone = create_model(self.backbone, **{**kw, **overrides}).clone(parent=self, name="backbone")
         pixel_decoder = MSDeformAttnPixelDecoder(
             self.feature_size, self.mask_feature_size, self.encoder_layers, self.encoder_ffn_dim, self.num_heads,
-            self.n_points, self.common_stride, self.dropout, name="pixel_decoder", **kw)
+            self.n_points, self.common_stride, self.dropout, self.num_gates, name="pixel_decoder", **kw)
         check_image(x, in_chans=self.in_chans, divisible_by=32)
         features = backbone.forward_features(x, train=train)
         check_features(features, what=f"backbone {self.backbone!r}")
@@ -334,13 +393,17 @@ class Mask2Former(nn.Module):
         if tokens_only:
             tokens, _, shapes = pixel_decoder.encoder_inputs(features)
             return tokens[:, :shapes[0][0] * shapes[0][1]]
-        mask_features, multi_scale, _ = pixel_decoder(features, train, encoder_layers)
+        mask_features, multi_scale, _, gate_logits = pixel_decoder(features, train, encoder_layers)
         mask_features = constrain(mask_features, ("act_batch", None, None, None))
         classes, masks = MaskedTransformerDecoder(
             self.num_classes, self.hidden_dim, self.num_queries, self.num_heads, self.dim_feedforward,
             self.decoder_layers, self.mask_feature_size, self.pre_norm, self.enforce_input_projection, self.dropout,
             name="transformer_decoder", **kw)(multi_scale, mask_features, train)
         out = {"class_queries_logits": classes[-1], "masks_queries_logits": masks[-1]}
+        if gate_logits is not None:
+            out["gate_logits"] = gate_logits
+            out["encoder_exit"] = (select_exits(gate_logits, self.encoder_layers) if encoder_layers is None else
+                                   jnp.full(gate_logits.shape[:1], encoder_layers, jnp.int32))
         if train or self.output_auxiliary_logits:
             out["auxiliary_logits"] = {"class_queries_logits": jnp.stack(classes[:-1]),
                                        "masks_queries_logits": jnp.stack(masks[:-1])}
@@ -350,7 +413,8 @@ class Mask2Former(nn.Module):
         """``{"class_queries_logits": (B, Q, C+1), "masks_queries_logits": (B, Q, H/4, W/4)}`` plus
         ``auxiliary_logits`` (the earlier predictions, stacked) in training or with
         ``output_auxiliary_logits``. ``encoder_layers`` runs only the first k deformable encoder
-        layers (early exit, ECO-M2F)."""
+        layers (early exit, ECO-M2F); with ``num_gates`` and no ``encoder_layers`` each image exits
+        where its gate says and ``gate_logits`` (B, G) / ``encoder_exit`` (B,) are added."""
         return self._run(x, train, encoder_layers, False)
 
     def encoder_tokens(self, x: jax.Array, *, train: bool = False) -> jax.Array:
