@@ -1,9 +1,11 @@
-"""Checkpoint readers and the tensor layout helpers every converter shares."""
+"""Checkpoint readers and writers and the tensor layout helpers every converter shares."""
 from __future__ import annotations
 
 import difflib
+import json
 import os
-from typing import Iterable, Mapping
+import pathlib
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -99,6 +101,24 @@ class StateDict:
 
     def unused(self) -> list[str]:
         return sorted(set(self._tensors) - self._used)
+
+
+def write_hf_directory(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                       config: Mapping[str, Any], tokenizer: Any = None) -> pathlib.Path:
+    """A Hugging Face model directory ``transformers`` loads: ``model.safetensors`` (``tensors`` as float32
+    under their HF key names), ``config.json`` (sorted keys) and, when given, ``tokenizer`` (a
+    ``jaxformers.text.Tokenizer``) beside them."""
+    from safetensors.numpy import save_file
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in items}
+    save_file(arrays, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
 
 
 def linear(w: np.ndarray) -> np.ndarray:

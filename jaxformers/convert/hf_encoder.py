@@ -11,26 +11,23 @@ Each family's converter lists its embeddings and attention projections; the rest
   some sentence-transformers exports), skipping buffers, the tied decoder and an unused pooler;
 - ``check_and_fill``: names and shapes checked as ``load_pretrained`` does, head weights the
   checkpoint lacks (a new task head) freshly initialised with a warning, as transformers does;
-- ``load_directory`` / ``write_directory``: ``from_pretrained(dir)`` / ``save_pretrained`` plumbing;
+- ``load_directory``: ``from_pretrained(dir)`` plumbing (``save_pretrained`` writes through
+  ``jaxformers.convert.common.write_hf_directory``);
 - ``head_from_architectures`` and ``label_config``: the ``config.json`` fields every family reads and writes.
 """
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
-from flax.traverse_util import flatten_dict
 
 from jaxformers.convert.common import StateDict, read_checkpoint
 from jaxformers.convert.hf_keys import Fused, Row, dense_rows, find_base, heads_out_kind, import_tensors, norm_rows
 from jaxformers.convert.pretrained import (CheckpointMismatchError, _describe, assemble_variables, checkpoint_problems,
-                                           expected_variables)
+                                           flat_variables)
 from jaxformers.text import hf_config
 
 HEAD_PREFIXES = ("cls.", "lm_head.", "classifier.", "qa_outputs.")
@@ -101,7 +98,7 @@ def check_and_fill(module: Any, converted: dict[str, np.ndarray], sd: StateDict,
     ``CheckpointMismatchError`` when ``strict`` (else it is initialised fresh, with a warning)."""
     inputs = module.example_inputs(1)
     boxed = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, *inputs))
-    expected = expected_variables(boxed)
+    expected = flat_variables(boxed)
     is_head = lambda k: k.split("/")[1] in HEAD_MODULES  # noqa: E731
     unused = sd.unused()
     other_head = [k for k in unused if k.startswith(HEAD_PREFIXES)]
@@ -131,27 +128,6 @@ def load_directory(module: Any, path: str | os.PathLike, convert: Callable[[Stat
     sd = StateDict(read_checkpoint(weights))
     return check_and_fill(module, convert(sd, module), sd, os.fspath(weights), strict=strict, seed=seed, mesh=mesh,
                           rules=rules)
-
-
-def flat_variables(variables: Any) -> dict[str, np.ndarray]:
-    """``{"params/a/b": array}`` of (possibly boxed) variables."""
-    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(nn.unbox(dict(variables))).items()}
-
-
-def write_directory(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]], config: Mapping[str, Any],
-                    tokenizer: Any = None) -> pathlib.Path:
-    """``config.json`` + ``model.safetensors`` (float32, HF key names) that ``transformers`` loads, and
-    ``tokenizer`` (a ``jaxformers.text.Tokenizer``) beside them."""
-    from safetensors.numpy import save_file
-
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors}
-    save_file(arrays, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path
 
 
 def head_from_architectures(config: Mapping[str, Any], architectures: Mapping[str, str | None], family: str,

@@ -23,9 +23,10 @@ def _describe(title: str, items: list[str], limit: int = 20) -> str:
     return f"{title} ({len(items)}): {', '.join(items[:limit])}{more}"
 
 
-def expected_variables(boxed: Any) -> dict[str, Any]:
-    """``{"params/a/b": ShapeDtypeStruct}`` of an abstract (possibly logically boxed) init."""
-    return {"/".join(k): v for k, v in flatten_dict(nn.unbox(boxed)).items()}
+def flat_variables(variables: Any) -> dict[str, Any]:
+    """``{"params/a/b": leaf}`` of (possibly logically boxed) variables: arrays, or the
+    ``ShapeDtypeStruct`` leaves of an abstract init (what a checkpoint is checked against)."""
+    return {"/".join(k): v for k, v in flatten_dict(nn.unbox(dict(variables))).items()}
 
 
 def checkpoint_problems(expected: dict[str, Any], converted: dict[str, Any],
@@ -54,7 +55,7 @@ def assemble_variables(expected: dict[str, Any], converted: dict[str, Any], wron
     flat = {k: jnp.asarray(converted[k], dtype=expected[k].dtype) for k in expected
             if k in converted and k not in wrong}
     if len(flat) < len(expected):
-        fresh = expected_variables(init_fresh())
+        fresh = flat_variables(init_fresh())
         flat.update({k: fresh[k] for k in expected if k not in flat})
     variables = unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     if mesh is not None:
@@ -92,7 +93,7 @@ def load_pretrained(
         raise NotImplementedError(f"{name}: no checkpoint converter is registered for this architecture")
     model = create_model(name, **overrides)
     boxed = init_abstract(model)
-    expected = expected_variables(boxed)
+    expected = flat_variables(boxed)
     sd = StateDict(read_checkpoint(path, checkpoint_key))
     try:
         converted = info.converter(sd, model, {k: v.shape for k, v in expected.items()})

@@ -17,8 +17,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from jaxformers.convert import hf_encoder
-from jaxformers.convert.common import StateDict
+from jaxformers.convert.common import StateDict, write_hf_directory
 from jaxformers.convert.hf_keys import Fused, Row, export_tensors, norm_rows
+from jaxformers.convert.pretrained import flat_variables
 from jaxformers.text import hf_config
 
 _BASES = ("", "bert.", "roberta.", "camembert.", "model.", "0.auto_model.")
@@ -74,10 +75,10 @@ def save_directory(module, variables: Any, path: str | os.PathLike, *, model_typ
         warnings.warn("head='embedding' is exported as the bare encoder (BertModel); pooling is applied outside "
                       "transformers (sentence-transformers' Pooling)", stacklevel=2)
     config = hf_config.config_from_bert(module, model_type=model_type, id2label=id2label)
-    return hf_encoder.write_directory(path, hf_tensors(module, variables), config, tokenizer)
+    return write_hf_directory(path, hf_tensors(module, variables), config, tokenizer)
 
 
 def hf_tensors(module, variables: Any) -> Iterator[tuple[str, np.ndarray]]:
     """``(HF key, tensor)`` of every variable of ``module``: the state dict ``save_directory`` writes."""
     rows, fused = key_table(module)
-    return export_tensors(hf_encoder.flat_variables(variables), rows, fused)
+    return export_tensors(flat_variables(variables), rows, fused)

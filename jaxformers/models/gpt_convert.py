@@ -12,20 +12,17 @@ buffers (``attn.bias``, ``attn.masked_bias``) are skipped.
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import warnings
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
-from flax.traverse_util import flatten_dict
 
-from jaxformers.convert.common import StateDict, heads_out, linear, read_checkpoint
+from jaxformers.convert.common import StateDict, heads_out, linear, read_checkpoint, write_hf_directory
 from jaxformers.convert.pretrained import (CheckpointMismatchError, assemble_variables, checkpoint_problems,
-                                           expected_variables)
+                                           flat_variables)
 from jaxformers.text import hf_config
 
 MODEL_TYPES = ("gpt2", "opt")
@@ -220,7 +217,7 @@ def load_directory(module, path: str | os.PathLike, *, strict: bool = True, seed
     sd = StateDict(read_checkpoint(weights))
     converted = convert_hf_causal_lm(sd, module)
     boxed = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, *module.example_inputs(1)))
-    expected = expected_variables(boxed)
+    expected = flat_variables(boxed)
     wrong, problems = checkpoint_problems(expected, converted, sd.unused())
     if problems and strict:
         raise CheckpointMismatchError(f"checkpoint {os.fspath(weights)} does not fit CausalLM(model_type="
@@ -237,7 +234,7 @@ def load_directory(module, path: str | os.PathLike, *, strict: bool = True, seed
 
 def export_tensors(module, variables: Any) -> dict[str, np.ndarray]:
     """Our variables as a HF state dict (float32, the LMHead / ForCausalLM key names)."""
-    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in flatten_dict(nn.unbox(dict(variables))).items()}
+    flat = {k: np.asarray(v, np.float32) for k, v in flat_variables(variables).items()}
     rows, qkv = key_table(module)
     out = {}
     for ours, hf, kind in rows:
@@ -267,11 +264,4 @@ def export_tensors(module, variables: Any) -> dict[str, np.ndarray]:
 def save_directory(module, variables: Any, path: str | os.PathLike) -> pathlib.Path:
     """Writes ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM``
     loads (``GPT2LMHeadModel`` / ``OPTForCausalLM``; a tied head is left to transformers to tie)."""
-    from safetensors.numpy import save_file
-
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(export_tensors(module, variables), os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config_from_module(module), indent=2, sort_keys=True) + "\n",
-                                      encoding="utf-8")
-    return path
+    return write_hf_directory(path, export_tensors(module, variables), config_from_module(module))

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from jaxformers.convert import hf_encoder
-from jaxformers.convert.common import StateDict
+from jaxformers.convert.common import StateDict, write_hf_directory
 from jaxformers.convert.hf_keys import Fused, Row, export_tensors, norm_rows
+from jaxformers.convert.pretrained import flat_variables
 from jaxformers.text.hf_config import ConfigError
 
 MODEL_TYPE = "longformer"
@@ -104,5 +105,5 @@ def save_directory(module, variables: Any, path: str | os.PathLike, *, id2label:
         raise ConfigError("a Longformer with item-position embeddings (Recformer) has no Hugging Face class; "
                           "save its variables with jaxformers' checkpointing instead")
     rows, fused = key_table(module)
-    return hf_encoder.write_directory(path, export_tensors(hf_encoder.flat_variables(variables), rows, fused),
-                                      config_from_module(module, id2label=id2label), tokenizer)
+    return write_hf_directory(path, export_tensors(flat_variables(variables), rows, fused),
+                              config_from_module(module, id2label=id2label), tokenizer)

@@ -6,17 +6,15 @@ writes the transformers layout. Nothing here imports ``mamba.py`` (the model fil
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
 from typing import Any, Iterator
 
-import flax.linen as nn
 import numpy as np
-from flax.traverse_util import flatten_dict
 
-from jaxformers.convert.common import StateDict
+from jaxformers.convert.common import StateDict, write_hf_directory
+from jaxformers.convert.pretrained import flat_variables
 
 # (ours, hf, kind): kind "copy" | "linear" (torch (out, in) -> (in, out)) | "in_proj" | "in_proj_bias" | "conv".
 Row = tuple[str, str, str]
@@ -177,21 +175,11 @@ def load_directory(module, path: str | os.PathLike, *, strict: bool = True, mesh
 
 
 def _export_tensors(module, variables: Any) -> Iterator[tuple[str, np.ndarray]]:
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(nn.unbox(dict(variables))).items()}
+    flat = flat_variables(variables)
     for ours, hf, kind in key_table(module):
         yield hf, to_hf(flat[ours], kind)
 
 
 def save_directory(module, variables: Any, path: str | os.PathLike, *, tokenizer: Any = None) -> pathlib.Path:
     """``config.json`` + ``model.safetensors`` (float32, transformers' key names)."""
-    from safetensors.numpy import save_file
-
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in _export_tensors(module, variables)}
-    save_file(tensors, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config_from_module(module), indent=2, sort_keys=True) + "\n",
-                                      encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path
+    return write_hf_directory(path, _export_tensors(module, variables), config_from_module(module), tokenizer)

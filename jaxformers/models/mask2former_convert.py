@@ -8,21 +8,18 @@ those first, so both load. Nothing here imports ``mask2former.py``: the model fi
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
 import warnings
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
-from flax.traverse_util import flatten_dict
 
-from jaxformers.convert.common import StateDict, read_checkpoint
+from jaxformers.convert.common import StateDict, read_checkpoint, write_hf_directory
 from jaxformers.convert.pretrained import (CheckpointMismatchError, assemble_variables, checkpoint_problems,
-                                           expected_variables)
+                                           flat_variables)
 
 Row = tuple[str, str | tuple[str, ...], str, int]  # (ours, hf key(s), kind, heads)
 
@@ -299,7 +296,7 @@ def load_directory(module, path: str | os.PathLike, *, strict: bool = True, mesh
     converted = convert_hf_mask2former(sd, module)
     inputs = example_inputs(module, 1)
     boxed = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, *inputs))
-    expected = expected_variables(boxed)
+    expected = flat_variables(boxed)
     wrong, problems = checkpoint_problems(expected, converted, sd.unused())
     if problems and strict:
         raise CheckpointMismatchError(f"checkpoint {os.fspath(weights)} does not fit the Mask2Former of its "
@@ -316,12 +313,8 @@ def save_directory(module, variables: Any, path: str | os.PathLike, *, id2label:
                    no_object_weight: float = 0.1) -> pathlib.Path:
     """Writes ``config.json`` + ``model.safetensors`` (float32, the key names transformers saves) that
     ``transformers.Mask2FormerForUniversalSegmentation.from_pretrained`` loads."""
-    from safetensors.numpy import save_file
-
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = config_from_module(module, id2label)
-    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in flatten_dict(nn.unbox(dict(variables))).items()}
+    flat = {k: np.asarray(v, np.float32) for k, v in flat_variables(variables).items()}
     tensors = _to_hf(key_table(module), flat)
     last = config["backbone_config"]["embed_dim"] * 2 ** 3
     tensors["model.pixel_level_module.encoder.swin.layernorm.weight"] = np.ones(last, np.float32)  # built, unused
@@ -329,7 +322,4 @@ def save_directory(module, variables: Any, path: str | os.PathLike, *, id2label:
     empty = np.ones(module.num_classes + 1, np.float32)
     empty[-1] = no_object_weight
     tensors["criterion.empty_weight"] = empty
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-              os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    return write_hf_directory(path, tensors, config)

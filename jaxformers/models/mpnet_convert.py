@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from jaxformers.convert import hf_encoder
-from jaxformers.convert.common import StateDict
+from jaxformers.convert.common import StateDict, write_hf_directory
 from jaxformers.convert.hf_keys import Fused, Row, export_tensors, norm_rows
+from jaxformers.convert.pretrained import flat_variables
 from jaxformers.text.hf_config import ConfigError
 
 MODEL_TYPE = "mpnet"
@@ -78,5 +79,4 @@ def save_directory(module, variables: Any, path: str | os.PathLike, *, id2label:
     if module.head in ("classification", "token_classification"):
         config.update(hf_encoder.label_config(module.num_labels, id2label))
     rows, fused = key_table(module)
-    return hf_encoder.write_directory(path, export_tensors(hf_encoder.flat_variables(variables), rows, fused), config,
-                                      tokenizer)
+    return write_hf_directory(path, export_tensors(flat_variables(variables), rows, fused), config, tokenizer)
