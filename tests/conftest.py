@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices for mesh tests, float32 matmuls at full precision, one JAX
+"""Test setup: 8 simulated CPU devices for mesh tests, XLA's fastest compilation, float32 matmuls at full precision, one JAX
 persistent compilation cache shared by every xdist worker (and the CLI subprocesses they start)
 within a run, and the test time per folder and of the slowest files at the end of the run (the CI budget: README,
 "Contributing")."""
@@ -6,7 +6,10 @@ import collections
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's cheapest CPU compilation for every program of the run, notebooks and CLI subprocesses included (the
+# options of tests.helpers.FAST_COMPILE as flags): the same numbers, and a tiny test model mostly compiles.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+                      " --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -26,9 +26,6 @@ def _install_cell(path: pathlib.Path) -> str:
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("SMOKE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    # XLA's cheapest compilation (as tests.helpers.fast_jit): a SMOKE run is mostly compiling tiny programs.
-    monkeypatch.setenv("XLA_FLAGS", (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                                     " --xla_llvm_disable_expensive_passes=true").strip())
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
