@@ -4,15 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch + torchvision that import together on a CPU-only machine (timm needs torchvision).
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?= -n 2 --durations=25
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
+# Every pip install runs with --no-compile: Python byte-compiles the modules actually imported, on first
+# import, instead of every file of torch, jax and transformers at install time (a minute of CPU less).
 
 .PHONY: setup demo test setup-latest test-latest setup-device-jax test-device-jax compile-h100 compile-tpu model-table clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[torch,data,dev]"
+	$(PY) -m pip install -q --no-compile --upgrade pip
+	$(PY) -m pip install -q --no-compile $(TORCH_PIN)
+	$(PY) -m pip install -q --no-compile -e ".[torch,data,dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -39,8 +41,8 @@ LATEST_TESTS ?= tests/kernels --ignore=tests/kernels/test_random_configs.py test
 $(VENV312)/.installed: pyproject.toml
 	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
 	$(PY312) -m venv $(VENV312)
-	$(VENV312)/bin/python -m pip install -q --upgrade pip
-	$(VENV312)/bin/python -m pip install -q --upgrade -e ".[dev]" jax flax optax orbax-checkpoint chex scikit-learn
+	$(VENV312)/bin/python -m pip install -q --no-compile --upgrade pip
+	$(VENV312)/bin/python -m pip install -q --no-compile --upgrade -e ".[dev]" jax flax optax orbax-checkpoint chex scikit-learn
 	touch $@
 setup-latest: $(VENV312)/.installed
 test-latest: setup-latest
@@ -56,8 +58,8 @@ VENV_DEVICE_JAX ?= .venv-device-jax
 $(VENV_DEVICE_JAX)/.installed: pyproject.toml
 	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
 	$(PY312) -m venv $(VENV_DEVICE_JAX)
-	$(VENV_DEVICE_JAX)/bin/python -m pip install -q --upgrade pip
-	$(VENV_DEVICE_JAX)/bin/python -m pip install -q --upgrade -e ".[dev]" jax==$(DEVICE_JAX) jaxlib==$(DEVICE_JAX) flax optax orbax-checkpoint chex
+	$(VENV_DEVICE_JAX)/bin/python -m pip install -q --no-compile --upgrade pip
+	$(VENV_DEVICE_JAX)/bin/python -m pip install -q --no-compile --upgrade -e ".[dev]" jax==$(DEVICE_JAX) jaxlib==$(DEVICE_JAX) flax optax orbax-checkpoint chex
 	touch $@
 setup-device-jax: $(VENV_DEVICE_JAX)/.installed
 test-device-jax: setup-device-jax
@@ -78,14 +80,14 @@ TPU_TARGET ?= v5e
 compile-h100:
 	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
 	test -x $(VENV_H100)/bin/python || $(PY312) -m venv $(VENV_H100)
-	$(VENV_H100)/bin/python -m pip install -q --upgrade pip
-	$(VENV_H100)/bin/python -m pip install -q -e . "jax[cuda13]==$(DEVICE_JAX)" jaxlib==$(DEVICE_JAX)
+	$(VENV_H100)/bin/python -m pip install -q --no-compile --upgrade pip
+	$(VENV_H100)/bin/python -m pip install -q --no-compile -e . "jax[cuda13]==$(DEVICE_JAX)" jaxlib==$(DEVICE_JAX)
 	$(VENV_H100)/bin/python benchmarks/compile_check.py --target h100
 compile-tpu:
 	@test -n "$(PY312)" || (echo "python3.12 not found" && exit 1)
 	test -x $(VENV_TPU)/bin/python || $(PY312) -m venv $(VENV_TPU)
-	$(VENV_TPU)/bin/python -m pip install -q --upgrade pip
-	$(VENV_TPU)/bin/python -m pip install -q -e . "jax[tpu]==$(DEVICE_JAX)" jaxlib==$(DEVICE_JAX)
+	$(VENV_TPU)/bin/python -m pip install -q --no-compile --upgrade pip
+	$(VENV_TPU)/bin/python -m pip install -q --no-compile -e . "jax[tpu]==$(DEVICE_JAX)" jaxlib==$(DEVICE_JAX)
 	$(VENV_TPU)/bin/python benchmarks/compile_check.py --target $(TPU_TARGET)
 
 model-table: setup

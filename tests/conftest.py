@@ -31,9 +31,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The notebooks (the longest tests, each a kernel of its own) first: xdist workers then finish
-    together instead of one running a notebook alone at the end."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_notebooks.py::test_notebook_runs") else 1)
+    """Files in the order an xdist run with ``--dist loadfile`` (the Makefile's: a file's module
+    fixtures are built once, not once per worker) should hand them out: the notebooks first (the
+    longest file), then the larger test files before the smaller, so that the workers finish together
+    instead of one running a long file alone at the end. A file's own tests keep their order."""
+    def cost(item):
+        path = item.path
+        return (not item.nodeid.startswith("tests/test_notebooks.py"), -path.stat().st_size, str(path))
+
+    items.sort(key=cost)
 
 
 def pytest_terminal_summary(terminalreporter):
