@@ -40,7 +40,8 @@ official ``supernet_config/sr_tiny_mh.py`` for the supernet ``SUPERNET_DEFS["sr_
 :func:`count_macs` counts its multiply-accumulates, and :func:`evolutionary_search` runs the
 official search loop (random initial population, mutation, crossover, top-k parents, a MAC
 budget) over any scoring function, e.g. the supernet's held-out accuracy with inherited weights
-(``train/configs/vit_resnas_search.py`` runs the whole pipeline at digit scale).
+(``python -m train.vit_resnas_search --config train/configs/vit_resnas_search.py`` runs the whole pipeline
+at digit scale).
 
 Dense-feature contract: ``forward_features`` gives the patch tokens at the end of each stage as
 maps ``{14: stage 1, 28: stage 2, 56: stage 3 after the final norm}`` (16x16, 8x8, 4x4 at 224 px).
@@ -48,7 +49,8 @@ maps ``{14: stage 1, 28: stage 2, 56: stage 3 after the final norm}`` (16x16, 8x
 Deviations: images are NHWC. MaskedLayerNorm's gradient comes from autodiff of its forward
 formula (the official writes a custom backward for the same function). The official rewiring of
 channels by magnitude during supernet warm-up (``Block.rewiring``) and progressive widening are
-left to the caller (``sample_subnets(num_choices=...)`` restricts draws to the widest choices).
+left to the caller (``sample_choices=k`` / ``sample_subnets(num_choices=k)`` restrict draws to the widest k
+choices of each layer, for the official warm-up).
 The official code builds with ``.cuda()`` in ``SpatialReductionPatchEmbedding``; ours runs anywhere.
 """
 from __future__ import annotations
@@ -302,6 +304,7 @@ class ViTResNAS(FeatureBackbone):
     drop_path_rate: float = 0.0
     search_space: str | None = None
     example_per_arch: int = 1
+    sample_choices: int | None = None
     attention_impl: AttentionImpl = "xla"
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -345,7 +348,8 @@ class ViTResNAS(FeatureBackbone):
             if parse_network_def(space.supernet)[:-1] != net[:-1]:
                 raise ValueError(f"search_space {self.search_space!r} belongs to the supernet {space.supernet[:60]}..., "
                                  "not this network_def")
-            subnet = sample_subnets(self.make_rng("dropout"), space, x.shape[0], self.example_per_arch)
+            subnet = sample_subnets(self.make_rng("dropout"), space, x.shape[0], self.example_per_arch,
+                                    num_choices=self.sample_choices)
         if subnet is not None:
             self._check_subnet(subnet, x.shape[0])
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
