@@ -48,7 +48,7 @@ Y_WEIGHTS = (65.481, 128.553, 24.966)  # R, G, B (BasicSR's bgr2ycbcr reversed t
 # Data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_photo(name: str) -> np.ndarray:
     """A scikit-image sample photograph at full resolution as uint8 (H, W, 3) (grey ones repeated)."""
     try:
@@ -158,7 +158,7 @@ def psnr_y(img: Any, ref: Any, crop_border: int) -> Any:
         return xp.where(mse == 0, xp.inf, 10.0 * xp.log10(255.0 ** 2 / xp.maximum(mse, 1e-30)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gaussian(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     """cv2.getGaussianKernel(size, sigma): a normalised 1-D Gaussian (float64)."""
     t = np.arange(size) - (size - 1) / 2

@@ -18,7 +18,13 @@ from jaxformers.convert.common import StateDict
 from jaxformers.convert.pretrained import flat_variables
 from jaxformers.models.drct import convert_official_drct
 from jaxformers.registry import init_abstract
-from tests.helpers import assert_sharded_forward_matches, fast_jit, load_official, numpy_variables, train_classifier
+from tests.helpers import (
+    assert_sharded_forward_matches,
+    fast_jit,
+    load_official,
+    numpy_variables,
+    train_classifier,
+)
 
 # Counts run from the official DRCT_arch.py with the configs of options/train/*.yml.
 OFFICIAL_PARAMS = {"drct_x2": 13_991_867, "drct_x3": 14_176_507, "drct_x4": 14_139_579, "drct_l_x4": 27_580_719}

@@ -10,8 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.super_resolution import (TEST_PHOTOS, TRAIN_PHOTOS, SuperResolutionTask, bicubic_downsample,
-                                    bicubic_upsample, load_photo, psnr_y, quantize, sr_pairs, ssim_y)
+from train.super_resolution import (
+    TEST_PHOTOS,
+    TRAIN_PHOTOS,
+    SuperResolutionTask,
+    bicubic_downsample,
+    bicubic_upsample,
+    load_photo,
+    psnr_y,
+    quantize,
+    sr_pairs,
+    ssim_y,
+)
 
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
@@ -81,7 +91,7 @@ def test_metrics_match_scikit_image_float64():
             assert float(psnr_y(a, b, crop)) == pytest.approx(want_psnr, abs=1e-9)
             assert float(ssim_y(a, b, crop)) == pytest.approx(want_ssim, abs=1e-9)
             if crop:
-                got = jax.jit(lambda a, b: (psnr_y(a, b, crop), ssim_y(a, b, crop)))(jnp.asarray(a), jnp.asarray(b))
+                got = jax.jit(lambda a, b, c=crop: (psnr_y(a, b, c), ssim_y(a, b, c)))(jnp.asarray(a), jnp.asarray(b))
                 assert float(got[0]) == pytest.approx(want_psnr, abs=2e-4)
                 assert float(got[1]) == pytest.approx(want_ssim, abs=1e-4)
 
