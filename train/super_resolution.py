@@ -9,8 +9,8 @@ from; PIL and MATLAB may differ slightly at the borders), stored as uint8 like t
 served as float32 in [0, 1].
 
 Metrics (``psnr_y`` / ``ssim_y``): BasicSR's ``calculate_psnr`` / ``calculate_ssim`` with
-``test_y_channel=True`` and ``crop_border=scale`` (``basicsr/metrics/psnr_ssim.py``), the protocol of
-DRCT ("DRCT: Saving Image Super-resolution away from Information Bottleneck", arXiv 2404.00722),
+``test_y_channel=True`` and ``crop_border=scale`` (``basicsr/metrics/psnr_ssim.py``; the official DRCT
+test configs ``options/test/DRCT_SRx{2,3,4}.yml``), the protocol of DRCT ("DRCT: Saving Image Super-resolution away from Information Bottleneck", arXiv 2404.00722),
 SwinIR, HAT and most SR papers: images in [0, 255] (outputs quantised to uint8 as BasicSR's
 ``tensor2img`` does, ``quantize``), ``crop_border`` pixels cut from every side, the ITU-R BT.601 luma
 Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255, PSNR = 10 log10(255^2 / MSE) per image, and SSIM

@@ -4,7 +4,9 @@ Paper: "DRCT: Saving Image Super-resolution away from Information Bottleneck", H
 CVPR 2024 workshops (NTIRE), arXiv 2404.00722. Official code: ming053l/DRCT (MIT),
 ``drct/archs/DRCT_arch.py`` (the network), ``drct/models/drct_model.py`` (reflect padding at test
 time) and ``options/train/train_DRCT*_SRx*.yml`` (the configs registered here). Parameter names
-follow the official state dict, so its checkpoints convert key for key (``convert_official_drct``).
+follow the official state dict, so its checkpoints convert key for key (``convert_official_drct``);
+the released ``.pth`` files (BasicSR) hold the weights under ``params`` (or ``params_ema``):
+``jaxformers.load_pretrained("drct_x4", "DRCT_SRx4.pth", checkpoint_key="params")``.
 
 Architecture (as ``DRCT_arch.py`` builds it):
 
