@@ -82,20 +82,20 @@ def test_official_state_dict_converts_key_for_key():
 
 
 def test_matches_official_pytorch(tmp_path, upscale=4):
-    """A tiny official DRCT (two RDGs; heads 3/1/2/3/1) on random weights, converted through
+    """A tiny official DRCT (one RDG; heads 3/1/2/3/1) on random weights, converted through
     ``load_pretrained``; the input (20x36) is not a multiple of the window, so the official network
     runs on the reflect-padded image (as ``DRCTModel.test``) and is cropped back."""
     torch, official = _official_module()
     torch.manual_seed(0)
     ref = official.DRCT(upscale=upscale, in_chans=3, img_size=32, window_size=8, compress_ratio=3, squeeze_factor=30,
-                        conv_scale=0.01, overlap_ratio=0.5, img_range=1.0, depths=[1, 1], embed_dim=24,
-                        num_heads=[3, 3], mlp_ratio=2, upsampler="pixelshuffle", resi_connection="1conv", gc=8).eval()
+                        conv_scale=0.01, overlap_ratio=0.5, img_range=1.0, depths=[1], embed_dim=24,
+                        num_heads=[3], mlp_ratio=2, upsampler="pixelshuffle", resi_connection="1conv", gc=8).eval()
     with torch.no_grad():
         for t in ref.state_dict().values():
             if t.dtype.is_floating_point:
                 t.add_(0.05 * torch.randn_like(t))
     torch.save(ref.state_dict(), tmp_path / "drct.pth")
-    overrides = dict(TINY, upscale=upscale, depths=(1, 1), num_heads=(3, 3))
+    overrides = dict(TINY, upscale=upscale)
     variables = jf.load_pretrained("drct_x4", tmp_path / "drct.pth", **overrides)
     model = jf.create_model("drct_x4", **overrides)
     x = np.random.default_rng(1).uniform(0, 1, (2, 20, 36, 3)).astype(np.float32)
