@@ -46,7 +46,16 @@ def main() -> None:
     import optax
 
     import jaxformers as jf
-    from train.super_resolution import TEST_PHOTOS, TRAIN_PHOTOS, bicubic_upsample, l1_loss, psnr_y, quantize, sr_pairs, ssim_y
+    from train.super_resolution import (
+        TEST_PHOTOS,
+        TRAIN_PHOTOS,
+        bicubic_upsample,
+        l1_loss,
+        psnr_y,
+        quantize,
+        sr_pairs,
+        ssim_y,
+    )
 
     lr_size = args.hr_size // args.scale
     model = jf.create_model(f"drct_x{args.scale}", embed_dim=args.embed, gc=args.gc, depths=(1,) * args.rdgs,
@@ -64,7 +73,7 @@ def main() -> None:
         return optax.apply_updates(params, updates), opt_state, loss
 
     predict = jax.jit(lambda p, lr: model.apply({"params": p}, lr))
-    batch = lambda i: sr_pairs(TRAIN_PHOTOS, n=args.batch, hr_size=args.hr_size, scale=args.scale,  # noqa: E731
+    batch = lambda i: sr_pairs(TRAIN_PHOTOS, n=args.batch, hr_size=args.hr_size, scale=args.scale,
                                seed=args.seed * 1_000_003 + i)
     t0 = time.perf_counter()
     params, opt_state, loss = step(params, opt_state, *batch(0))
