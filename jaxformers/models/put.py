@@ -16,6 +16,9 @@ the three data sets):
   masked pixel can only change the token of its own patch), each flattened (channel-major, as
   ``F.unfold``) -> Linear 192->256 -> 8 residual MLP blocks (ReLU, Linear 256->128, ReLU, Linear
   128->256) -> ReLU, Linear 256->256, ReLU; then ``quant_conv`` (1x1). 256x256 -> 32x32 tokens.
+  The official residual blocks (MLP and conv) start with ``nn.ReLU(inplace=True)``, which overwrites
+  the tensor the residual then adds: they compute relu(x) + f(relu(x)), not x + f(relu(x)). We do
+  the same (the released weights were trained so; the features and tokens then equal the official).
 - **Dual codebook** (``VectorQuantizer``, 1024 x 256, EMA updates with decay 0.99, eps 1e-5,
   euclidean nearest neighbour): tokens whose 8x8 patch is fully visible draw from codes [0, 512),
   masked or partially masked ones from [512, 1024). The codebook is not trained by gradients: it
@@ -35,10 +38,13 @@ tokens) go through bidirectional pre-norm blocks (MLP x4 with GELU2 = x * sigmoi
 final LayerNorm and a classifier over the 512 visible-patch codes. Training (``transformer_inputs``):
 visible tokens are replaced by their quantized vectors with probability ``random_quantize`` (0.3),
 the targets are the codes of the unmasked image, and the cross-entropy counts masked tokens only.
-Inference (:func:`inpaint`): the official ``sample_largest``: repeatedly the still-masked tokens
-with the most confident prediction are sampled (from the top-k codes, temperature), their
-features replaced by the embedded code, until none is left; the P-VQVAE decoder then renders the
-codes guided by the visible pixels. Different keys give different completions (pluralistic).
+Inference (:func:`inpaint`): the official ``sample_largest``: repeatedly the ``tokens_per_step``
+(official ``num_token_per_iter``, default 1) still-masked tokens with the most confident prediction
+are sampled from their top-k codes (official ``filter_ratio`` as a count) with probabilities
+``softmax(logits * temperature)`` (the official multiplies by its "temperature"), their features
+replaced by the embedded code plus position, until none is left; the P-VQVAE decoder then renders
+the codes guided by the visible pixels. Different keys give different completions (pluralistic);
+``top_k=1`` is the deterministic greedy completion.
 
 Masks follow the official convention: ``mask`` (B, H, W) is 1 (True) on **visible** pixels and 0 on
 the holes; masked pixels of the reference image are set to -1 (black).
@@ -46,11 +52,14 @@ the holes; masked pixels of the reference image are set to -1 (black).
 Deviations: images are NHWC. The official P-VQVAE is trained with EdgeConnect's adversarial,
 perceptual and style losses after 5k steps; ``pvqvae_loss`` keeps the reconstruction (L1) and
 commitment terms (no discriminator: a deliberate simplification for the offline task in
-``train/inpainting.py``). The official code runs the transformer once per sampled token; ``inpaint``
-can sample several tokens per pass (``tokens_per_step``), 1 is the official procedure.
+``train/inpainting.py``). ``inpaint`` runs the transformer over the whole batch every pass (the
+official skips finished images; the result is the same) and composites the visible input pixels
+into its output (the official returns the decoder's pixels everywhere: its ``combine_rec_and_gt``
+is off, and the decoder already copies the visible pixels' features at full resolution).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -467,9 +476,11 @@ def inpaint(pvqvae: PVQVAE, pvqvae_variables: Any, transformer: UQTransformer, t
             temperature: float = 1.0, tokens_per_step: int = 1, num_steps: int | None = None) -> jax.Array:
     """Pluralistic completions (num_samples, B, H, W, 3) of ``image`` (B, H, W, 3) in [-1, 1] with holes where
     ``mask`` (B, H, W) is 0: the official ``sample_largest`` (each pass samples the ``tokens_per_step``
-    still-masked tokens whose best logit is largest, from the ``top_k`` codes at ``temperature``), then the
-    guided decoder; visible pixels are taken from the input. ``num_steps`` (default: enough for every masked
-    token of the batch) bounds the passes; jit-compatible with it given."""
+    still-masked tokens whose best logit is largest, from the ``top_k`` codes, with probabilities
+    ``softmax(logits * temperature)`` as the official code scales them: a larger ``temperature`` is greedier;
+    ``top_k=1`` is greedy), then the guided decoder; visible pixels are taken from the input. ``num_steps``
+    (default: enough for every masked token of the batch) bounds the passes. One compiled program per
+    configuration (models, sizes and the integer options)."""
     _check_image_and_mask(image, mask, pvqvae.patch, "inpaint")
     b = image.shape[0]
     types = token_types(mask, pvqvae.patch).reshape(b, -1)
@@ -483,12 +494,25 @@ def inpaint(pvqvae: PVQVAE, pvqvae_variables: Any, transformer: UQTransformer, t
         except jax.errors.ConcretizationTypeError:
             masked = length
         num_steps = math.ceil(masked / tokens_per_step)
+    return _sample_largest(pvqvae, pvqvae_variables, transformer, transformer_variables, image, mask, rng,
+                           jnp.float32(temperature), num_samples=num_samples, top_k=min(top_k, transformer.num_token),
+                           tokens_per_step=tokens_per_step, num_steps=num_steps)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("num_samples", "top_k", "tokens_per_step",
+                                                                     "num_steps"))
+def _sample_largest(pvqvae, pvqvae_variables, transformer, transformer_variables, image, mask, rng, temperature, *,
+                    num_samples, top_k, tokens_per_step, num_steps):
+    b = image.shape[0]
+    types = token_types(mask, pvqvae.patch).reshape(b, -1)
+    length = types.shape[1]
     feats = pvqvae.apply(pvqvae_variables, image, mask, method="encode")
     start = pvqvae.apply(pvqvae_variables, image, mask, method="tokens").reshape(b, -1)
     emb0 = transformer.apply(transformer_variables, feats.reshape(b, length, -1), method="embed")
     codebook = pvqvae.apply(pvqvae_variables, jnp.arange(transformer.num_token), method="embed_tokens")
     code_emb = transformer.apply(transformer_variables, codebook, method=lambda m, c: m.emb_proj(c))
     pos = transformer_variables["params"]["pos_emb"][0]
+    rows = jnp.arange(b)[:, None]
 
     def one(key):
         def step(i, carry):
@@ -496,13 +520,12 @@ def inpaint(pvqvae: PVQVAE, pvqvae_variables: Any, transformer: UQTransformer, t
             key, k_sample = jax.random.split(key)
             logits = transformer.apply(transformer_variables, emb, method="logits").astype(jnp.float32)
             best = jnp.where(known, -jnp.inf, logits.max(-1))
-            order = jnp.argsort(-best, axis=1)[:, :tokens_per_step]  # (B, n) most confident masked tokens
+            order = jax.lax.top_k(best, tokens_per_step)[1]  # (B, n) the most confident still-masked tokens
             pick = jnp.take_along_axis(logits, order[..., None], 1)  # (B, n, K)
-            kth = jax.lax.top_k(pick, min(top_k, pick.shape[-1]))[0][..., -1:]
+            kth = jax.lax.top_k(pick, top_k)[0][..., -1:]
             pick = jnp.where(pick < kth, -jnp.inf, pick)
             sample = jax.random.categorical(k_sample, pick * temperature, axis=-1)  # (B, n)
-            fill = ~jnp.take_along_axis(known, order, 1)
-            rows = jnp.arange(b)[:, None]
+            fill = ~jnp.take_along_axis(known, order, 1)  # (already known when fewer masked tokens are left)
             toks = toks.at[rows, order].set(jnp.where(fill, sample, toks[rows, order]))
             new = code_emb[sample] + pos[order]
             emb = emb.at[rows, order].set(jnp.where(fill[..., None], new, emb[rows, order]))
