@@ -158,29 +158,31 @@ def train_transformer(pvqvae: PVQVAE, pvqvae_variables: Any, model: UQTransforme
     return Trained({"params": params}, losses)
 
 
-def hole_psnr(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
-    """PSNR (dB, images in [-1, 1] -> [0, 1]) over the hole pixels of each example (B,)."""
-    hole = (1.0 - mask)[..., None]
-    mse = jnp.sum(jnp.square((pred - target) / 2.0) * hole, axis=(1, 2, 3)) / (3 * jnp.sum(hole, axis=(1, 2, 3)) + 1e-8)
-    return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+def hole_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """PSNR (dB; images in [-1, 1], i.e. a peak-to-peak range of 2) over the hole pixels (``mask`` 0) of each
+    example (B,)."""
+    hole = (1.0 - np.asarray(mask, np.float64))[..., None]
+    err = np.square((np.asarray(pred, np.float64) - np.asarray(target, np.float64)) / 2.0) * hole
+    mse = err.sum(axis=(1, 2, 3)) / (3 * hole.sum(axis=(1, 2, 3)) + 1e-12)
+    return -10.0 * np.log10(np.maximum(mse, 1e-10))
 
 
-def mean_fill(image: jax.Array, mask: jax.Array) -> jax.Array:
+def mean_fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The baseline: holes filled with the mean visible colour of each image."""
-    m = mask[..., None]
-    mean = jnp.sum(image * m, axis=(1, 2), keepdims=True) / (jnp.sum(m, axis=(1, 2), keepdims=True) + 1e-8)
+    m = np.asarray(mask, np.float64)[..., None]
+    mean = (image * m).sum(axis=(1, 2), keepdims=True) / (m.sum(axis=(1, 2), keepdims=True) + 1e-12)
     return image * m + mean * (1 - m)
 
 
 def evaluate_inpainting(pvqvae: PVQVAE, pvqvae_variables: Any, model: UQTransformer, variables: Any,
                         images: np.ndarray, mask: np.ndarray, *, num_samples: int = 2, seed: int = 0,
-                        top_k: int = 50, tokens_per_step: int = 4) -> dict[str, float]:
+                        **sampling: Any) -> dict[str, float]:
     """Hole PSNR of PUT's completions (mean over samples) and of the mean-fill baseline, and the spread
-    between completions (mean absolute difference on the holes: pluralism)."""
-    out = inpaint(pvqvae, pvqvae_variables, model, variables, jnp.asarray(images), jnp.asarray(mask),
-                  jax.random.key(seed), num_samples=num_samples, top_k=top_k, tokens_per_step=tokens_per_step)
-    psnr = float(jnp.mean(jnp.stack([hole_psnr(o, images, mask) for o in out])))
-    base = float(jnp.mean(hole_psnr(mean_fill(jnp.asarray(images), jnp.asarray(mask)), images, mask)))
-    hole = (1.0 - mask)[..., None]
-    spread = float(jnp.sum(jnp.abs(out[0] - out[-1]) * hole) / (3 * jnp.sum(hole) + 1e-8)) if num_samples > 1 else 0.0
-    return {"psnr_holes": psnr, "psnr_holes_mean_fill": base, "completion_spread": spread}
+    between the first and last completion (mean absolute difference on the holes: pluralism). ``sampling``:
+    ``inpaint``'s options (``top_k``, ``temperature``, ``tokens_per_step``)."""
+    out = np.asarray(inpaint(pvqvae, pvqvae_variables, model, variables, jnp.asarray(images), jnp.asarray(mask),
+                             jax.random.key(seed), num_samples=num_samples, **sampling))
+    hole = (1.0 - np.asarray(mask))[..., None]
+    return {"psnr_holes": float(np.mean([hole_psnr(o, images, mask) for o in out])),
+            "psnr_holes_mean_fill": float(np.mean(hole_psnr(mean_fill(images, mask), images, mask))),
+            "completion_spread": float(np.sum(np.abs(out[0] - out[-1]) * hole) / (3 * np.sum(hole)))}

@@ -257,6 +257,21 @@ def test_two_stage_training_and_pluralistic_inpainting(tiny):
     keep = np.asarray(mask, bool)
     np.testing.assert_array_equal(np.asarray(out)[:, keep], np.broadcast_to(np.asarray(x)[keep], (3, keep.sum(), 3)))
     assert np.abs(np.asarray(out[0] - out[1]))[~keep].mean() > 1e-3  # pluralistic: the samples differ
+    scores = inpainting.evaluate_inpainting(model, stage1.variables, t, stage2.variables, images[:2], m[:2],
+                                            num_samples=3, top_k=8, temperature=0.2, tokens_per_step=2)
+    assert np.isfinite(scores["psnr_holes"]) and scores["completion_spread"] > 1e-3, scores
+
+
+def test_hole_metrics_worked_example():
+    target = np.zeros((1, 2, 2, 3))
+    mask = np.array([[[1.0, 1.0], [1.0, 0.0]]])  # one hole pixel
+    pred = target.copy()
+    pred[0, 1, 1] = 0.2  # error 0.1 of the [0, 1] range: MSE 0.01 -> 20 dB; visible errors do not count
+    pred[0, 0, 0] = 5.0
+    np.testing.assert_allclose(inpainting.hole_psnr(pred, target, mask), [20.0])
+    image = np.array([[[[1.0] * 3, [0.0] * 3], [[-1.0] * 3, [9.0] * 3]]])
+    np.testing.assert_allclose(inpainting.mean_fill(image, mask)[0, 1, 1], [0.0] * 3)  # mean of 1, 0, -1
+    np.testing.assert_allclose(inpainting.mean_fill(image, mask)[0, 0], image[0, 0])
 
 
 def test_sharding_and_errors(tiny):
