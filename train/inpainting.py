@@ -64,16 +64,20 @@ def faces(n: int = 200, size: int = 32) -> np.ndarray:
 
 def free_form_mask(rng: np.random.Generator, h: int, w: int, *, max_vertex: int = 10, min_vertex: int = 5,
                    max_length: float | None = None, brush: tuple[float, float] | None = None,
-                   max_parts: int = 3) -> np.ndarray:
-    """(h, w) float32 visible-pixel mask (1 visible, 0 hole) of 1-``max_parts`` random stroke walks: per
-    vertex a random angle (mirrored on even steps), a length up to ``max_length`` (default 100 px at 256,
-    scaled) and a brush width in ``brush`` (default 10-30 px at 256, scaled) drawn as a thick segment."""
+                   hole_ratio: tuple[float, float] | None = (0.0, 0.5), max_parts: int = 3) -> np.ndarray:
+    """(h, w) float32 visible-pixel mask (1 visible, 0 hole) of random stroke walks (official
+    ``generate_stroke_mask`` / ``np_free_form_mask`` with the PUT training parameters): per walk 5-10
+    vertices, each a random angle (mirrored on even steps), a length up to ``max_length`` (default 100 px at
+    256, scaled to the image) and a brush width in ``brush`` (default 10-30 px at 256, scaled), drawn as a
+    thick segment. Walks are added until the hole covers a fraction drawn uniformly from ``hole_ratio``
+    (official ``keep_ratio`` [0, 0.5]; None: 1 to ``max_parts`` walks)."""
     scale = min(h, w) / 256.0
     max_length = 100 * scale if max_length is None else max_length
     lo, hi = (10 * scale, 30 * scale) if brush is None else brush
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     hole = np.zeros((h, w), bool)
-    for _ in range(rng.integers(1, max_parts + 1)):
+
+    def walk():
         y, x = rng.uniform(0, h), rng.uniform(0, w)
         for i in range(rng.integers(min_vertex, max_vertex + 1)):
             angle = rng.uniform(0, 2 * np.pi)
@@ -84,12 +88,23 @@ def free_form_mask(rng: np.random.Generator, h: int, w: int, *, max_vertex: int 
             nx = float(np.clip(x + length * np.sin(angle), 0, w - 1))
             dy, dx = ny - y, nx - x
             t = np.clip(((yy - y) * dy + (xx - x) * dx) / max(dy * dy + dx * dx, 1e-6), 0, 1)
-            hole |= (yy - (y + t * dy)) ** 2 + (xx - (x + t * dx)) ** 2 <= radius ** 2
+            hole[...] |= (yy - (y + t * dy)) ** 2 + (xx - (x + t * dx)) ** 2 <= radius ** 2
             y, x = ny, nx
+
+    if hole_ratio is None:
+        for _ in range(rng.integers(1, max_parts + 1)):
+            walk()
+    else:
+        target = rng.uniform(*hole_ratio)
+        for _ in range(1000):  # (a bound: a walk always adds pixels unless the image is all hole)
+            if hole.mean() >= target:
+                break
+            walk()
     return (~hole).astype(np.float32)
 
 
 def masks(n: int, size: int, seed: int = 0, **kw: Any) -> np.ndarray:
+    """``n`` free-form masks (n, size, size) (see :func:`free_form_mask`; ``kw`` its options)."""
     rng = np.random.default_rng(seed)
     return np.stack([free_form_mask(rng, size, size, **kw) for _ in range(n)])
 
