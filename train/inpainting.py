@@ -1,19 +1,22 @@
 """Image inpainting with PUT (``jaxformers.models.put``) on offline photographs with generated free-form masks.
 
 The data: random crops of scikit-image's photographs (:func:`photo_crops`, through ``train/seg_data.py``
-``photo``) or its LFW faces (:func:`faces`), in [-1, 1],
-and free-form stroke masks drawn like the official PUT data pipeline (liuqk3/PUT
-``image_synthesis/data/utils/util.py`` ``np_free_form_mask``: a random walk of 5-10 vertices with strokes
-of random length and brush width), scaled to the image size (the official parameters are for 256 px:
-``max_length`` 100, brushes 10-30 px). ``mask`` is 1 on visible pixels, 0 in the holes.
+``photo``) or its LFW faces (:func:`faces`), in [-1, 1], and free-form stroke masks drawn like the
+official PUT data pipeline (liuqk3/PUT ``image_synthesis/data/utils/util.py`` ``generate_stroke_mask``:
+random walks of 5-10 vertices with strokes of random length and brush width until the hole reaches a
+random fraction up to 0.5), scaled to the image size (the official parameters are for 256 px:
+``maxLength`` 100, brushes 10-30 px). The official pipeline also draws 70% of its masks from a
+downloaded irregular-mask data set; offline we draw strokes only. ``mask`` is 1 on visible pixels, 0 in
+the holes.
 
-The two stages, as PUT trains them: :func:`train_pvqvae` (reconstruction + commitment, EMA codebook;
-as the official data pipeline, with probability 0.2 an image is erased by a second mask, its touched
-tokens drawing from the masked half of the dual codebook, and with probability 0.3 the decoder's guiding
-mask is empty, so it must render from the codes alone) and :func:`train_transformer` (the frozen P-VQVAE's features, random
-quantization of visible tokens, cross-entropy on masked tokens). :func:`evaluate_inpainting` scores
-completions on the holes (PSNR on the masked pixels, as L1 / PSNR are reported per mask ratio)
-against the baseline that fills holes with the mean visible colour.
+The two stages, as PUT trains them: :func:`train_pvqvae` (reconstruction + commitment, EMA codebook; as
+the official data pipeline, with probability 0.2 an image is erased by a second mask, its touched tokens
+drawing from the masked half of the dual codebook, and with probability 0.3 the decoder's guiding mask is
+empty, so it must render from the codes alone) and :func:`train_transformer` (the frozen P-VQVAE's
+features, random quantization of visible tokens, cross-entropy on masked tokens).
+:func:`evaluate_inpainting` scores completions on the holes (PSNR on the hole pixels) against the
+baseline that fills holes with the mean visible colour. ``python -m train.inpainting`` runs both stages
+at a small scale (:func:`run`).
 
 This module is self-contained (functions over arrays and jitted steps) rather than a ``train.tasks`` task:
 the second stage needs a frozen first-stage model inside the loss, which the single-model trainer does
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +205,49 @@ def evaluate_inpainting(pvqvae: PVQVAE, pvqvae_variables: Any, model: UQTransfor
     return {"psnr_holes": float(np.mean([hole_psnr(o, images, mask) for o in out])),
             "psnr_holes_mean_fill": float(np.mean(hole_psnr(mean_fill(images, mask), images, mask))),
             "completion_spread": float(np.sum(np.abs(out[0] - out[-1]) * hole) / (3 * np.sum(hole)))}
+
+
+
+def run(*, size: int = 32, train_images: int = 256, test_images: int = 16, pvqvae_steps: int = 200,
+        transformer_steps: int = 200, batch: int = 16, width: int = 64, codes: int = 128, layers: int = 2,
+        seed: int = 0, log=print) -> dict[str, float]:
+    """Both stages at a small scale (a P-VQVAE of ``width`` channels with a dual codebook of ``codes``, a
+    ``layers``-deep UQ-Transformer) on ``size``-px photograph crops; completions of held-out crops (another
+    seed) under fixed masks scored against the mean-fill baseline. Returns the final losses and scores."""
+    import jaxformers as jf
+
+    images = photo_crops(train_images + test_images, size, seed=seed)
+    train, test = images[:train_images], images[train_images:]
+    pvqvae = jf.create_model("put_pvqvae", img_size=size, res_ch=width, e_dim=width, n_e=codes,
+                             masked_embed_start=codes // 2, num_res_block=2, decoder_base_ch=max(width // 4, 8))
+    x0, m0 = jnp.zeros((1, size, size, 3)), jnp.ones((1, size, size))
+    pv = nn.unbox(jax.jit(pvqvae.init)(jax.random.key(seed), x0, m0))
+    stage1 = train_pvqvae(pvqvae, pv, train, steps=pvqvae_steps, batch=batch, lr=1e-3, seed=seed)
+    log(f"P-VQVAE: loss {np.mean(stage1.losses[:10]):.4f} (first 10 steps) -> {np.mean(stage1.losses[-10:]):.4f} "
+        f"(last 10)")
+    tokens = (size // pvqvae.patch) ** 2
+    transformer = jf.create_model("put_transformer_ffhq", num_layers=layers, embed_dim=2 * width, num_heads=4,
+                                  seq_len=tokens, e_dim=width, num_token=codes // 2)
+    tv = nn.unbox(jax.jit(transformer.init)(jax.random.key(seed + 1), jnp.zeros((1, tokens, width))))
+    stage2 = train_transformer(pvqvae, stage1.variables, transformer, tv, train, steps=transformer_steps,
+                               batch=batch, lr=1e-3, seed=seed)
+    log(f"UQ-Transformer: masked-token cross-entropy {np.mean(stage2.losses[:10]):.4f} -> "
+        f"{np.mean(stage2.losses[-10:]):.4f} (uniform over the codes: {np.log(codes // 2):.4f})")
+    mask = masks(len(test), size, seed=seed + 12345, hole_ratio=(0.1, 0.5))
+    scores = evaluate_inpainting(pvqvae, stage1.variables, transformer, stage2.variables, test, mask,
+                                 num_samples=4, seed=seed, top_k=8, tokens_per_step=1)
+    log(", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return {"pvqvae_loss": float(np.mean(stage1.losses[-10:])),
+            "transformer_loss": float(np.mean(stage2.losses[-10:])), **scores}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m train.inpainting", description=__doc__.split("\n\n")[0])
+    for name, default in (("size", 32), ("train-images", 256), ("pvqvae-steps", 200), ("transformer-steps", 200),
+                          ("batch", 16), ("width", 64), ("codes", 128), ("layers", 2), ("seed", 0)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+    a = ap.parse_args()
+    run(size=a.size, train_images=a.train_images, pvqvae_steps=a.pvqvae_steps, transformer_steps=a.transformer_steps,
+        batch=a.batch, width=a.width, codes=a.codes, layers=a.layers, seed=a.seed)

@@ -74,7 +74,8 @@ from jaxformers.layers.linear import logical
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
-TORCH_CONV = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # torch's default (a = sqrt(5))
+# torch's Conv2d / Linear default (kaiming uniform, a = sqrt(5))
+TORCH_CONV = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def gelu2(x: jax.Array) -> jax.Array:
@@ -119,8 +120,9 @@ class LinearResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.relu(x)
-        y = Dense(self.hidden, axes=("embed", "mlp"), param_dtype=self.param_dtype, name="fc1")(x)
-        return x + Dense(x.shape[-1], axes=("mlp", "embed"), param_dtype=self.param_dtype, name="fc2")(nn.relu(y))
+        kw = dict(param_dtype=self.param_dtype, kernel_init=TORCH_CONV)
+        y = Dense(self.hidden, axes=("embed", "mlp"), name="fc1", **kw)(x)
+        return x + Dense(x.shape[-1], axes=("mlp", "embed"), name="fc2", **kw)(nn.relu(y))
 
 
 class ConvResBlock(nn.Module):
@@ -162,10 +164,11 @@ class PatchEncoder(nn.Module):
         p = self.patch
         # channel-major patch vectors, as torch's F.unfold: index = c * p * p + row * p + col
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, h // p, w // p, c * p * p)
-        x = Dense(self.res_ch, axes=("conv_in", "embed"), param_dtype=self.param_dtype, name="pre_layers_0")(x)
+        kw = dict(param_dtype=self.param_dtype, kernel_init=TORCH_CONV)
+        x = Dense(self.res_ch, axes=("conv_in", "embed"), name="pre_layers_0", **kw)(x)
         for i in range(self.num_res_block):
             x = LinearResBlock(self.res_ch // 2, self.param_dtype, name=f"res_layers_{i}")(x)
-        x = Dense(self.out_ch, axes=("embed", "embed"), param_dtype=self.param_dtype, name="post_layers_1")(nn.relu(x))
+        x = Dense(self.out_ch, axes=("embed", "embed"), name="post_layers_1", **kw)(nn.relu(x))
         return nn.relu(x)
 
 
@@ -315,9 +318,9 @@ class PVQVAE(nn.Module):
     def setup(self):
         kw = dict(param_dtype=self.param_dtype)
         self.encoder = PatchEncoder(self.patch, self.res_ch, self.res_ch, self.num_res_block, **kw)
-        self.quant_conv = Dense(self.e_dim, axes=("embed", "embed"), **kw)
+        self.quant_conv = Dense(self.e_dim, axes=("embed", "embed"), kernel_init=TORCH_CONV, **kw)
         self.quantize = VectorQuantizer(self.n_e, self.e_dim, self.masked_embed_start)
-        self.post_quant_conv = Dense(self.res_ch, axes=("embed", "embed"), **kw)
+        self.post_quant_conv = Dense(self.res_ch, axes=("embed", "embed"), kernel_init=TORCH_CONV, **kw)
         self.decoder = PatchConvDecoder(self.res_ch, self.num_res_block, self.patch, base_ch=self.decoder_base_ch, **kw)
 
     def example_inputs(self, batch_size: int = 1):
@@ -503,6 +506,7 @@ def inpaint(pvqvae: PVQVAE, pvqvae_variables: Any, transformer: UQTransformer, t
                                                                      "num_steps"))
 def _sample_largest(pvqvae, pvqvae_variables, transformer, transformer_variables, image, mask, rng, temperature, *,
                     num_samples, top_k, tokens_per_step, num_steps):
+    pvqvae_variables, transformer_variables = nn.unbox((pvqvae_variables, transformer_variables))
     b = image.shape[0]
     types = token_types(mask, pvqvae.patch).reshape(b, -1)
     length = types.shape[1]
