@@ -118,10 +118,38 @@ class Trained(NamedTuple):
     losses: list[float]
 
 
+def codebook_from_data(model: PVQVAE, variables: Any, images: np.ndarray, seed: int = 0) -> Any:
+    """``variables`` with the dual codebook set to encoder features of ``images`` (visible half: features of
+    the whole images; masked half: of the images under free-form masks), one prior count per code.
+
+    Not in the official code, which starts from N(0, 1) codes with zero counts: its EMA update then divides
+    each code's running sum by its (near-zero) count, so every code unused in the first step is blown far
+    away and never chosen again. At the small scale of :func:`run` that collapses the codebook to a few
+    codes; starting from data keeps it alive."""
+    n_e, e_dim, start = model.n_e, model.e_dim, model.masked_embed_start
+    rng = np.random.default_rng(seed)
+    encode = jax.jit(lambda v, x, m: model.apply(v, x, m, method="encode"))
+    full = np.asarray(encode(variables, images, np.ones(images.shape[:3], np.float32))).reshape(-1, e_dim)
+    holes = masks(len(images), images.shape[1], seed=seed + 1)
+    masked = np.asarray(encode(variables, images, holes)).reshape(-1, e_dim)
+    visible = full[rng.choice(len(full), start, replace=len(full) < start)]
+    rest = n_e - start
+    codes = np.concatenate([visible, masked[rng.choice(len(masked), rest, replace=len(masked) < rest)]])
+    codes = codes + 1e-3 * rng.standard_normal(codes.shape)  # (distinct even where features repeat)
+    stats = {**variables["batch_stats"], "quantize": {"embedding": jnp.asarray(codes, jnp.float32),
+                                                      "embedding_avg": jnp.asarray(codes, jnp.float32),
+                                                      "cluster_size": jnp.ones((n_e,), jnp.float32)}}
+    return {**variables, "batch_stats": stats}
+
+
 def train_pvqvae(model: PVQVAE, variables: Any, images: np.ndarray, *, steps: int, batch: int = 8, lr: float = 2e-4,
-                 erase_prob: float = 0.2, zero_mask_prob: float = 0.3, seed: int = 0) -> Trained:
+                 erase_prob: float = 0.2, zero_mask_prob: float = 0.3, data_init: bool = False,
+                 seed: int = 0) -> Trained:
     """Adam (beta1 0, beta2 0.9, as the official P-VQVAE) on L1 + commitment; ``images`` in [-1, 1]. Per example:
-    a free-form guiding mask (empty with ``zero_mask_prob``) and, with ``erase_prob``, an erase mask."""
+    a free-form guiding mask (empty with ``zero_mask_prob``) and, with ``erase_prob``, an erase mask.
+    ``data_init``: start the codebook from encoder features (:func:`codebook_from_data`)."""
+    if data_init:
+        variables = codebook_from_data(model, variables, images[:64], seed=seed)
     tx = optax.adam(lr, b1=0.0, b2=0.9)
     params, stats = variables["params"], variables["batch_stats"]
     opt = tx.init(params)
@@ -222,9 +250,10 @@ def run(*, size: int = 32, train_images: int = 256, test_images: int = 16, pvqva
                              masked_embed_start=codes // 2, num_res_block=2, decoder_base_ch=max(width // 4, 8))
     x0, m0 = jnp.zeros((1, size, size, 3)), jnp.ones((1, size, size))
     pv = nn.unbox(jax.jit(pvqvae.init)(jax.random.key(seed), x0, m0))
-    stage1 = train_pvqvae(pvqvae, pv, train, steps=pvqvae_steps, batch=batch, lr=1e-3, seed=seed)
+    stage1 = train_pvqvae(pvqvae, pv, train, steps=pvqvae_steps, batch=batch, lr=1e-3, data_init=True, seed=seed)
+    used = np.unique(np.asarray(jax.jit(lambda v, x: pvqvae.apply(v, x, method="tokens"))(stage1.variables, test)))
     log(f"P-VQVAE: loss {np.mean(stage1.losses[:10]):.4f} (first 10 steps) -> {np.mean(stage1.losses[-10:]):.4f} "
-        f"(last 10)")
+        f"(last 10); {len(used)} of {codes // 2} visible codes used by the test crops")
     tokens = (size // pvqvae.patch) ** 2
     transformer = jf.create_model("put_transformer_ffhq", num_layers=layers, embed_dim=2 * width, num_heads=4,
                                   seq_len=tokens, e_dim=width, num_token=codes // 2)
