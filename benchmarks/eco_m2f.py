@@ -4,8 +4,9 @@
 
 1. A tiny Mask2Former (Swin layout, widths 32-64, 6 deformable encoder layers, 5 gates: exits after
    2..6 layers) trains on ``panoptic_shapes`` (``train/seg_data.py``) with a random exit per step and
-   the loss weighted by the exit depth (k / 4), the early-exit-aware first stage of the paper (the
-   official code weights the losses by the exit too). One compiled step serves every exit: the gate's
+   the loss weighted by the exit depth (k + 2, the official factor, which the panoptic task's loss
+   applies to a gated model: ``jaxformers.segmentation.losses.exit_loss_weight``), the
+   early-exit-aware first stage of the paper. One compiled step serves every exit: the gate's
    kernel is zero and its bias one-hot, so the gated forward takes the chosen exit.
 2. The derived data set: per-image PQ of every exit (``jaxformers.compress.eco_m2f``) on train scenes.
 3. For each beta the gate alone trains on the stride-32 encoder tokens against ``exit_targets``
@@ -78,8 +79,7 @@ def main(argv=None):
     def step(params, opt, batch, k, rng):
         def loss_fn(p):
             out = model.apply({"params": force_exit(p, k)}, batch["image"], train=True)
-            loss, _ = task.loss(out, batch, rng)
-            return loss * k / 4.0
+            return task.loss(out, batch, rng)[0]  # times k + 2 (the gated model's encoder_exit)
 
         loss, g = jax.value_and_grad(loss_fn)(params)
         g = optax.clip_by_global_norm(1.0).update(g, None)[0]
@@ -94,7 +94,7 @@ def main(argv=None):
         batch = {k: v[idx] for k, v in train.items()}
         k = int(rng.integers(exits[0], exits[-1] + 1))
         params, opt, loss = step(params, opt, batch, jnp.int32(k), jax.random.key(i))
-        losses.append(float(loss) * 4.0 / k)
+        losses.append(float(loss) / (k + 2))
     train_s = time.time() - t0
     print(f"trained {a.steps} steps in {train_s:.0f}s; loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}",
           flush=True)

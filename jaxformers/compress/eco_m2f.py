@@ -21,10 +21,16 @@ of the recipe:
   there).
 - ``encoder_flops``: XLA's ``cost_analysis`` FLOPs of the model at each exit.
 
-Deviations: the official training also multiplies every loss (the gate's included) by
-``encoder.i_exit + 2`` of the batch (the argmax exit plus 2 again); that factor is not applied here
-(``gate_loss`` returns the unweighted MSE; scale it as you train). The official PQ tables are
-files per exit from a separate evaluation run; ``pq_by_exit`` computes them in memory.
+- ``eco_m2f_loss``: the training objective as the official ``maskformer_model.py`` forms it: the
+  Mask2Former losses plus ``gate_weight`` (``GATE_WEIGHT``, 1.0) times the gate loss, all multiplied
+  by ``exit_loss_weight`` = the number of encoder layers run + 2 (``encoder.i_exit + 2``: 4..8 for 6
+  layers and 5 gates). ``jaxformers.segmentation.mask2former_loss`` applies the same factor by
+  default to a gated model's outputs (``Mask2FormerLossConfig.exit_weighting``), so the panoptic
+  task of ``train/tasks_seg.py`` trains a gated Mask2Former with it.
+
+Deviations: the official encoder takes one exit for the whole batch (its flattened argmax, right for
+batch 1); with an exit per image the factor is the mean over the batch of exit + 2. The official PQ
+tables are files per exit from a separate evaluation run; ``pq_by_exit`` computes them in memory.
 """
 from __future__ import annotations
 
@@ -35,8 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformers.models.mask2former import select_exits
+from jaxformers.segmentation.losses import Mask2FormerLossConfig, exit_loss_weight, mask2former_loss
 
-__all__ = ["encoder_flops", "exit_targets", "gate_loss", "per_image_pq", "pq_by_exit", "select_exits"]
+__all__ = ["eco_m2f_loss", "encoder_flops", "exit_loss_weight", "exit_targets", "gate_loss", "per_image_pq",
+           "pq_by_exit", "select_exits"]
 
 
 def exit_targets(pq_table: Any, beta: float, axis: int = 0) -> jax.Array:
@@ -55,6 +63,28 @@ def gate_loss(gate_logits: jax.Array, targets: jax.Array, axis: int = 0) -> jax.
         raise ValueError(f"gate logits {gate_logits.shape} and targets {targets.shape} differ in shape")
     probs = jax.nn.softmax(gate_logits.astype(jnp.float32), axis=axis)
     return jnp.mean(jnp.square(probs - targets.astype(jnp.float32)))
+
+
+def eco_m2f_loss(outputs: dict, panoptic: jax.Array, segment_classes: jax.Array, segment_crowd: jax.Array,
+                 rng: jax.Array, cfg: Mask2FormerLossConfig, gate_targets: jax.Array | None = None,
+                 gate_weight: float = 1.0, axis: int = 0) -> tuple[jax.Array, dict]:
+    """ECO-M2F's training loss for a gated Mask2Former's outputs (``gate_logits``, ``encoder_exit``):
+    ``(exit + 2) * (mask2former losses + gate_weight * gate_loss(gate_logits, gate_targets, axis))``
+    (``exit_loss_weight``; with ``cfg.exit_weighting=False`` the factor is left out). Without
+    ``gate_targets`` the gate term is left out (the gate then trains on its own, as
+    ``benchmarks/eco_m2f.py`` does). Parts: ``mask2former_loss``'s, ``loss_gate``, ``exit_weight``."""
+    if "encoder_exit" not in outputs or "gate_logits" not in outputs:
+        raise ValueError("eco_m2f_loss needs a gated Mask2Former's outputs (num_gates > 0: gate_logits, "
+                         f"encoder_exit); got {sorted(outputs)}")
+    total, parts = mask2former_loss({k: v for k, v in outputs.items() if k != "encoder_exit"}, panoptic,
+                                    segment_classes, segment_crowd, rng, cfg)
+    if gate_targets is not None:
+        parts["loss_gate"] = gate_loss(outputs["gate_logits"], gate_targets, axis)
+        total = total + gate_weight * parts["loss_gate"]
+    if cfg.exit_weighting:
+        parts["exit_weight"] = exit_loss_weight(outputs["encoder_exit"])
+        total = total * parts["exit_weight"]
+    return total, parts
 
 
 def per_image_pq(stats: dict) -> np.ndarray:

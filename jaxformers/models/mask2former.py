@@ -46,6 +46,15 @@ Deviations: none in the math. Parameter counts: HF's count includes the Swin bac
 LayerNorm, which ``SwinBackbone`` builds but never uses (2 x the last width); we do not build it
 (the official D2 Swin has none): Swin-T / 133 classes has 47,435,264 parameters here and 47,436,800
 in HF. Images must be multiples of 32 (every stride of the pyramid divides the image).
+
+ResNet-50 variants (``mask2former_r50_coco_panoptic``, ``mask2former_r50_ade20k_semantic``): the
+timm-named ``resnet50`` (``jaxformers/models/resnet.py``) under the same heads; 44,036,998
+parameters for 133 classes, equal to transformers' ``Mask2FormerForUniversalSegmentation`` with a
+``ResNetConfig`` ResNet-50 backbone (run on CPU with random weights, transformers 5). The official
+detectron2 backbone uses FrozenBN (``Base-COCO-PanopticSegmentation.yaml`` sets no ``NORM``), whose
+53,120 scale / shift values are buffers, not parameters, there; here they are BatchNorm parameters
+(freeze them, and use the running statistics, to fine-tune as the official recipe). Hugging Face
+directories of these variants are not read or written (the converter maps Swin backbones only).
 """
 from __future__ import annotations
 
@@ -434,13 +443,18 @@ VARIANTS = {
         backbone="swin_small_patch4_window7_224", backbone_overrides=dict(_SWIN_DENSE, drop_path_rate=0.3)),
     "mask2former_swin_base_384_coco_panoptic": dict(
         backbone="swin_base_patch4_window12_384", backbone_overrides=dict(_SWIN_DENSE, drop_path_rate=0.3)),
+    # maskformer2_R50_bs16_50ep.yaml (COCO panoptic) and maskformer2_R50_bs16_160k.yaml (ADE20K semantic,
+    # 150 classes, 512 px crops): the same heads on the timm ResNet-50.
+    "mask2former_r50_coco_panoptic": dict(backbone="resnet50", backbone_overrides={}),
+    "mask2former_r50_ade20k_semantic": dict(backbone="resnet50", backbone_overrides={}, num_classes=150),
 }
 
 
-def _info(pq: float, params_m: float) -> ModelInfo:
+def _info(pq: float, params_m: float, size: int = 384, task: str = "panoptic segmentation",
+          metric: str = "PQ") -> ModelInfo:
     return ModelInfo(paper="Masked-attention Mask Transformer for Universal Image Segmentation", arxiv="2112.01527",
-                     repo="facebookresearch/Mask2Former", input_size=(384, 384, 3), params_m=params_m, top1=pq,
-                     task="panoptic segmentation", metric="PQ")
+                     repo="facebookresearch/Mask2Former", input_size=(size, size, 3), params_m=params_m, top1=pq,
+                     task=task, metric=metric)
 
 
 def _build(name: str, overrides: dict[str, Any]) -> Mask2Former:
@@ -468,6 +482,19 @@ def mask2former_swin_small_coco_panoptic(**overrides: Any) -> Mask2Former:
 def mask2former_swin_base_384_coco_panoptic(**overrides: Any) -> Mask2Former:
     """Mask2Former Swin-B (384, ImageNet-1k), COCO panoptic (PQ 55.1)."""
     return _build("mask2former_swin_base_384_coco_panoptic", overrides)
+
+
+@register_model(_info(51.9, 44.04))
+def mask2former_r50_coco_panoptic(**overrides: Any) -> Mask2Former:
+    """Mask2Former ResNet-50, COCO panoptic (PQ 51.9)."""
+    return _build("mask2former_r50_coco_panoptic", overrides)
+
+
+@register_model(_info(47.2, 44.04, size=512, task="semantic segmentation", metric="mIoU"))
+def mask2former_r50_ade20k_semantic(**overrides: Any) -> Mask2Former:
+    """Mask2Former ResNet-50, ADE20K semantic segmentation (150 classes, mIoU 47.2 single scale;
+    ``top1`` holds the mIoU)."""
+    return _build("mask2former_r50_ade20k_semantic", overrides)
 
 
 # ---------------------------------------------------------------------------------------------

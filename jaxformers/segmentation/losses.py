@@ -40,6 +40,18 @@ class Mask2FormerLossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
+    # ECO-M2F (arXiv 2404.15244): outputs with ``encoder_exit`` (a gated model) have their total loss
+    # multiplied by ``exit_loss_weight`` (the official maskformer_model.py: every loss times exit + 2).
+    exit_weighting: bool = True
+
+
+def exit_loss_weight(encoder_exit: jax.Array) -> jax.Array:
+    """ECO-M2F's loss factor: the number of encoder layers run plus 2 (GYeow/ECO-M2F
+    ``mask2former/maskformer_model.py``: ``losses[k] *= weight_dict[k] * (encoder.i_exit + 2)``), 4..8
+    for the official 6 layers and 5 gates. The official encoder takes one exit for the whole batch
+    (right for batch 1); with an exit per image (B,) the factor is their mean of exit + 2, the official
+    one for batch 1 and for a batch that agrees on its exit."""
+    return jnp.mean(jax.lax.stop_gradient(jnp.asarray(encoder_exit)).astype(jnp.float32) + 2.0)
 
 
 def sample_maps(maps: jax.Array, points: jax.Array) -> jax.Array:
@@ -133,7 +145,9 @@ def _single_prediction_loss(rng, class_logits, mask_logits, masks, classes, vali
 def mask2former_loss(outputs: dict, panoptic: jax.Array, segment_classes: jax.Array, segment_crowd: jax.Array,
                      rng: jax.Array, cfg: Mask2FormerLossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss and its parts (``loss_cross_entropy``, ``loss_mask``, ``loss_dice`` of the final
-    prediction, ``loss_aux`` the auxiliary sum) for a Mask2Former output dict (HF names)."""
+    prediction, ``loss_aux`` the auxiliary sum) for a Mask2Former output dict (HF names). With an
+    ``encoder_exit`` output (ECO-M2F's gated model) and ``cfg.exit_weighting`` the total is multiplied
+    by ``exit_loss_weight`` (the part ``exit_weight``; the other parts are unweighted)."""
     masks, classes, valid = panoptic_targets(panoptic, segment_classes, segment_crowd)
     if outputs["class_queries_logits"].shape[-1] != cfg.num_classes + 1:
         raise ValueError(f"class_queries_logits has {outputs['class_queries_logits'].shape[-1]} classes but the loss "
@@ -152,4 +166,8 @@ def mask2former_loss(outputs: dict, panoptic: jax.Array, segment_classes: jax.Ar
     totals = cfg.class_weight * ce + cfg.mask_weight * bce + cfg.dice_weight * dc
     metrics = {"loss_cross_entropy": ce[-1], "loss_mask": bce[-1], "loss_dice": dc[-1],
                "loss_aux": jnp.sum(totals[:-1])}
-    return jnp.sum(totals), metrics
+    total = jnp.sum(totals)
+    if cfg.exit_weighting and outputs.get("encoder_exit") is not None:
+        metrics["exit_weight"] = exit_loss_weight(outputs["encoder_exit"])
+        total = total * metrics["exit_weight"]
+    return total, metrics
