@@ -28,11 +28,26 @@ products of encodings -- and a **transfer** loss -- the symmetric KL divergence 
 softmax Gram matrices of encodings of positions in the training range and of the same positions
 shifted beyond it (the training range's one as a fixed target, ``transfer_batch``).
 
-``SinCosPositions`` (fixed sinusoidal input term) is the same hook for the sin-cos baseline of the
-extrapolation benchmark. Deviations: the samplers follow the paper's description (random / local window /
-digit-edit candidates, shifted transfer positions) with this module's defaults rather than the repo's
-exact sampling code; the random shift of the main task's positions (``pe_random_shift_rate``) is not
-included. The per-head contrastive and transfer losses and the 0.1 / 0.1 weights follow the run scripts.
+Training positions (the official ``SeqPeMainTaskPosSampler`` in ``image_seqpe/pe_sampler.py`` and
+``text_seqpe/.../pe_sampler.py``): ``block_positions(start, shape)`` writes the positions of a block the
+way the official code does -- 1-D ``start .. start+L-1``; 2-D row by row, (h0, w0), (h0, w0+1), ...,
+(h0+1, w0), ... (``PeUtils.create_2d_pos_list``), each (row, column) becoming the row's digits then the
+column's. ``MainTaskPositions`` draws the main task's positions: with probability ``rate`` (the run
+scripts' ``pe_random_shift_rate`` 0.1) a block starting at a random shift -- 1-D shifts 0 ..
+max_position - L, 2-D shifts (i, j) with the whole block inside [0, max_position)² -- from a fixed random
+subset of ``downsample`` (320) shifts visited in order from a random pointer, otherwise the block at 0.
+The transfer loss is applied only on unshifted steps (as the official training loop does).
+
+For 2-D, ``max_position`` counts positions per coordinate: the official ``--pe_max_position 10000`` with
+``--pe_data_dim 2`` means 100 per side (two digits per coordinate), i.e. ``max_position=100`` here.
+
+``SinCosPositions`` (fixed sinusoidal input term; 2-D: half the channels for the row, half for the
+column) is the same hook for the sin-cos baseline of the extrapolation benchmarks. Deviations: the
+contrastive and transfer samplers follow the paper's description (random / local window / digit-edit
+candidates, shifted transfer positions) with this module's defaults rather than the repo's exact sampling
+code; a shifted step shifts the whole batch by one offset (the official loop splits a shifted batch of
+256 into 32 groups with 32 offsets). The per-head contrastive and transfer losses and the 0.1 / 0.1
+weights follow the run scripts.
 """
 from __future__ import annotations
 
@@ -48,7 +63,8 @@ from jaxformers.layers import Dense, LayerNorm, PositionTerms
 from jaxformers.models.gpt import DecoderLayer
 
 __all__ = ["SeqPE", "SeqPEEncoder", "SinCosPositions", "positions_to_digits", "max_digits_for", "contrastive_loss",
-           "transfer_loss", "contrastive_batch", "transfer_batch", "seqpe_losses"]
+           "transfer_loss", "contrastive_batch", "transfer_batch", "seqpe_losses", "block_positions",
+           "MainTaskPositions"]
 
 Mode = Literal["input_add", "attn_scalar", "attn_add", "attn_mul"]
 _init = nn.initializers.normal(0.02)
@@ -214,16 +230,74 @@ def _qk_transform(mode: str, pq: jax.Array, pk: jax.Array, num_prefix: int):
 
 class SinCosPositions(nn.Module):
     """Transformer sinusoids as a ``position_encoder`` (an input term; no parameters): the sin-cos
-    baseline of the extrapolation comparisons."""
+    baseline of the extrapolation comparisons. With D-coordinate positions the width is split into D
+    equal parts, one sin-cos code per coordinate (2-D: row, then column, as in MAE's 2-D sin-cos)."""
 
     @nn.compact
     def __call__(self, q_positions: jax.Array, k_positions: jax.Array, *, num_layers: int, num_heads: int,
                  head_dim: int, width: int, num_prefix: int = 0, train: bool = False) -> PositionTerms:
         del k_positions, num_layers, num_heads, head_dim, num_prefix, train
-        pos = q_positions[:, 0].astype(jnp.float32)
-        omega = 1.0 / 10000.0 ** (jnp.arange(width // 2, dtype=jnp.float32) / (width // 2))
-        ang = pos[:, None] * omega[None]
-        return PositionTerms(inputs=jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1))
+        dims = q_positions.shape[-1]
+        if width % (2 * dims):
+            raise ValueError(f"sin-cos positions of {dims} coordinates need a width divisible by {2 * dims}; "
+                             f"got {width}")
+        half = width // dims // 2
+        omega = 1.0 / 10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half)
+        codes = []
+        for d in range(dims):
+            ang = q_positions[:, d].astype(jnp.float32)[:, None] * omega[None]
+            codes += [jnp.sin(ang), jnp.cos(ang)]
+        return PositionTerms(inputs=jnp.concatenate(codes, axis=-1))
+
+
+def block_positions(start: int | tuple[int, int], shape: int | tuple[int, int]) -> np.ndarray:
+    """Positions of a block as the official code builds them: 1-D ``start`` / length L -> (L, 1)
+    start .. start+L-1; 2-D ``(h0, w0)`` / ``(H, W)`` -> (H·W, 2) (row, column) row by row:
+    (h0, w0), (h0, w0+1), ..., (h0, w0+W-1), (h0+1, w0), ... (``PeUtils.create_2d_pos_list``)."""
+    if isinstance(shape, (int, np.integer)):
+        return (int(start) + np.arange(int(shape)))[:, None].astype(np.int32)
+    (h0, w0), (h, w) = start, shape
+    rows, cols = np.meshgrid(np.arange(h0, h0 + h), np.arange(w0, w0 + w), indexing="ij")
+    return np.stack([rows.ravel(), cols.ravel()], -1).astype(np.int32)
+
+
+class MainTaskPositions:
+    """The main task's training positions with the official random start shift
+    (``SeqPeMainTaskPosSampler``): ``next(rng)`` -> (positions (L, D), shifted). With probability
+    ``rate`` the block starts at the next of ``downsample`` shifts drawn once at construction (from all
+    shifts keeping the block inside [0, max_position) per coordinate; the official pointer starts at a
+    random 0..31 and restarts there when the list is exhausted); otherwise it starts at 0. ``shape`` is
+    the length L (1-D) or the patch grid (H, W) (2-D, ``max_position`` per coordinate)."""
+
+    def __init__(self, shape: int | tuple[int, int], max_position: int, rng: np.random.Generator, *,
+                 rate: float = 0.1, downsample: int = 320):
+        self.shape = shape if isinstance(shape, (int, np.integer)) else tuple(shape)
+        self.rate = float(rate)
+        if isinstance(self.shape, tuple):
+            h, w = self.shape
+            if h > max_position or w > max_position:
+                raise ValueError(f"a {h}x{w} grid does not fit max_position={max_position} per coordinate")
+            starts = [(i, j) for i in range(max_position - h + 1) for j in range(max_position - w + 1)]
+            self.default = block_positions((0, 0), self.shape)
+        else:
+            if self.shape > max_position:
+                raise ValueError(f"length {self.shape} does not fit max_position={max_position}")
+            starts = list(range(max_position - self.shape + 1))
+            self.default = block_positions(0, self.shape)
+        order = rng.permutation(len(starts))
+        if downsample > 0:
+            order = order[:downsample]
+        self.starts = [starts[i] for i in order]
+        self.pointer = int(32 * rng.random())
+
+    def next(self, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+        if self.pointer >= len(self.starts):
+            self.pointer = int(32 * rng.random())
+        if rng.random() < self.rate:
+            start = self.starts[min(self.pointer, len(self.starts) - 1)]
+            self.pointer += 1
+            return block_positions(start, self.shape), True
+        return self.default, False
 
 
 # ---------------------------------------------------------------------------------------------
