@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 import jaxformers as jf
-from jaxformers.models.seqpe import (MainTaskPositions, SeqPE, SinCosPositions, block_positions, max_digits_for,
-                                     positions_to_digits)
+from jaxformers.models.seqpe import (
+    MainTaskPositions,
+    SeqPE,
+    SinCosPositions,
+    block_positions,
+    max_digits_for,
+    positions_to_digits,
+)
 from tests.helpers import digits, fast_jit, load_official, numpy_variables
 
 
@@ -47,13 +53,14 @@ def test_block_positions_and_random_shift_on_worked_examples():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_main_task_shifts_match_the_official_sampler(monkeypatch):
+def test_main_task_shifts_match_the_official_sampler(monkeypatch, request):
     import sys
     import types
     pytest.importorskip("torch")
-    monkeypatch.setattr(sys, "modules", dict(sys.modules))
-    stubs = {"ray": types.ModuleType("ray"), "models": types.ModuleType("models")}
-    utils = load_official("SeqPE", "image_seqpe/models/pe_utils.py", "models.pe_utils", stubs=stubs)
+    for name in ("ray", "models"):  # stand-ins for the official imports, removed again after the test
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    request.addfinalizer(lambda: [sys.modules.pop(n, None) for n in ("models.pe_utils", "seqpe_official_pe_sampler")])
+    utils = load_official("SeqPE", "image_seqpe/models/pe_utils.py", "models.pe_utils")
     official = load_official("SeqPE", "image_seqpe/pe_sampler.py", "seqpe_official_pe_sampler")
     for shape, max_position, side in ((4, 10, 10), ((2, 2), 25, 5)):  # official 2-D max: side² (per side 5)
         ref = official.SeqPeMainTaskPosSampler(shape, max_position, max_digits_for(side), data_dim=1 + (side != 10),

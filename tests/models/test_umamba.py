@@ -1,0 +1,131 @@
+"""U-Mamba_Enc (2-D) on the segmentation platform: shapes and the stride-keyed features, the official
+block / Mamba-stage / channel-token rules, sharded == single device, errors, training on the generated scenes
+with deep supervision (loss falls, every parameter gets a gradient), and the parameter count of the registered config
+equal to the official ``UMambaEnc`` (bowang-lab/U-Mamba, where fetched; mamba_ssm's ``Mamba`` replaced by
+transformers' ``MambaMixer``, the same parameters)."""
+import sys
+import types
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxformers as jf
+from jaxformers.models.umamba import (
+    UMambaEnc,
+    channel_token_stages,
+    decoder_blocks_per_stage,
+    encoder_blocks,
+    mamba_stages,
+)
+from jaxformers.segmentation import semantic_cross_entropy
+from jaxformers.sharding import make_mesh
+from tests.helpers import (
+    fast_jit,
+    load_official,
+    numpy_variables,
+    segmentation_shapes,
+    shard_like_init,
+    single_and_sharded,
+    train_classifier,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # 3 stages at 16 px: Mamba on stages 0 (16x16 pixels as tokens, d_model 16) and 2 (4x4 = 16 <= 64 channels:
+    # channels as tokens, d_model 16)
+    model = UMambaEnc(num_classes=6, in_chans=3, img_size=16, features=(16, 32, 64), strides=(1, 2, 2),
+                      scan="sequential")
+    x, y = segmentation_shapes(4, 32)
+    x, y = x[:, ::2, ::2], y[:, ::2, ::2]  # the generated scenes at 16 px (nearest)
+    return model, numpy_variables(model, x), x, y
+
+
+def test_official_rules_shapes_sharding_and_errors(tiny):
+    assert encoder_blocks(2, 7) == [2, 2, 2, 2, 1, 1, 1] and decoder_blocks_per_stage(2, 7) == [2, 2, 2, 2, 1, 1]
+    assert encoder_blocks(2, 4) == [2, 2, 1, 1] and decoder_blocks_per_stage(2, 4) == [2, 2, 1]
+    assert mamba_stages(4) == [False, True, False, True] and mamba_stages(7) == [True, False] * 3 + [True]
+    assert channel_token_stages((256, 256), (32, 64, 128, 256, 512, 512, 512), (1, 2, 2, 2, 2, 2, 2)) == \
+        [False] * 4 + [True] * 3
+    model, variables, x, _ = tiny
+    params = variables["params"]
+    assert params["mamba_layers_0"]["mamba"]["in_proj"]["kernel"].shape == (16, 2, 32)  # pixels as tokens: d = C
+    assert params["mamba_layers_2"]["mamba"]["x_proj"]["kernel"].shape == (32, 1 + 32)  # channels: d = H·W = 16
+    assert params["mamba_layers_2"]["norm"]["scale"].shape == (16,)
+    assert encoder_blocks(2, 3) == [2, 2, 1] and decoder_blocks_per_stage(2, 3) == [2, 2]
+    assert "mamba_layers_1" not in params and "stages_2_1" not in params
+    assert "stages_1_1" in params and "decoder_stages_1_1" in params and "decoder_seg_0" in params
+    shapes = jax.eval_shape(lambda v, a: (model.apply(v, a), model.apply(v, a, output="features")), variables, x)
+    assert shapes[0].shape == (4, 16, 16, 6)
+    assert {k: v.shape for k, v in shapes[1].items()} == {1: (4, 16, 16, 16), 2: (4, 8, 8, 32), 4: (4, 4, 4, 64)}
+    # every decoder level's logits, full resolution first; sharded (data x fsdp x tensor) == single device
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    single, sharded = single_and_sharded(fast_jit(lambda v, a: model.apply(v, a, output="deep_supervision")),
+                                         variables, shard_like_init(model, variables, x, mesh), x, mesh)
+    assert [o.shape for o in single] == [(4, 16, 16, 6), (4, 8, 8, 6)]
+    for a, b in zip(single, sharded):
+        assert float(np.std(a)) > 1e-3
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)
+    with pytest.raises(ValueError, match="NHWC images with 3 channels"):
+        model.apply(variables, x[..., :1])
+    with pytest.raises(ValueError, match="not divisible by the total stride 4"):
+        model.apply(variables, x[:, :14, :14])
+    with pytest.raises(ValueError, match=r"d_model = H·W = 16 \(fixed by img_size=16\); this input gives 64"):
+        model.apply(variables, np.zeros((1, 32, 32, 3), np.float32))
+
+
+def test_trains_on_generated_scenes(tiny):
+    model, variables, x, y = tiny
+    # deep supervision as nnU-Net weights it (1, 1/2, ...; nnU-Net zeroes the lowest level, kept here so every
+    # segmentation head gets a gradient)
+    def loss(outputs, labels):
+        return sum(0.5 ** i * semantic_cross_entropy(o, labels) for i, o in enumerate(outputs)) / 1.5
+
+    losses, _ = train_classifier(model.clone(deep_supervision=True), variables, x, y, steps=10, tx=optax.adam(1e-2),
+                                 loss=loss)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_parameter_count_equals_the_official_code(monkeypatch, request):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("dynamic_network_architectures")
+
+    class Mamba(torch.nn.Module):  # mamba_ssm.Mamba's parameters (d_state 16, d_conv 4, expand 2, dt_rank ceil(d/16))
+        def __init__(self, d_model, d_state=16, d_conv=4, expand=2):
+            super().__init__()
+            d_model, e, r = int(d_model), expand * int(d_model), -(-int(d_model) // 16)
+            self.in_proj = torch.nn.Linear(d_model, 2 * e, bias=False)
+            self.conv1d = torch.nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1, bias=True)
+            self.x_proj = torch.nn.Linear(e, r + 2 * d_state, bias=False)
+            self.dt_proj = torch.nn.Linear(r, e, bias=True)
+            self.A_log = torch.nn.Parameter(torch.zeros(e, d_state))
+            self.D = torch.nn.Parameter(torch.ones(e))
+            self.out_proj = torch.nn.Linear(e, d_model, bias=False)
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        return m
+
+    stubs = {"mamba_ssm": module("mamba_ssm", Mamba=Mamba), "nnunetv2": module("nnunetv2"),
+             "nnunetv2.utilities": module("nnunetv2.utilities"),
+             "nnunetv2.utilities.plans_handling": module("nnunetv2.utilities.plans_handling"),
+             "nnunetv2.utilities.plans_handling.plans_handler": module(
+                 "nnunetv2.utilities.plans_handling.plans_handler", ConfigurationManager=object, PlansManager=object),
+             "nnunetv2.utilities.network_initialization": module("nnunetv2.utilities.network_initialization",
+                                                                 InitWeights_He=object)}
+    for name, stub in stubs.items():  # removed again after the test
+        monkeypatch.setitem(sys.modules, name, stub)
+    request.addfinalizer(lambda: sys.modules.pop("umamba_official_enc_2d", None))
+    official = load_official("U-Mamba", "umamba/nnunetv2/nets/UMambaEnc_2d.py", "umamba_official_enc_2d")
+    ours = jf.create_model("umamba_enc_2d")
+    with torch.device("meta"):  # shapes only
+        ref = official.UMambaEnc(input_size=(256, 256), input_channels=1, n_stages=7,
+                                 features_per_stage=[32, 64, 128, 256, 512, 512, 512], conv_op=torch.nn.Conv2d,
+                                 kernel_sizes=[[3, 3]] * 7, strides=[[1, 1]] + [[2, 2]] * 6, n_conv_per_stage=[2] * 7,
+                                 num_classes=14, n_conv_per_stage_decoder=[2] * 6, conv_bias=True,
+                                 norm_op=torch.nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                                 nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    assert jf.count_params(ours) == sum(p.numel() for p in ref.parameters())
