@@ -28,6 +28,11 @@ Instance norm (affine, eps 1e-5), LeakyReLU 0.01, convolutions with bias and He-
 nnU-Net configs start at stride 1). ``__call__`` gives per-pixel logits (B, H, W, num_classes) for
 ``jaxformers.segmentation.semantic_cross_entropy``. Deviations: none in the architecture; the nnU-Net
 training recipe (plans, augmentation, Dice + CE with deep supervision) is not part of the model.
+
+``convert_umamba`` maps an official ``UMambaEnc`` state dict (``encoder.stem.0.conv1.weight``,
+``encoder.stages.{s}.{j}.conv1.conv.weight`` for nnU-Net's ``BasicBlockD``,
+``encoder.mamba_layers.{s}.mamba.in_proj.weight``, ``decoder.upsample_layers.{s}.conv.weight``,
+``decoder.seg_layers.{s}.weight``, ...) to our variables (``key_table`` lists every row).
 """
 from __future__ import annotations
 
@@ -39,11 +44,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
+from jaxformers.convert.common import StateDict, conv2d
 from jaxformers.layers import Conv, LayerNorm, to_2tuple
 from jaxformers.models.mamba import MambaMixer, _MixerConfig
+from jaxformers.models.mamba_convert import mixer_rows, to_ours
 from jaxformers.registry import ModelInfo, register_model
 
-__all__ = ["UMambaEnc", "channel_token_stages", "decoder_blocks_per_stage", "encoder_blocks", "mamba_stages"]
+__all__ = ["UMambaEnc", "channel_token_stages", "convert_umamba", "key_table", "decoder_blocks_per_stage", "encoder_blocks", "mamba_stages"]
 
 _HE = nn.initializers.variance_scaling(2.0 / (1 + 1e-2 ** 2), "fan_in", "normal")  # kaiming_normal_(a=1e-2)
 
@@ -226,9 +235,60 @@ class UMambaEnc(nn.Module):
         return self(x, train=train, output="features")
 
 
+# ---------------------------------------------------------------------------------------------
+# Official checkpoint converter
+
+Row = tuple[str, str, str]
+
+
+def _block_rows(o: str, t: str, first: bool) -> list[Row]:
+    """One ``BasicResBlock`` (``first``: conv1/norm1/conv2/norm2/conv3 modules) or ``BasicBlockD``
+    (``conv1.conv``, ``conv1.norm``, ``conv2.conv``, ``conv2.norm``)."""
+    rows: list[Row] = []
+    for i in (1, 2):
+        conv, norm = (f"conv{i}", f"norm{i}") if first else (f"conv{i}.conv", f"conv{i}.norm")
+        rows += [(f"{o}conv{i}/kernel", f"{t}{conv}.weight", "conv2d"), (f"{o}conv{i}/bias", f"{t}{conv}.bias", "copy"),
+                 (f"{o}norm{i}/scale", f"{t}{norm}.weight", "copy"), (f"{o}norm{i}/bias", f"{t}{norm}.bias", "copy")]
+    if first:
+        rows += [(f"{o}conv3/kernel", f"{t}conv3.weight", "conv2d"), (f"{o}conv3/bias", f"{t}conv3.bias", "copy")]
+    return rows
+
+
+def key_table(model: UMambaEnc) -> list[Row]:
+    """(our flat path, the official key, transform) for every parameter of ``model``."""
+    n = len(model.features)
+    blocks, dec_blocks = encoder_blocks(model.blocks, n), decoder_blocks_per_stage(model.decoder_blocks, n)
+    rows: list[Row] = []
+    for j in range(blocks[0]):
+        rows += _block_rows(f"params/stem_{j}/", f"encoder.stem.{j}.", j == 0)
+    for s, mamba in enumerate(mamba_stages(n)):
+        for j in range(blocks[s]):
+            rows += _block_rows(f"params/stages_{s}_{j}/", f"encoder.stages.{s}.{j}.", j == 0)
+        if mamba:
+            o, t = f"params/mamba_layers_{s}/", f"encoder.mamba_layers.{s}."
+            rows += [(o + "norm/scale", t + "norm.weight", "copy"), (o + "norm/bias", t + "norm.bias", "copy")]
+            rows += mixer_rows(o + "mamba/", t + "mamba.")
+    for s in range(n - 1):
+        rows += [(f"params/decoder_upsample_{s}/kernel", f"decoder.upsample_layers.{s}.conv.weight", "conv2d"),
+                 (f"params/decoder_upsample_{s}/bias", f"decoder.upsample_layers.{s}.conv.bias", "copy"),
+                 (f"params/decoder_seg_{s}/kernel", f"decoder.seg_layers.{s}.weight", "conv2d"),
+                 (f"params/decoder_seg_{s}/bias", f"decoder.seg_layers.{s}.bias", "copy")]
+        for j in range(dec_blocks[s]):
+            rows += _block_rows(f"params/decoder_stages_{s}_{j}/", f"decoder.stages.{s}.{j}.", j == 0)
+    return rows
+
+
+def convert_umamba(sd: StateDict, model: UMambaEnc, expected: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
+    """An official ``UMambaEnc`` state dict (torch layouts) -> our flat ``params/...`` variables."""
+    del expected
+    return {o: conv2d(np.asarray(sd[t])) if kind == "conv2d" else to_ours(np.asarray(sd[t]), kind)
+            for o, t, kind in key_table(model)}
+
+
 @register_model(ModelInfo(paper="U-Mamba: Enhancing Long-range Dependency for Biomedical Image Segmentation",
                           arxiv="2401.04722", repo="bowang-lab/U-Mamba", input_size=(256, 256, 1), params_m=46.41,
-                          task="semantic segmentation", metric="DSC"))
+                          task="semantic segmentation", metric="DSC",
+                          converter=convert_umamba))
 def umamba_enc_2d(**overrides: Any) -> UMambaEnc:
     """U-Mamba_Enc 2-D with nnU-Net's default 2-D plan for a 256x256 patch: 7 stages of 32 ... 512 channels
     (capped at 512), strides 1, 2, ..., 2, two blocks per stage; one input channel, 14 classes (override
