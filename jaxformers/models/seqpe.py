@@ -428,11 +428,13 @@ def extrapolation_run(position: Literal["seqpe", "learned", "sincos"], *, train_
                       eval_lens: tuple[int, ...] = (32, 64, 128), steps: int = 300, batch: int = 32,
                       width: int = 32, layers: int = 2, heads: int = 2, period: int = 8, vocab: int = 16,
                       max_position: int = 1000, regularizer_weight: float = 0.1, lr: float = 3e-3,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, random_shift_rate: float = 0.1) -> dict[str, Any]:
     """Trains a small GPT-2-style ``CausalLM`` on ``periodic_copy_batch`` at ``train_len`` with learned
     positions (a table of ``max(eval_lens)`` rows: the rows past ``train_len`` are never trained), fixed
     sin-cos positions, or SeqPE (``attn_scalar`` + the contrastive and transfer losses, weight
-    ``regularizer_weight`` each, transfer to positions up to ``max_position``); returns the final training
+    ``regularizer_weight`` each, transfer to positions up to ``max_position``; with probability
+    ``random_shift_rate`` a step's positions start at a random shift, ``MainTaskPositions``, and skip the
+    transfer loss, as the official training loop); returns the final training
     loss and the next-token accuracy on the predictable tokens (t >= period) at each of ``eval_lens``."""
     from jaxformers.models.gpt import CausalLM
 
@@ -440,26 +442,28 @@ def extrapolation_run(position: Literal["seqpe", "learned", "sincos"], *, train_
     encoder = {"seqpe": SeqPE(mode="attn_scalar", max_position=max_position, d_pe=width, num_heads=heads),
                "sincos": SinCosPositions(), "learned": None}[position]
     model = CausalLM(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                     max_position_embeddings=max(max(eval_lens), train_len), dropout=0.0, embed_dropout=0.0,
+                     max_position_embeddings=max(max(eval_lens), train_len, max_position if position == "seqpe" else 0),
+                     dropout=0.0, embed_dropout=0.0,
                      attention_dropout=0.0, position_encoder=encoder)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, train_len), jnp.int32)))["params"]
     tx = optax.adam(lr)
     opt = tx.init(params)
 
-    def lm_loss(p, ids):
-        logits = model.apply({"params": p}, ids)
+    def lm_loss(p, ids, position_ids=None):
+        logits = model.apply({"params": p}, ids, position_ids=position_ids)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
         return ce.mean()
 
     @jax.jit
-    def step(p, opt, ids, pivots, cands, labels, main, shifted):
+    def step(p, opt, ids, pivots, cands, labels, main, shifted, position_ids, use_transfer):
         def loss_fn(p):
-            loss = lm_loss(p, ids)
+            loss = lm_loss(p, ids, position_ids)
             if encoder is not None and position == "seqpe":
                 enc = lambda q: encoder.encode(p["position_encoder"], q)  # noqa: E731
                 ct = contrastive_loss(enc(pivots), enc(cands.reshape(-1, 1)).reshape(*cands.shape[:2], -1), labels,
                                       num_heads=heads)
-                loss = loss + regularizer_weight * (ct + transfer_loss(enc(main), enc(shifted), num_heads=heads))
+                tr = transfer_loss(enc(main), enc(shifted), num_heads=heads)
+                loss = loss + regularizer_weight * (ct + use_transfer * tr)
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(p)
@@ -467,11 +471,15 @@ def extrapolation_run(position: Literal["seqpe", "learned", "sincos"], *, train_
         return optax.apply_updates(p, updates), opt, loss
 
     loss = None
+    sampler = MainTaskPositions(train_len, max_position, rng, rate=random_shift_rate) if position == "seqpe" else None
     for _ in range(steps):
         ids = jnp.asarray(periodic_copy_batch(rng, batch, train_len, period=period, vocab=vocab))
         pivots, cands, labels = contrastive_batch(rng, 16, 16, max_position, local_range=64)
         main, shifted = transfer_batch(rng, 32, train_len, max_position)
-        params, opt, loss = step(params, opt, ids, pivots, cands, labels, main, shifted)
+        positions, moved = sampler.next(rng) if sampler is not None else (block_positions(0, train_len), False)
+        position_ids = jnp.broadcast_to(jnp.asarray(positions[:, 0]), ids.shape)
+        params, opt, loss = step(params, opt, ids, pivots, cands, labels, main, shifted, position_ids,
+                                 jnp.float32(not moved))
     accuracy, apply = {}, jax.jit(model.apply)
     for length in eval_lens:
         ids = jnp.asarray(periodic_copy_batch(np.random.default_rng(seed + 1), 64, length, period=period, vocab=vocab))
