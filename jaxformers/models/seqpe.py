@@ -28,11 +28,26 @@ products of encodings -- and a **transfer** loss -- the symmetric KL divergence 
 softmax Gram matrices of encodings of positions in the training range and of the same positions
 shifted beyond it (the training range's one as a fixed target, ``transfer_batch``).
 
-``SinCosPositions`` (fixed sinusoidal input term) is the same hook for the sin-cos baseline of the
-extrapolation benchmark. Deviations: the samplers follow the paper's description (random / local window /
-digit-edit candidates, shifted transfer positions) with this module's defaults rather than the repo's
-exact sampling code; the random shift of the main task's positions (``pe_random_shift_rate``) is not
-included. The per-head contrastive and transfer losses and the 0.1 / 0.1 weights follow the run scripts.
+Training positions (the official ``SeqPeMainTaskPosSampler`` in ``image_seqpe/pe_sampler.py`` and
+``text_seqpe/.../pe_sampler.py``): ``block_positions(start, shape)`` writes the positions of a block the
+way the official code does -- 1-D ``start .. start+L-1``; 2-D row by row, (h0, w0), (h0, w0+1), ...,
+(h0+1, w0), ... (``PeUtils.create_2d_pos_list``), each (row, column) becoming the row's digits then the
+column's. ``MainTaskPositions`` draws the main task's positions: with probability ``rate`` (the run
+scripts' ``pe_random_shift_rate`` 0.1) a block starting at a random shift -- 1-D shifts 0 ..
+max_position - L, 2-D shifts (i, j) with the whole block inside [0, max_position)² -- from a fixed random
+subset of ``downsample`` (320) shifts visited in order from a random pointer, otherwise the block at 0.
+The transfer loss is applied only on unshifted steps (as the official training loop does).
+
+For 2-D, ``max_position`` counts positions per coordinate: the official ``--pe_max_position 10000`` with
+``--pe_data_dim 2`` means 100 per side (two digits per coordinate), i.e. ``max_position=100`` here.
+
+``SinCosPositions`` (fixed sinusoidal input term; 2-D: half the channels for the row, half for the
+column) is the same hook for the sin-cos baseline of the extrapolation benchmarks. Deviations: the
+contrastive and transfer samplers follow the paper's description (random / local window / digit-edit
+candidates, shifted transfer positions) with this module's defaults rather than the repo's exact sampling
+code; a shifted step shifts the whole batch by one offset (the official loop splits a shifted batch of
+256 into 32 groups with 32 offsets). The per-head contrastive and transfer losses and the 0.1 / 0.1
+weights follow the run scripts.
 """
 from __future__ import annotations
 
@@ -48,7 +63,8 @@ from jaxformers.layers import Dense, LayerNorm, PositionTerms
 from jaxformers.models.gpt import DecoderLayer
 
 __all__ = ["SeqPE", "SeqPEEncoder", "SinCosPositions", "positions_to_digits", "max_digits_for", "contrastive_loss",
-           "transfer_loss", "contrastive_batch", "transfer_batch", "seqpe_losses"]
+           "transfer_loss", "contrastive_batch", "transfer_batch", "seqpe_losses", "block_positions",
+           "MainTaskPositions"]
 
 Mode = Literal["input_add", "attn_scalar", "attn_add", "attn_mul"]
 _init = nn.initializers.normal(0.02)
@@ -214,16 +230,74 @@ def _qk_transform(mode: str, pq: jax.Array, pk: jax.Array, num_prefix: int):
 
 class SinCosPositions(nn.Module):
     """Transformer sinusoids as a ``position_encoder`` (an input term; no parameters): the sin-cos
-    baseline of the extrapolation comparisons."""
+    baseline of the extrapolation comparisons. With D-coordinate positions the width is split into D
+    equal parts, one sin-cos code per coordinate (2-D: row, then column, as in MAE's 2-D sin-cos)."""
 
     @nn.compact
     def __call__(self, q_positions: jax.Array, k_positions: jax.Array, *, num_layers: int, num_heads: int,
                  head_dim: int, width: int, num_prefix: int = 0, train: bool = False) -> PositionTerms:
         del k_positions, num_layers, num_heads, head_dim, num_prefix, train
-        pos = q_positions[:, 0].astype(jnp.float32)
-        omega = 1.0 / 10000.0 ** (jnp.arange(width // 2, dtype=jnp.float32) / (width // 2))
-        ang = pos[:, None] * omega[None]
-        return PositionTerms(inputs=jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1))
+        dims = q_positions.shape[-1]
+        if width % (2 * dims):
+            raise ValueError(f"sin-cos positions of {dims} coordinates need a width divisible by {2 * dims}; "
+                             f"got {width}")
+        half = width // dims // 2
+        omega = 1.0 / 10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half)
+        codes = []
+        for d in range(dims):
+            ang = q_positions[:, d].astype(jnp.float32)[:, None] * omega[None]
+            codes += [jnp.sin(ang), jnp.cos(ang)]
+        return PositionTerms(inputs=jnp.concatenate(codes, axis=-1))
+
+
+def block_positions(start: int | tuple[int, int], shape: int | tuple[int, int]) -> np.ndarray:
+    """Positions of a block as the official code builds them: 1-D ``start`` / length L -> (L, 1)
+    start .. start+L-1; 2-D ``(h0, w0)`` / ``(H, W)`` -> (H·W, 2) (row, column) row by row:
+    (h0, w0), (h0, w0+1), ..., (h0, w0+W-1), (h0+1, w0), ... (``PeUtils.create_2d_pos_list``)."""
+    if isinstance(shape, (int, np.integer)):
+        return (int(start) + np.arange(int(shape)))[:, None].astype(np.int32)
+    (h0, w0), (h, w) = start, shape
+    rows, cols = np.meshgrid(np.arange(h0, h0 + h), np.arange(w0, w0 + w), indexing="ij")
+    return np.stack([rows.ravel(), cols.ravel()], -1).astype(np.int32)
+
+
+class MainTaskPositions:
+    """The main task's training positions with the official random start shift
+    (``SeqPeMainTaskPosSampler``): ``next(rng)`` -> (positions (L, D), shifted). With probability
+    ``rate`` the block starts at the next of ``downsample`` shifts drawn once at construction (from all
+    shifts keeping the block inside [0, max_position) per coordinate; the official pointer starts at a
+    random 0..31 and restarts there when the list is exhausted); otherwise it starts at 0. ``shape`` is
+    the length L (1-D) or the patch grid (H, W) (2-D, ``max_position`` per coordinate)."""
+
+    def __init__(self, shape: int | tuple[int, int], max_position: int, rng: np.random.Generator, *,
+                 rate: float = 0.1, downsample: int = 320):
+        self.shape = shape if isinstance(shape, (int, np.integer)) else tuple(shape)
+        self.rate = float(rate)
+        if isinstance(self.shape, tuple):
+            h, w = self.shape
+            if h > max_position or w > max_position:
+                raise ValueError(f"a {h}x{w} grid does not fit max_position={max_position} per coordinate")
+            starts = [(i, j) for i in range(max_position - h + 1) for j in range(max_position - w + 1)]
+            self.default = block_positions((0, 0), self.shape)
+        else:
+            if self.shape > max_position:
+                raise ValueError(f"length {self.shape} does not fit max_position={max_position}")
+            starts = list(range(max_position - self.shape + 1))
+            self.default = block_positions(0, self.shape)
+        order = rng.permutation(len(starts))
+        if downsample > 0:
+            order = order[:downsample]
+        self.starts = [starts[i] for i in order]
+        self.pointer = int(32 * rng.random())
+
+    def next(self, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+        if self.pointer >= len(self.starts):
+            self.pointer = int(32 * rng.random())
+        if rng.random() < self.rate:
+            start = self.starts[min(self.pointer, len(self.starts) - 1)]
+            self.pointer += 1
+            return block_positions(start, self.shape), True
+        return self.default, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,11 +428,13 @@ def extrapolation_run(position: Literal["seqpe", "learned", "sincos"], *, train_
                       eval_lens: tuple[int, ...] = (32, 64, 128), steps: int = 300, batch: int = 32,
                       width: int = 32, layers: int = 2, heads: int = 2, period: int = 8, vocab: int = 16,
                       max_position: int = 1000, regularizer_weight: float = 0.1, lr: float = 3e-3,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, random_shift_rate: float = 0.1) -> dict[str, Any]:
     """Trains a small GPT-2-style ``CausalLM`` on ``periodic_copy_batch`` at ``train_len`` with learned
     positions (a table of ``max(eval_lens)`` rows: the rows past ``train_len`` are never trained), fixed
     sin-cos positions, or SeqPE (``attn_scalar`` + the contrastive and transfer losses, weight
-    ``regularizer_weight`` each, transfer to positions up to ``max_position``); returns the final training
+    ``regularizer_weight`` each, transfer to positions up to ``max_position``; with probability
+    ``random_shift_rate`` a step's positions start at a random shift, ``MainTaskPositions``, and skip the
+    transfer loss, as the official training loop); returns the final training
     loss and the next-token accuracy on the predictable tokens (t >= period) at each of ``eval_lens``."""
     from jaxformers.models.gpt import CausalLM
 
@@ -366,26 +442,28 @@ def extrapolation_run(position: Literal["seqpe", "learned", "sincos"], *, train_
     encoder = {"seqpe": SeqPE(mode="attn_scalar", max_position=max_position, d_pe=width, num_heads=heads),
                "sincos": SinCosPositions(), "learned": None}[position]
     model = CausalLM(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                     max_position_embeddings=max(max(eval_lens), train_len), dropout=0.0, embed_dropout=0.0,
+                     max_position_embeddings=max(max(eval_lens), train_len, max_position if position == "seqpe" else 0),
+                     dropout=0.0, embed_dropout=0.0,
                      attention_dropout=0.0, position_encoder=encoder)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, train_len), jnp.int32)))["params"]
     tx = optax.adam(lr)
     opt = tx.init(params)
 
-    def lm_loss(p, ids):
-        logits = model.apply({"params": p}, ids)
+    def lm_loss(p, ids, position_ids=None):
+        logits = model.apply({"params": p}, ids, position_ids=position_ids)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
         return ce.mean()
 
     @jax.jit
-    def step(p, opt, ids, pivots, cands, labels, main, shifted):
+    def step(p, opt, ids, pivots, cands, labels, main, shifted, position_ids, use_transfer):
         def loss_fn(p):
-            loss = lm_loss(p, ids)
+            loss = lm_loss(p, ids, position_ids)
             if encoder is not None and position == "seqpe":
                 enc = lambda q: encoder.encode(p["position_encoder"], q)  # noqa: E731
                 ct = contrastive_loss(enc(pivots), enc(cands.reshape(-1, 1)).reshape(*cands.shape[:2], -1), labels,
                                       num_heads=heads)
-                loss = loss + regularizer_weight * (ct + transfer_loss(enc(main), enc(shifted), num_heads=heads))
+                tr = transfer_loss(enc(main), enc(shifted), num_heads=heads)
+                loss = loss + regularizer_weight * (ct + use_transfer * tr)
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(p)
@@ -393,11 +471,15 @@ def extrapolation_run(position: Literal["seqpe", "learned", "sincos"], *, train_
         return optax.apply_updates(p, updates), opt, loss
 
     loss = None
+    sampler = MainTaskPositions(train_len, max_position, rng, rate=random_shift_rate) if position == "seqpe" else None
     for _ in range(steps):
         ids = jnp.asarray(periodic_copy_batch(rng, batch, train_len, period=period, vocab=vocab))
         pivots, cands, labels = contrastive_batch(rng, 16, 16, max_position, local_range=64)
         main, shifted = transfer_batch(rng, 32, train_len, max_position)
-        params, opt, loss = step(params, opt, ids, pivots, cands, labels, main, shifted)
+        positions, moved = sampler.next(rng) if sampler is not None else (block_positions(0, train_len), False)
+        position_ids = jnp.broadcast_to(jnp.asarray(positions[:, 0]), ids.shape)
+        params, opt, loss = step(params, opt, ids, pivots, cands, labels, main, shifted, position_ids,
+                                 jnp.float32(not moved))
     accuracy, apply = {}, jax.jit(model.apply)
     for length in eval_lens:
         ids = jnp.asarray(periodic_copy_batch(np.random.default_rng(seed + 1), 64, length, period=period, vocab=vocab))

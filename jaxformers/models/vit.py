@@ -99,11 +99,16 @@ class VisionTransformer(FeatureBackbone):
         return dict(overrides[0] if len(overrides) == 1 else overrides[i])
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits"):
+    def __call__(self, x: jax.Array, *, train: bool = False, output: Output = "logits",
+                 positions: jax.Array | None = None):
         """Logits (B, num_classes); ``output`` selects the dense-feature contract's other outputs
         (``jaxformers.layers.features``): ``forward_features`` gives ``{patch_size: (B, h, w, D)}``,
-        the patch tokens after the final norm (no class token), ``pre_logits`` the pooled (B, D)."""
+        the patch tokens after the final norm (no class token), ``pre_logits`` the pooled (B, D).
+        ``positions`` (h·w, 2) int: the (row, column) given to the ``position_encoder`` for each patch in
+        row-major order (default the grid from (0, 0); e.g. SeqPE's shifted training positions)."""
         check_output(output, "VisionTransformer")
+        if positions is not None and self.position_encoder is None:
+            raise ValueError("positions= is for a position_encoder (e.g. SeqPE); this ViT has a learned table")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         if self.distilled and not self.class_token:
@@ -130,7 +135,7 @@ class VisionTransformer(FeatureBackbone):
                              (1, x.shape[1], self.embed_dim), self.param_dtype)
             x = x + pos.astype(x.dtype)
         else:
-            x, qk_fns = self._encoded_positions(x, train)
+            x, qk_fns = self._encoded_positions(x, train, positions)
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         block = maybe_remat(TransformerBlock, self.remat)
@@ -194,7 +199,7 @@ class VisionTransformer(FeatureBackbone):
                 logits = (logits + dist) / 2  # timm / DeiT inference: the mean of both heads
         return select_output(output, features, pooled, logits)
 
-    def _encoded_positions(self, x: jax.Array, train: bool):
+    def _encoded_positions(self, x: jax.Array, train: bool, positions: jax.Array | None = None):
         """The position encoder's terms for the patch grid: x with the input term added to the patch tokens,
         and the per-layer (q, k) transforms (or None)."""
         if self.remat:
@@ -202,6 +207,11 @@ class VisionTransformer(FeatureBackbone):
                              "closures); use remat=False")
         gh, gw = self.grid_size
         grid = jnp.asarray(np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), -1).reshape(-1, 2))
+        if positions is not None:
+            if tuple(positions.shape) != (gh * gw, 2):
+                raise ValueError(f"positions must be (h·w, 2) = ({gh * gw}, 2) (row, column) pairs for the "
+                                 f"{gh}x{gw} patch grid; got {tuple(positions.shape)}")
+            grid = jnp.asarray(positions, jnp.int32)
         terms = self.position_encoder(grid, grid, num_layers=self.depth, num_heads=self.num_heads,
                                       head_dim=self.embed_dim // self.num_heads, width=self.embed_dim,
                                       num_prefix=self.num_prefix_tokens, train=train)
