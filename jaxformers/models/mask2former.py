@@ -413,7 +413,7 @@ class Mask2Former(nn.Module):
             out["gate_logits"] = gate_logits
             out["encoder_exit"] = (select_exits(gate_logits, self.encoder_layers) if encoder_layers is None else
                                    jnp.full(gate_logits.shape[:1], encoder_layers, jnp.int32))
-        if train or self.output_auxiliary_logits:
+        if (train or self.output_auxiliary_logits) and len(classes) > 1:  # decoder_layers=1: no earlier ones
             out["auxiliary_logits"] = {"class_queries_logits": jnp.stack(classes[:-1]),
                                        "masks_queries_logits": jnp.stack(masks[:-1])}
         return out

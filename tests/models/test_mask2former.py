@@ -125,3 +125,13 @@ def test_bad_inputs_raise_clear_errors(tiny):
         jax.eval_shape(lambda v, x: model.apply(v, x, encoder_layers=3), variables, jnp.zeros((1, 64, 64, 3)))
     with pytest.raises(ValueError, match="Hugging Face Mask2Former directories hold Swin backbones"):
         jf.save_pretrained(cnn, {}, "/tmp/unused")
+
+
+def test_one_decoder_prediction_trains_without_auxiliary_outputs():
+    """decoder_layers=1 (masks from the learned queries alone): no earlier predictions to supervise, so no
+    ``auxiliary_logits`` (it used to fail stacking an empty list), and the loss needs none."""
+    model = jf.create_model(NAME, **{**TINY, "decoder_layers": 1})
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    out = jax.eval_shape(lambda v: model.apply(v, x, train=True, mutable=False), variables)
+    assert "auxiliary_logits" not in out and out["masks_queries_logits"].shape == (1, 8, 16, 16)
