@@ -26,6 +26,8 @@ int32 (16,) (see ``jaxformers.segmentation.targets``).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from train import input_pipeline
@@ -198,20 +200,27 @@ class PanopticShapes:
         return f"PanopticShapes({self.split!r}, {self.num_examples} examples of {self.size}x{self.size})"
 
 
-def photo(name: str = "astronaut", size: int = 64) -> np.ndarray:
-    """A scikit-image sample photograph as uint8 (size, size, 3): centre square crop, resized."""
+@functools.cache
+def load_photo(name: str) -> np.ndarray:
+    """A scikit-image sample photograph at full resolution as uint8 (H, W, 3) (grey ones repeated)."""
     try:
         import skimage.data
     except ImportError as e:
-        raise ImportError("photo() needs scikit-image: pip install scikit-image") from e
+        raise ImportError("the photographs come from scikit-image: pip install scikit-image") from e
     if not hasattr(skimage.data, name):
         raise ValueError(f"skimage.data has no image {name!r} (try astronaut, coffee, chelsea, rocket)")
     image = np.asarray(getattr(skimage.data, name)())
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, -1)
+    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+
+
+def photo(name: str = "astronaut", size: int = 64) -> np.ndarray:
+    """A scikit-image sample photograph as uint8 (size, size, 3): centre square crop, resized."""
+    image = load_photo(name)
     h, w = image.shape[:2]
     s = min(h, w)
-    image = image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s, :3]
+    image = image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))

@@ -37,6 +37,7 @@ import numpy as np
 
 from train import input_pipeline
 from train.input_pipeline import Field
+from train.seg_data import load_photo
 from train.tasks import Batch, Task, register_task
 
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry")
@@ -46,21 +47,6 @@ Y_WEIGHTS = (65.481, 128.553, 24.966)  # R, G, B (BasicSR's bgr2ycbcr reversed t
 
 # ---------------------------------------------------------------------------------------------
 # Data
-
-
-@functools.cache
-def load_photo(name: str) -> np.ndarray:
-    """A scikit-image sample photograph at full resolution as uint8 (H, W, 3) (grey ones repeated)."""
-    try:
-        import skimage.data
-    except ImportError as e:
-        raise ImportError("super-resolution data needs scikit-image: pip install scikit-image") from e
-    if not hasattr(skimage.data, name):
-        raise ValueError(f"skimage.data has no image {name!r} (colour ones: {TRAIN_PHOTOS + TEST_PHOTOS})")
-    image = np.asarray(getattr(skimage.data, name)())
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, -1)
-    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
 
 
 def bicubic_downsample(hr: np.ndarray, scale: int) -> np.ndarray:

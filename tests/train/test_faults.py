@@ -73,9 +73,11 @@ def test_two_processes_train_exactly_like_one(reference, cli, tmp_path, capsys):
     out = trainer.train_and_evaluate(make(), tmp_path)  # restores the 2-process checkpoint here
     assert "Already trained to step 10" in capsys.readouterr().out
     # The cross-process all-reduce (gloo) may add the 8 partial gradients in another order than
-    # the in-process one, so parameters agree to float32 rounding, not necessarily to the bit.
+    # the in-process one, so parameters agree to float32 rounding, not necessarily to the bit: that
+    # rounding, carried by momentum over 10 steps, reached 1.3e-7 on a parameter of 3e-3 (XLA's CPU
+    # optimisation level changes the order of the partial sums too), hence atol 1e-6.
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(out["state"])), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-6)
 
 
 SGD = ["optimizer.name='sgd'", "optimizer.learning_rate=0.05"]  # tight comparisons: see RUN
