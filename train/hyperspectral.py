@@ -182,13 +182,13 @@ def accuracy(model: Any, variables: dict, x: np.ndarray, y: np.ndarray, batch: i
 
 def fit(model: Any, variables: dict, teacher_params: Any, data: CrossDomainScenes, *, steps: int, batch: int = 128,
         tx: optax.GradientTransformation | None = None, align_after: int | None = None, seed: int = 0,
-        jit: Callable = jax.jit) -> tuple[dict, list[dict[str, float]]]:
+        lambda1: float = 0.1, lambda2: float = 1.0, jit: Callable = jax.jit) -> tuple[dict, list[dict[str, float]]]:
     """``steps`` BiDA steps on random source / target patch batches of ``data`` (official defaults: SGD
-    lr 1e-2, batch 128, alignment after half of training). Returns the trained variables and the
-    per-step loss terms."""
+    lr 1e-2, batch 128, alignment after half of training, lambda1 0.1, lambda2 1; lambda1 = lambda2 = 0
+    and no alignment is the source-only baseline). Returns the trained variables and the per-step loss terms."""
     tx = optax.sgd(1e-2) if tx is None else tx
     align_after = steps // 2 if align_after is None else align_after
-    step = jit(make_train_step(model, tx))
+    step = jit(make_train_step(model, tx, lambda1=lambda1, lambda2=lambda2))
     state, history = init_state(variables, teacher_params, tx), []
     for i in range(steps):
         xs, ys = data.patches("source", batch, seed=2 * (seed * steps + i))
