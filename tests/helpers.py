@@ -59,6 +59,13 @@ def needs_mosaic_gpu_interpreter(test: Callable) -> Callable:
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def xla_flags(devices: int | None) -> str:
+    """The test run's ``XLA_FLAGS`` (``tests/conftest.py``: fastest compilation) for a child process with
+    ``devices`` simulated CPU devices (``None``: the platform's own, one on a CPU runtime)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).split()
+    return " ".join(flags + ([f"--xla_force_host_platform_device_count={devices}"] if devices else []))
+
+
 def fast_jit(fn: Callable, **kwargs) -> Callable:
     """``jax.jit`` with ``FAST_COMPILE`` options (same numbers, less compile time for tiny models)."""
     return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)

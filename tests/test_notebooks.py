@@ -3,12 +3,13 @@ one install cell (colabs/install_cell.py), which installs jaxformers from a path
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from tests.helpers import xla_flags
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -29,8 +30,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # The devices of a fresh CPU runtime (one), not the eight the test run simulates: a notebook that
     # wants a mesh asks for its own (03 does, as it tells Colab users on a CPU runtime).
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    monkeypatch.setenv("XLA_FLAGS", flags.strip())
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(None))
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from jaxformers.models.bida import BiDAOutput, bida_loss, ema_update
+from train.search_common import accuracy as chunked_accuracy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,12 +173,8 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lambda1: fl
 
 
 def accuracy(model: Any, variables: dict, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
-    """Overall accuracy (OA) of the target-branch inference path on (x, y)."""
-    apply = jax.jit(model.apply)
-    correct = 0
-    for i in range(0, len(x), batch):
-        correct += int(np.sum(np.argmax(np.asarray(apply(variables, x[i:i + batch])), -1) == y[i:i + batch]))
-    return correct / len(x)
+    """Overall accuracy (OA) of the target-branch inference path on (x, y), in chunks of ``batch``."""
+    return chunked_accuracy(functools.partial(jax.jit(model.apply), variables), x, y, chunk=batch)
 
 
 def fit(model: Any, variables: dict, teacher_params: Any, data: CrossDomainScenes, *, steps: int, batch: int = 128,

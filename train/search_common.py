@@ -1,14 +1,14 @@
 """What the architecture-search runners share (``train/ofb_search.py``, ``train/vit_resnas_search.py``):
 the command line (``--config``, ``--workdir``, ``--config.<field>=<value>`` overrides), the embedded
 digits as RGB images of a given size, endless shuffled batches, a few AdamW steps of
-cross-entropy, accuracy in fixed-size chunks, and the two files a searched subnet is saved in
+cross-entropy, accuracy in fixed-size chunks (also the hyperspectral task's), and the two files a searched subnet is saved in
 (``subnet.json``: the registered model name and its ``create_model`` overrides; ``subnet.npz``: its
 variables) with the loader that gives it back."""
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
-import argparse
 import sys
 from typing import Any, Callable, Iterator, Sequence
 

@@ -1,12 +1,13 @@
 """Shared helpers for the training tests: tiny configs, subprocess launches of the CLI."""
 import os
 import pathlib
-import re
 import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests.helpers import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "train" / "configs" / "quickstart.py")
@@ -50,9 +51,7 @@ def free_port() -> int:
 
 def cli_env(devices: int = 8) -> dict:
     env = dict(os.environ)
-    # The run's XLA flags (tests/conftest.py: fastest compilation) with this process' device count.
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(), JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
