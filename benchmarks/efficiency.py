@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -49,6 +48,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jaxformers as jf  # noqa: E402
+from train.search_common import accuracy  # noqa: E402  (top-1 in fixed-size chunks: one compiled shape)
 
 # The quick-start model (train/configs/quickstart.py): vit_tiny_patch16_224 shrunk to 8x8 patches of
 # 32x32 digits -> 16 tokens + [CLS], width 64, 4 blocks of 4 heads, MLP ratio 2 (148k parameters).
@@ -129,14 +129,6 @@ def train(apply_fn: Callable, params: Any, data, steps: int, lr: float = 2e-3, t
     return params
 
 
-def accuracy(fn: Callable, x, y, batch: int = 256) -> float:
-    fn = jax.jit(fn)
-    correct = 0
-    for i in range(0, len(y), batch):
-        correct += int(jnp.sum(jnp.argmax(fn(jnp.asarray(x[i:i + batch])), -1) == y[i:i + batch]))
-    return correct / len(y)
-
-
 def flops_per_image(fn: Callable, x, batch: int = 256) -> float:
     xb = jnp.asarray(np.resize(x, (batch,) + x.shape[1:]))
     cost = jax.jit(fn).lower(xb).compile().cost_analysis()
@@ -170,7 +162,7 @@ class Table:
         self.rows, self.log = [], log
 
     def add(self, group: str, method: str, fn: Callable, x, y, params: int, base: dict | None = None, **extra):
-        row = {"group": group, "method": method, "accuracy": accuracy(fn, x, y), "flops": flops_per_image(fn, x),
+        row = {"group": group, "method": method, "accuracy": accuracy(jax.jit(fn), x, y), "flops": flops_per_image(fn, x),
                "img_s": throughput(fn, x), "params": params, **extra}
         if base is not None:
             row["flops_ratio"] = row["flops"] / base["flops"]
