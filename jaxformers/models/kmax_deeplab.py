@@ -27,7 +27,10 @@ Architecture (``configs/coco/panoptic_segmentation/kmax_*.yaml``):
   L2-normalised; mask kernels 1x1 ConvBN 256 -> 128; mask logits = pixel . kernel -> BatchNorm(1,
   init 0.1); class logits 1x1 conv -> C + 1 with a bias towards "void" (log((C) * 0.9 / 0.1)).
 - Auxiliary semantic head (training only): ASPP (rates 6/12/18) on the stride-32 backbone map and
-  DeepLabV3+ fusion with the stride-8 (64 ch) and stride-4 (32 ch) maps, C + 1 classes.
+  DeepLabV3+ fusion with the stride-8 (64 ch) and stride-4 (32 ch) maps, C + 1 classes; 256 channels
+  (``aux_semantic_channels``: narrower for small models; its depthwise 5x5 convolutions' kernel
+  gradients are dense convolutions on XLA's CPU backend, the most expensive part of a small model's
+  training step there).
 
 Outputs: ``pred_logits`` (B, N, C+1), ``pred_masks`` (B, N, H/4, W/4), ``pixel_feature`` (B, H/4,
 W/4, 128); with ``train=True`` also ``aux_outputs`` (the 6 layer predictions, masks and pixel
@@ -377,6 +380,7 @@ class SemanticPredictor(nn.Module):
     """Auxiliary semantic head: ASPP on stride 32, DeepLabV3+ fusion with stride 8 (64 ch) and 4 (32 ch)."""
 
     num_classes: int  # including void
+    channels: int = 256
     bn_momentum: float = 0.99
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -384,14 +388,15 @@ class SemanticPredictor(nn.Module):
     @nn.compact
     def __call__(self, x, os8, os4, train: bool = False):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, bn_momentum=self.bn_momentum)
-        x = ASPP(name="aspp", **kw)(x, train)
+        c = self.channels
+        x = ASPP(c, name="aspp", **kw)(x, train)
         for name, low, ch in (("os8", os8, 64), ("os4", os4, 32)):
             low = ConvBN(ch, act=True, name=f"{name}_projection", **kw)(low, train)
             x = jnp.concatenate([_resize(x, low.shape[1:3], align_corners=x.shape[2] % 2 == 1), low], -1)
             x = ConvBN(x.shape[-1], 5, groups=x.shape[-1], act=True, init_std=0, name=f"{name}_fusion0", **kw)(x, train)
-            x = ConvBN(256, act=True, name=f"{name}_fusion1", **kw)(x, train)
-        x = ConvBN(256, 5, groups=256, act=True, init_std=0, name="head_conv0", **kw)(x, train)
-        x = ConvBN(256, act=True, name="head_conv1", **kw)(x, train)
+            x = ConvBN(c, act=True, name=f"{name}_fusion1", **kw)(x, train)
+        x = ConvBN(c, 5, groups=c, act=True, init_std=0, name="head_conv0", **kw)(x, train)
+        x = ConvBN(c, act=True, name="head_conv1", **kw)(x, train)
         return ConvBN(self.num_classes, use_bias=True, norm=False, init_std=0.01, name="head_final", **kw)(x, train)
 
 
@@ -415,6 +420,7 @@ class KMaXDeepLab(nn.Module):
     ffn_dim: int = 2048
     trans_drop_path: float = 0.2
     aux_semantic: bool = True
+    aux_semantic_channels: int = 256
     bn_momentum: float = 0.99
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -461,7 +467,8 @@ class KMaXDeepLab(nn.Module):
                                          for p in preds]),
                 "pixel_feature": jnp.stack([_resize(p[2], size, align) for p in preds])}
         if self.aux_semantic and (train or self.is_initializing()):  # built at init: part of the official model
-            semantic = SemanticPredictor(c1, name="aux_semantic", **kw)(features[32], features[8], features[4], train)
+            semantic = SemanticPredictor(c1, self.aux_semantic_channels, name="aux_semantic", **kw)(
+                features[32], features[8], features[4], train)
             if train:
                 out["aux_semantic_pred"] = semantic
         return out
