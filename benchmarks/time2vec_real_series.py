@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             z_hat, losses, train_mse = _train_forecaster(train, test, steps=args.steps, seed=seed)
             forecasts[f"Time2Vec encoder (seed {seed})"] = raw(z_hat)
-            print(f"  seed {seed}: batch loss {np.mean(losses[:20]):.3f} (first 20 steps) -> {np.mean(losses[-20:]):.3f} "
-                  f"(last 20); whole training range MSE {train_mse:.3f} vs {np.mean(train['target'] ** 2):.3f} for "
+            print(f"  seed {seed}: batch loss {np.mean(losses[:20]):.3f} (first 20 steps) -> "
+                  f"{np.mean(losses[-20:]):.3f} (last 20); whole training range MSE {train_mse:.3f} vs {np.mean(train['target'] ** 2):.3f} for "
                   f"the zero forecast (standardised); {time.perf_counter() - start:.0f} s")
         for name, f in forecasts.items():
             pooled.setdefault(name, []).append(f)

@@ -57,7 +57,8 @@ def test_missing_package_and_unknown_source_are_clear_errors(monkeypatch):
     from train import tasks_series
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "arch" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "arch" else real_find_spec(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"'arch_sp500' reads a file that the 'arch' package ships; "
                                                   r"install it with `pip install --no-deps arch`"):
         tasks_series._arch_sp500()
