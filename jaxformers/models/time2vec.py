@@ -14,7 +14,10 @@ targets). ``select_correlated_series`` picks the inputs: the target plus the k s
 the training range only.
 
 Deviations (the paper gives no exact sizes): width, depth, heads, window and k are configuration;
-the blocks are pre-norm (the jaxformers encoder block) rather than PyTorch's default post-norm.
+the blocks are pre-norm (the jaxformers encoder block) rather than PyTorch's default post-norm. The paper
+forecasts stock prices; the training task (``train/tasks_series.py``) feeds standardised log
+returns and forecasts the next one, r̂, which is the price forecast P_t·exp(r̂): the same target without
+the non-stationary price level in the inputs, and the random walk (r̂ = 0) as its natural baseline.
 """
 from __future__ import annotations
 
