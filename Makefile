@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-compile --upgrade pip
 	$(PY) -m pip install -q --no-compile $(TORCH_PIN)
 	$(PY) -m pip install -q --no-compile -e ".[torch,data,dev]"
+	$(PY) -m pip install -q --no-compile --no-deps "arch>=8.0"  # its S&P 500 file only (pyproject: series)
 	touch $@
 
 setup: $(VENV)/.installed

