@@ -581,14 +581,14 @@ def _info(**kw) -> ModelInfo:
                      repo=None, input_size=(40000, 10), task="3d dense captioning", metric="CIDEr@0.5IoU", **kw)
 
 
-@register_model(_info(params_m=BICA_SCANREFER_PARAMS / 1e6))
+@register_model(_info())
 def bica_scanrefer(**overrides: Any) -> BiCA:
     """ScanRefer: xyz + colour + normal + height per point (Vote2Cap-DETR's --use_color --use_normal), 18
     ScanNet classes, the 3433-word ScanRefer vocabulary, captions up to 32 tokens."""
     return BiCA(**{**dict(in_features=7, num_classes=18, vocab_size=3433), **overrides})
 
 
-@register_model(_info(params_m=BICA_NR3D_PARAMS / 1e6))
+@register_model(_info())
 def bica_nr3d(**overrides: Any) -> BiCA:
     """Nr3D: as ``bica_scanrefer`` with the 2937-word Nr3D vocabulary."""
     return BiCA(**{**dict(in_features=7, num_classes=18, vocab_size=2937), **overrides})
