@@ -73,7 +73,7 @@ def test_set_criterion_matches_and_losses():
     out = dict(sem_cls_logits=logits, center=center, size=size, center_normalized=center / 4, size_normalized=size / 4,
                scene_min=lo, scene_max=hi, seed_xyz=center, vote_xyz=center)
     gt_c, gt_s = center[:, jnp.array([2, 0])], size[:, jnp.array([2, 0])]
-    loss, terms, assign = set_criterion(out, gt_c, gt_s, jnp.array([[0, 1]]), jnp.array([[True, True]]))
+    loss, terms, assign = fast_jit(set_criterion)(out, gt_c, gt_s, jnp.array([[0, 1]]), jnp.array([[True, True]]))
     np.testing.assert_array_equal(assign, [[2, 0]])
     for name in ("giou", "center", "size", "vote"):
         assert float(terms[name]) == pytest.approx(0.0, abs=1e-6), name
