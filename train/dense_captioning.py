@@ -11,7 +11,8 @@ m@kIoU protocol (``jaxformers.metrics.captioning.dense_caption_scores``), plus t
 annotated objects.
 
 Run: ``PYTHONPATH=. python -m train.dense_captioning --steps 300`` (prints the losses and the metrics of
-the untrained and trained model on the same held-out rooms).
+the untrained and trained model on the same held-out rooms; ``--no-context``: the ablation without context
+queries).
 """
 from __future__ import annotations
 
@@ -121,14 +122,15 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-scenes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-context", action="store_true", help="the ablation without context queries")
     args = parser.parse_args(argv)
     import jaxformers as jf
 
     rooms = Rooms()
-    model = jf.create_model("bica_scanrefer", **SMALL)
+    model = jf.create_model("bica_scanrefer", **SMALL, use_context=not args.no_context)
     sample = jnp.asarray(rooms.batch(2, seed=1)["points"])
     variables = jax.jit(model.init)({"params": jax.random.key(args.seed), "dropout": jax.random.key(1)}, sample)
-    print("parameters:", jf.count_params(model))
+    print("parameters:", jf.count_params(model), flush=True)
     held_out = rooms.batch(args.eval_scenes, seed=999_999)
     before = evaluate(model, variables, held_out)
     print("untrained:", {k: round(v, 4) for k, v in before.items()})

@@ -47,7 +47,8 @@ What the paper states, and what this file does with it:
   embedding, ScanRefer vocabulary of 3433 words: pad 0, unk 1, sos 2, eos 3; captions carry no sos and
   end with eos, the prefix predicts the first word); *choice*: its prefix is two tokens, the projected
   instance feature (``feature_projector``: Linear, LN, ReLU, Linear) and the projected contextual
-  feature (``context_projector``: Linear, ReLU, Linear, ReLU), replacing Vote2Cap-DETR's cross-attention
+  feature (``context_projector``: Linear, ReLU, Linear, ReLU; ``use_context=False`` is the ablation without
+  context queries, BiCA module and second prefix token), replacing Vote2Cap-DETR's cross-attention
   to the 128 nearest encoder tokens. Greedy decoding runs through the shared ``KVCache``
   (``generate``); the official evaluation uses beam search (5 beams).
 - **Losses** (``set_criterion``, ``caption_loss``): Vote2Cap-DETR's ``config.py`` / ``criterion.py``:
@@ -386,6 +387,7 @@ class BiCA(nn.Module):
     caption_heads: int = 4
     max_caption_len: int = 32
     caption_positions: int = 64
+    use_context: bool = True  # False: the ablation without context queries (caption prefix = instance feature)
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -458,19 +460,19 @@ class BiCA(nn.Module):
         query_xyz, query, _ = self.vote_sa(vote_xyz, voted, inds, train=train)
         query_pos = self.query_projection(fourier_embedding(query_xyz, lo, hi, d))
         # context queries
-        normed = enc / jnp.maximum(jnp.linalg.norm(enc, axis=-1, keepdims=True), 1e-12)
-        context_xyz, context, _ = self.context_sa(enc_xyz, normed, train=train)
-        context_pos = self.context_projection(fourier_embedding(context_xyz, lo, hi, d))
+        x, pos = query, query_pos
+        if self.use_context:
+            normed = enc / jnp.maximum(jnp.linalg.norm(enc, axis=-1, keepdims=True), 1e-12)
+            context_xyz, context, _ = self.context_sa(enc_xyz, normed, train=train)
+            context_pos = self.context_projection(fourier_embedding(context_xyz, lo, hi, d))
+            x, pos = jnp.concatenate([query, context], 1), jnp.concatenate([query_pos, context_pos], 1)
         # parallel decoding of both query sets
         memory = self.enc_to_dec(enc, train)
         memory_pos = fourier_embedding(enc_xyz, lo, hi, d)
-        x = jnp.concatenate([query, context], 1)
-        pos = jnp.concatenate([query_pos, context_pos], 1)
         for layer in self.decoder:
             x = layer(x, pos, memory, memory_pos, train)
         x = self.decoder_norm(x)
-        inst, ctx = x[:, :self.num_queries], x[:, self.num_queries:]
-        contextual = self.bica(inst, query_pos, ctx, context_pos, train)
+        inst = x[:, :self.num_queries]
         # boxes from the instance features
         logits = self.sem_cls_head(inst, train)
         center = query_xyz + jax.nn.sigmoid(self.center_head(inst, train)) - 0.5
@@ -479,16 +481,20 @@ class BiCA(nn.Module):
         objectness = 1.0 - jax.nn.softmax(logits.astype(jnp.float32), -1)[..., -1]
         # caption prefix: the instance feature and its contextual feature
         f1, ln, f2 = self.feature_projector
-        inst_tok = f2(nn.relu(ln(f1(inst))))
-        c1, c2 = self.context_projector
-        ctx_tok = nn.relu(c2(nn.relu(c1(contextual))))
-        prefix = jnp.stack([inst_tok, ctx_tok], 2)
+        tokens = [f2(nn.relu(ln(f1(inst))))]
+        extra = {}
+        if self.use_context:
+            contextual = self.bica(inst, query_pos, x[:, self.num_queries:], context_pos, train)
+            c1, c2 = self.context_projector
+            tokens.append(nn.relu(c2(nn.relu(c1(contextual)))))
+            extra["context_xyz"] = context_xyz
+        prefix = jnp.stack(tokens, 2)
         if self.is_initializing():  # create the captioner's parameters
             self.captioner(prefix[:1, 0], jnp.zeros((1, 2), jnp.int32))
         return dict(center=center, size=size_norm * extent, center_normalized=(center - lo[:, None]) / extent,
                     size_normalized=size_norm, sem_cls_logits=logits, objectness=objectness,
                     prefix=prefix, query_xyz=query_xyz, seed_xyz=enc_xyz,
-                    vote_xyz=vote_xyz, context_xyz=context_xyz, scene_min=lo, scene_max=hi)
+                    vote_xyz=vote_xyz, scene_min=lo, scene_max=hi, **extra)
 
     def caption_logits(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
         """prefix (..., P, caption_dim), tokens (..., L) -> (..., L, vocab) teacher-forced logits."""

@@ -48,6 +48,10 @@ def test_output_shapes_and_cached_greedy_decoding(tiny):
     assert shapes["sem_cls_logits"] == (2, 12, 4) and shapes["objectness"] == (2, 12)
     assert shapes["prefix"] == (2, 12, 2, 32) and shapes["context_xyz"] == (2, 6, 3)
     assert shapes["seed_xyz"] == shapes["vote_xyz"] == (2, 32, 3)
+    ablation = jf.create_model("bica_scanrefer", **TINY, use_context=False)
+    abstract = jax.eval_shape(ablation.init, jax.random.key(0), jnp.asarray(data["points"]))
+    assert "context_sa" not in abstract["params"] and "bica" not in abstract["params"]
+    assert jax.eval_shape(ablation.apply, abstract, jnp.asarray(data["points"]))["prefix"].shape == (2, 12, 1, 32)
     assert bool(jnp.all(out["size"] > 0)) and bool(jnp.all((out["objectness"] >= 0) & (out["objectness"] <= 1)))
     prefix = out["prefix"][:, :3]
     tokens = fast_jit(lambda v, p: model.apply(v, p, 8, method="generate"))(variables, prefix)
