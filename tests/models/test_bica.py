@@ -17,7 +17,7 @@ from train.dense_captioning import fit
 from train.scenes3d import VOCAB, Rooms, decode, encode
 
 TINY = dict(in_features=3, num_classes=3, dim=32, preenc_npoints=64, preenc_radius=0.4, preenc_nsample=8,
-            preenc_mlp=(16,), enc_heads=2, enc_ffn=32, enc_radii=(1.0, 2.0, 0.0), interim_radius=0.6, interim_nsample=8,
+            preenc_mlp=(16,), enc_heads=2, enc_ffn=32, enc_radii=(1.0, 0.0), interim_radius=0.6, interim_nsample=8,
             num_queries=12, vote_radius=0.5, vote_nsample=8, num_context=6, context_radius=1.5, context_nsample=8,
             dec_layers=1, dec_heads=2, dec_ffn=32, vocab_size=len(VOCAB), caption_dim=32, caption_layers=1,
             caption_heads=2, max_caption_len=12, caption_positions=16)
@@ -33,7 +33,7 @@ def test_param_counts(name, expected):
 @pytest.fixture(scope="module")
 def tiny():
     model = jf.create_model("bica_scanrefer", **TINY)
-    data = ROOMS.batch(2, seed=0)
+    data = ROOMS.batch(4, seed=0)
     variables = numpy_variables(model, jnp.asarray(data["points"]))
     out = fast_jit(model.apply)(variables, jnp.asarray(data["points"]))
     return model, variables, data, out
@@ -44,25 +44,25 @@ def test_output_shapes_and_cached_greedy_decoding(tiny):
     KV cache gives, at every step, the argmax of the teacher-forced logits of its own output."""
     model, variables, data, out = tiny
     shapes = {k: v.shape for k, v in out.items()}
-    assert shapes["center"] == shapes["size"] == shapes["query_xyz"] == (2, 12, 3)
-    assert shapes["sem_cls_logits"] == (2, 12, 4) and shapes["objectness"] == (2, 12)
-    assert shapes["prefix"] == (2, 12, 2, 32) and shapes["context_xyz"] == (2, 6, 3)
-    assert shapes["seed_xyz"] == shapes["vote_xyz"] == (2, 32, 3)
+    assert shapes["center"] == shapes["size"] == shapes["query_xyz"] == (4, 12, 3)
+    assert shapes["sem_cls_logits"] == (4, 12, 4) and shapes["objectness"] == (4, 12)
+    assert shapes["prefix"] == (4, 12, 2, 32) and shapes["context_xyz"] == (4, 6, 3)
+    assert shapes["seed_xyz"] == shapes["vote_xyz"] == (4, 32, 3)
     ablation = jf.create_model("bica_scanrefer", **TINY, use_context=False)
-    abstract = jax.eval_shape(ablation.init, jax.random.key(0), jnp.asarray(data["points"]))
+    ab_out, abstract = jax.eval_shape(ablation.init_with_output, jax.random.key(0), jnp.asarray(data["points"]))
     assert "context_sa" not in abstract["params"] and "bica" not in abstract["params"]
-    assert jax.eval_shape(ablation.apply, abstract, jnp.asarray(data["points"]))["prefix"].shape == (2, 12, 1, 32)
+    assert ab_out["prefix"].shape == (4, 12, 1, 32)
     assert bool(jnp.all(out["size"] > 0)) and bool(jnp.all((out["objectness"] >= 0) & (out["objectness"] <= 1)))
-    prefix = out["prefix"][:, :3]
-    tokens = fast_jit(lambda v, p: model.apply(v, p, 8, method="generate"))(variables, prefix)
-    assert tokens.shape == (2, 3, 8)
+    prefix = out["prefix"][:2, :3]
+    tokens = fast_jit(lambda v, p: model.apply(v, p, 6, method="generate"))(variables, prefix)
+    assert tokens.shape == (2, 3, 6)
     logits = fast_jit(lambda v, p, t: model.apply(v, p, t, method="caption_logits"))(variables, prefix, tokens)
     greedy = np.asarray(jnp.argmax(logits, -1))
     toks = np.asarray(tokens)
     for row in range(6):
-        seq, ref = toks.reshape(6, 8)[row], greedy.reshape(6, 8)[row]
+        seq, ref = toks.reshape(6, 6)[row], greedy.reshape(6, 6)[row]
         stop = np.flatnonzero(seq == EOS_ID)
-        end = stop[0] + 1 if stop.size else 8
+        end = stop[0] + 1 if stop.size else 6
         np.testing.assert_array_equal(seq[:end], ref[:end])
         assert np.all(seq[end:] == 0)
 
@@ -95,8 +95,7 @@ def test_set_criterion_matches_and_losses():
 
 def test_sharded_equals_single_device(tiny):
     model, variables, data, _ = tiny
-    x = jnp.asarray(ROOMS.batch(4, seed=5)["points"])
-    assert_sharded_forward_matches(model, variables, x, tol=1e-4)
+    assert_sharded_forward_matches(model, variables, jnp.asarray(data["points"]), tol=1e-4)
 
 
 def test_trains_on_generated_rooms(tiny):
@@ -138,6 +137,6 @@ def test_bad_input(tiny):
     with pytest.raises(ValueError, match="samples 64 points; the cloud has only 40"):
         model.apply(variables, pts[:, :40])
     with pytest.raises(ValueError, match="exceed the model's max_caption_len=12"):
-        model.apply(variables, out["prefix"][:, :2], jnp.ones((2, 2, 13), jnp.int32), method="caption_logits")
+        model.apply(variables, out["prefix"][:, :2], jnp.ones((4, 2, 13), jnp.int32), method="caption_logits")
     with pytest.raises(ValueError, match="max_len=20 exceeds"):
         model.apply(variables, out["prefix"][:, :2], 20, method="generate")
