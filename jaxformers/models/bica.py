@@ -1,0 +1,610 @@
+"""BiCA: Bi-directional Contextual Attention for 3D dense captioning.
+
+Paper: Minjung Kim, Hyung Suk Lim, Soonyoung Lee, Bumsoo Kim, Gunhee Kim, "Bi-directional Contextual
+Attention for 3D Dense Captioning", ECCV 2024 (oral), arXiv 2408.06662. **No official code is public**
+(searched GitHub for the title and "BiCA 3D dense captioning"), so this is a reading of the paper's
+method description on top of the code it builds on: Vote2Cap-DETR (Chen et al., CVPR 2023, arXiv
+2301.02508; official code ch3cook-fdu/Vote2Cap-DETR, ``models/detector_Vote2Cap_DETR/*`` and
+``models/captioner_dcc/captioner.py``) and its 3DETR encoder (Misra et al., ICCV 2021, arXiv 2109.08141;
+facebookresearch/3detr).
+
+What the paper states, and what this file does with it:
+
+- **Scene encoder** (paper: 3DETR-based). As Vote2Cap-DETR's ``build_preencoder`` / ``build_encoder``:
+  a set-abstraction tokenizer (2048 FPS centres, radius 0.2, 64 neighbours, MLP in→64→128→256,
+  ``jaxformers.layers.pointnet.SetAbstraction``), then the *masked* 3DETR encoder: 3 pre-norm layers
+  (width 256, 4 heads, FFN 128, ReLU, dropout 0.1) whose self-attention only sees points closer than
+  0.16 / 0.64 / 1.44 (the official code squares the radii 0.4 / 0.8 / 1.2 and compares the squares
+  with the *unsquared* distance; we keep the effective radii), with an interim set abstraction after
+  the first layer (1024 centres, radius 0.4, 32 neighbours, MLP 256→256→256).
+- **Instance queries** (paper: a set-abstraction-based generator). Vote2Cap-DETR's ``VoteQuery``: an
+  FFN (256→256→256→3+256, BN + ReLU) predicts an offset ("vote") and a feature update for every encoder
+  token, features are L2-normalised, 256 seeds are taken by FPS of the encoder xyz and a set abstraction
+  (radius 0.3, 16 neighbours, MLP 256×3) around the voted seeds gives each query's feature; its
+  Fourier position embedding (3DETR's ``PositionEmbeddingCoordsSine``, Gaussian B of shape (3, 128),
+  scale 1, coordinates normalised to the scene's min/max) goes through ``query_projection``.
+- **Context queries** (paper: a second query set that gathers global scene context; its generator's
+  hyper-parameters are not given). *Choice*: ``num_context`` (256) FPS centres of the encoder tokens,
+  a set abstraction with a larger ball (radius 1.2, 32 neighbours: the encoder's widest mask radius),
+  so each context query summarises a region rather than an object, with its own position projection.
+- **Parallel decoding** (paper: both query sets are decoded in parallel by the transformer decoder).
+  *Choice*: one 3DETR decoder (8 pre-norm layers, width 256, 4 heads, FFN 256, dropout 0.1, final
+  LayerNorm) over the concatenation of the instance and context queries, so both sets cross-attend to
+  the encoder tokens and self-attend to each other in every layer, with shared weights.
+- **Bi-directional contextual attention** (paper: instance-to-context and context-to-instance
+  aggregation). ``BiCAModule``: (1) instance→context: every context query attends to all instance
+  queries (multi-head cross-attention, pre-norm, residual, then an FFN) and becomes an instance-aware
+  context feature; (2) context→instance: every instance query attends to those context features and
+  the result (plus an FFN) is that instance's *contextual feature*. Both use the shared
+  ``MultiHeadAttention`` with DETR-style position terms on queries and keys only.
+- **Heads**. Localisation reads the decoder's instance features only (the paper's point: compact
+  features for boxes, contextual ones for captions). Box head exactly as Vote2Cap-DETR / 3DETR
+  (``GenericMLP`` 256→256→out with BN, ReLU, dropout 0.3): class logits over ``num_classes`` + 1 (the
+  last is "no object"; objectness = 1 − its probability), centre = query xyz + sigmoid − 0.5, size =
+  sigmoid × scene extent. ScanNet boxes are axis-aligned (``num_angle_bin = 1``, the official angle is
+  multiplied by 0), so the angle heads are left out. The caption head is Vote2Cap-DETR's GPT-2
+  captioner (2 layers, width 256, 4 heads, fixed sinusoidal positions over 64 slots, tied output
+  embedding, ScanRefer vocabulary of 3433 words: pad 0, unk 1, sos 2, eos 3; captions carry no sos and
+  end with eos, the prefix predicts the first word); *choice*: its prefix is two tokens, the projected
+  instance feature (``feature_projector``: Linear, LN, ReLU, Linear) and the projected contextual
+  feature (``context_projector``: Linear, ReLU, Linear, ReLU; ``use_context=False`` is the ablation without
+  context queries, BiCA module and second prefix token), replacing Vote2Cap-DETR's cross-attention
+  to the 128 nearest encoder tokens. Greedy decoding runs through the shared ``KVCache``
+  (``generate``); the official evaluation uses beam search (5 beams).
+- **Losses** (``set_criterion``, ``caption_loss``): Vote2Cap-DETR's ``config.py`` / ``criterion.py``:
+  Hungarian matching on cost 1·(−p(class)) + 2·(−GIoU) (scipy on the host via
+  ``jaxformers.segmentation.matching.hungarian_match``); class cross-entropy with "no object" weight
+  0.25, 5·L1 of the normalised centres, 1·L1 of the normalised sizes, 10·(1 − GIoU), a vote loss
+  (VoteNet-style: seeds inside a box regress to its centre, weight 1) and 5·caption cross-entropy on
+  the matched queries (teacher forcing). The decoder's per-layer auxiliary losses are not computed
+  (only the last layer is supervised).
+- **Deviations**: the pointnet2 CUDA FPS skips points within 0.03 of the origin; ours does not. GPT-2's
+  dropout (0.1 on embeddings, attention and residuals) is left out of the captioner. BatchNorm is kept
+  where the official MLPs have it (training needs ``mutable=["batch_stats"]``).
+- **Parameter count**: the paper gives none. ``bica_scanrefer`` (xyz + colour + normal + height input,
+  18 ScanNet classes, ScanRefer vocabulary) has 11,417,500 parameters (``BICA_SCANREFER_PARAMS``) by
+  this construction; ``bica_nr3d`` (the 2937-word Nr3D vocabulary) 11,290,524.
+
+Use (training and evaluation on generated rooms: ``train/dense_captioning.py``)::
+
+    model = jaxformers.create_model("bica_scanrefer")
+    out = model.apply(variables, points)                        # points (B, N, 10), N >= 2048
+    captions = model.apply(variables, out["prefix"], method="generate")   # (B, 256, 32) token ids
+    loss, terms, assign = set_criterion(out, gt_center, gt_size, gt_class, gt_valid)
+    logits = model.apply(variables, matched_prefix(out["prefix"], assign), gt_tokens, method="caption_logits")
+    total = loss + LOSS_WEIGHTS["caption"] * caption_loss(logits, gt_tokens, gt_valid & (assign >= 0))
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformers.layers.attention import MultiHeadAttention, init_kv_cache
+from jaxformers.layers.linear import Dense, logical
+from jaxformers.layers.norm import BatchNorm, LayerNorm
+from jaxformers.layers.pointnet import SetAbstraction, farthest_point_sample
+from jaxformers.registry import ModelInfo, register_model
+
+PAD_ID, UNK_ID, SOS_ID, EOS_ID = 0, 1, 2, 3
+# Parameters of the registered configurations (the paper gives none; ``jaxformers.count_params``).
+BICA_SCANREFER_PARAMS = 11_417_500
+BICA_NR3D_PARAMS = 11_290_524
+
+# ---------------------------------------------------------------------------------------------
+# Boxes (axis-aligned: centre (..., 3), size (..., 3))
+
+
+def box_volume(size: jax.Array) -> jax.Array:
+    return jnp.prod(jnp.maximum(size, 0.0), -1)
+
+
+def pairwise_iou_3d(c1, s1, c2, s2, generalized: bool = False) -> jax.Array:
+    """(..., Q, 3) boxes vs (..., S, 3) boxes -> (..., Q, S) IoU (or GIoU) of axis-aligned 3-D boxes."""
+    lo1, hi1 = c1 - s1 / 2, c1 + s1 / 2
+    lo2, hi2 = c2 - s2 / 2, c2 + s2 / 2
+    inter = box_volume(jnp.minimum(hi1[..., :, None, :], hi2[..., None, :, :])
+                       - jnp.maximum(lo1[..., :, None, :], lo2[..., None, :, :]))
+    union = box_volume(s1)[..., :, None] + box_volume(s2)[..., None, :] - inter
+    iou = inter / jnp.maximum(union, 1e-8)
+    if not generalized:
+        return iou
+    hull = box_volume(jnp.maximum(hi1[..., :, None, :], hi2[..., None, :, :])
+                      - jnp.minimum(lo1[..., :, None, :], lo2[..., None, :, :]))
+    return iou - (hull - union) / jnp.maximum(hull, 1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def fourier_embedding(xyz: jax.Array, lo: jax.Array, hi: jax.Array, dim: int, seed: int = 0) -> jax.Array:
+    """3DETR's ``PositionEmbeddingCoordsSine(pos_type="fourier", normalize=True)``: xyz scaled to [0, 1] by
+    the scene's (lo, hi), times 2π, projected by a fixed Gaussian B (3, dim / 2) -> [sin, cos]. B is a
+    frozen random buffer in the official code; here it is drawn from ``seed`` (no parameter)."""
+    b = jnp.asarray(np.random.default_rng(seed).standard_normal((3, dim // 2)), jnp.float32)
+    x = (xyz - lo[:, None]) / jnp.maximum(hi - lo, 1e-6)[:, None]
+    proj = (2 * np.pi * x) @ b
+    return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], -1)
+
+
+class GenericMLP(nn.Module):
+    """3DETR's ``GenericMLP`` as 1x1 layers: hidden Dense (no bias with BN) -> BN -> ReLU -> dropout, then the
+    output Dense (optionally BN + ReLU)."""
+
+    hidden: Sequence[int]
+    out: int
+    norm: bool = True
+    dropout: float = 0.0
+    hidden_bias: bool = False
+    out_bias: bool = True
+    out_act: bool = False
+    out_norm: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for i, width in enumerate(self.hidden):
+            x = Dense(width, axes=(None, "mlp"), use_bias=self.hidden_bias or not self.norm, name=f"fc{i}", **kw)(x)
+            if self.norm:
+                x = BatchNorm(train=train, axis_name="mlp", name=f"bn{i}", **kw)(x)
+            x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=not train)
+        x = Dense(self.out, axes=("mlp", None), use_bias=self.out_bias, name="out", **kw)(x)
+        if self.out_norm:
+            x = BatchNorm(train=train, axis_name=None, name="bn_out", **kw)(x)
+        return nn.relu(x) if self.out_act else x
+
+
+class FFN(nn.Module):
+    hidden: int
+    dropout: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dim = x.shape[-1]
+        h = nn.relu(Dense(self.hidden, axes=("embed", "mlp"), name="fc1", **kw)(x))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        return Dense(dim, axes=("mlp", "embed"), name="fc2", **kw)(h)
+
+
+class EncoderLayer(nn.Module):
+    """3DETR's pre-norm ``TransformerEncoderLayer`` (no position embedding in the masked encoder)."""
+
+    num_heads: int
+    ffn_dim: int
+    dropout: float = 0.1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=not train)  # noqa: E731
+        y = LayerNorm(1e-5, name="norm1", **kw)(x)
+        x = x + drop(MultiHeadAttention(self.num_heads, attention_dropout=self.dropout, name="self_attn", **kw)(
+            y, mask=mask, train=train))
+        y = LayerNorm(1e-5, name="norm2", **kw)(x)
+        return x + drop(FFN(self.ffn_dim, self.dropout, name="ffn", **kw)(y, train))
+
+
+class DecoderLayer(nn.Module):
+    """3DETR's pre-norm ``TransformerDecoderLayer``: self-attention (q = k = x + pos, v = x), cross-attention
+    to the encoder tokens (k = memory + its pos, v = memory), FFN."""
+
+    num_heads: int
+    ffn_dim: int
+    dropout: float = 0.1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, pos, memory, memory_pos, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=not train)  # noqa: E731
+        attn = dict(separate_qkv=True, attention_dropout=self.dropout, **kw)
+        y = LayerNorm(1e-5, name="norm1", **kw)(x)
+        x = x + drop(MultiHeadAttention(self.num_heads, name="self_attn", **attn)(y + pos, value=y, train=train))
+        y = LayerNorm(1e-5, name="norm2", **kw)(x)
+        x = x + drop(MultiHeadAttention(self.num_heads, name="cross_attn", **attn)(
+            y + pos, memory + memory_pos, value=memory, train=train))
+        y = LayerNorm(1e-5, name="norm3", **kw)(x)
+        return x + drop(FFN(self.ffn_dim, self.dropout, name="ffn", **kw)(y, train))
+
+
+class BiCAModule(nn.Module):
+    """Bi-directional contextual attention: instance→context (context queries gather the instances), then
+    context→instance (each instance gathers the instance-aware context: its contextual feature)."""
+
+    num_heads: int
+    ffn_dim: int
+    dropout: float = 0.1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inst, inst_pos, ctx, ctx_pos, train: bool = False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=not train)  # noqa: E731
+        attn = dict(separate_qkv=True, attention_dropout=self.dropout, **kw)
+        ni = LayerNorm(1e-5, name="norm_instance", **kw)(inst)
+        nc = LayerNorm(1e-5, name="norm_context", **kw)(ctx)
+        ctx = ctx + drop(MultiHeadAttention(self.num_heads, name="instance_to_context", **attn)(
+            nc + ctx_pos, ni + inst_pos, value=ni, train=train))
+        ctx = ctx + drop(FFN(self.ffn_dim, self.dropout, name="context_ffn", **kw)(
+            LayerNorm(1e-5, name="norm_context_ffn", **kw)(ctx), train))
+        nc = LayerNorm(1e-5, name="norm_context2", **kw)(ctx)
+        out = MultiHeadAttention(self.num_heads, name="context_to_instance", **attn)(
+            ni + inst_pos, nc + ctx_pos, value=nc, train=train)
+        return out + drop(FFN(self.ffn_dim, self.dropout, name="instance_ffn", **kw)(
+            LayerNorm(1e-5, name="norm_instance_ffn", **kw)(out), train))
+
+
+def sinusoid_table(length: int, dim: int) -> np.ndarray:
+    """Vote2Cap-DETR's ``position_embedding``: sin on even, cos on odd channels (frozen)."""
+    pos = np.arange(length)[:, None]
+    div = np.exp(np.arange(0, dim, 2) * -(np.log(10000.0) / dim))
+    table = np.zeros((length, dim), np.float32)
+    table[:, 0::2], table[:, 1::2] = np.sin(pos * div), np.cos(pos * div)
+    return table
+
+
+class CaptionBlock(nn.Module):
+    """GPT-2 block: x + causal attention(LN(x)), x + MLP(LN(x)) (4x, tanh-GELU); one cached decoding step
+    when ``cache`` is given."""
+
+    num_heads: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cache=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = MultiHeadAttention(self.num_heads, causal=True, name="attn", **kw)
+        y = LayerNorm(1e-5, name="ln_1", **kw)(x)
+        if cache is None:
+            x = x + attn(y)
+        else:
+            y, cache = attn(y, cache=cache)
+            x = x + y
+        y = LayerNorm(1e-5, name="ln_2", **kw)(x)
+        h = nn.gelu(Dense(4 * x.shape[-1], axes=("embed", "mlp"), name="fc", **kw)(y), approximate=True)
+        x = x + Dense(x.shape[-1], axes=("mlp", "embed"), name="proj", **kw)(h)
+        return x, cache
+
+
+class CaptionHead(nn.Module):
+    """Vote2Cap-DETR's GPT-2 captioner on a prefix of visual tokens (tied input / output embedding)."""
+
+    vocab_size: int
+    dim: int = 256
+    depth: int = 2
+    num_heads: int = 4
+    max_positions: int = 64
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.wte = nn.Embed(self.vocab_size, self.dim, embedding_init=logical(nn.initializers.normal(0.02),
+                                                                               ("vocab", "embed")), **kw)
+        self.blocks = [CaptionBlock(self.num_heads, **kw) for _ in range(self.depth)]
+        self.ln_f = LayerNorm(1e-5, **kw)
+
+    def _positions(self, start, length):
+        table = jnp.asarray(sinusoid_table(self.max_positions, self.dim))
+        return jax.lax.dynamic_slice_in_dim(table, start, length, 0)
+
+    def _logits(self, h):
+        return self.wte.attend(self.ln_f(h).astype(jnp.float32))
+
+    def __call__(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
+        """Teacher forcing. prefix (R, P, D), tokens (R, L) (no sos, eos-terminated, pad 0) -> (R, L, V): the
+        logits predicting ``tokens[:, t]`` from the prefix and ``tokens[:, :t]``."""
+        p, length = prefix.shape[1], tokens.shape[1]
+        if p + length > self.max_positions:
+            raise ValueError(f"a {p}-token prefix and {length} caption tokens exceed the captioner's "
+                             f"{self.max_positions} positions")
+        x = jnp.concatenate([prefix.astype(jnp.float32), self.wte(tokens[:, :-1]).astype(jnp.float32)], 1)
+        x = x + self._positions(0, p + length - 1)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self._logits(x[:, p - 1:])
+
+    def generate(self, prefix: jax.Array, max_len: int) -> jax.Array:
+        """Greedy decoding through the KV cache: (R, P, D) -> (R, max_len) int32, padded with 0 after eos."""
+        r, p, _ = prefix.shape
+        if p + max_len > self.max_positions:
+            raise ValueError(f"a {p}-token prefix and {max_len} caption tokens exceed the captioner's "
+                             f"{self.max_positions} positions")
+        head_dim = self.dim // self.num_heads
+        caches = [init_kv_cache(r, p + max_len, self.num_heads, head_dim) for _ in self.blocks]
+
+        def run(x, start, caches):
+            x = x + self._positions(start, x.shape[1])
+            new = []
+            for block, cache in zip(self.blocks, caches):
+                x, cache = block(x, cache)
+                new.append(cache)
+            return self._logits(x[:, -1]), new
+
+        logits, caches = run(prefix.astype(jnp.float32), 0, caches)
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        out = [tok]
+        done = tok == EOS_ID
+        for t in range(1, max_len):  # unrolled: max_len is small (32) and each step is tiny
+            logits, caches = run(self.wte(tok)[:, None].astype(jnp.float32), p + t - 1, caches)
+            tok = jnp.where(done, PAD_ID, jnp.argmax(logits, -1).astype(jnp.int32))
+            out.append(tok)
+            done = done | (tok == EOS_ID)
+        return jnp.stack(out, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class BiCA(nn.Module):
+    """BiCA 3D dense captioner. ``__call__(points (B, N, 3 + in_features))`` -> dict of per-instance-query
+    boxes (``center``, ``size``, ``center_normalized``, ``size_normalized``), ``sem_cls_logits`` (B, Q, K + 1),
+    ``objectness`` (B, Q), the caption ``prefix`` (B, Q, 2, caption_dim) and the intermediate geometry
+    (``query_xyz``, ``seed_xyz``, ``vote_xyz``, ``context_xyz``, ``scene_min`` / ``scene_max``). Captions:
+    ``apply(..., method="caption_logits")`` (teacher forcing) or ``method="generate"`` (greedy)."""
+
+    in_features: int = 7
+    num_classes: int = 18
+    dim: int = 256
+    preenc_npoints: int = 2048
+    preenc_radius: float = 0.2
+    preenc_nsample: int = 64
+    preenc_mlp: Sequence[int] = (64, 128)
+    enc_heads: int = 4
+    enc_ffn: int = 128
+    enc_radii: Sequence[float] = (0.16, 0.64, 1.44)
+    interim_radius: float = 0.4
+    interim_nsample: int = 32
+    num_queries: int = 256
+    vote_radius: float = 0.3
+    vote_nsample: int = 16
+    num_context: int = 256
+    context_radius: float = 1.2
+    context_nsample: int = 32
+    dec_layers: int = 8
+    dec_heads: int = 4
+    dec_ffn: int = 256
+    dropout: float = 0.1
+    mlp_dropout: float = 0.3
+    vocab_size: int = 3433
+    caption_dim: int = 256
+    caption_layers: int = 2
+    caption_heads: int = 4
+    max_caption_len: int = 32
+    caption_positions: int = 64
+    use_context: bool = True  # False: the ablation without context queries (caption prefix = instance feature)
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def example_inputs(self, batch_size: int = 1):
+        return (jnp.zeros((batch_size, self.preenc_npoints, 3 + self.in_features), jnp.float32),)
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d = self.dim
+        self.tokenizer = SetAbstraction(self.preenc_npoints, self.preenc_radius, self.preenc_nsample,
+                                        tuple(self.preenc_mlp) + (d,), **kw)
+        self.encoder = [EncoderLayer(self.enc_heads, self.enc_ffn, self.dropout, **kw) for _ in self.enc_radii]
+        self.interim = SetAbstraction(self.preenc_npoints // 2, self.interim_radius, self.interim_nsample,
+                                      (d, d, d), **kw)
+        self.vote_ffn = GenericMLP((d, d), 3 + d, hidden_bias=True, **kw)
+        self.vote_sa = SetAbstraction(self.num_queries, self.vote_radius, self.vote_nsample, (d, d, d), **kw)
+        self.context_sa = SetAbstraction(self.num_context, self.context_radius, self.context_nsample, (d, d, d),
+                                         **kw)
+        self.enc_to_dec = GenericMLP((d,), d, out_bias=False, out_act=True, out_norm=True, **kw)
+        self.query_projection = GenericMLP((d,), d, norm=False, hidden_bias=True, out_act=True, **kw)
+        self.context_projection = GenericMLP((d,), d, norm=False, hidden_bias=True, out_act=True, **kw)
+        self.decoder = [DecoderLayer(self.dec_heads, self.dec_ffn, self.dropout, **kw) for _ in range(self.dec_layers)]
+        self.decoder_norm = LayerNorm(1e-5, **kw)
+        self.bica = BiCAModule(self.dec_heads, self.dec_ffn, self.dropout, **kw)
+        head = dict(norm=True, dropout=self.mlp_dropout, **kw)
+        self.sem_cls_head = GenericMLP((d, d), self.num_classes + 1, **head)
+        self.center_head = GenericMLP((d, d), 3, **head)
+        self.size_head = GenericMLP((d, d), 3, **head)
+        c = self.caption_dim
+        self.feature_projector = [Dense(c, axes=("embed", "mlp"), **kw), LayerNorm(1e-5, axis_name="mlp", **kw),
+                                  Dense(c, axes=("mlp", "embed"), **kw)]
+        self.context_projector = [Dense(c, axes=("embed", "mlp"), **kw), Dense(c, axes=("mlp", "embed"), **kw)]
+        self.captioner = CaptionHead(self.vocab_size, c, self.caption_layers, self.caption_heads,
+                                     self.caption_positions, **kw)
+
+    def check_points(self, points: jax.Array) -> None:
+        if points.ndim != 3 or points.shape[-1] != 3 + self.in_features:
+            raise ValueError(f"points must be (batch, points, 3 + in_features) = (B, N, {3 + self.in_features}) "
+                             f"(xyz then {self.in_features} point features); got shape {tuple(points.shape)}")
+        need = max(self.preenc_npoints, self.preenc_nsample)
+        if points.shape[1] < need:
+            raise ValueError(f"the set-abstraction tokenizer samples {self.preenc_npoints} points; the cloud has "
+                             f"only {points.shape[1]}")
+
+    def encode(self, points: jax.Array, train: bool = False):
+        """Tokenizer + masked encoder -> (xyz (B, M, 3), features (B, M, dim)), M = preenc_npoints // 2."""
+        self.check_points(points)
+        xyz, feats = points[..., :3], points[..., 3:] if self.in_features else None
+        xyz, h, _ = self.tokenizer(xyz, feats, train=train)
+        for i, (layer, radius) in enumerate(zip(self.encoder, self.enc_radii)):
+            mask = None
+            if radius > 0:
+                dist = jnp.sqrt(jnp.maximum(jnp.sum((xyz[:, :, None] - xyz[:, None]) ** 2, -1), 0.0))
+                mask = (dist < radius)[:, None]
+            h = layer(h, mask, train)
+            if i == 0:
+                xyz, h, _ = self.interim(xyz, h, train=train)
+        return xyz, h
+
+    def __call__(self, points: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        lo, hi = jnp.min(points[..., :3], 1), jnp.max(points[..., :3], 1)
+        enc_xyz, enc = self.encode(points, train)
+        d = self.dim
+        # instance (vote) queries
+        out = self.vote_ffn(enc, train)
+        vote_xyz = enc_xyz + out[..., :3]
+        voted = enc + out[..., 3:]
+        voted = voted / jnp.maximum(jnp.linalg.norm(voted, axis=-1, keepdims=True), 1e-12)
+        inds = farthest_point_sample(enc_xyz, self.num_queries)
+        query_xyz, query, _ = self.vote_sa(vote_xyz, voted, inds, train=train)
+        query_pos = self.query_projection(fourier_embedding(query_xyz, lo, hi, d))
+        # context queries
+        x, pos = query, query_pos
+        if self.use_context:
+            normed = enc / jnp.maximum(jnp.linalg.norm(enc, axis=-1, keepdims=True), 1e-12)
+            context_xyz, context, _ = self.context_sa(enc_xyz, normed, train=train)
+            context_pos = self.context_projection(fourier_embedding(context_xyz, lo, hi, d))
+            x, pos = jnp.concatenate([query, context], 1), jnp.concatenate([query_pos, context_pos], 1)
+        # parallel decoding of both query sets
+        memory = self.enc_to_dec(enc, train)
+        memory_pos = fourier_embedding(enc_xyz, lo, hi, d)
+        for layer in self.decoder:
+            x = layer(x, pos, memory, memory_pos, train)
+        x = self.decoder_norm(x)
+        inst = x[:, :self.num_queries]
+        # boxes from the instance features
+        logits = self.sem_cls_head(inst, train)
+        center = query_xyz + jax.nn.sigmoid(self.center_head(inst, train)) - 0.5
+        size_norm = jax.nn.sigmoid(self.size_head(inst, train))
+        extent = jnp.maximum(hi - lo, 0.1)[:, None]
+        objectness = 1.0 - jax.nn.softmax(logits.astype(jnp.float32), -1)[..., -1]
+        # caption prefix: the instance feature and its contextual feature
+        f1, ln, f2 = self.feature_projector
+        tokens = [f2(nn.relu(ln(f1(inst))))]
+        extra = {}
+        if self.use_context:
+            contextual = self.bica(inst, query_pos, x[:, self.num_queries:], context_pos, train)
+            c1, c2 = self.context_projector
+            tokens.append(nn.relu(c2(nn.relu(c1(contextual)))))
+            extra["context_xyz"] = context_xyz
+        prefix = jnp.stack(tokens, 2)
+        if self.is_initializing():  # create the captioner's parameters
+            self.captioner(prefix[:1, 0], jnp.zeros((1, 2), jnp.int32))
+        return dict(center=center, size=size_norm * extent, center_normalized=(center - lo[:, None]) / extent,
+                    size_normalized=size_norm, sem_cls_logits=logits, objectness=objectness,
+                    prefix=prefix, query_xyz=query_xyz, seed_xyz=enc_xyz,
+                    vote_xyz=vote_xyz, scene_min=lo, scene_max=hi, **extra)
+
+    def caption_logits(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
+        """prefix (..., P, caption_dim), tokens (..., L) -> (..., L, vocab) teacher-forced logits."""
+        if tokens.shape[-1] > self.max_caption_len:
+            raise ValueError(f"captions of {tokens.shape[-1]} tokens exceed the model's max_caption_len="
+                             f"{self.max_caption_len}")
+        if prefix.shape[:-2] != tokens.shape[:-1]:
+            raise ValueError(f"prefix (..., P, D) {tuple(prefix.shape)} and tokens (..., L) {tuple(tokens.shape)} "
+                             f"disagree on the leading axes")
+        lead = tokens.shape[:-1]
+        logits = self.captioner(prefix.reshape((-1,) + prefix.shape[-2:]), tokens.reshape(-1, tokens.shape[-1]))
+        return logits.reshape(lead + logits.shape[1:])
+
+    def generate(self, prefix: jax.Array, max_len: int | None = None) -> jax.Array:
+        """Greedy captions (..., max_len) for prefixes (..., P, caption_dim)."""
+        max_len = self.max_caption_len if max_len is None else max_len
+        if max_len > self.max_caption_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_caption_len={self.max_caption_len}")
+        lead = prefix.shape[:-2]
+        out = self.captioner.generate(prefix.reshape((-1,) + prefix.shape[-2:]), max_len)
+        return out.reshape(lead + (max_len,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (Vote2Cap-DETR's criterion and captioner)
+
+LOSS_WEIGHTS = dict(giou=10.0, sem_cls=1.0, center=5.0, size=1.0, vote=1.0, caption=5.0)
+NO_OBJECT_WEIGHT = 0.25
+MATCH_COST = dict(cls=1.0, giou=2.0)
+
+
+def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_class: jax.Array,
+                  gt_valid: jax.Array, weights: dict | None = None):
+    """Hungarian matching + the detection losses. gt_* (B, S, ...) with ``gt_valid`` (B, S) bool. Returns
+    (weighted detection loss, dict of unweighted terms, assignment (B, S): the query matched to each target,
+    -1 for padding)."""
+    from jaxformers.segmentation.matching import hungarian_match, matched_query_targets
+
+    w = {**LOSS_WEIGHTS, **(weights or {})}
+    logits = outputs["sem_cls_logits"].astype(jnp.float32)
+    b, q, k1 = logits.shape
+    prob = jax.nn.softmax(logits, -1)
+    cls_cost = -jnp.take_along_axis(prob, jnp.broadcast_to(jnp.maximum(gt_class, 0)[:, None], (b, q) + gt_class.shape[1:]),
+                                    -1)
+    giou = pairwise_iou_3d(outputs["center"], outputs["size"], gt_center, gt_size, generalized=True)
+    cost = MATCH_COST["cls"] * cls_cost + MATCH_COST["giou"] * -giou
+    assign = hungarian_match(cost, gt_valid)
+    matched = assign >= 0
+    n = jnp.maximum(jnp.sum(matched), 1).astype(jnp.float32)
+    q_idx = jnp.maximum(assign, 0)
+    take = lambda x: jnp.take_along_axis(x, q_idx[..., None], 1)  # noqa: E731  (B, S, C)
+    lo, hi = outputs["scene_min"][:, None], outputs["scene_max"][:, None]
+    extent = jnp.maximum(hi - lo, 0.1)
+    m = matched[..., None].astype(jnp.float32)
+    center_l1 = jnp.sum(jnp.abs(take(outputs["center_normalized"]) - (gt_center - lo) / extent) * m) / n
+    size_l1 = jnp.sum(jnp.abs(take(outputs["size_normalized"]) - gt_size / extent) * m) / n
+    g = jnp.take_along_axis(giou, q_idx[:, None, :], 1)[:, 0]  # (B, S): the matched pair's GIoU
+    giou_loss = jnp.sum((1.0 - g) * matched) / n
+    target = matched_query_targets(assign, q, jnp.where(gt_valid, gt_class, k1 - 1).astype(jnp.int32), k1 - 1)
+    class_w = jnp.ones((k1,)).at[-1].set(NO_OBJECT_WEIGHT)[target]
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target[..., None], -1)[..., 0]
+    sem_cls = jnp.sum(ce * class_w) / jnp.sum(class_w)
+    vote = vote_loss(outputs["seed_xyz"], outputs["vote_xyz"], gt_center, gt_size, gt_valid)
+    terms = dict(giou=giou_loss, sem_cls=sem_cls, center=center_l1, size=size_l1, vote=vote)
+    loss = sum(w[name] * value for name, value in terms.items())
+    return loss, terms, assign
+
+
+def vote_loss(seed_xyz, vote_xyz, gt_center, gt_size, gt_valid):
+    """VoteNet-style: every seed inside a target box (the first such box) regresses its vote to that box's
+    centre (L1 over xyz, mean over such seeds; 0 if none)."""
+    rel = jnp.abs(seed_xyz[:, :, None] - gt_center[:, None])  # (B, M, S, 3)
+    inside = jnp.all(rel <= gt_size[:, None] / 2, -1) & gt_valid[:, None]
+    first = jnp.argmax(inside, -1)
+    has = jnp.any(inside, -1)
+    target = jnp.take_along_axis(gt_center, first[..., None], 1)
+    err = jnp.sum(jnp.abs(vote_xyz - target), -1)
+    return jnp.sum(err * has) / jnp.maximum(jnp.sum(has), 1)
+
+
+def matched_prefix(prefix: jax.Array, assign: jax.Array) -> jax.Array:
+    """prefix (B, Q, P, D), assign (B, S) -> (B, S, P, D): the prefix of the query matched to each target."""
+    idx = jnp.maximum(assign, 0)
+    return jnp.take_along_axis(prefix, idx[:, :, None, None], 1)
+
+
+def caption_loss(logits: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """Token cross-entropy (mean over the non-pad tokens of the valid captions): logits (..., L, V), tokens
+    (..., L) (pad 0), valid (...) bool."""
+    mask = (tokens != PAD_ID) & valid[..., None]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tokens[..., None], -1)[..., 0]
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+def _info(**kw) -> ModelInfo:
+    return ModelInfo(paper="Bi-directional Contextual Attention for 3D Dense Captioning", arxiv="2408.06662",
+                     repo=None, input_size=(40000, 10), task="3d dense captioning", metric="CIDEr@0.5IoU", **kw)
+
+
+@register_model(_info())
+def bica_scanrefer(**overrides: Any) -> BiCA:
+    """ScanRefer: xyz + colour + normal + height per point (Vote2Cap-DETR's --use_color --use_normal), 18
+    ScanNet classes, the 3433-word ScanRefer vocabulary, captions up to 32 tokens."""
+    return BiCA(**{**dict(in_features=7, num_classes=18, vocab_size=3433), **overrides})
+
+
+@register_model(_info())
+def bica_nr3d(**overrides: Any) -> BiCA:
+    """Nr3D: as ``bica_scanrefer`` with the 2937-word Nr3D vocabulary."""
+    return BiCA(**{**dict(in_features=7, num_classes=18, vocab_size=2937), **overrides})
