@@ -60,6 +60,7 @@ def main() -> None:
         bicubic_upsample,
         l1_loss,
         mean_error_y,
+        official_learning_rate,
         photo_pair,
         psnr_y,
         quantize,
@@ -80,7 +81,7 @@ def main() -> None:
         """The learning rate after ``fraction`` of the time budget."""
         if args.schedule == "constant":
             return args.lr
-        return args.lr * 0.5 ** sum(fraction >= m for m in (0.5, 0.8, 0.9, 0.95))
+        return official_learning_rate(args.lr, fraction)
 
     @jax.jit
     def step(params, opt_state, lr, hr, learning_rate):

@@ -6,7 +6,9 @@ photographs scikit-image ships (no download; ``TRAIN_PHOTOS`` for training, the 
 ``TEST_PHOTOS`` held out), each paired with its bicubic downsampling by ``scale`` (PIL's antialiased
 bicubic, Keys a = -0.5: the kernel of MATLAB's ``imresize`` that the SR benchmarks' LR images come
 from; PIL and MATLAB may differ slightly at the borders), stored as uint8 like the benchmark PNGs and
-served as float32 in [0, 1].
+served as float32 in [0, 1]; ``augment_patches=True`` flips / transposes each training crop at random
+(``augment``: the official configs' ``use_hflip`` / ``use_rot``). ``photo_pair`` gives a whole held-out
+photograph as one pair (mod-cropped to ``scale``), the way SR test sets are scored.
 
 Metrics (``psnr_y`` / ``ssim_y``): BasicSR's ``calculate_psnr`` / ``calculate_ssim`` with
 ``test_y_channel=True`` and ``crop_border=scale`` (``basicsr/metrics/psnr_ssim.py``; the official DRCT
@@ -22,6 +24,8 @@ computed on values centred at 128, which agrees with the float64 numbers to abou
 Baseline: ``bicubic_upsample`` (``jax.image.resize``'s cubic, Keys a = -0.5) of the same LR input,
 evaluated in the same run (``eval_sums`` reports ``psnr`` / ``ssim`` and ``bicubic_psnr`` /
 ``bicubic_ssim``).
+``mean_error_y`` is the per-image mean signed error on Y (bicubic is unbiased to ~0.1 grey levels;
+a network trained at a constant rate is not, see ``official_learning_rate``).
 
 Importing this module registers the task ``super_resolution`` and the embedded data set
 ``sr_photos`` (see ``train/configs/drct_photos.py``).
@@ -143,6 +147,18 @@ input_pipeline.EMBEDDED.setdefault(
 def l1_loss(sr: jax.Array, hr: jax.Array) -> jax.Array:
     """Mean absolute error (BasicSR's ``L1Loss``, reduction mean), computed in float32."""
     return jnp.mean(jnp.abs(sr.astype(jnp.float32) - hr.astype(jnp.float32)))
+
+
+# The official DRCT schedule (``options/train/train_DRCT_SRx4_from_scratch.yml``): MultiStepLR halving
+# the rate at 250k, 400k, 450k and 475k of 500k iterations.
+OFFICIAL_MILESTONES = (0.5, 0.8, 0.9, 0.95)
+
+
+def official_learning_rate(base: float, fraction: float) -> float:
+    """The official MultiStepLR (gamma 0.5) after ``fraction`` (0..1) of a run of any length: ``base``
+    halved at each of ``OFFICIAL_MILESTONES`` passed, ``base / 16`` for the last 5 %. A constant rate
+    leaves Adam's step noise in the output's mean level (a per-image bias PSNR penalises)."""
+    return base * 0.5 ** sum(fraction >= m for m in OFFICIAL_MILESTONES)
 
 
 def bicubic_upsample(lr: jax.Array, scale: int) -> jax.Array:

@@ -19,6 +19,7 @@ from train.super_resolution import (
     bicubic_upsample,
     load_photo,
     mean_error_y,
+    official_learning_rate,
     photo_pair,
     psnr_y,
     quantize,
@@ -152,3 +153,13 @@ def test_task_loss_and_eval_sums_with_the_bicubic_baseline():
     assert float(loss) == pytest.approx(float(np.mean(np.abs(np.asarray(bicubic) - hr))), rel=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         task.loss(hr[:, :32], batch)
+
+
+def test_official_learning_rate_schedule():
+    """MultiStepLR of the official x4 config (halved at 250k/400k/450k/475k of 500k iterations) at those
+    fractions of any budget."""
+    steps = 500_000
+    want = [2e-4 * 0.5 ** sum(i >= m for m in (250_000, 400_000, 450_000, 475_000)) for i in range(0, steps, 1000)]
+    got = [official_learning_rate(2e-4, i / steps) for i in range(0, steps, 1000)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert official_learning_rate(2e-4, 0.0) == 2e-4 and official_learning_rate(2e-4, 0.999) == 2e-4 / 16
