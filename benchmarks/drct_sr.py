@@ -6,7 +6,9 @@ r"""DRCT super-resolution on scikit-image photographs for a fixed training budge
 A small DRCT ("DRCT: Saving Image Super-resolution away from Information Bottleneck", arXiv
 2404.00722; ``jaxformers/models/drct.py``: ``drct_x{scale}`` with ``--embed`` channels, growth
 ``--gc``, ``--rdgs`` residual dense groups of five Swin blocks, window 8) is trained with the official
-recipe's loss and optimiser (L1, Adam, betas (0.9, 0.99); ``--lr``) on random ``--hr-size`` crops of
+recipe's loss and optimiser (L1, Adam, betas (0.9, 0.99); ``--lr``) on random ``--hr-size`` crops
+(default 16 x scale: 16x16 LR inputs, two windows, so nothing is reflect-padded; 12x12 LR inputs would be
+padded by a third in each direction, spending compute on reflected copies) of
 four scikit-image photographs, randomly flipped / transposed as the official configs do (``use_hflip``,
 ``use_rot``; ``--no-augment`` turns it off), and their bicubic downsamplings
 (``train/super_resolution.py``: a fresh batch every step), for ``--seconds`` of wall-clock training
@@ -42,7 +44,7 @@ def main() -> None:
     p.add_argument("--gc", type=int, default=16)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--rdgs", type=int, default=1)
-    p.add_argument("--hr-size", type=int, default=48)
+    p.add_argument("--hr-size", type=int, default=None, help="default 16 x scale: 16x16 LR inputs")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval", type=int, default=64)
@@ -68,6 +70,7 @@ def main() -> None:
         ssim_y,
     )
 
+    args.hr_size = args.hr_size or 16 * args.scale
     lr_size = args.hr_size // args.scale
     model = jf.create_model(f"drct_x{args.scale}", embed_dim=args.embed, gc=args.gc, depths=(1,) * args.rdgs,
                             num_heads=(args.heads,) * args.rdgs, window_size=8, img_size=lr_size,
