@@ -6,7 +6,9 @@ photographs scikit-image ships (no download; ``TRAIN_PHOTOS`` for training, the 
 ``TEST_PHOTOS`` held out), each paired with its bicubic downsampling by ``scale`` (PIL's antialiased
 bicubic, Keys a = -0.5: the kernel of MATLAB's ``imresize`` that the SR benchmarks' LR images come
 from; PIL and MATLAB may differ slightly at the borders), stored as uint8 like the benchmark PNGs and
-served as float32 in [0, 1].
+served as float32 in [0, 1]; ``augment_patches=True`` flips / transposes each training crop at random
+(``augment``: the official configs' ``use_hflip`` / ``use_rot``). ``photo_pair`` gives a whole held-out
+photograph as one pair (mod-cropped to ``scale``), the way SR test sets are scored.
 
 Metrics (``psnr_y`` / ``ssim_y``): BasicSR's ``calculate_psnr`` / ``calculate_ssim`` with
 ``test_y_channel=True`` and ``crop_border=scale`` (``basicsr/metrics/psnr_ssim.py``; the official DRCT
@@ -22,6 +24,8 @@ computed on values centred at 128, which agrees with the float64 numbers to abou
 Baseline: ``bicubic_upsample`` (``jax.image.resize``'s cubic, Keys a = -0.5) of the same LR input,
 evaluated in the same run (``eval_sums`` reports ``psnr`` / ``ssim`` and ``bicubic_psnr`` /
 ``bicubic_ssim``).
+``mean_error_y`` is the per-image mean signed error on Y (bicubic is unbiased to ~0.1 grey levels;
+a network trained at a constant rate is not, see ``official_learning_rate``).
 
 Importing this module registers the task ``super_resolution`` and the embedded data set
 ``sr_photos`` (see ``train/configs/drct_photos.py``).
@@ -59,25 +63,68 @@ def bicubic_downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.asarray(hr, np.uint8)).resize((w // scale, h // scale), Image.BICUBIC))
 
 
-def sr_pairs(photos: Sequence[str] = TRAIN_PHOTOS, *, n: int, hr_size: int, scale: int, seed: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    """``load_photo`` decoded once per process (read-only): the benchmark draws a fresh batch every step."""
+    image = load_photo(name)
+    image.flags.writeable = False
+    return image
+
+
+def augment(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """BasicSR's ``augment(..., hflip=True, rotation=True)`` (``basicsr/data/transforms.py``, used by the
+    official DRCT training configs ``use_hflip: true, use_rot: true``): horizontal flip, vertical flip and
+    transpose (H <-> W), each with probability 1/2, i.e. one of the 8 dihedral transforms of the patch."""
+    hflip, vflip, rot = rng.random(3) < 0.5
+    if hflip:
+        hr = hr[:, ::-1]
+    if vflip:
+        hr = hr[::-1]
+    if rot:
+        hr = hr.transpose(1, 0, 2)
+    return np.ascontiguousarray(hr)
+
+
+def sr_pairs(photos: Sequence[str] = TRAIN_PHOTOS, *, n: int, hr_size: int, scale: int, seed: int = 0,
+             augment_patches: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``n`` (LR, HR) pairs: uniformly random ``hr_size`` crops of random ``photos`` (a fixed NumPy
-    PCG64 stream per ``seed``) and their bicubic downsamplings, as float32 in [0, 1]:
-    LR (n, hr_size / scale, hr_size / scale, 3), HR (n, hr_size, hr_size, 3)."""
+    PCG64 stream per ``seed``), with ``augment_patches`` each flipped / transposed at random
+    (``augment``, the official training augmentation; off for evaluation), and their bicubic
+    downsamplings, as float32 in [0, 1]: LR (n, hr_size / scale, hr_size / scale, 3), HR (n, hr_size,
+    hr_size, 3)."""
     if hr_size % scale:
         raise ValueError(f"hr_size={hr_size} must be a multiple of scale={scale}")
     rng = np.random.default_rng(seed)
     lrs, hrs = [], []
     for _ in range(n):
-        photo = load_photo(photos[rng.integers(len(photos))])
+        photo = _photo(photos[rng.integers(len(photos))])
         h, w = photo.shape[:2]
         if min(h, w) < hr_size:
             raise ValueError(f"hr_size={hr_size} is larger than the photograph ({h}x{w})")
         top, left = rng.integers(h - hr_size + 1), rng.integers(w - hr_size + 1)
         hr = photo[top:top + hr_size, left:left + hr_size]
+        if augment_patches:
+            hr = augment(hr, rng)
         lrs.append(bicubic_downsample(hr, scale))
         hrs.append(hr)
     return np.stack(lrs).astype(np.float32) / 255.0, np.stack(hrs).astype(np.float32) / 255.0
+
+
+def photo_pair(name: str, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """A whole photograph as one (LR, HR) pair, the way SR test sets are scored: the HR image cut at the
+    bottom/right to a multiple of ``scale`` (BasicSR's ``mod_crop``) and its bicubic downsampling;
+    float32 in [0, 1], LR (1, H / scale, W / scale, 3), HR (1, H, W, 3)."""
+    image = _photo(name)
+    h, w = image.shape[0] - image.shape[0] % scale, image.shape[1] - image.shape[1] % scale
+    hr = image[:h, :w]
+    return (bicubic_downsample(hr, scale)[None].astype(np.float32) / 255.0, hr[None].astype(np.float32) / 255.0)
+
+
+def mean_error_y(img: Any, ref: Any, crop_border: int) -> Any:
+    """The mean signed error (bias) of ``img`` against ``ref`` on Y after the border crop, per image
+    (images RGB in [0, 255], (..., H, W, 3)); PSNR penalises it, SSIM's structure term does not."""
+    xp, dtype = _xp(img, ref)
+    return xp.mean(_prepare(img, crop_border, xp, dtype) - _prepare(ref, crop_border, xp, dtype), axis=(-2, -1))
 
 
 def _photo_fields(split: str, *, count: dict[str, int], hr_size: int, scale: int) -> dict[str, np.ndarray]:
@@ -100,6 +147,18 @@ input_pipeline.EMBEDDED.setdefault(
 def l1_loss(sr: jax.Array, hr: jax.Array) -> jax.Array:
     """Mean absolute error (BasicSR's ``L1Loss``, reduction mean), computed in float32."""
     return jnp.mean(jnp.abs(sr.astype(jnp.float32) - hr.astype(jnp.float32)))
+
+
+# The official DRCT schedule (``options/train/train_DRCT_SRx4_from_scratch.yml``): MultiStepLR halving
+# the rate at 250k, 400k, 450k and 475k of 500k iterations.
+OFFICIAL_MILESTONES = (0.5, 0.8, 0.9, 0.95)
+
+
+def official_learning_rate(base: float, fraction: float) -> float:
+    """The official MultiStepLR (gamma 0.5) after ``fraction`` (0..1) of a run of any length: ``base``
+    halved at each of ``OFFICIAL_MILESTONES`` passed, ``base / 16`` for the last 5 %. A constant rate
+    leaves Adam's step noise in the output's mean level (a per-image bias PSNR penalises)."""
+    return base * 0.5 ** sum(fraction >= m for m in OFFICIAL_MILESTONES)
 
 
 def bicubic_upsample(lr: jax.Array, scale: int) -> jax.Array:

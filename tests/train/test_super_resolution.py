@@ -14,9 +14,13 @@ from train.super_resolution import (
     TEST_PHOTOS,
     TRAIN_PHOTOS,
     SuperResolutionTask,
+    augment,
     bicubic_downsample,
     bicubic_upsample,
     load_photo,
+    mean_error_y,
+    official_learning_rate,
+    photo_pair,
     psnr_y,
     quantize,
     sr_pairs,
@@ -36,9 +40,10 @@ def _y(v: float) -> float:  # luma of a grey RGB value: 16 + (65.481 + 128.553 +
 
 @pytest.mark.parametrize("case", ["offset", "identical", "border_only", "batch"])
 def test_psnr_worked_examples(case):
-    if case == "offset":  # grey 100 vs grey 110: every Y differs by 219 * 10 / 255
+    if case == "offset":  # grey 100 vs grey 110: every Y differs by 219 * 10 / 255 (a bias of -8.59)
         got = float(psnr_y(_grey(100), _grey(110), crop_border=4))
         assert got == pytest.approx(20 * math.log10(255 / (2190 / 255)), abs=1e-4)  # 29.4547 dB
+        assert float(mean_error_y(_grey(100), _grey(110), crop_border=4)) == pytest.approx(-2190 / 255, abs=1e-9)
     elif case == "identical":
         assert float(psnr_y(_grey(50), _grey(50), crop_border=0)) == math.inf
     elif case == "border_only":  # differences only in the 2-pixel border: cropped away with crop_border=2
@@ -97,6 +102,9 @@ def test_metrics_match_scikit_image_float64():
 
 
 def test_bicubic_pairs_of_photographs():
+    """Exact (bicubic of the uint8 HR crop) pairs, reproducible per seed; the official flip / transpose
+    augmentation keeps them exact pairs, draws all 8 dihedral transforms of the crops it would have
+    cut without it, and is off by default (evaluation crops); whole photographs are mod-cropped."""
     lr, hr = sr_pairs(TRAIN_PHOTOS, n=3, hr_size=48, scale=3, seed=5)
     assert lr.shape == (3, 16, 16, 3) and hr.shape == (3, 48, 48, 3)
     assert lr.dtype == hr.dtype == np.float32 and 0 <= lr.min() and lr.max() <= 1
@@ -107,6 +115,23 @@ def test_bicubic_pairs_of_photographs():
     assert not set(TRAIN_PHOTOS) & set(TEST_PHOTOS)
     with pytest.raises(ValueError, match="must be a multiple of scale=3"):
         sr_pairs(TRAIN_PHOTOS, n=1, hr_size=50, scale=3)
+
+    rng, seen = np.random.default_rng(0), set()
+    patch = hr8[0]
+    dihedral = [np.rot90(patch, k) for k in range(4)] + [np.rot90(patch[::-1], k) for k in range(4)]
+    for _ in range(64):
+        out = augment(patch, rng)
+        seen.add(next(i for i, d in enumerate(dihedral) if np.array_equal(out, d)))
+    assert seen == set(range(8))
+    alr, ahr = sr_pairs(("astronaut",), n=8, hr_size=24, scale=4, seed=3, augment_patches=True)
+    ahr8 = np.round(ahr * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.round(alr * 255).astype(np.uint8), np.stack([bicubic_downsample(h, 4) for h in ahr8]))
+    _, plain = sr_pairs(("astronaut",), n=8, hr_size=24, scale=4, seed=3)
+    assert not np.array_equal(ahr, plain)  # the first crop is cut where it would be, then transformed:
+    assert any(np.array_equal(ahr[0], np.rot90(t, k)) for t in (plain[0], plain[0, ::-1]) for k in range(4))
+    wlr, whr = photo_pair("chelsea", 4)
+    assert whr.shape == (1, 300, 448, 3) and wlr.shape == (1, 75, 112, 3)
+    np.testing.assert_array_equal(np.round(whr[0] * 255).astype(np.uint8), load_photo("chelsea")[:300, :448])
 
 
 def test_task_loss_and_eval_sums_with_the_bicubic_baseline():
@@ -128,3 +153,13 @@ def test_task_loss_and_eval_sums_with_the_bicubic_baseline():
     assert float(loss) == pytest.approx(float(np.mean(np.abs(np.asarray(bicubic) - hr))), rel=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         task.loss(hr[:, :32], batch)
+
+
+def test_official_learning_rate_schedule():
+    """MultiStepLR of the official x4 config (halved at 250k/400k/450k/475k of 500k iterations) at those
+    fractions of any budget."""
+    steps = 500_000
+    want = [2e-4 * 0.5 ** sum(i >= m for m in (250_000, 400_000, 450_000, 475_000)) for i in range(0, steps, 1000)]
+    got = [official_learning_rate(2e-4, i / steps) for i in range(0, steps, 1000)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert official_learning_rate(2e-4, 0.0) == 2e-4 and official_learning_rate(2e-4, 0.999) == 2e-4 / 16
