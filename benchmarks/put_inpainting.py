@@ -6,8 +6,8 @@ r"""PUT inpainting on held-out scikit-image photographs against simple fills, in
 
 PUT ("Reduce Information Loss in Transformers for Pluralistic Image Inpainting", arXiv 2205.05076;
 ``jaxformers/models/put.py``) is trained in its two stages by ``train.inpainting.run`` (P-VQVAE with the
-dual codebook, then the un-quantized transformer) on random crops of four scikit-image photographs, and
-completes held-out crops (another seed) under generated free-form stroke masks (hole fraction 0.1-0.5;
+dual codebook, then the un-quantized transformer) on random crops of six scikit-image photographs, and
+completes further random crops of the same photographs (not trained on) under generated free-form stroke masks (hole fraction 0.1-0.5;
 ``train.inpainting.masks``), 4 samples each (top-k 8, one token per step). On the same images and masks,
 in the same run, three fills without learning: the mean visible colour (``train.inpainting.mean_fill``),
 the nearest visible pixel (Euclidean distance transform), and a harmonic (diffusion) fill (Jacobi
