@@ -147,9 +147,11 @@ def init_state(variables: dict, teacher_params: Any, tx: optax.GradientTransform
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, *, lambda1: float = 0.1, lambda2: float = 1.0,
-                    ema_decay: float = 0.999) -> Callable:
+                    ema_decay: float = 0.999, lambda_align: float | None = None) -> Callable:
     """``step(state, source, labels, target, rng, align) -> (state, loss, terms, grads)`` (not jitted):
-    student and EMA teacher forward in training mode, ``bida_loss``, one optimizer step, the EMA update."""
+    student and EMA teacher forward in training mode, ``bida_loss``, one optimizer step, the EMA update.
+    ``lambda_align``: the alignment's weight where it should differ from the distillation's ``lambda1``
+    (the official objective weights both with lambda1; separate weights are for ablations)."""
 
     def step(state: BiDAState, source, labels, target, rng, align):
         student_rng, teacher_rng = jax.random.split(rng)
@@ -161,6 +163,8 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lambda1: fl
                                        train=True, rngs={"dropout": student_rng}, mutable=["batch_stats"])
             loss, terms = bida_loss(BiDAOutput(*out), BiDAOutput(*teacher), labels, lambda1=lambda1,
                                     lambda2=lambda2, align=align)
+            if lambda_align is not None:
+                loss = loss + (lambda_align - lambda1) * terms["alignment"]
             return loss, (terms, updates["batch_stats"])
 
         (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -179,13 +183,14 @@ def accuracy(model: Any, variables: dict, x: np.ndarray, y: np.ndarray, batch: i
 
 def fit(model: Any, variables: dict, teacher_params: Any, data: CrossDomainScenes, *, steps: int, batch: int = 128,
         tx: optax.GradientTransformation | None = None, align_after: int | None = None, seed: int = 0,
-        lambda1: float = 0.1, lambda2: float = 1.0, jit: Callable = jax.jit) -> tuple[dict, list[dict[str, float]]]:
+        lambda1: float = 0.1, lambda2: float = 1.0, lambda_align: float | None = None,
+        jit: Callable = jax.jit) -> tuple[dict, list[dict[str, float]]]:
     """``steps`` BiDA steps on random source / target patch batches of ``data`` (official defaults: SGD
     lr 1e-2, batch 128, alignment after half of training, lambda1 0.1, lambda2 1; lambda1 = lambda2 = 0
-    and no alignment is the source-only baseline). Returns the trained variables and the per-step loss terms."""
+    and no alignment is the source-only baseline; ``lambda_align``: see :func:`make_train_step`). Returns the trained variables and the per-step loss terms."""
     tx = optax.sgd(1e-2) if tx is None else tx
     align_after = steps // 2 if align_after is None else align_after
-    step = jit(make_train_step(model, tx, lambda1=lambda1, lambda2=lambda2))
+    step = jit(make_train_step(model, tx, lambda1=lambda1, lambda2=lambda2, lambda_align=lambda_align))
     state, history = init_state(variables, teacher_params, tx), []
     for i in range(steps):
         xs, ys = data.patches("source", batch, seed=2 * (seed * steps + i))
