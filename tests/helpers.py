@@ -148,6 +148,32 @@ def segmentation_shapes(n: int = 8, size: int = 64, split: str = "train") -> tup
     return jnp.asarray(data["image"], jnp.float32) / 255.0 - 0.5, jnp.asarray(data["semantic"])
 
 
+def panoptic_batch(n: int = 8, split: str = "train") -> dict[str, np.ndarray]:
+    """The first ``n`` generated scenes of ``train.seg_data.PanopticShapes`` as a batch of the panoptic
+    task (``train.tasks_seg.PanopticSegmentationTask``): images in [-1, 1] and every target field."""
+    from train.seg_data import PanopticShapes
+
+    data = PanopticShapes(split).arrays(n)
+    return {"image": (data["image"] / 127.5 - 1.0).astype(np.float32),
+            **{k: data[k] for k in ("semantic", "panoptic", "segment_classes", "segment_crowd")}}
+
+
+def panoptic_scores(model: nn.Module, task: Any, batch: dict[str, np.ndarray]) -> Callable[[dict], dict[str, float]]:
+    """``scores(variables) -> {"PQ": ..., "mIoU": ..., ...}`` of ``model`` on ``batch`` through the trainer's
+    eval step (one fast-compiled program) and the task's ``finish_eval``, as the training CLI evaluates."""
+    from train import steps
+
+    eval_step = fast_jit(steps.make_eval_step(model, task))
+    batch = {**batch, "mask": np.ones(len(batch["image"]), np.float32)}
+
+    def scores(variables: dict) -> dict[str, float]:
+        sums = jax.device_get(eval_step(variables["params"], variables.get("batch_stats"), batch))
+        count = sums.pop("count")
+        return task.finish_eval({k: float(v) / count for k, v in sums.items()})
+
+    return scores
+
+
 def assert_every_param_has_gradient(grads: Any) -> None:
     """Fails naming every parameter whose gradient is all zeros (a branch cut off from the loss)."""
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]

@@ -19,9 +19,9 @@ from jaxformers.convert.common import StateDict
 from jaxformers.models.kmax_deeplab import kmeans_update
 from jaxformers.models.kmax_deeplab_convert import convert_official_kmax
 from jaxformers.segmentation.kmax_loss import KMaXLossConfig, kmax_loss, kmax_match
-from tests.helpers import assert_sharded_forward_matches, fast_jit, image, numpy_variables, train_classifier
-from train import steps
-from train.seg_data import NUM_CLASSES, THING_IDS, PanopticShapes
+from tests.helpers import (assert_sharded_forward_matches, image, numpy_variables, panoptic_batch, panoptic_scores,
+                           train_classifier)
+from train.seg_data import NUM_CLASSES, THING_IDS
 from train.tasks_seg import PanopticSegmentationTask
 
 NAME = "kmax_deeplab_convnext_tiny_coco"
@@ -164,25 +164,15 @@ def test_kmax_loss_worked_example():
     np.testing.assert_allclose(parts_deep["loss_aux_semantic"], np.log(4.0), rtol=1e-5)  # uniform logits
     np.testing.assert_allclose(deep, 3 * total + np.log(4.0), rtol=1e-5)
 
-
-
 def test_trains_on_generated_panoptic_scenes_loss_falls_and_pq_rises(tiny):
     """20 Adam steps on 8 generated 64 px scenes through the panoptic task's kMaX criterion (matching,
     PQ-style weights, pixel instance discrimination, auxiliary semantic head, deep supervision), BatchNorm
     statistics updated; PQ and mIoU on those scenes through the trainer's eval step, before and after."""
     model, variables = tiny
-    data = PanopticShapes("train").arrays(8)
-    batch = {"image": (data["image"] / 127.5 - 1.0).astype(np.float32),
-             **{k: data[k] for k in ("semantic", "panoptic", "segment_classes", "segment_crowd")}}
+    batch = panoptic_batch(8)
     task = PanopticSegmentationTask(NUM_CLASSES, THING_IDS, criterion="kmax",
                                     criterion_args=dict(pixel_insdis_sample_k=128, aux_semantic_sample_k=128))
-    eval_step = fast_jit(steps.make_eval_step(model, task))
-
-    def scores(v):
-        sums = jax.device_get(eval_step(v["params"], v["batch_stats"], {**batch, "mask": np.ones(8, np.float32)}))
-        count = sums.pop("count")
-        return task.finish_eval({k: float(x) / count for k, x in sums.items()})
-
+    scores = panoptic_scores(model, task, batch)
     before = scores(variables)
     losses, trained = train_classifier(model, variables, batch["image"], batch, steps=20, tx=optax.adam(1e-2),
                                        loss=lambda out, b: task.loss(out, b, jax.random.key(0))[0])

@@ -11,10 +11,9 @@ import pytest
 
 import jaxformers as jf
 from jaxformers.sharding import make_mesh
-from tests.helpers import (assert_every_param_has_gradient, fast_jit, image, numpy_variables, shard_like_init,
-                           single_and_sharded)
-from train import steps
-from train.seg_data import NUM_CLASSES, THING_IDS, PanopticShapes
+from tests.helpers import (assert_every_param_has_gradient, fast_jit, image, numpy_variables, panoptic_batch,
+                           panoptic_scores, shard_like_init, single_and_sharded)
+from train.seg_data import NUM_CLASSES, THING_IDS
 from train.tasks_seg import PanopticSegmentationTask
 
 NAME = "mask2former_swin_tiny_coco_panoptic"
@@ -78,9 +77,7 @@ def test_trains_on_generated_panoptic_scenes_loss_falls_and_pq_rises(tiny):
     """40 AdamW steps on 8 generated scenes through the panoptic task's loss (Hungarian matching,
     point-sampled losses, deep supervision); evaluation through the trainer's eval step."""
     model, variables = tiny
-    data = PanopticShapes("train").arrays(8)
-    batch = {"image": (data["image"] / 127.5 - 1.0).astype(np.float32),
-             **{k: data[k] for k in ("semantic", "panoptic", "segment_classes", "segment_crowd")}}
+    batch = panoptic_batch(8)
     task = PanopticSegmentationTask(NUM_CLASSES, THING_IDS, criterion_args=dict(num_points=64))
     tx = optax.adamw(2e-3, weight_decay=0.0)
 
@@ -91,23 +88,17 @@ def test_trains_on_generated_panoptic_scenes_loss_falls_and_pq_rises(tiny):
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss, grads
 
-    eval_step = fast_jit(steps.make_eval_step(model, task))
-
-    def pq(params):
-        sums = jax.device_get(eval_step(params, None, {**batch, "mask": np.ones(8, np.float32)}))
-        count = sums.pop("count")
-        return task.finish_eval({k: float(v) / count for k, v in sums.items()})
-
+    scores = panoptic_scores(model, task, batch)
     params = variables["params"]
     opt = tx.init(params)
-    before = pq(params)
+    before = scores({"params": params})
     losses = []
     for i in range(40):
         params, opt, loss, grads = train_step(params, opt, jax.random.key(i))
         losses.append(float(loss))
         if i == 0:
             assert_every_param_has_gradient(grads)
-    after = pq(params)
+    after = scores({"params": params})
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     assert after["PQ"] > before["PQ"] + 10 and after["mIoU"] > before["mIoU"] + 10, (before, after)
 
