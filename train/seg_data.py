@@ -202,7 +202,8 @@ class PanopticShapes:
 
 @functools.cache
 def load_photo(name: str) -> np.ndarray:
-    """A scikit-image sample photograph at full resolution as uint8 (H, W, 3) (grey ones repeated)."""
+    """A scikit-image sample photograph at full resolution as uint8 (H, W, 3) (grey ones repeated), decoded
+    once per process and read-only (the cached array is shared by every caller)."""
     try:
         import skimage.data
     except ImportError as e:
@@ -212,7 +213,9 @@ def load_photo(name: str) -> np.ndarray:
     image = np.asarray(getattr(skimage.data, name)())
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, -1)
-    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+    image = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+    image.flags.writeable = False
+    return image
 
 
 def photo(name: str = "astronaut", size: int = 64) -> np.ndarray:

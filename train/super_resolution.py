@@ -63,14 +63,6 @@ def bicubic_downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.asarray(hr, np.uint8)).resize((w // scale, h // scale), Image.BICUBIC))
 
 
-@functools.cache
-def _photo(name: str) -> np.ndarray:
-    """``load_photo`` decoded once per process (read-only): the benchmark draws a fresh batch every step."""
-    image = load_photo(name)
-    image.flags.writeable = False
-    return image
-
-
 def augment(hr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """BasicSR's ``augment(..., hflip=True, rotation=True)`` (``basicsr/data/transforms.py``, used by the
     official DRCT training configs ``use_hflip: true, use_rot: true``): horizontal flip, vertical flip and
@@ -97,7 +89,7 @@ def sr_pairs(photos: Sequence[str] = TRAIN_PHOTOS, *, n: int, hr_size: int, scal
     rng = np.random.default_rng(seed)
     lrs, hrs = [], []
     for _ in range(n):
-        photo = _photo(photos[rng.integers(len(photos))])
+        photo = load_photo(photos[rng.integers(len(photos))])
         h, w = photo.shape[:2]
         if min(h, w) < hr_size:
             raise ValueError(f"hr_size={hr_size} is larger than the photograph ({h}x{w})")
@@ -114,7 +106,7 @@ def photo_pair(name: str, scale: int) -> tuple[np.ndarray, np.ndarray]:
     """A whole photograph as one (LR, HR) pair, the way SR test sets are scored: the HR image cut at the
     bottom/right to a multiple of ``scale`` (BasicSR's ``mod_crop``) and its bicubic downsampling;
     float32 in [0, 1], LR (1, H / scale, W / scale, 3), HR (1, H, W, 3)."""
-    image = _photo(name)
+    image = load_photo(name)
     h, w = image.shape[0] - image.shape[0] % scale, image.shape[1] - image.shape[1] % scale
     hr = image[:h, :w]
     return (bicubic_downsample(hr, scale)[None].astype(np.float32) / 255.0, hr[None].astype(np.float32) / 255.0)
