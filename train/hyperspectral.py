@@ -150,8 +150,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lambda1: fl
                     ema_decay: float = 0.999, lambda_align: float | None = None) -> Callable:
     """``step(state, source, labels, target, rng, align) -> (state, loss, terms, grads)`` (not jitted):
     student and EMA teacher forward in training mode, ``bida_loss``, one optimizer step, the EMA update.
-    ``lambda_align``: the alignment's weight where it should differ from the distillation's ``lambda1``
-    (the official objective weights both with lambda1; separate weights are for ablations)."""
+    ``lambda_align``: the alignment's weight in ``bida_loss`` (default ``lambda1``, the official objective)."""
 
     def step(state: BiDAState, source, labels, target, rng, align):
         student_rng, teacher_rng = jax.random.split(rng)
@@ -162,9 +161,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lambda1: fl
             out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, source, target,
                                        train=True, rngs={"dropout": student_rng}, mutable=["batch_stats"])
             loss, terms = bida_loss(BiDAOutput(*out), BiDAOutput(*teacher), labels, lambda1=lambda1,
-                                    lambda2=lambda2, align=align)
-            if lambda_align is not None:
-                loss = loss + (lambda_align - lambda1) * terms["alignment"]
+                                    lambda2=lambda2, align=align, lambda_align=lambda_align)
             return loss, (terms, updates["batch_stats"])
 
         (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -292,12 +292,13 @@ def softmax_mse(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def bida_loss(out: BiDAOutput, teacher: BiDAOutput, labels: jax.Array, *, lambda1: float = 0.1,
-              lambda2: float = 1.0, align: bool | jax.Array = False,
-              label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+              lambda2: float = 1.0, align: bool | jax.Array = False, label_smoothing: float = 0.0,
+              lambda_align: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The official objective CE(source) + lambda1 (alignment + distillation) + lambda2 consistency, with
     the alignment only where ``align`` (official: after epoch 100). ``out`` / ``teacher`` are the student's
     and the EMA teacher's :class:`BiDAOutput` (the teacher's is not differentiated); ``labels`` (B,) int
-    are the source labels. Returns the loss and its terms."""
+    are the source labels. ``lambda_align`` weights the alignment apart from the distillation (ablations;
+    default ``lambda1``, the official objective). Returns the loss and its terms."""
     out = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), out)
     teacher = jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), teacher)
     k = out.source.shape[-1]
@@ -308,7 +309,8 @@ def bida_loss(out: BiDAOutput, teacher: BiDAOutput, labels: jax.Array, *, lambda
     consistency = (softmax_mse(jax.nn.softmax(out.target, 1), jax.nn.softmax(teacher.target, 1))
                    + softmax_mse(jax.nn.softmax(out.source, 1), jax.nn.softmax(teacher.source, 1))) / b
     alignment = jnp.where(align, gaussian_mmd(out.source, out.target) / 2, 0.0)
-    loss = cls + lambda1 * (alignment + distill) + lambda2 * consistency
+    lambda_align = lambda1 if lambda_align is None else lambda_align
+    loss = cls + lambda1 * distill + lambda_align * alignment + lambda2 * consistency
     return loss, {"classification": cls, "distillation": distill, "consistency": consistency, "alignment": alignment}
 
 
