@@ -195,13 +195,13 @@ def fold_data(source: str, fold: int) -> dict[str, dict[str, np.ndarray]]:
     from jaxformers.models.time2vec import select_correlated_series
 
     spec = _spec(source)
+    if not 0 <= fold < spec.folds:
+        raise ValueError(f"{source} has folds 0..{spec.folds - 1}; got {fold}")
     series = spec.load()
     if np.any(series.prices <= 0) or not np.all(np.isfinite(series.prices)):
         raise ValueError(f"{source}: prices must be positive and finite")
     logp = np.log(series.prices)
     returns = np.diff(logp, axis=0)  # returns[t] is the move into step t + 1
-    if not 0 <= fold < spec.folds:
-        raise ValueError(f"{source} has folds 0..{spec.folds - 1}; got {fold}")
     train_end, test_end = fold_bounds(len(returns), spec.folds, spec.test_steps, spec.window)[fold]
     columns = np.asarray(select_correlated_series(returns[:train_end], series.target, spec.peers, spec.max_lag))
     mean, std = returns[:train_end, columns].mean(0), returns[:train_end, columns].std(0)
