@@ -434,7 +434,10 @@ def digit_sequences(n: int = 32, seed: int | None = None) -> tuple[jax.Array, ja
 def import_pytorch_wavelets() -> Any:
     """``pytorch_wavelets`` (skips the test when it is not installed). Version 1.3.0 reads its filter
     taps through ``pkg_resources.resource_stream``, which setuptools >= 81 no longer ships: a stand-in
-    ``pkg_resources`` with just that function (``importlib.resources``) is installed when it is missing."""
+    ``pkg_resources`` with just that function (``importlib.resources``) is installed while it imports,
+    then taken out of ``sys.modules`` again (the module keeps its own reference): a lasting partial
+    ``pkg_resources`` breaks whatever later probes for the real one (pytest's ``syspath_prepend``)."""
+    import importlib
     import importlib.resources
     import sys
     import types
@@ -445,6 +448,13 @@ def import_pytorch_wavelets() -> Any:
         shim = types.ModuleType("pkg_resources")
         shim.resource_stream = lambda package, name: importlib.resources.files(package).joinpath(name).open("rb")
         sys.modules["pkg_resources"] = shim
+        try:
+            wavelets = pytest.importorskip("pytorch_wavelets")
+            importlib.import_module("pytorch_wavelets.dtcwt.coeffs")
+        finally:
+            if sys.modules.get("pkg_resources") is shim:
+                del sys.modules["pkg_resources"]
+        return wavelets
     return pytest.importorskip("pytorch_wavelets")
 
 

@@ -73,11 +73,13 @@ def _official_modules():
     pytest.importorskip("timm")
     pytest.importorskip("einops")
     sys.path.insert(0, ECOFORMER_PVT)
-    logger = types.ModuleType("logger")
+    logger = sys.modules.setdefault("logger", types.ModuleType("logger"))
     logger.logger = types.SimpleNamespace(info=lambda *a, **k: None)
-    params = types.ModuleType("params")
-    params.args = types.SimpleNamespace(nbits=16, m=6, topk=3, attn_type="ecoformer")
-    sys.modules.update(logger=logger, params=params)
+    # One ``params.args`` object for the whole run: the official attention binds it at its first import
+    # (the Twins test may have been first), so it is updated in place, never replaced.
+    params = sys.modules.setdefault("params", types.ModuleType("params"))
+    params.args = getattr(params, "args", None) or types.SimpleNamespace()
+    params.args.__dict__.update(nbits=16, m=6, topk=3, attn_type="ecoformer")
     import pvt_v2 as official  # noqa: PLC0415
     from hashing.ksh import KernelSH  # noqa: PLC0415
     return official, KernelSH

@@ -105,7 +105,7 @@ def _official_gvt():
     params.args = types.SimpleNamespace()
     gvt = load_official("ziplab+EcoFormer", "twins/gvt.py", "ecoformer_twins_gvt", path_entry="twins",
                         stubs={"logger": logger, "params": params})
-    args = sys.modules["params"].args  # the object the official attention reads (maybe the PVTv2 test's)
+    args = sys.modules["performer"].args  # the object the official attention reads (maybe the PVTv2 test's)
     args.nbits, args.m, args.topk = 16, ECO["ecoformer_anchors"], ECO["ecoformer_topk"]
     return gvt
 
