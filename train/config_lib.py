@@ -72,10 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip_norm = 1.0     # 0 or negative: no clipping
 
     c.schedule = ml_collections.ConfigDict()
-    c.schedule.name = "cosine"           # cosine | linear | constant
+    c.schedule.name = "cosine"           # cosine | linear | constant | multistep
     c.schedule.warmup_steps = 0
     c.schedule.warmup_fraction = 0.0    # used when warmup_steps == 0
     c.schedule.end_factor = 0.0          # final lr = learning_rate * end_factor
+    c.schedule.milestones = ()           # multistep: fractions of the run where the rate is multiplied by gamma
+    c.schedule.gamma = 0.1               # multistep (MultiStepLR's default)
 
     c.ema_decay = 0.0                    # 0: no EMA of weights
     c.compute_dtype = "float32"          # float32 | bfloat16 (parameters stay float32)

@@ -1,6 +1,8 @@
 """optax optimizers and learning-rate schedules from ``config.optimizer`` / ``config.schedule``.
 
-AdamW, LAMB and SGD with momentum; linear warmup followed by cosine, linear or constant decay;
+AdamW, LAMB and SGD with momentum; linear warmup followed by cosine, linear, constant or multi-step decay
+(PyTorch's ``MultiStepLR``: the rate times ``schedule.gamma`` at each of ``schedule.milestones``, given as
+fractions of the run so one config scales to any number of steps);
 global-norm clipping; weight decay only on weight matrices/kernels (never on biases, norm scales,
 or parameters whose path contains a name from ``optimizer.no_decay_names``, e.g. position
 embeddings and class tokens), which is the timm / DeiT convention.
@@ -28,8 +30,17 @@ def make_schedule(config: Any, total_steps: int) -> optax.Schedule:
         decay = optax.linear_schedule(peak, end, decay_steps)
     elif s.name == "constant":
         decay = optax.constant_schedule(peak)
+    elif s.name == "multistep":
+        if not s.milestones or any(not 0 < m < 1 for m in s.milestones):
+            raise ValueError(f"schedule.milestones must be fractions of the run in (0, 1), got {s.milestones!r}")
+        # Milestones count from the run's first step, warmup included (as MultiStepLR counts iterations).
+        boundaries = {}
+        for m in s.milestones:
+            step = max(int(round(m * total_steps)) - warmup, 0)
+            boundaries[step] = boundaries.get(step, 1.0) * s.gamma
+        decay = optax.piecewise_constant_schedule(peak, boundaries)
     else:
-        raise ValueError(f"schedule.name must be 'cosine', 'linear' or 'constant', got {s.name!r}")
+        raise ValueError(f"schedule.name must be 'cosine', 'linear', 'constant' or 'multistep', got {s.name!r}")
     if not warmup:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])

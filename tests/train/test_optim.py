@@ -42,6 +42,31 @@ def test_warmup_then_cosine_and_linear():
         optim.make_schedule(c, 100)
 
 
+def test_multistep_counts_milestones_from_the_first_step_warmup_included():
+    """PyTorch's MultiStepLR at fractions of the run (DRCT: halved at 50/80/90/95 %), after a warmup."""
+    torch = pytest.importorskip("torch")
+    c = config_lib.base_config()
+    c.optimizer.learning_rate = 2e-4
+    c.schedule.update(name="multistep", milestones=(0.5, 0.8, 0.9, 0.95), gamma=0.5, warmup_steps=0)
+    s = optim.make_schedule(c, 200)
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=2e-4)
+    ref = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 160, 180, 190], gamma=0.5)
+    want = []
+    for _ in range(200):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    np.testing.assert_allclose([float(s(i)) for i in range(200)], want, rtol=1e-6)
+    c.schedule.update(warmup_steps=20, milestones=(0.5, 0.5), gamma=0.1)  # a repeated milestone compounds
+    s = optim.make_schedule(c, 200)
+    assert float(s(10)) == pytest.approx(1e-4) and float(s(99)) == pytest.approx(2e-4)
+    assert float(s(100)) == pytest.approx(2e-6)
+    for bad in [(), (0.5, 1.0)]:
+        c.schedule.milestones = bad
+        with pytest.raises(ValueError, match="schedule.milestones must be fractions"):
+            optim.make_schedule(c, 200)
+
+
 @pytest.mark.parametrize("name, lr", [("adamw", 0.1), ("lamb", 0.05), ("sgd", 0.1)])
 def test_each_optimizer_minimises_a_quadratic(name, lr):
     c = config(name=name, learning_rate=lr, weight_decay=1e-4, grad_clip_norm=10.0)
