@@ -8,8 +8,9 @@ selected peers, files shipped by the ``arch`` package; ``plotly_stocks``; ``gene
 folds (each fold trains on everything before its test block). Per fold and seed the forecaster
 (``time2vec_forecaster``: Time2Vec of the step, 2 pre-norm blocks of width 64, 4 heads, k=16, dropout 0.1)
 trains ``--steps`` AdamW steps (lr 1e-3, weight decay 0.01, cosine with 50 warm-up steps, batch 64: the
-``time2vec_forecast`` config) on standardised log returns of the selected series and forecasts the
-target's next log return r̂, i.e. its next price P_t·exp(r̂). Baselines on the same test steps:
+``time2vec_forecast`` config, run by ``train.trainer.train_and_evaluate`` as the CLI runs it) on standardised
+log returns of the selected series and forecasts the target's next log return r̂, i.e. its next price
+P_t·exp(r̂). Baselines on the same test steps:
 
 - ``random walk``: tomorrow's price = today's (r̂ = 0);
 - ``AR(p)``: r̂ = a + Σ b_i r_{t-i}, the target's own last ``--lags`` returns, least squares on the fold's
@@ -25,49 +26,36 @@ all folds' test steps.
 from __future__ import annotations
 
 import argparse
+import pathlib
+import tempfile
 import time
 
 import numpy as np
 
 
-def _train_forecaster(train: dict, test: dict, *, steps: int, seed: int, batch: int = 64):
+def _train_forecaster(source: str, fold: int, train: dict, test: dict, *, steps: int, seed: int, workdir: str):
+    """The ``time2vec_forecast`` config on this fold, through the training library (``train_and_evaluate``:
+    the CLI's loop, shuffled epochs, the config's AdamW and schedule); returns the test forecasts
+    (standardised), the training loss of the first and last 20 steps and the MSE on the whole training
+    range."""
     import jax
     import jax.numpy as jnp
-    import optax
 
-    import jaxformers as jf
+    from train import config_lib, trainer
 
-    window, features = train["window"].shape[1:]
-    model = jf.create_model("time2vec_forecaster", window=window, num_features=features, horizon=1, num_targets=1,
-                            k=16, embed_dim=64, depth=2, num_heads=4, dropout=0.1)
-    x, y = jnp.asarray(train["window"]), jnp.asarray(train["target"])
-    import flax.linen as nn
-
-    params = nn.unbox(model.init(jax.random.key(seed), x[:1]))["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, min(50, steps // 2), steps)
-    tx = optax.adamw(schedule, weight_decay=0.01)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(params, opt, idx, key):
-        def loss_fn(p):
-            pred = model.apply({"params": p}, x[idx], train=True, rngs={"dropout": key})
-            return jnp.mean((pred - y[idx]) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss
-
-    rng = np.random.default_rng(seed)
-    losses = []
-    for i in range(steps):
-        params, opt, loss = step(params, opt, jnp.asarray(rng.integers(0, len(x), batch)), jax.random.key(i))
-        losses.append(float(loss))
-    apply = jax.jit(model.apply)
-    fitted = np.concatenate([np.asarray(apply({"params": params}, x[i:i + 512])) for i in range(0, len(x), 512)])
-    train_mse = float(np.mean((fitted - np.asarray(y)) ** 2))
-    pred = apply({"params": params}, jnp.asarray(test["window"]))
-    return np.asarray(pred)[:, 0, 0].astype(np.float64), losses, train_mse
+    spec = pathlib.Path(__file__).resolve().parents[1] / "train" / "configs" / "time2vec_forecast.py"
+    config = config_lib.resolve_config(f"{spec}:source={source},steps={steps}", [])
+    config.seed = config.input.shuffle_seed = seed
+    config.input.train_split, config.input.eval_split = f"fold{fold}_train", f"fold{fold}_test"
+    config.log_every_steps, config.progress_bar = 20, False
+    out = trainer.train_and_evaluate(config, workdir)
+    losses = [row["train/loss"] for row in out["history"]]
+    apply = jax.jit(lambda x: trainer.build_model(config).apply({"params": out["state"]["params"]}, x))
+    x = np.asarray(train["window"])
+    fitted = np.concatenate([np.asarray(apply(jnp.asarray(x[i:i + 512]))) for i in range(0, len(x), 512)])
+    train_mse = float(np.mean((fitted - train["target"]) ** 2))
+    pred = np.asarray(apply(jnp.asarray(test["window"])))
+    return pred[:, 0, 0].astype(np.float64), (losses[0], losses[-1]), train_mse
 
 
 def _least_squares(a: np.ndarray, b: np.ndarray, ridge: float = 0.0) -> np.ndarray:
@@ -132,11 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
         forecasts.update({k: raw(v) for k, v in _linear_baselines(train, test, args.lags).items()})
         for seed in args.seeds:
             start = time.perf_counter()
-            z_hat, losses, train_mse = _train_forecaster(train, test, steps=args.steps, seed=seed)
+            with tempfile.TemporaryDirectory() as workdir:
+                z_hat, (first, last), train_mse = _train_forecaster(args.source, fold, train, test, steps=args.steps,
+                                                                    seed=seed, workdir=workdir)
             forecasts[f"Time2Vec encoder (seed {seed})"] = raw(z_hat)
-            print(f"  seed {seed}: batch loss {np.mean(losses[:20]):.3f} (first 20 steps) -> "
-                  f"{np.mean(losses[-20:]):.3f} (last 20); whole training range MSE {train_mse:.3f} vs {np.mean(train['target'] ** 2):.3f} for "
-                  f"the zero forecast (standardised); {time.perf_counter() - start:.0f} s")
+            print(f"  seed {seed}: training loss {first:.3f} (first 20 steps) -> {last:.3f} (last 20); whole "
+                  f"training range MSE {train_mse:.3f} vs {np.mean(train['target'] ** 2):.3f} for the zero forecast "
+                  f"(standardised); {time.perf_counter() - start:.0f} s")
         for name, f in forecasts.items():
             pooled.setdefault(name, []).append(f)
             m = _metrics(f, r, test["last_price"], test["price"])
