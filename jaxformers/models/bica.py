@@ -88,11 +88,14 @@ from jaxformers.layers.linear import Dense, logical
 from jaxformers.layers.norm import BatchNorm, LayerNorm
 from jaxformers.layers.pointnet import SetAbstraction, farthest_point_sample
 from jaxformers.registry import ModelInfo, register_model
+from jaxformers.sharding import constrain
 
 PAD_ID, UNK_ID, SOS_ID, EOS_ID = 0, 1, 2, 3
+ACT = ("act_batch", "act_len", "act_embed")
+NUM_ANGLE_BIN = 1  # ScanNet's boxes are axis-aligned (Vote2Cap-DETR's ScanNet config)
 # Parameters of the registered configurations (the paper gives none; ``jaxformers.count_params``).
-BICA_SCANREFER_PARAMS = 11_417_500
-BICA_NR3D_PARAMS = 11_290_524
+BICA_SCANREFER_PARAMS = 16_692_128
+BICA_NR3D_PARAMS = 16_565_152
 
 # ---------------------------------------------------------------------------------------------
 # Boxes (axis-aligned: centre (..., 3), size (..., 3))
@@ -219,10 +222,12 @@ class DecoderLayer(nn.Module):
         return x + drop(FFN(self.ffn_dim, self.dropout, name="ffn", **kw)(y, train))
 
 
-class BiCAModule(nn.Module):
-    """Bi-directional contextual attention: instance→context (context queries gather the instances), then
-    context→instance (each instance gathers the instance-aware context: its contextual feature)."""
+class TransformerDecoder(nn.Module):
+    """3DETR's ``TransformerDecoder(return_intermediate=True)`` (Vote2Cap-DETR's ``build_decoder``): ``num_layers``
+    ``DecoderLayer``s and one final LayerNorm applied to every layer's output. Returns the list of the
+    ``num_layers`` normalised outputs, each (B, Q, dim); the last is the decoder's output."""
 
+    num_layers: int
     num_heads: int
     ffn_dim: int
     dropout: float = 0.1
@@ -230,21 +235,49 @@ class BiCAModule(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, inst, inst_pos, ctx, ctx_pos, train: bool = False):
+    def __call__(self, x, pos, memory, memory_pos, train: bool = False) -> list[jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=not train)  # noqa: E731
-        attn = dict(separate_qkv=True, attention_dropout=self.dropout, **kw)
-        ni = LayerNorm(1e-5, name="norm_instance", **kw)(inst)
-        nc = LayerNorm(1e-5, name="norm_context", **kw)(ctx)
-        ctx = ctx + drop(MultiHeadAttention(self.num_heads, name="instance_to_context", **attn)(
-            nc + ctx_pos, ni + inst_pos, value=ni, train=train))
-        ctx = ctx + drop(FFN(self.ffn_dim, self.dropout, name="context_ffn", **kw)(
-            LayerNorm(1e-5, name="norm_context_ffn", **kw)(ctx), train))
-        nc = LayerNorm(1e-5, name="norm_context2", **kw)(ctx)
-        out = MultiHeadAttention(self.num_heads, name="context_to_instance", **attn)(
-            ni + inst_pos, nc + ctx_pos, value=nc, train=train)
-        return out + drop(FFN(self.ffn_dim, self.dropout, name="instance_ffn", **kw)(
-            LayerNorm(1e-5, name="norm_instance_ffn", **kw)(out), train))
+        norm = LayerNorm(1e-5, name="norm", **kw)
+        x, pos, memory, memory_pos = (constrain(t, ACT) for t in (x, pos, memory, memory_pos))
+        outputs = []
+        for i in range(self.num_layers):
+            x = DecoderLayer(self.num_heads, self.ffn_dim, self.dropout, name=f"layers_{i}", **kw)(
+                x, pos, memory, memory_pos, train)
+            outputs.append(norm(x))
+        return outputs
+
+
+class BiCAModule(nn.Module):
+    """Bi-directional contextual attention on the decoded instance features V_o (B, Q, D) and context features
+    V_c (B, C, D), at their positions (the decoders' query position embeddings). Returns (V_ac, V_ao), both
+    (B, Q, D): one per object.
+
+    - O4C ("objects for context"): each instance query attends over all context queries and takes a weighted
+      sum of the context features: the object-aware context V_ac = γ · Attn(q = V_o + pos_o, k = V_c + pos_c,
+      v = V_c).
+    - C4O ("contexts for object"): each object-aware context attends over the instance queries and takes a
+      weighted sum of the instance features: the context-aware object V_ao = λ · Attn(q = V_ac + pos_o,
+      k = V_o + pos_o, v = V_o).
+
+    Attention and the learnable scalars only: no residual, norm or FFN (see the module docstring for which
+    parts are the paper's and which are our choices)."""
+
+    num_heads: int
+    scale_init: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inst, inst_pos, ctx, ctx_pos):
+        kw = dict(separate_qkv=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        scalar = logical(nn.initializers.constant(self.scale_init), ())
+        gamma = self.param("gamma", scalar, (), self.param_dtype)
+        lam = self.param("lambda", scalar, (), self.param_dtype)
+        object_context = gamma * MultiHeadAttention(self.num_heads, name="objects_for_context", **kw)(
+            inst + inst_pos, ctx + ctx_pos, value=ctx)
+        context_object = lam * MultiHeadAttention(self.num_heads, name="contexts_for_object", **kw)(
+            object_context + inst_pos, inst + inst_pos, value=inst)
+        return object_context, context_object
 
 
 def sinusoid_table(length: int, dim: int) -> np.ndarray:
@@ -353,9 +386,11 @@ class CaptionHead(nn.Module):
 
 class BiCA(nn.Module):
     """BiCA 3D dense captioner. ``__call__(points (B, N, 3 + in_features))`` -> dict of per-instance-query
-    boxes (``center``, ``size``, ``center_normalized``, ``size_normalized``), ``sem_cls_logits`` (B, Q, K + 1),
-    ``objectness`` (B, Q), the caption ``prefix`` (B, Q, 2, caption_dim) and the intermediate geometry
-    (``query_xyz``, ``seed_xyz``, ``vote_xyz``, ``context_xyz``, ``scene_min`` / ``scene_max``). Captions:
+    boxes from the last instance-decoder layer (``center``, ``size``, ``center_normalized``, ``size_normalized``,
+    ``sem_cls_logits`` (B, Q, K + 1), ``objectness`` (B, Q), ``angle_logits`` / ``angle_residual_normalized``
+    (B, Q, 1)), ``aux_outputs`` (the same box predictions of every earlier decoder layer, for the per-layer
+    losses), the caption ``prefix`` (B, Q, 1, caption_dim) and the intermediate geometry (``query_xyz``,
+    ``seed_xyz``, ``vote_xyz``, ``context_xyz``, ``scene_min`` / ``scene_max``). Captions:
     ``apply(..., method="caption_logits")`` (teacher forcing) or ``method="generate"`` (greedy)."""
 
     in_features: int = 7
@@ -373,7 +408,7 @@ class BiCA(nn.Module):
     num_queries: int = 256
     vote_radius: float = 0.3
     vote_nsample: int = 16
-    num_context: int = 256
+    num_context: int = 512
     context_radius: float = 1.2
     context_nsample: int = 32
     dec_layers: int = 8
@@ -381,13 +416,14 @@ class BiCA(nn.Module):
     dec_ffn: int = 256
     dropout: float = 0.1
     mlp_dropout: float = 0.3
+    bica_scale_init: float = 0.0
     vocab_size: int = 3433
     caption_dim: int = 256
     caption_layers: int = 2
     caption_heads: int = 4
     max_caption_len: int = 32
     caption_positions: int = 64
-    use_context: bool = True  # False: the ablation without context queries (caption prefix = instance feature)
+    use_context: bool = True  # False: the "V_o only" ablation (no context queries, context decoder or BiCA)
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -404,22 +440,26 @@ class BiCA(nn.Module):
                                       (d, d, d), **kw)
         self.vote_ffn = GenericMLP((d, d), 3 + d, hidden_bias=True, **kw)
         self.vote_sa = SetAbstraction(self.num_queries, self.vote_radius, self.vote_nsample, (d, d, d), **kw)
-        self.context_sa = SetAbstraction(self.num_context, self.context_radius, self.context_nsample, (d, d, d),
-                                         **kw)
         self.enc_to_dec = GenericMLP((d,), d, out_bias=False, out_act=True, out_norm=True, **kw)
         self.query_projection = GenericMLP((d,), d, norm=False, hidden_bias=True, out_act=True, **kw)
-        self.context_projection = GenericMLP((d,), d, norm=False, hidden_bias=True, out_act=True, **kw)
-        self.decoder = [DecoderLayer(self.dec_heads, self.dec_ffn, self.dropout, **kw) for _ in range(self.dec_layers)]
-        self.decoder_norm = LayerNorm(1e-5, **kw)
-        self.bica = BiCAModule(self.dec_heads, self.dec_ffn, self.dropout, **kw)
+        decoder = dict(num_layers=self.dec_layers, num_heads=self.dec_heads, ffn_dim=self.dec_ffn,
+                       dropout=self.dropout, **kw)
+        self.instance_decoder = TransformerDecoder(**decoder)
+        if self.use_context:
+            self.context_sa = SetAbstraction(self.num_context, self.context_radius, self.context_nsample, (d, d, d),
+                                             **kw)
+            self.context_projection = GenericMLP((d,), d, norm=False, hidden_bias=True, out_act=True, **kw)
+            self.context_decoder = TransformerDecoder(**decoder)
+            self.bica = BiCAModule(self.dec_heads, self.bica_scale_init, **kw)
         head = dict(norm=True, dropout=self.mlp_dropout, **kw)
         self.sem_cls_head = GenericMLP((d, d), self.num_classes + 1, **head)
         self.center_head = GenericMLP((d, d), 3, **head)
         self.size_head = GenericMLP((d, d), 3, **head)
+        self.angle_cls_head = GenericMLP((d, d), NUM_ANGLE_BIN, **head)
+        self.angle_residual_head = GenericMLP((d, d), NUM_ANGLE_BIN, **head)
         c = self.caption_dim
         self.feature_projector = [Dense(c, axes=("embed", "mlp"), **kw), LayerNorm(1e-5, axis_name="mlp", **kw),
                                   Dense(c, axes=("mlp", "embed"), **kw)]
-        self.context_projector = [Dense(c, axes=("embed", "mlp"), **kw), Dense(c, axes=("mlp", "embed"), **kw)]
         self.captioner = CaptionHead(self.vocab_size, c, self.caption_layers, self.caption_heads,
                                      self.caption_positions, **kw)
 
@@ -447,53 +487,61 @@ class BiCA(nn.Module):
                 xyz, h, _ = self.interim(xyz, h, train=train)
         return xyz, h
 
+    def box_predictions(self, features: list[jax.Array], query_xyz, lo, hi, train: bool = False) -> list[dict]:
+        """Vote2Cap-DETR's ``get_box_predictions``: the five shared heads on every decoder layer's output (run
+        once on the layers stacked along the batch, so BatchNorm sees them together as in the official code)
+        -> one dict of box predictions per layer."""
+        n, (b, q, d) = len(features), features[0].shape
+        x = jnp.stack(features).reshape(n * b, q, d)
+        split = lambda t: t.reshape((n, b, q, -1))  # noqa: E731
+        logits = split(self.sem_cls_head(x, train))
+        offset = split(jax.nn.sigmoid(self.center_head(x, train)) - 0.5)
+        size_norm = split(jax.nn.sigmoid(self.size_head(x, train)))
+        angle_logits = split(self.angle_cls_head(x, train))
+        angle_residual = split(self.angle_residual_head(x, train))
+        extent = jnp.maximum(hi - lo, 0.1)[:, None]
+        out = []
+        for i in range(n):
+            center = query_xyz + offset[i]
+            objectness = 1.0 - jax.nn.softmax(logits[i].astype(jnp.float32), -1)[..., -1]
+            out.append(dict(center=center, size=size_norm[i] * extent, center_normalized=(center - lo[:, None]) / extent,
+                            size_normalized=size_norm[i], sem_cls_logits=logits[i], objectness=objectness,
+                            angle_logits=angle_logits[i], angle_residual_normalized=angle_residual[i]))
+        return out
+
     def __call__(self, points: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         lo, hi = jnp.min(points[..., :3], 1), jnp.max(points[..., :3], 1)
         enc_xyz, enc = self.encode(points, train)
         d = self.dim
-        # instance (vote) queries
+        memory = self.enc_to_dec(enc, train)
+        memory_pos = fourier_embedding(enc_xyz, lo, hi, d)
+        # instance queries: votes, FPS over the voted coordinates, set abstraction around them
         out = self.vote_ffn(enc, train)
         vote_xyz = enc_xyz + out[..., :3]
         voted = enc + out[..., 3:]
         voted = voted / jnp.maximum(jnp.linalg.norm(voted, axis=-1, keepdims=True), 1e-12)
-        inds = farthest_point_sample(enc_xyz, self.num_queries)
+        inds = farthest_point_sample(vote_xyz, self.num_queries)
         query_xyz, query, _ = self.vote_sa(vote_xyz, voted, inds, train=train)
         query_pos = self.query_projection(fourier_embedding(query_xyz, lo, hi, d))
-        # context queries
-        x, pos = query, query_pos
+        # the instance decoder (boxes from every layer; V_o = its last layer)
+        layers = self.instance_decoder(query, query_pos, memory, memory_pos, train)
+        *aux, boxes = self.box_predictions(layers, query_xyz, lo, hi, train)
+        inst = layers[-1]
+        features, extra = [inst], {}
         if self.use_context:
+            # context queries and the context decoder, independent of the instance path
             normed = enc / jnp.maximum(jnp.linalg.norm(enc, axis=-1, keepdims=True), 1e-12)
             context_xyz, context, _ = self.context_sa(enc_xyz, normed, train=train)
             context_pos = self.context_projection(fourier_embedding(context_xyz, lo, hi, d))
-            x, pos = jnp.concatenate([query, context], 1), jnp.concatenate([query_pos, context_pos], 1)
-        # parallel decoding of both query sets
-        memory = self.enc_to_dec(enc, train)
-        memory_pos = fourier_embedding(enc_xyz, lo, hi, d)
-        for layer in self.decoder:
-            x = layer(x, pos, memory, memory_pos, train)
-        x = self.decoder_norm(x)
-        inst = x[:, :self.num_queries]
-        # boxes from the instance features
-        logits = self.sem_cls_head(inst, train)
-        center = query_xyz + jax.nn.sigmoid(self.center_head(inst, train)) - 0.5
-        size_norm = jax.nn.sigmoid(self.size_head(inst, train))
-        extent = jnp.maximum(hi - lo, 0.1)[:, None]
-        objectness = 1.0 - jax.nn.softmax(logits.astype(jnp.float32), -1)[..., -1]
-        # caption prefix: the instance feature and its contextual feature
-        f1, ln, f2 = self.feature_projector
-        tokens = [f2(nn.relu(ln(f1(inst))))]
-        extra = {}
-        if self.use_context:
-            contextual = self.bica(inst, query_pos, x[:, self.num_queries:], context_pos, train)
-            c1, c2 = self.context_projector
-            tokens.append(nn.relu(c2(nn.relu(c1(contextual)))))
+            ctx = self.context_decoder(context, context_pos, memory, memory_pos, train)[-1]
+            features += list(self.bica(inst, query_pos, ctx, context_pos))  # V_ac, V_ao
             extra["context_xyz"] = context_xyz
-        prefix = jnp.stack(tokens, 2)
+        # the caption prefix: one token, the projected concatenation (V_o, V_ac, V_ao)
+        f1, ln, f2 = self.feature_projector
+        prefix = f2(nn.relu(ln(f1(jnp.concatenate(features, -1)))))[:, :, None]
         if self.is_initializing():  # create the captioner's parameters
             self.captioner(prefix[:1, 0], jnp.zeros((1, 2), jnp.int32))
-        return dict(center=center, size=size_norm * extent, center_normalized=(center - lo[:, None]) / extent,
-                    size_normalized=size_norm, sem_cls_logits=logits, objectness=objectness,
-                    prefix=prefix, query_xyz=query_xyz, seed_xyz=enc_xyz,
+        return dict(**boxes, aux_outputs=aux, prefix=prefix, query_xyz=query_xyz, seed_xyz=enc_xyz,
                     vote_xyz=vote_xyz, scene_min=lo, scene_max=hi, **extra)
 
     def caption_logits(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -521,16 +569,25 @@ class BiCA(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Losses (Vote2Cap-DETR's criterion and captioner)
 
-LOSS_WEIGHTS = dict(giou=10.0, sem_cls=1.0, center=5.0, size=1.0, vote=1.0, caption=5.0)
+LOSS_WEIGHTS = dict(giou=10.0, sem_cls=1.0, center=5.0, size=1.0, angle_cls=0.1, angle_reg=0.5, vote=10.0,
+                    caption=5.0)
 NO_OBJECT_WEIGHT = 0.25
 MATCH_COST = dict(cls=1.0, giou=2.0)
+SET_TERMS = ("giou", "sem_cls", "center", "size", "angle_cls", "angle_reg")
 
 
-def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_class: jax.Array,
-                  gt_valid: jax.Array, weights: dict | None = None):
-    """Hungarian matching + the detection losses. gt_* (B, S, ...) with ``gt_valid`` (B, S) bool. Returns
-    (weighted detection loss, dict of unweighted terms, assignment (B, S): the query matched to each target,
-    -1 for padding)."""
+def huber(error: jax.Array, delta: float = 1.0) -> jax.Array:
+    """0.5 x² for |x| <= delta, else 0.5 delta² + delta (|x| - delta) (Vote2Cap-DETR's ``utils.misc.huber_loss``)."""
+    quadratic = jnp.minimum(jnp.abs(error), delta)
+    return 0.5 * quadratic ** 2 + delta * (jnp.abs(error) - quadratic)
+
+
+def layer_set_loss(outputs: dict, scene_min: jax.Array, scene_max: jax.Array, gt_center: jax.Array,
+                   gt_size: jax.Array, gt_class: jax.Array, gt_valid: jax.Array, weights: dict | None = None):
+    """Vote2Cap-DETR's ``SetPredictionCriterion.single_output_forward`` for one decoder layer's box predictions:
+    Hungarian matching on that layer's own cost, then its losses. Returns (weighted loss, dict of unweighted
+    terms, assignment (B, S): the query matched to each target, -1 for padding). The boxes are axis-aligned
+    (angle class 0, residual 0)."""
     from jaxformers.segmentation.matching import hungarian_match, matched_query_targets
 
     w = {**LOSS_WEIGHTS, **(weights or {})}
@@ -546,7 +603,7 @@ def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_cl
     n = jnp.maximum(jnp.sum(matched), 1).astype(jnp.float32)
     q_idx = jnp.maximum(assign, 0)
     take = lambda x: jnp.take_along_axis(x, q_idx[..., None], 1)  # noqa: E731  (B, S, C)
-    lo, hi = outputs["scene_min"][:, None], outputs["scene_max"][:, None]
+    lo, hi = scene_min[:, None], scene_max[:, None]
     extent = jnp.maximum(hi - lo, 0.1)
     m = matched[..., None].astype(jnp.float32)
     center_l1 = jnp.sum(jnp.abs(take(outputs["center_normalized"]) - (gt_center - lo) / extent) * m) / n
@@ -557,10 +614,29 @@ def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_cl
     class_w = jnp.ones((k1,)).at[-1].set(NO_OBJECT_WEIGHT)[target]
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target[..., None], -1)[..., 0]
     sem_cls = jnp.sum(ce * class_w) / jnp.sum(class_w)
+    # angle: class 0 and residual 0 for every axis-aligned target (CE of the class, Huber of the residual)
+    angle_ce = -jax.nn.log_softmax(take(outputs["angle_logits"]).astype(jnp.float32), -1)[..., 0]
+    angle_cls = jnp.sum(angle_ce * matched) / n
+    angle_reg = jnp.sum(huber(take(outputs["angle_residual_normalized"])[..., 0].astype(jnp.float32)) * matched) / n
+    terms = dict(giou=giou_loss, sem_cls=sem_cls, center=center_l1, size=size_l1, angle_cls=angle_cls,
+                 angle_reg=angle_reg)
+    return sum(w[name] * terms[name] for name in SET_TERMS), terms, assign
+
+
+def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_class: jax.Array,
+                  gt_valid: jax.Array, weights: dict | None = None):
+    """The detection objective (Vote2Cap-DETR's ``OverallCriterion`` without the captioner): the set loss of the
+    last decoder layer plus that of every layer in ``outputs["aux_outputs"]`` (each matched on its own cost,
+    as ``SetPredictionCriterion`` does with ``aux_outputs``), plus 10 x the vote loss. gt_* (B, S, ...) with
+    ``gt_valid`` (B, S) bool. Returns (weighted loss, dict of the last layer's unweighted terms plus ``vote``
+    and ``aux`` (the weighted set loss summed over the earlier layers), the last layer's assignment (B, S):
+    the query matched to each target, -1 for padding; the captions are trained on it)."""
+    w = {**LOSS_WEIGHTS, **(weights or {})}
+    targets = (outputs["scene_min"], outputs["scene_max"], gt_center, gt_size, gt_class, gt_valid, w)
+    loss, terms, assign = layer_set_loss(outputs, *targets)
+    aux = sum((layer_set_loss(layer, *targets)[0] for layer in outputs.get("aux_outputs", ())), jnp.zeros(()))
     vote = vote_loss(outputs["seed_xyz"], outputs["vote_xyz"], gt_center, gt_size, gt_valid)
-    terms = dict(giou=giou_loss, sem_cls=sem_cls, center=center_l1, size=size_l1, vote=vote)
-    loss = sum(w[name] * value for name, value in terms.items())
-    return loss, terms, assign
+    return loss + aux + w["vote"] * vote, {**terms, "vote": vote, "aux": aux}, assign
 
 
 def vote_loss(seed_xyz, vote_xyz, gt_center, gt_size, gt_valid):
