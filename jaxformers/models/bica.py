@@ -2,68 +2,97 @@
 
 Paper: Minjung Kim, Hyung Suk Lim, Soonyoung Lee, Bumsoo Kim, Gunhee Kim, "Bi-directional Contextual
 Attention for 3D Dense Captioning", ECCV 2024 (oral), arXiv 2408.06662. **No official code is public**
-(searched GitHub for the title and "BiCA 3D dense captioning"), so this is a reading of the paper's
-method description on top of the code it builds on: Vote2Cap-DETR (Chen et al., CVPR 2023, arXiv
-2301.02508; official code ch3cook-fdu/Vote2Cap-DETR, ``models/detector_Vote2Cap_DETR/*`` and
-``models/captioner_dcc/captioner.py``) and its 3DETR encoder (Misra et al., ICCV 2021, arXiv 2109.08141;
-facebookresearch/3detr).
+(searched GitHub for the title and "BiCA 3D dense captioning"), and the paper's full text was not available
+while this was written. Every item below says where it comes from:
 
-What the paper states, and what this file does with it:
+- **[abstract]**: the paper's abstract (the authors' own words);
+- **[summary]**: a detailed third-party summary of the paper, https://en.papernotes.org/ECCV2024/3d_vision/
+  bi-directional_contextual_attention_for_3d_dense_captioning/ (a paraphrase, not the paper; its numbers
+  were not checked against the paper);
+- **[Vote2Cap-DETR]**: the code BiCA builds on, Vote2Cap-DETR (Chen et al., CVPR 2023, arXiv 2301.02508;
+  official code ch3cook-fdu/Vote2Cap-DETR, ``models/detector_Vote2Cap_DETR/*`` and
+  ``models/captioner_dcc/captioner.py``) and its 3DETR encoder (Misra et al., ICCV 2021, arXiv 2109.08141;
+  facebookresearch/3detr);
+- ***Choice***: ours, where no source says.
 
-- **Scene encoder** (paper: 3DETR-based). As Vote2Cap-DETR's ``build_preencoder`` / ``build_encoder``:
-  a set-abstraction tokenizer (2048 FPS centres, radius 0.2, 64 neighbours, MLP in→64→128→256,
-  ``jaxformers.layers.pointnet.SetAbstraction``), then the *masked* 3DETR encoder: 3 pre-norm layers
-  (width 256, 4 heads, FFN 128, ReLU, dropout 0.1) whose self-attention only sees points closer than
-  0.16 / 0.64 / 1.44 (the official code squares the radii 0.4 / 0.8 / 1.2 and compares the squares
-  with the *unsquared* distance; we keep the effective radii), with an interim set abstraction after
+Construction:
+
+- **Scene encoder** ([summary]: 3DETR's encoder, 1024 tokens of width 256; details [Vote2Cap-DETR]
+  ``build_preencoder`` / ``build_encoder``): a set-abstraction tokenizer (2048 FPS centres, radius 0.2, 64
+  neighbours, MLP in→64→128→256, ``jaxformers.layers.pointnet.SetAbstraction``), then the *masked* 3DETR
+  encoder: 3 pre-norm layers (width 256, 4 heads, FFN 128, ReLU, dropout 0.1) whose self-attention only sees
+  points closer than 0.16 / 0.64 / 1.44 (the official code squares the radii 0.4 / 0.8 / 1.2 and compares the
+  squares with the *unsquared* distance; we keep the effective radii), with an interim set abstraction after
   the first layer (1024 centres, radius 0.4, 32 neighbours, MLP 256→256→256).
-- **Instance queries** (paper: a set-abstraction-based generator). Vote2Cap-DETR's ``VoteQuery``: an
-  FFN (256→256→256→3+256, BN + ReLU) predicts an offset ("vote") and a feature update for every encoder
-  token, features are L2-normalised, 256 seeds are taken by FPS of the encoder xyz and a set abstraction
-  (radius 0.3, 16 neighbours, MLP 256×3) around the voted seeds gives each query's feature; its
-  Fourier position embedding (3DETR's ``PositionEmbeddingCoordsSine``, Gaussian B of shape (3, 128),
-  scale 1, coordinates normalised to the scene's min/max) goes through ``query_projection``.
-- **Context queries** (paper: a second query set that gathers global scene context; its generator's
-  hyper-parameters are not given). *Choice*: ``num_context`` (256) FPS centres of the encoder tokens,
-  a set abstraction with a larger ball (radius 1.2, 32 neighbours: the encoder's widest mask radius),
-  so each context query summarises a region rather than an object, with its own position projection.
-- **Parallel decoding** (paper: both query sets are decoded in parallel by the transformer decoder).
-  *Choice*: one 3DETR decoder (8 pre-norm layers, width 256, 4 heads, FFN 256, dropout 0.1, final
-  LayerNorm) over the concatenation of the instance and context queries, so both sets cross-attend to
-  the encoder tokens and self-attend to each other in every layer, with shared weights.
-- **Bi-directional contextual attention** (paper: instance-to-context and context-to-instance
-  aggregation). ``BiCAModule``: (1) instance→context: every context query attends to all instance
-  queries (multi-head cross-attention, pre-norm, residual, then an FFN) and becomes an instance-aware
-  context feature; (2) context→instance: every instance query attends to those context features and
-  the result (plus an FFN) is that instance's *contextual feature*. Both use the shared
-  ``MultiHeadAttention`` with DETR-style position terms on queries and keys only.
-- **Heads**. Localisation reads the decoder's instance features only (the paper's point: compact
-  features for boxes, contextual ones for captions). Box head exactly as Vote2Cap-DETR / 3DETR
-  (``GenericMLP`` 256→256→out with BN, ReLU, dropout 0.3): class logits over ``num_classes`` + 1 (the
-  last is "no object"; objectness = 1 − its probability), centre = query xyz + sigmoid − 0.5, size =
-  sigmoid × scene extent. ScanNet boxes are axis-aligned (``num_angle_bin = 1``, the official angle is
-  multiplied by 0), so the angle heads are left out. The caption head is Vote2Cap-DETR's GPT-2
-  captioner (2 layers, width 256, 4 heads, fixed sinusoidal positions over 64 slots, tied output
-  embedding, ScanRefer vocabulary of 3433 words: pad 0, unk 1, sos 2, eos 3; captions carry no sos and
-  end with eos, the prefix predicts the first word); *choice*: its prefix is two tokens, the projected
-  instance feature (``feature_projector``: Linear, LN, ReLU, Linear) and the projected contextual
-  feature (``context_projector``: Linear, ReLU, Linear, ReLU; ``use_context=False`` is the ablation without
-  context queries, BiCA module and second prefix token), replacing Vote2Cap-DETR's cross-attention
-  to the 128 nearest encoder tokens. Greedy decoding runs through the shared ``KVCache``
-  (``generate``); the official evaluation uses beam search (5 beams).
-- **Losses** (``set_criterion``, ``caption_loss``): Vote2Cap-DETR's ``config.py`` / ``criterion.py``:
-  Hungarian matching on cost 1·(−p(class)) + 2·(−GIoU) (scipy on the host via
-  ``jaxformers.segmentation.matching.hungarian_match``); class cross-entropy with "no object" weight
-  0.25, 5·L1 of the normalised centres, 1·L1 of the normalised sizes, 10·(1 − GIoU), a vote loss
-  (VoteNet-style: seeds inside a box regress to its centre, weight 1) and 5·caption cross-entropy on
-  the matched queries (teacher forcing). The decoder's per-layer auxiliary losses are not computed
-  (only the last layer is supervised).
-- **Deviations**: the pointnet2 CUDA FPS skips points within 0.03 of the origin; ours does not. GPT-2's
-  dropout (0.1 on embeddings, attention and residuals) is left out of the captioner. BatchNorm is kept
-  where the official MLPs have it (training needs ``mutable=["batch_stats"]``).
-- **Parameter count**: the paper gives none. ``bica_scanrefer`` (xyz + colour + normal + height input,
-  18 ScanNet classes, ScanRefer vocabulary) has 11,417,500 parameters (``BICA_SCANREFER_PARAMS``) by
-  this construction; ``bica_nr3d`` (the 2937-word Nr3D vocabulary) 11,290,524.
+- **Instance queries** ([summary]: 256 queries, an FFN predicts vote offsets, a set abstraction of radius 0.3
+  on the *voted* coordinates, unlike Vote2Cap-DETR's "FPS, then voting"): the FFN, feature update and
+  L2-normalisation are [Vote2Cap-DETR]'s ``VoteQuery`` (FFN 256→256→256→3+256 with BN + ReLU; set abstraction
+  of 16 neighbours, MLP 256×3). The 256 centres are taken by FPS over the **voted** xyz (the summary's
+  reading; ``VoteQuery`` runs FPS on the un-voted encoder xyz and groups around those seeds' votes). Their
+  Fourier position embedding (3DETR's ``PositionEmbeddingCoordsSine``, Gaussian B of shape (3, 128), scale 1,
+  coordinates normalised to the scene's min/max) goes through ``query_projection`` [Vote2Cap-DETR].
+- **Context queries** ([abstract]: queries for the "non-object contexts", decoded in parallel with the
+  instance queries; [summary]: **512** FPS centres of the encoder tokens and a set abstraction of **radius
+  1.2**). *Choice*: 32 neighbours and the MLP 256×3 (as the vote query's), over the L2-normalised encoder
+  features, with their own position projection (as ``query_projection``).
+- **Two decoders** ([summary]: an Instance Decoder and a Context Decoder of 8 transformer decoder layers
+  each, with Fourier position encodings, operating independently): two ``TransformerDecoder``s with their own
+  weights, each 3DETR's decoder [Vote2Cap-DETR] (8 pre-norm layers, width 256, 4 heads, FFN 256, dropout 0.1,
+  one final LayerNorm applied to every layer's output). The instance and context queries never attend to each
+  other; *Choice*: both cross-attend to the same projected encoder tokens (one ``enc_to_dec`` projection).
+- **Bi-directional contextual attention** (``BiCAModule``, once, on the last layers of the two decoders,
+  [summary]). [abstract]: BiCA forms "object-aware contexts, where the contexts relevant to each object is
+  summarized, and context-aware objects, where the objects relevant to the summarized object-aware contexts
+  are aggregated". [summary]: O4C ("objects for context"): attention of each instance query over all context
+  queries gives a weighted sum of the context features, one object-aware context **V_ac** per object, "scaled
+  by a learnable parameter γ"; C4O ("contexts for object"): attention of the object-aware contexts over the
+  instance queries gives a weighted sum of the instance features, the context-aware object **V_ao**,
+  "regulated by a learnable parameter λ". No source mentions residuals, norms or FFNs, and none gives the
+  equations, so the module is attention times the scalar and nothing else:
+  V_ac = γ · Attn(V_o + p_o, V_c + p_c, V_c), V_ao = λ · Attn(V_ac + p_o, V_o + p_o, V_o).
+  *Choices*: the attention is the shared ``MultiHeadAttention`` (separate q / k / v projections and an output
+  projection, width 256) with the decoders' 4 heads and no dropout; the query position embeddings p_o / p_c
+  are added to queries and keys as in the 3DETR decoder's attention (the decoded features carry no explicit
+  coordinates, and the captions describe spatial relations), V_ac sitting at its object's position; γ and λ
+  start at 0 (``bica_scale_init``), as the learnable scale of DANet's attention (Fu et al., CVPR 2019), so
+  the model starts as its "V_o only" ablation and learns how much context to take.
+- **Box heads** ([summary]: 5 MLP heads on the instance decoder's V_o only; the heads and boxes are
+  [Vote2Cap-DETR]'s ``GenericMLP`` 256→256→256→out with BN, ReLU and dropout 0.3): class logits over
+  ``num_classes`` + 1 (the last is "no object"; objectness = 1 − its probability), centre = query xyz + sigmoid −
+  0.5, size = sigmoid × scene extent, angle class and angle residual with one angle bin (ScanNet is
+  axis-aligned: the official code multiplies the angle by 0, so these two heads only add parameters and
+  the angle losses). The heads are shared by every decoder layer (``aux_outputs``).
+- **Caption head** ([summary]: a GPT-2-style decoder of 2 blocks, whose prefix "in place of the SOS token"
+  is the concatenation V_a = (V_o, V_ac, V_ao); beam size 5 at inference): [Vote2Cap-DETR]'s GPT-2 captioner
+  (width 256, 4 heads, fixed sinusoidal positions over 64 slots, tied output embedding, ScanRefer vocabulary
+  of 3433 words: pad 0, unk 1, sos 2, eos 3; captions carry no sos and end with eos, the prefix predicts the
+  first word). *Choice*: the prefix is **one** token, Vote2Cap-DETR's ``feature_projector`` (Linear, LN, ReLU,
+  Linear) applied to the 3 × 256 concatenation (the summary does not say one token or three). No
+  cross-attention to scene tokens (the summary mentions none; Vote2Cap-DETR's 128 nearest encoder tokens are
+  replaced by the BiCA features). ``use_context=False`` is the paper's "V_o only" ablation (no context
+  queries, context decoder or BiCA module; the prefix projects V_o alone). Greedy decoding runs through the
+  shared ``KVCache`` (``generate``); beam search is not implemented.
+- **Losses** (``set_criterion``, ``caption_loss``; [summary]: L = 10 · L_vote + 1 · Σ_layers L_det + 5 · L_cap;
+  the terms are [Vote2Cap-DETR]'s ``config.py`` / ``criterion.py``): Hungarian matching on cost 1·(−p(class)) +
+  2·(−GIoU) (scipy on the host via ``jaxformers.segmentation.matching.hungarian_match``), done **per decoder
+  layer**: each layer's box predictions are matched and scored on their own and the set losses of all 8
+  layers are summed (``SetPredictionCriterion`` with ``aux_outputs``). Per layer: class cross-entropy with
+  "no object" weight 0.25, 5·L1 of the normalised centres, 1·L1 of the normalised sizes, 10·(1 − GIoU),
+  0.1·angle-class CE and 0.5·Huber of the angle residual (targets 0: axis-aligned boxes). The vote loss
+  (seeds inside a box regress to its centre) has weight **10** (``VoteQueryCriterion`` multiplies it by 10,
+  the summary's β1 = 10). 5·caption cross-entropy on the queries the last layer matched (teacher forcing).
+  The three-stage schedule ([summary]: 1080-epoch detector pre-training, 720 epochs MLE, 180 epochs SCST) and
+  SCST are not implemented; the optimizer, learning rate and batch size are in no source.
+- **Deviations** from [Vote2Cap-DETR]'s code: the pointnet2 CUDA FPS skips points within 0.03 of the origin;
+  ours does not. The vote loss regresses each seed to the first box containing it (VoteNet keeps up to 3 and
+  takes the nearest). GPT-2's dropout (0.1 on embeddings, attention and residuals) is left out of the
+  captioner. BatchNorm is kept where the official MLPs have it (training needs ``mutable=["batch_stats"]``).
+- **Parameter count**: the [summary] reports **16.9M** for the paper's model (not checked against the paper).
+  ``bica_scanrefer`` (xyz + colour + normal + height input, 18 ScanNet classes, ScanRefer vocabulary) has
+  16,692,128 parameters by this construction (``BICA_SCANREFER_PARAMS``): 16.7M, about 0.21M (1.2 %) below
+  16.9M. The construction is ours where the sources are silent (the BiCA attention's projections, the context
+  generator's MLP, the prefix layout), so the gap is not located; the widths were not tuned to close it.
+  ``bica_nr3d`` (the 2937-word Nr3D vocabulary) has 16,565,152.
 
 Use (training and evaluation on generated rooms: ``train/dense_captioning.py``)::
 
@@ -93,7 +122,7 @@ from jaxformers.sharding import constrain
 PAD_ID, UNK_ID, SOS_ID, EOS_ID = 0, 1, 2, 3
 ACT = ("act_batch", "act_len", "act_embed")
 NUM_ANGLE_BIN = 1  # ScanNet's boxes are axis-aligned (Vote2Cap-DETR's ScanNet config)
-# Parameters of the registered configurations (the paper gives none; ``jaxformers.count_params``).
+# Parameters of the registered configurations (``jaxformers.count_params``; the summary's 16.9M: see above).
 BICA_SCANREFER_PARAMS = 16_692_128
 BICA_NR3D_PARAMS = 16_565_152
 
@@ -238,6 +267,8 @@ class TransformerDecoder(nn.Module):
     def __call__(self, x, pos, memory, memory_pos, train: bool = False) -> list[jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = LayerNorm(1e-5, name="norm", **kw)
+        # batch-sharded inputs: without these constraints, XLA's sharding propagation gave wrong decoder outputs
+        # on a data x fsdp x tensor = 2 x 2 x 2 CPU mesh (jax 0.10.2) while one device was right
         x, pos, memory, memory_pos = (constrain(t, ACT) for t in (x, pos, memory, memory_pos))
         outputs = []
         for i in range(self.num_layers):
