@@ -535,9 +535,10 @@ class BiCA(nn.Module):
         for i in range(n):
             center = query_xyz + offset[i]
             objectness = 1.0 - jax.nn.softmax(logits[i].astype(jnp.float32), -1)[..., -1]
-            out.append(dict(center=center, size=size_norm[i] * extent, center_normalized=(center - lo[:, None]) / extent,
-                            size_normalized=size_norm[i], sem_cls_logits=logits[i], objectness=objectness,
-                            angle_logits=angle_logits[i], angle_residual_normalized=angle_residual[i]))
+            out.append(dict(center=center, size=size_norm[i] * extent,
+                            center_normalized=(center - lo[:, None]) / extent, size_normalized=size_norm[i],
+                            sem_cls_logits=logits[i], objectness=objectness, angle_logits=angle_logits[i],
+                            angle_residual_normalized=angle_residual[i]))
         return out
 
     def __call__(self, points: jax.Array, train: bool = False) -> dict[str, jax.Array]:

@@ -5,10 +5,10 @@ generated rooms (every parameter gets a gradient, the box and caption losses fal
 input."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import optax
 import pytest
 
@@ -111,7 +111,7 @@ def test_bica_module_direction_and_formula():
 def test_decoders_run_independently(tiny):
     """Other weights on the context path (context set abstraction and context decoder) change the caption
     prefix but no box of any decoder layer: the instance and context decoders do not attend to each other."""
-    model, variables, data, out, apply = tiny
+    _, variables, data, out, apply = tiny
     params = dict(variables["params"])
     for name in ("context_sa", "context_decoder"):
         params[name] = jax.tree_util.tree_map(lambda x: 1.5 * x + 0.1, params[name])
@@ -172,7 +172,7 @@ def test_trains_on_generated_rooms(tiny):
     rooms: every parameter has moved (Adam without weight decay moves exactly the entries that got a non-zero
     gradient) but the angle-class head (one angle bin: its cross-entropy is identically 0, as in the official
     code on ScanNet), and the total, box (GIoU) and caption losses fall."""
-    model, variables, data, _, _ = tiny
+    model, variables, _, _, _ = tiny
     trained, history = fit(model, variables, ROOMS, steps=25, batch=4, tx=optax.adam(3e-3), jit=fast_jit)
     moved = jax.tree_util.tree_map(lambda a, b: a - b, trained["params"], variables["params"])
     assert not np.any(np.asarray(moved.pop("angle_cls_head")["out"]["kernel"]))
