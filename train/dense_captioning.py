@@ -1,8 +1,9 @@
 """3-D dense captioning with BiCA on the generated rooms (``train/scenes3d.py``).
 
 ``make_train_step`` is one jitted step of the whole objective of ``jaxformers.models.bica``: the forward
-pass (BatchNorm in training mode), Hungarian matching on the host, the detection losses
-(``set_criterion``) and the teacher-forced caption cross-entropy of the matched queries (weight 5, as
+pass (BatchNorm in training mode), the detection losses (``set_criterion``: the set loss of every instance-
+decoder layer, each layer matched on its own by the Hungarian algorithm on the host, plus 10 x the vote loss)
+and the teacher-forced caption cross-entropy of the queries the last layer matched (weight 5, as
 Vote2Cap-DETR's captioner), AdamW with global-norm clipping (Vote2Cap-DETR: lr 5e-4 cosine, weight decay
 0.1, clip 0.1 on its 1080-epoch schedule; the defaults here suit a few hundred steps on a CPU).
 
@@ -11,8 +12,8 @@ m@kIoU protocol (``jaxformers.metrics.captioning.dense_caption_scores``), plus t
 annotated objects.
 
 Run: ``PYTHONPATH=. python -m train.dense_captioning --steps 300`` (prints the losses and the metrics of
-the untrained and trained model on the same held-out rooms; ``--no-context``: the ablation without context
-queries).
+the untrained and trained model on the same held-out rooms; ``--no-context``: the "V_o only" ablation
+without context queries, context decoder and BiCA module).
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-scenes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-context", action="store_true", help="the ablation without context queries")
+    parser.add_argument("--no-context", action="store_true",
+                        help='the "V_o only" ablation (no context queries, context decoder or BiCA module)')
     args = parser.parse_args(argv)
     import jaxformers as jf
 

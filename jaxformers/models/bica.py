@@ -2,68 +2,97 @@
 
 Paper: Minjung Kim, Hyung Suk Lim, Soonyoung Lee, Bumsoo Kim, Gunhee Kim, "Bi-directional Contextual
 Attention for 3D Dense Captioning", ECCV 2024 (oral), arXiv 2408.06662. **No official code is public**
-(searched GitHub for the title and "BiCA 3D dense captioning"), so this is a reading of the paper's
-method description on top of the code it builds on: Vote2Cap-DETR (Chen et al., CVPR 2023, arXiv
-2301.02508; official code ch3cook-fdu/Vote2Cap-DETR, ``models/detector_Vote2Cap_DETR/*`` and
-``models/captioner_dcc/captioner.py``) and its 3DETR encoder (Misra et al., ICCV 2021, arXiv 2109.08141;
-facebookresearch/3detr).
+(searched GitHub for the title and "BiCA 3D dense captioning"), and the paper's full text was not available
+while this was written. Every item below says where it comes from:
 
-What the paper states, and what this file does with it:
+- **[abstract]**: the paper's abstract (the authors' own words);
+- **[summary]**: a detailed third-party summary of the paper, https://en.papernotes.org/ECCV2024/3d_vision/
+  bi-directional_contextual_attention_for_3d_dense_captioning/ (a paraphrase, not the paper; its numbers
+  were not checked against the paper);
+- **[Vote2Cap-DETR]**: the code BiCA builds on, Vote2Cap-DETR (Chen et al., CVPR 2023, arXiv 2301.02508;
+  official code ch3cook-fdu/Vote2Cap-DETR, ``models/detector_Vote2Cap_DETR/*`` and
+  ``models/captioner_dcc/captioner.py``) and its 3DETR encoder (Misra et al., ICCV 2021, arXiv 2109.08141;
+  facebookresearch/3detr);
+- ***Choice***: ours, where no source says.
 
-- **Scene encoder** (paper: 3DETR-based). As Vote2Cap-DETR's ``build_preencoder`` / ``build_encoder``:
-  a set-abstraction tokenizer (2048 FPS centres, radius 0.2, 64 neighbours, MLP in→64→128→256,
-  ``jaxformers.layers.pointnet.SetAbstraction``), then the *masked* 3DETR encoder: 3 pre-norm layers
-  (width 256, 4 heads, FFN 128, ReLU, dropout 0.1) whose self-attention only sees points closer than
-  0.16 / 0.64 / 1.44 (the official code squares the radii 0.4 / 0.8 / 1.2 and compares the squares
-  with the *unsquared* distance; we keep the effective radii), with an interim set abstraction after
+Construction:
+
+- **Scene encoder** ([summary]: 3DETR's encoder, 1024 tokens of width 256; details [Vote2Cap-DETR]
+  ``build_preencoder`` / ``build_encoder``): a set-abstraction tokenizer (2048 FPS centres, radius 0.2, 64
+  neighbours, MLP in→64→128→256, ``jaxformers.layers.pointnet.SetAbstraction``), then the *masked* 3DETR
+  encoder: 3 pre-norm layers (width 256, 4 heads, FFN 128, ReLU, dropout 0.1) whose self-attention only sees
+  points closer than 0.16 / 0.64 / 1.44 (the official code squares the radii 0.4 / 0.8 / 1.2 and compares the
+  squares with the *unsquared* distance; we keep the effective radii), with an interim set abstraction after
   the first layer (1024 centres, radius 0.4, 32 neighbours, MLP 256→256→256).
-- **Instance queries** (paper: a set-abstraction-based generator). Vote2Cap-DETR's ``VoteQuery``: an
-  FFN (256→256→256→3+256, BN + ReLU) predicts an offset ("vote") and a feature update for every encoder
-  token, features are L2-normalised, 256 seeds are taken by FPS of the encoder xyz and a set abstraction
-  (radius 0.3, 16 neighbours, MLP 256×3) around the voted seeds gives each query's feature; its
-  Fourier position embedding (3DETR's ``PositionEmbeddingCoordsSine``, Gaussian B of shape (3, 128),
-  scale 1, coordinates normalised to the scene's min/max) goes through ``query_projection``.
-- **Context queries** (paper: a second query set that gathers global scene context; its generator's
-  hyper-parameters are not given). *Choice*: ``num_context`` (256) FPS centres of the encoder tokens,
-  a set abstraction with a larger ball (radius 1.2, 32 neighbours: the encoder's widest mask radius),
-  so each context query summarises a region rather than an object, with its own position projection.
-- **Parallel decoding** (paper: both query sets are decoded in parallel by the transformer decoder).
-  *Choice*: one 3DETR decoder (8 pre-norm layers, width 256, 4 heads, FFN 256, dropout 0.1, final
-  LayerNorm) over the concatenation of the instance and context queries, so both sets cross-attend to
-  the encoder tokens and self-attend to each other in every layer, with shared weights.
-- **Bi-directional contextual attention** (paper: instance-to-context and context-to-instance
-  aggregation). ``BiCAModule``: (1) instance→context: every context query attends to all instance
-  queries (multi-head cross-attention, pre-norm, residual, then an FFN) and becomes an instance-aware
-  context feature; (2) context→instance: every instance query attends to those context features and
-  the result (plus an FFN) is that instance's *contextual feature*. Both use the shared
-  ``MultiHeadAttention`` with DETR-style position terms on queries and keys only.
-- **Heads**. Localisation reads the decoder's instance features only (the paper's point: compact
-  features for boxes, contextual ones for captions). Box head exactly as Vote2Cap-DETR / 3DETR
-  (``GenericMLP`` 256→256→out with BN, ReLU, dropout 0.3): class logits over ``num_classes`` + 1 (the
-  last is "no object"; objectness = 1 − its probability), centre = query xyz + sigmoid − 0.5, size =
-  sigmoid × scene extent. ScanNet boxes are axis-aligned (``num_angle_bin = 1``, the official angle is
-  multiplied by 0), so the angle heads are left out. The caption head is Vote2Cap-DETR's GPT-2
-  captioner (2 layers, width 256, 4 heads, fixed sinusoidal positions over 64 slots, tied output
-  embedding, ScanRefer vocabulary of 3433 words: pad 0, unk 1, sos 2, eos 3; captions carry no sos and
-  end with eos, the prefix predicts the first word); *choice*: its prefix is two tokens, the projected
-  instance feature (``feature_projector``: Linear, LN, ReLU, Linear) and the projected contextual
-  feature (``context_projector``: Linear, ReLU, Linear, ReLU; ``use_context=False`` is the ablation without
-  context queries, BiCA module and second prefix token), replacing Vote2Cap-DETR's cross-attention
-  to the 128 nearest encoder tokens. Greedy decoding runs through the shared ``KVCache``
-  (``generate``); the official evaluation uses beam search (5 beams).
-- **Losses** (``set_criterion``, ``caption_loss``): Vote2Cap-DETR's ``config.py`` / ``criterion.py``:
-  Hungarian matching on cost 1·(−p(class)) + 2·(−GIoU) (scipy on the host via
-  ``jaxformers.segmentation.matching.hungarian_match``); class cross-entropy with "no object" weight
-  0.25, 5·L1 of the normalised centres, 1·L1 of the normalised sizes, 10·(1 − GIoU), a vote loss
-  (VoteNet-style: seeds inside a box regress to its centre, weight 1) and 5·caption cross-entropy on
-  the matched queries (teacher forcing). The decoder's per-layer auxiliary losses are not computed
-  (only the last layer is supervised).
-- **Deviations**: the pointnet2 CUDA FPS skips points within 0.03 of the origin; ours does not. GPT-2's
-  dropout (0.1 on embeddings, attention and residuals) is left out of the captioner. BatchNorm is kept
-  where the official MLPs have it (training needs ``mutable=["batch_stats"]``).
-- **Parameter count**: the paper gives none. ``bica_scanrefer`` (xyz + colour + normal + height input,
-  18 ScanNet classes, ScanRefer vocabulary) has 11,417,500 parameters (``BICA_SCANREFER_PARAMS``) by
-  this construction; ``bica_nr3d`` (the 2937-word Nr3D vocabulary) 11,290,524.
+- **Instance queries** ([summary]: 256 queries, an FFN predicts vote offsets, a set abstraction of radius 0.3
+  on the *voted* coordinates, unlike Vote2Cap-DETR's "FPS, then voting"): the FFN, feature update and
+  L2-normalisation are [Vote2Cap-DETR]'s ``VoteQuery`` (FFN 256→256→256→3+256 with BN + ReLU; set abstraction
+  of 16 neighbours, MLP 256×3). The 256 centres are taken by FPS over the **voted** xyz (the summary's
+  reading; ``VoteQuery`` runs FPS on the un-voted encoder xyz and groups around those seeds' votes). Their
+  Fourier position embedding (3DETR's ``PositionEmbeddingCoordsSine``, Gaussian B of shape (3, 128), scale 1,
+  coordinates normalised to the scene's min/max) goes through ``query_projection`` [Vote2Cap-DETR].
+- **Context queries** ([abstract]: queries for the "non-object contexts", decoded in parallel with the
+  instance queries; [summary]: **512** FPS centres of the encoder tokens and a set abstraction of **radius
+  1.2**). *Choice*: 32 neighbours and the MLP 256×3 (as the vote query's), over the L2-normalised encoder
+  features, with their own position projection (as ``query_projection``).
+- **Two decoders** ([summary]: an Instance Decoder and a Context Decoder of 8 transformer decoder layers
+  each, with Fourier position encodings, operating independently): two ``TransformerDecoder``s with their own
+  weights, each 3DETR's decoder [Vote2Cap-DETR] (8 pre-norm layers, width 256, 4 heads, FFN 256, dropout 0.1,
+  one final LayerNorm applied to every layer's output). The instance and context queries never attend to each
+  other; *Choice*: both cross-attend to the same projected encoder tokens (one ``enc_to_dec`` projection).
+- **Bi-directional contextual attention** (``BiCAModule``, once, on the last layers of the two decoders,
+  [summary]). [abstract]: BiCA forms "object-aware contexts, where the contexts relevant to each object is
+  summarized, and context-aware objects, where the objects relevant to the summarized object-aware contexts
+  are aggregated". [summary]: O4C ("objects for context"): attention of each instance query over all context
+  queries gives a weighted sum of the context features, one object-aware context **V_ac** per object, "scaled
+  by a learnable parameter γ"; C4O ("contexts for object"): attention of the object-aware contexts over the
+  instance queries gives a weighted sum of the instance features, the context-aware object **V_ao**,
+  "regulated by a learnable parameter λ". No source mentions residuals, norms or FFNs, and none gives the
+  equations, so the module is attention times the scalar and nothing else:
+  V_ac = γ · Attn(V_o + p_o, V_c + p_c, V_c), V_ao = λ · Attn(V_ac + p_o, V_o + p_o, V_o).
+  *Choices*: the attention is the shared ``MultiHeadAttention`` (separate q / k / v projections and an output
+  projection, width 256) with the decoders' 4 heads and no dropout; the query position embeddings p_o / p_c
+  are added to queries and keys as in the 3DETR decoder's attention (the decoded features carry no explicit
+  coordinates, and the captions describe spatial relations), V_ac sitting at its object's position; γ and λ
+  start at 0 (``bica_scale_init``), as the learnable scale of DANet's attention (Fu et al., CVPR 2019), so
+  the model starts as its "V_o only" ablation and learns how much context to take.
+- **Box heads** ([summary]: 5 MLP heads on the instance decoder's V_o only; the heads and boxes are
+  [Vote2Cap-DETR]'s ``GenericMLP`` 256→256→256→out with BN, ReLU and dropout 0.3): class logits over
+  ``num_classes`` + 1 (the last is "no object"; objectness = 1 − its probability), centre = query xyz + sigmoid −
+  0.5, size = sigmoid × scene extent, angle class and angle residual with one angle bin (ScanNet is
+  axis-aligned: the official code multiplies the angle by 0, so these two heads only add parameters and
+  the angle losses). The heads are shared by every decoder layer (``aux_outputs``).
+- **Caption head** ([summary]: a GPT-2-style decoder of 2 blocks, whose prefix "in place of the SOS token"
+  is the concatenation V_a = (V_o, V_ac, V_ao); beam size 5 at inference): [Vote2Cap-DETR]'s GPT-2 captioner
+  (width 256, 4 heads, fixed sinusoidal positions over 64 slots, tied output embedding, ScanRefer vocabulary
+  of 3433 words: pad 0, unk 1, sos 2, eos 3; captions carry no sos and end with eos, the prefix predicts the
+  first word). *Choice*: the prefix is **one** token, Vote2Cap-DETR's ``feature_projector`` (Linear, LN, ReLU,
+  Linear) applied to the 3 × 256 concatenation (the summary does not say one token or three). No
+  cross-attention to scene tokens (the summary mentions none; Vote2Cap-DETR's 128 nearest encoder tokens are
+  replaced by the BiCA features). ``use_context=False`` is the paper's "V_o only" ablation (no context
+  queries, context decoder or BiCA module; the prefix projects V_o alone). Greedy decoding runs through the
+  shared ``KVCache`` (``generate``); beam search is not implemented.
+- **Losses** (``set_criterion``, ``caption_loss``; [summary]: L = 10 · L_vote + 1 · Σ_layers L_det + 5 · L_cap;
+  the terms are [Vote2Cap-DETR]'s ``config.py`` / ``criterion.py``): Hungarian matching on cost 1·(−p(class)) +
+  2·(−GIoU) (scipy on the host via ``jaxformers.segmentation.matching.hungarian_match``), done **per decoder
+  layer**: each layer's box predictions are matched and scored on their own and the set losses of all 8
+  layers are summed (``SetPredictionCriterion`` with ``aux_outputs``). Per layer: class cross-entropy with
+  "no object" weight 0.25, 5·L1 of the normalised centres, 1·L1 of the normalised sizes, 10·(1 − GIoU),
+  0.1·angle-class CE and 0.5·Huber of the angle residual (targets 0: axis-aligned boxes). The vote loss
+  (seeds inside a box regress to its centre) has weight **10** (``VoteQueryCriterion`` multiplies it by 10,
+  the summary's β1 = 10). 5·caption cross-entropy on the queries the last layer matched (teacher forcing).
+  The three-stage schedule ([summary]: 1080-epoch detector pre-training, 720 epochs MLE, 180 epochs SCST) and
+  SCST are not implemented; the optimizer, learning rate and batch size are in no source.
+- **Deviations** from [Vote2Cap-DETR]'s code: the pointnet2 CUDA FPS skips points within 0.03 of the origin;
+  ours does not. The vote loss regresses each seed to the first box containing it (VoteNet keeps up to 3 and
+  takes the nearest). GPT-2's dropout (0.1 on embeddings, attention and residuals) is left out of the
+  captioner. BatchNorm is kept where the official MLPs have it (training needs ``mutable=["batch_stats"]``).
+- **Parameter count**: the [summary] reports **16.9M** for the paper's model (not checked against the paper).
+  ``bica_scanrefer`` (xyz + colour + normal + height input, 18 ScanNet classes, ScanRefer vocabulary) has
+  16,692,128 parameters by this construction (``BICA_SCANREFER_PARAMS``): 16.7M, about 0.21M (1.2 %) below
+  16.9M. The construction is ours where the sources are silent (the BiCA attention's projections, the context
+  generator's MLP, the prefix layout), so the gap is not located; the widths were not tuned to close it.
+  ``bica_nr3d`` (the 2937-word Nr3D vocabulary) has 16,565,152.
 
 Use (training and evaluation on generated rooms: ``train/dense_captioning.py``)::
 
@@ -88,11 +117,14 @@ from jaxformers.layers.linear import Dense, logical
 from jaxformers.layers.norm import BatchNorm, LayerNorm
 from jaxformers.layers.pointnet import SetAbstraction, farthest_point_sample
 from jaxformers.registry import ModelInfo, register_model
+from jaxformers.sharding import constrain
 
 PAD_ID, UNK_ID, SOS_ID, EOS_ID = 0, 1, 2, 3
-# Parameters of the registered configurations (the paper gives none; ``jaxformers.count_params``).
-BICA_SCANREFER_PARAMS = 11_417_500
-BICA_NR3D_PARAMS = 11_290_524
+ACT = ("act_batch", "act_len", "act_embed")
+NUM_ANGLE_BIN = 1  # ScanNet's boxes are axis-aligned (Vote2Cap-DETR's ScanNet config)
+# Parameters of the registered configurations (``jaxformers.count_params``; the summary's 16.9M: see above).
+BICA_SCANREFER_PARAMS = 16_692_128
+BICA_NR3D_PARAMS = 16_565_152
 
 # ---------------------------------------------------------------------------------------------
 # Boxes (axis-aligned: centre (..., 3), size (..., 3))
@@ -219,10 +251,12 @@ class DecoderLayer(nn.Module):
         return x + drop(FFN(self.ffn_dim, self.dropout, name="ffn", **kw)(y, train))
 
 
-class BiCAModule(nn.Module):
-    """Bi-directional contextual attention: instance→context (context queries gather the instances), then
-    context→instance (each instance gathers the instance-aware context: its contextual feature)."""
+class TransformerDecoder(nn.Module):
+    """3DETR's ``TransformerDecoder(return_intermediate=True)`` (Vote2Cap-DETR's ``build_decoder``): ``num_layers``
+    ``DecoderLayer``s and one final LayerNorm applied to every layer's output. Returns the list of the
+    ``num_layers`` normalised outputs, each (B, Q, dim); the last is the decoder's output."""
 
+    num_layers: int
     num_heads: int
     ffn_dim: int
     dropout: float = 0.1
@@ -230,21 +264,51 @@ class BiCAModule(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, inst, inst_pos, ctx, ctx_pos, train: bool = False):
+    def __call__(self, x, pos, memory, memory_pos, train: bool = False) -> list[jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=not train)  # noqa: E731
-        attn = dict(separate_qkv=True, attention_dropout=self.dropout, **kw)
-        ni = LayerNorm(1e-5, name="norm_instance", **kw)(inst)
-        nc = LayerNorm(1e-5, name="norm_context", **kw)(ctx)
-        ctx = ctx + drop(MultiHeadAttention(self.num_heads, name="instance_to_context", **attn)(
-            nc + ctx_pos, ni + inst_pos, value=ni, train=train))
-        ctx = ctx + drop(FFN(self.ffn_dim, self.dropout, name="context_ffn", **kw)(
-            LayerNorm(1e-5, name="norm_context_ffn", **kw)(ctx), train))
-        nc = LayerNorm(1e-5, name="norm_context2", **kw)(ctx)
-        out = MultiHeadAttention(self.num_heads, name="context_to_instance", **attn)(
-            ni + inst_pos, nc + ctx_pos, value=nc, train=train)
-        return out + drop(FFN(self.ffn_dim, self.dropout, name="instance_ffn", **kw)(
-            LayerNorm(1e-5, name="norm_instance_ffn", **kw)(out), train))
+        norm = LayerNorm(1e-5, name="norm", **kw)
+        # batch-sharded inputs: without these constraints, XLA's sharding propagation gave wrong decoder outputs
+        # on a data x fsdp x tensor = 2 x 2 x 2 CPU mesh (jax 0.10.2) while one device was right
+        x, pos, memory, memory_pos = (constrain(t, ACT) for t in (x, pos, memory, memory_pos))
+        outputs = []
+        for i in range(self.num_layers):
+            x = DecoderLayer(self.num_heads, self.ffn_dim, self.dropout, name=f"layers_{i}", **kw)(
+                x, pos, memory, memory_pos, train)
+            outputs.append(norm(x))
+        return outputs
+
+
+class BiCAModule(nn.Module):
+    """Bi-directional contextual attention on the decoded instance features V_o (B, Q, D) and context features
+    V_c (B, C, D), at their positions (the decoders' query position embeddings). Returns (V_ac, V_ao), both
+    (B, Q, D): one per object.
+
+    - O4C ("objects for context"): each instance query attends over all context queries and takes a weighted
+      sum of the context features: the object-aware context V_ac = γ · Attn(q = V_o + pos_o, k = V_c + pos_c,
+      v = V_c).
+    - C4O ("contexts for object"): each object-aware context attends over the instance queries and takes a
+      weighted sum of the instance features: the context-aware object V_ao = λ · Attn(q = V_ac + pos_o,
+      k = V_o + pos_o, v = V_o).
+
+    Attention and the learnable scalars only: no residual, norm or FFN (see the module docstring for which
+    parts are the paper's and which are our choices)."""
+
+    num_heads: int
+    scale_init: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inst, inst_pos, ctx, ctx_pos):
+        kw = dict(separate_qkv=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        scalar = logical(nn.initializers.constant(self.scale_init), ())
+        gamma = self.param("gamma", scalar, (), self.param_dtype)
+        lam = self.param("lambda", scalar, (), self.param_dtype)
+        object_context = gamma * MultiHeadAttention(self.num_heads, name="objects_for_context", **kw)(
+            inst + inst_pos, ctx + ctx_pos, value=ctx)
+        context_object = lam * MultiHeadAttention(self.num_heads, name="contexts_for_object", **kw)(
+            object_context + inst_pos, inst + inst_pos, value=inst)
+        return object_context, context_object
 
 
 def sinusoid_table(length: int, dim: int) -> np.ndarray:
@@ -353,9 +417,11 @@ class CaptionHead(nn.Module):
 
 class BiCA(nn.Module):
     """BiCA 3D dense captioner. ``__call__(points (B, N, 3 + in_features))`` -> dict of per-instance-query
-    boxes (``center``, ``size``, ``center_normalized``, ``size_normalized``), ``sem_cls_logits`` (B, Q, K + 1),
-    ``objectness`` (B, Q), the caption ``prefix`` (B, Q, 2, caption_dim) and the intermediate geometry
-    (``query_xyz``, ``seed_xyz``, ``vote_xyz``, ``context_xyz``, ``scene_min`` / ``scene_max``). Captions:
+    boxes from the last instance-decoder layer (``center``, ``size``, ``center_normalized``, ``size_normalized``,
+    ``sem_cls_logits`` (B, Q, K + 1), ``objectness`` (B, Q), ``angle_logits`` / ``angle_residual_normalized``
+    (B, Q, 1)), ``aux_outputs`` (the same box predictions of every earlier decoder layer, for the per-layer
+    losses), the caption ``prefix`` (B, Q, 1, caption_dim) and the intermediate geometry (``query_xyz``,
+    ``seed_xyz``, ``vote_xyz``, ``context_xyz``, ``scene_min`` / ``scene_max``). Captions:
     ``apply(..., method="caption_logits")`` (teacher forcing) or ``method="generate"`` (greedy)."""
 
     in_features: int = 7
@@ -373,7 +439,7 @@ class BiCA(nn.Module):
     num_queries: int = 256
     vote_radius: float = 0.3
     vote_nsample: int = 16
-    num_context: int = 256
+    num_context: int = 512
     context_radius: float = 1.2
     context_nsample: int = 32
     dec_layers: int = 8
@@ -381,13 +447,14 @@ class BiCA(nn.Module):
     dec_ffn: int = 256
     dropout: float = 0.1
     mlp_dropout: float = 0.3
+    bica_scale_init: float = 0.0
     vocab_size: int = 3433
     caption_dim: int = 256
     caption_layers: int = 2
     caption_heads: int = 4
     max_caption_len: int = 32
     caption_positions: int = 64
-    use_context: bool = True  # False: the ablation without context queries (caption prefix = instance feature)
+    use_context: bool = True  # False: the "V_o only" ablation (no context queries, context decoder or BiCA)
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -404,22 +471,26 @@ class BiCA(nn.Module):
                                       (d, d, d), **kw)
         self.vote_ffn = GenericMLP((d, d), 3 + d, hidden_bias=True, **kw)
         self.vote_sa = SetAbstraction(self.num_queries, self.vote_radius, self.vote_nsample, (d, d, d), **kw)
-        self.context_sa = SetAbstraction(self.num_context, self.context_radius, self.context_nsample, (d, d, d),
-                                         **kw)
         self.enc_to_dec = GenericMLP((d,), d, out_bias=False, out_act=True, out_norm=True, **kw)
         self.query_projection = GenericMLP((d,), d, norm=False, hidden_bias=True, out_act=True, **kw)
-        self.context_projection = GenericMLP((d,), d, norm=False, hidden_bias=True, out_act=True, **kw)
-        self.decoder = [DecoderLayer(self.dec_heads, self.dec_ffn, self.dropout, **kw) for _ in range(self.dec_layers)]
-        self.decoder_norm = LayerNorm(1e-5, **kw)
-        self.bica = BiCAModule(self.dec_heads, self.dec_ffn, self.dropout, **kw)
+        decoder = dict(num_layers=self.dec_layers, num_heads=self.dec_heads, ffn_dim=self.dec_ffn,
+                       dropout=self.dropout, **kw)
+        self.instance_decoder = TransformerDecoder(**decoder)
+        if self.use_context:
+            self.context_sa = SetAbstraction(self.num_context, self.context_radius, self.context_nsample, (d, d, d),
+                                             **kw)
+            self.context_projection = GenericMLP((d,), d, norm=False, hidden_bias=True, out_act=True, **kw)
+            self.context_decoder = TransformerDecoder(**decoder)
+            self.bica = BiCAModule(self.dec_heads, self.bica_scale_init, **kw)
         head = dict(norm=True, dropout=self.mlp_dropout, **kw)
         self.sem_cls_head = GenericMLP((d, d), self.num_classes + 1, **head)
         self.center_head = GenericMLP((d, d), 3, **head)
         self.size_head = GenericMLP((d, d), 3, **head)
+        self.angle_cls_head = GenericMLP((d, d), NUM_ANGLE_BIN, **head)
+        self.angle_residual_head = GenericMLP((d, d), NUM_ANGLE_BIN, **head)
         c = self.caption_dim
         self.feature_projector = [Dense(c, axes=("embed", "mlp"), **kw), LayerNorm(1e-5, axis_name="mlp", **kw),
                                   Dense(c, axes=("mlp", "embed"), **kw)]
-        self.context_projector = [Dense(c, axes=("embed", "mlp"), **kw), Dense(c, axes=("mlp", "embed"), **kw)]
         self.captioner = CaptionHead(self.vocab_size, c, self.caption_layers, self.caption_heads,
                                      self.caption_positions, **kw)
 
@@ -447,53 +518,62 @@ class BiCA(nn.Module):
                 xyz, h, _ = self.interim(xyz, h, train=train)
         return xyz, h
 
+    def box_predictions(self, features: list[jax.Array], query_xyz, lo, hi, train: bool = False) -> list[dict]:
+        """Vote2Cap-DETR's ``get_box_predictions``: the five shared heads on every decoder layer's output (run
+        once on the layers stacked along the batch, so BatchNorm sees them together as in the official code)
+        -> one dict of box predictions per layer."""
+        n, (b, q, d) = len(features), features[0].shape
+        x = jnp.stack(features).reshape(n * b, q, d)
+        split = lambda t: t.reshape((n, b, q, -1))  # noqa: E731
+        logits = split(self.sem_cls_head(x, train))
+        offset = split(jax.nn.sigmoid(self.center_head(x, train)) - 0.5)
+        size_norm = split(jax.nn.sigmoid(self.size_head(x, train)))
+        angle_logits = split(self.angle_cls_head(x, train))
+        angle_residual = split(self.angle_residual_head(x, train))
+        extent = jnp.maximum(hi - lo, 0.1)[:, None]
+        out = []
+        for i in range(n):
+            center = query_xyz + offset[i]
+            objectness = 1.0 - jax.nn.softmax(logits[i].astype(jnp.float32), -1)[..., -1]
+            out.append(dict(center=center, size=size_norm[i] * extent,
+                            center_normalized=(center - lo[:, None]) / extent, size_normalized=size_norm[i],
+                            sem_cls_logits=logits[i], objectness=objectness, angle_logits=angle_logits[i],
+                            angle_residual_normalized=angle_residual[i]))
+        return out
+
     def __call__(self, points: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         lo, hi = jnp.min(points[..., :3], 1), jnp.max(points[..., :3], 1)
         enc_xyz, enc = self.encode(points, train)
         d = self.dim
-        # instance (vote) queries
+        memory = self.enc_to_dec(enc, train)
+        memory_pos = fourier_embedding(enc_xyz, lo, hi, d)
+        # instance queries: votes, FPS over the voted coordinates, set abstraction around them
         out = self.vote_ffn(enc, train)
         vote_xyz = enc_xyz + out[..., :3]
         voted = enc + out[..., 3:]
         voted = voted / jnp.maximum(jnp.linalg.norm(voted, axis=-1, keepdims=True), 1e-12)
-        inds = farthest_point_sample(enc_xyz, self.num_queries)
+        inds = farthest_point_sample(vote_xyz, self.num_queries)
         query_xyz, query, _ = self.vote_sa(vote_xyz, voted, inds, train=train)
         query_pos = self.query_projection(fourier_embedding(query_xyz, lo, hi, d))
-        # context queries
-        x, pos = query, query_pos
+        # the instance decoder (boxes from every layer; V_o = its last layer)
+        layers = self.instance_decoder(query, query_pos, memory, memory_pos, train)
+        *aux, boxes = self.box_predictions(layers, query_xyz, lo, hi, train)
+        inst = layers[-1]
+        features, extra = [inst], {}
         if self.use_context:
+            # context queries and the context decoder, independent of the instance path
             normed = enc / jnp.maximum(jnp.linalg.norm(enc, axis=-1, keepdims=True), 1e-12)
             context_xyz, context, _ = self.context_sa(enc_xyz, normed, train=train)
             context_pos = self.context_projection(fourier_embedding(context_xyz, lo, hi, d))
-            x, pos = jnp.concatenate([query, context], 1), jnp.concatenate([query_pos, context_pos], 1)
-        # parallel decoding of both query sets
-        memory = self.enc_to_dec(enc, train)
-        memory_pos = fourier_embedding(enc_xyz, lo, hi, d)
-        for layer in self.decoder:
-            x = layer(x, pos, memory, memory_pos, train)
-        x = self.decoder_norm(x)
-        inst = x[:, :self.num_queries]
-        # boxes from the instance features
-        logits = self.sem_cls_head(inst, train)
-        center = query_xyz + jax.nn.sigmoid(self.center_head(inst, train)) - 0.5
-        size_norm = jax.nn.sigmoid(self.size_head(inst, train))
-        extent = jnp.maximum(hi - lo, 0.1)[:, None]
-        objectness = 1.0 - jax.nn.softmax(logits.astype(jnp.float32), -1)[..., -1]
-        # caption prefix: the instance feature and its contextual feature
-        f1, ln, f2 = self.feature_projector
-        tokens = [f2(nn.relu(ln(f1(inst))))]
-        extra = {}
-        if self.use_context:
-            contextual = self.bica(inst, query_pos, x[:, self.num_queries:], context_pos, train)
-            c1, c2 = self.context_projector
-            tokens.append(nn.relu(c2(nn.relu(c1(contextual)))))
+            ctx = self.context_decoder(context, context_pos, memory, memory_pos, train)[-1]
+            features += list(self.bica(inst, query_pos, ctx, context_pos))  # V_ac, V_ao
             extra["context_xyz"] = context_xyz
-        prefix = jnp.stack(tokens, 2)
+        # the caption prefix: one token, the projected concatenation (V_o, V_ac, V_ao)
+        f1, ln, f2 = self.feature_projector
+        prefix = f2(nn.relu(ln(f1(jnp.concatenate(features, -1)))))[:, :, None]
         if self.is_initializing():  # create the captioner's parameters
             self.captioner(prefix[:1, 0], jnp.zeros((1, 2), jnp.int32))
-        return dict(center=center, size=size_norm * extent, center_normalized=(center - lo[:, None]) / extent,
-                    size_normalized=size_norm, sem_cls_logits=logits, objectness=objectness,
-                    prefix=prefix, query_xyz=query_xyz, seed_xyz=enc_xyz,
+        return dict(**boxes, aux_outputs=aux, prefix=prefix, query_xyz=query_xyz, seed_xyz=enc_xyz,
                     vote_xyz=vote_xyz, scene_min=lo, scene_max=hi, **extra)
 
     def caption_logits(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -521,16 +601,25 @@ class BiCA(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Losses (Vote2Cap-DETR's criterion and captioner)
 
-LOSS_WEIGHTS = dict(giou=10.0, sem_cls=1.0, center=5.0, size=1.0, vote=1.0, caption=5.0)
+LOSS_WEIGHTS = dict(giou=10.0, sem_cls=1.0, center=5.0, size=1.0, angle_cls=0.1, angle_reg=0.5, vote=10.0,
+                    caption=5.0)
 NO_OBJECT_WEIGHT = 0.25
 MATCH_COST = dict(cls=1.0, giou=2.0)
+SET_TERMS = ("giou", "sem_cls", "center", "size", "angle_cls", "angle_reg")
 
 
-def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_class: jax.Array,
-                  gt_valid: jax.Array, weights: dict | None = None):
-    """Hungarian matching + the detection losses. gt_* (B, S, ...) with ``gt_valid`` (B, S) bool. Returns
-    (weighted detection loss, dict of unweighted terms, assignment (B, S): the query matched to each target,
-    -1 for padding)."""
+def huber(error: jax.Array, delta: float = 1.0) -> jax.Array:
+    """0.5 x² for |x| <= delta, else 0.5 delta² + delta (|x| - delta) (Vote2Cap-DETR's ``utils.misc.huber_loss``)."""
+    quadratic = jnp.minimum(jnp.abs(error), delta)
+    return 0.5 * quadratic ** 2 + delta * (jnp.abs(error) - quadratic)
+
+
+def layer_set_loss(outputs: dict, scene_min: jax.Array, scene_max: jax.Array, gt_center: jax.Array,
+                   gt_size: jax.Array, gt_class: jax.Array, gt_valid: jax.Array, weights: dict | None = None):
+    """Vote2Cap-DETR's ``SetPredictionCriterion.single_output_forward`` for one decoder layer's box predictions:
+    Hungarian matching on that layer's own cost, then its losses. Returns (weighted loss, dict of unweighted
+    terms, assignment (B, S): the query matched to each target, -1 for padding). The boxes are axis-aligned
+    (angle class 0, residual 0)."""
     from jaxformers.segmentation.matching import hungarian_match, matched_query_targets
 
     w = {**LOSS_WEIGHTS, **(weights or {})}
@@ -546,7 +635,7 @@ def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_cl
     n = jnp.maximum(jnp.sum(matched), 1).astype(jnp.float32)
     q_idx = jnp.maximum(assign, 0)
     take = lambda x: jnp.take_along_axis(x, q_idx[..., None], 1)  # noqa: E731  (B, S, C)
-    lo, hi = outputs["scene_min"][:, None], outputs["scene_max"][:, None]
+    lo, hi = scene_min[:, None], scene_max[:, None]
     extent = jnp.maximum(hi - lo, 0.1)
     m = matched[..., None].astype(jnp.float32)
     center_l1 = jnp.sum(jnp.abs(take(outputs["center_normalized"]) - (gt_center - lo) / extent) * m) / n
@@ -557,10 +646,29 @@ def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_cl
     class_w = jnp.ones((k1,)).at[-1].set(NO_OBJECT_WEIGHT)[target]
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target[..., None], -1)[..., 0]
     sem_cls = jnp.sum(ce * class_w) / jnp.sum(class_w)
+    # angle: class 0 and residual 0 for every axis-aligned target (CE of the class, Huber of the residual)
+    angle_ce = -jax.nn.log_softmax(take(outputs["angle_logits"]).astype(jnp.float32), -1)[..., 0]
+    angle_cls = jnp.sum(angle_ce * matched) / n
+    angle_reg = jnp.sum(huber(take(outputs["angle_residual_normalized"])[..., 0].astype(jnp.float32)) * matched) / n
+    terms = dict(giou=giou_loss, sem_cls=sem_cls, center=center_l1, size=size_l1, angle_cls=angle_cls,
+                 angle_reg=angle_reg)
+    return sum(w[name] * terms[name] for name in SET_TERMS), terms, assign
+
+
+def set_criterion(outputs: dict, gt_center: jax.Array, gt_size: jax.Array, gt_class: jax.Array,
+                  gt_valid: jax.Array, weights: dict | None = None):
+    """The detection objective (Vote2Cap-DETR's ``OverallCriterion`` without the captioner): the set loss of the
+    last decoder layer plus that of every layer in ``outputs["aux_outputs"]`` (each matched on its own cost,
+    as ``SetPredictionCriterion`` does with ``aux_outputs``), plus 10 x the vote loss. gt_* (B, S, ...) with
+    ``gt_valid`` (B, S) bool. Returns (weighted loss, dict of the last layer's unweighted terms plus ``vote``
+    and ``aux`` (the weighted set loss summed over the earlier layers), the last layer's assignment (B, S):
+    the query matched to each target, -1 for padding; the captions are trained on it)."""
+    w = {**LOSS_WEIGHTS, **(weights or {})}
+    targets = (outputs["scene_min"], outputs["scene_max"], gt_center, gt_size, gt_class, gt_valid, w)
+    loss, terms, assign = layer_set_loss(outputs, *targets)
+    aux = sum((layer_set_loss(layer, *targets)[0] for layer in outputs.get("aux_outputs", ())), jnp.zeros(()))
     vote = vote_loss(outputs["seed_xyz"], outputs["vote_xyz"], gt_center, gt_size, gt_valid)
-    terms = dict(giou=giou_loss, sem_cls=sem_cls, center=center_l1, size=size_l1, vote=vote)
-    loss = sum(w[name] * value for name, value in terms.items())
-    return loss, terms, assign
+    return loss + aux + w["vote"] * vote, {**terms, "vote": vote, "aux": aux}, assign
 
 
 def vote_loss(seed_xyz, vote_xyz, gt_center, gt_size, gt_valid):
