@@ -267,8 +267,9 @@ class TransformerDecoder(nn.Module):
     def __call__(self, x, pos, memory, memory_pos, train: bool = False) -> list[jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = LayerNorm(1e-5, name="norm", **kw)
-        # batch-sharded inputs: without these constraints, XLA's sharding propagation gave wrong decoder outputs
-        # on a data x fsdp x tensor = 2 x 2 x 2 CPU mesh (jax 0.10.2) while one device was right
+        # Batch-sharded inputs. Without these constraints XLA's SPMD partitioner computes wrong self-attention
+        # outputs for half of the batch on a data x fsdp x tensor = 2 x 2 x 2 CPU mesh (the tiny test model; jax
+        # 0.10.2 and 0.12.1), from q / k / v that equal one device's: a partitioner bug, worked around here.
         x, pos, memory, memory_pos = (constrain(t, ACT) for t in (x, pos, memory, memory_pos))
         outputs = []
         for i in range(self.num_layers):
