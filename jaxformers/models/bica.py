@@ -70,8 +70,9 @@ Construction:
   Linear) applied to the 3 × 256 concatenation (the summary does not say one token or three). No
   cross-attention to scene tokens (the summary mentions none; Vote2Cap-DETR's 128 nearest encoder tokens are
   replaced by the BiCA features). ``use_context=False`` is the paper's "V_o only" ablation (no context
-  queries, context decoder or BiCA module; the prefix projects V_o alone). Greedy decoding runs through the
-  shared ``KVCache`` (``generate``); beam search is not implemented.
+  queries, context decoder or BiCA module; the prefix projects V_o alone). Decoding runs through the shared
+  ``KVCache``: ``generate`` is greedy, or with ``num_beams=5`` the beam search of Vote2Cap-DETR's evaluation
+  (``generation_utils.beam_search_decode``, its quirks included: ``CaptionHead.beam_search``).
 - **Losses** (``set_criterion``, ``caption_loss``; [summary]: L = 10 · L_vote + 1 · Σ_layers L_det + 5 · L_cap;
   the terms are [Vote2Cap-DETR]'s ``config.py`` / ``criterion.py``): Hungarian matching on cost 1·(−p(class)) +
   2·(−GIoU) (scipy on the host via ``jaxformers.segmentation.matching.hungarian_match``), done **per decoder
@@ -98,7 +99,8 @@ Use (training and evaluation on generated rooms: ``train/dense_captioning.py``):
 
     model = jaxformers.create_model("bica_scanrefer")
     out = model.apply(variables, points)                        # points (B, N, 10), N >= 2048
-    captions = model.apply(variables, out["prefix"], method="generate")   # (B, 256, 32) token ids
+    captions = model.apply(variables, out["prefix"], method="generate")   # (B, 256, 32) token ids, greedy
+    captions = model.apply(variables, out["prefix"], num_beams=5, method="generate")   # Vote2Cap-DETR's beams
     loss, terms, assign = set_criterion(out, gt_center, gt_size, gt_class, gt_valid)
     logits = model.apply(variables, matched_prefix(out["prefix"], assign), gt_tokens, method="caption_logits")
     total = loss + LOSS_WEIGHTS["caption"] * caption_loss(logits, gt_tokens, gt_valid & (assign >= 0))
@@ -383,33 +385,76 @@ class CaptionHead(nn.Module):
             x, _ = block(x)
         return self._logits(x[:, p - 1:])
 
-    def generate(self, prefix: jax.Array, max_len: int) -> jax.Array:
-        """Greedy decoding through the KV cache: (R, P, D) -> (R, max_len) int32, padded with 0 after eos."""
+    def _step(self, x, start, caches):
+        """Positions ``start``.. of the sequence through the cached blocks: (logits of the last, caches)."""
+        x = x.astype(jnp.float32) + self._positions(start, x.shape[1])
+        new = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block(x, cache)
+            new.append(cache)
+        return self._logits(x[:, -1]), new
+
+    def _start(self, prefix: jax.Array, max_len: int):
+        """The prefix through empty caches of ``P + max_len`` positions: (logits of the first word, caches)."""
         r, p, _ = prefix.shape
         if p + max_len > self.max_positions:
             raise ValueError(f"a {p}-token prefix and {max_len} caption tokens exceed the captioner's "
                              f"{self.max_positions} positions")
         head_dim = self.dim // self.num_heads
-        caches = [init_kv_cache(r, p + max_len, self.num_heads, head_dim) for _ in self.blocks]
+        return self._step(prefix, 0, [init_kv_cache(r, p + max_len, self.num_heads, head_dim) for _ in self.blocks])
 
-        def run(x, start, caches):
-            x = x + self._positions(start, x.shape[1])
-            new = []
-            for block, cache in zip(self.blocks, caches):
-                x, cache = block(x, cache)
-                new.append(cache)
-            return self._logits(x[:, -1]), new
-
-        logits, caches = run(prefix.astype(jnp.float32), 0, caches)
+    def generate(self, prefix: jax.Array, max_len: int) -> jax.Array:
+        """Greedy decoding through the KV cache: (R, P, D) -> (R, max_len) int32, padded with 0 after eos."""
+        p = prefix.shape[1]
+        logits, caches = self._start(prefix, max_len)
         tok = jnp.argmax(logits, -1).astype(jnp.int32)
         out = [tok]
         done = tok == EOS_ID
         for t in range(1, max_len):  # unrolled: max_len is small (32) and each step is tiny
-            logits, caches = run(self.wte(tok)[:, None].astype(jnp.float32), p + t - 1, caches)
+            logits, caches = self._step(self.wte(tok)[:, None], p + t - 1, caches)
             tok = jnp.where(done, PAD_ID, jnp.argmax(logits, -1).astype(jnp.int32))
             out.append(tok)
             done = done | (tok == EOS_ID)
         return jnp.stack(out, 1)
+
+    def beam_search(self, prefix: jax.Array, max_len: int, num_beams: int) -> jax.Array:
+        """Vote2Cap-DETR's ``beam_search_decode`` (``models/captioner_dcc/generation_utils.py``, the
+        evaluation's ``--use_beam_search``, 5 beams) through the KV cache: (R, P, D) -> (R, max_len) int32,
+        padded with 0 after the first eos. Its rules, quirks included: the first word's ``num_beams`` beams
+        are the top logits, scored by a log-softmax over those ``num_beams`` logits only; later steps keep the
+        ``num_beams`` best (beam, word) pairs by summed log-probability; a beam that picks eos at step t
+        (t >= 1; an eos as the first word is not a finished caption) is finished with the score (its summed
+        log-probability) / (t + 1) and drops out; at the last step every beam is forced to eos; the caption is
+        the best-scoring finished beam."""
+        r, p, _ = prefix.shape
+        k, rows = num_beams, jnp.arange(r)
+        logits, caches = self._start(prefix, max_len)
+        top, words = jax.lax.top_k(logits, k)
+        scores = jax.nn.log_softmax(top, -1)
+        ids = jnp.zeros((r, k, max_len), jnp.int32).at[:, :, 0].set(words)
+        caches = [cache._replace(k=jnp.repeat(cache.k, k, 0), v=jnp.repeat(cache.v, k, 0)) for cache in caches]
+        best, best_ids = jnp.full((r,), -jnp.inf), ids[:, 0]
+        for t in range(1, max_len):
+            logits, caches = self._step(self.wte(words.reshape(-1))[:, None], p + t - 1, caches)
+            logp = jax.nn.log_softmax(logits.reshape(r, k, -1), -1)
+            if t < max_len - 1:
+                scores, pick = jax.lax.top_k((scores[..., None] + logp).reshape(r, -1), k)
+                beam, words = pick // logp.shape[-1], (pick % logp.shape[-1]).astype(jnp.int32)
+            else:  # the last step ends every beam
+                scores = scores + logp[..., EOS_ID]
+                beam, words = jnp.broadcast_to(jnp.arange(k), (r, k)), jnp.full((r, k), EOS_ID, jnp.int32)
+            ids = jnp.take_along_axis(ids, beam[..., None], 1).at[:, :, t].set(words)
+            flat = (rows[:, None] * k + beam).reshape(-1)
+            caches = [cache._replace(k=cache.k[flat], v=cache.v[flat]) for cache in caches]
+            finished = words == EOS_ID
+            final = jnp.where(finished, scores / (t + 1), -jnp.inf)
+            j = jnp.argmax(final, -1)
+            better = final[rows, j] > best
+            best = jnp.where(better, final[rows, j], best)
+            best_ids = jnp.where(better[:, None], ids[rows, j], best_ids)
+            scores = jnp.where(finished, -jnp.inf, scores)
+        is_eos = best_ids == EOS_ID
+        return jnp.where(jnp.cumsum(is_eos, -1) - is_eos > 0, PAD_ID, best_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +468,8 @@ class BiCA(nn.Module):
     (B, Q, 1)), ``aux_outputs`` (the same box predictions of every earlier decoder layer, for the per-layer
     losses), the caption ``prefix`` (B, Q, 1, caption_dim) and the intermediate geometry (``query_xyz``,
     ``seed_xyz``, ``vote_xyz``, ``context_xyz``, ``scene_min`` / ``scene_max``). Captions:
-    ``apply(..., method="caption_logits")`` (teacher forcing) or ``method="generate"`` (greedy)."""
+    ``apply(..., method="caption_logits")`` (teacher forcing) or ``method="generate"`` (greedy, or beam search with
+    ``num_beams``)."""
 
     in_features: int = 7
     num_classes: int = 18
@@ -589,13 +635,21 @@ class BiCA(nn.Module):
         logits = self.captioner(prefix.reshape((-1,) + prefix.shape[-2:]), tokens.reshape(-1, tokens.shape[-1]))
         return logits.reshape(lead + logits.shape[1:])
 
-    def generate(self, prefix: jax.Array, max_len: int | None = None) -> jax.Array:
-        """Greedy captions (..., max_len) for prefixes (..., P, caption_dim)."""
+    def generate(self, prefix: jax.Array, max_len: int | None = None, num_beams: int = 1) -> jax.Array:
+        """Captions (..., max_len) for prefixes (..., P, caption_dim): greedy, or with ``num_beams`` > 1
+        Vote2Cap-DETR's beam search (its evaluation uses 5 beams; ``CaptionHead.beam_search``)."""
         max_len = self.max_caption_len if max_len is None else max_len
         if max_len > self.max_caption_len:
             raise ValueError(f"max_len={max_len} exceeds the model's max_caption_len={self.max_caption_len}")
-        lead = prefix.shape[:-2]
-        out = self.captioner.generate(prefix.reshape((-1,) + prefix.shape[-2:]), max_len)
+        if num_beams < 1 or num_beams > self.vocab_size:
+            raise ValueError(f"num_beams must be in 1..{self.vocab_size} (the vocabulary), got {num_beams}")
+        if num_beams > 1 and max_len < 2:
+            raise ValueError(f"beam search needs max_len >= 2 (a word and the eos), got {max_len}")
+        lead, flat = prefix.shape[:-2], prefix.reshape((-1,) + prefix.shape[-2:])
+        if num_beams == 1:
+            out = self.captioner.generate(flat, max_len)
+        else:
+            out = self.captioner.beam_search(flat, max_len, num_beams)
         return out.reshape(lead + (max_len,))
 
 

@@ -16,8 +16,9 @@ import jaxformers as jf
 from jaxformers.layers.attention import MultiHeadAttention
 from jaxformers.models.bica import (BICA_NR3D_PARAMS, BICA_SCANREFER_PARAMS, EOS_ID, BiCAModule, caption_loss,
                                     layer_set_loss, matched_prefix, pairwise_iou_3d, set_criterion)
-from tests.helpers import assert_every_param_has_gradient, assert_sharded_forward_matches, fast_jit, numpy_variables
-from train.dense_captioning import fit
+from tests.helpers import (assert_every_param_has_gradient, assert_sharded_forward_matches, fast_jit, load_official,
+                           numpy_variables)
+from train.dense_captioning import evaluate, fit
 from train.scenes3d import VOCAB, Rooms, decode, encode
 
 TINY = dict(in_features=3, num_classes=3, dim=32, preenc_npoints=64, preenc_radius=0.4, preenc_nsample=8,
@@ -76,6 +77,103 @@ def test_output_shapes_and_cached_greedy_decoding(tiny):
         end = stop[0] + 1 if stop.size else 6
         np.testing.assert_array_equal(seq[:end], ref[:end])
         assert np.all(seq[end:] == 0)
+
+
+def _beam_reference(next_logits, k: int, max_len: int) -> list[int]:
+    """A plain reading of Vote2Cap-DETR's ``beam_search_decode`` for one prefix, without caches:
+    ``next_logits(beams)`` gives the next-word logits (len(beams), V) of each hypothesis (a list of words)."""
+    def log_softmax(x):
+        return x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True)) - x.max(-1, keepdims=True)
+
+    first = next_logits([[]])[0]
+    top = np.argsort(-first, kind="stable")[:k]
+    beams, scores = [[int(w)] for w in top], log_softmax(first[top])
+    best, best_seq = -np.inf, None
+    for t in range(1, max_len):
+        logp = log_softmax(next_logits(beams))
+        if t < max_len - 1:
+            cand = (scores[:, None] + logp).ravel()
+            pick = np.argsort(-cand, kind="stable")[:k]
+            beams, scores = [beams[i // logp.shape[1]] + [int(i % logp.shape[1])] for i in pick], cand[pick]
+        else:
+            beams, scores = [b + [EOS_ID] for b in beams], scores + logp[:, EOS_ID]
+        for b, score in zip(beams, scores):
+            if b[-1] == EOS_ID and score / (t + 1) > best:
+                best, best_seq = score / (t + 1), b
+        scores = np.where([b[-1] == EOS_ID for b in beams], -np.inf, scores)
+    end = best_seq.index(EOS_ID) + 1
+    return best_seq[:end] + [0] * (max_len - end)
+
+
+def _next_word_logits(model, variables, prefix, max_len):
+    """For one prefix (P, D): hypotheses (lists of words) -> their next-word logits, by teacher forcing."""
+    logits_fn = fast_jit(lambda v, p, t: model.apply(v, p, t, method="caption_logits"))
+
+    def next_logits(beams):
+        toks = np.array([b + [0] * (max_len - len(b)) for b in beams], np.int32)
+        out = np.asarray(logits_fn(variables, jnp.broadcast_to(prefix, (len(beams),) + prefix.shape), toks))
+        return out[np.arange(len(beams)), [len(b) for b in beams]].astype(np.float64)
+    return next_logits
+
+
+def _varied_captioner(variables):
+    """``variables`` with the captioner's word embedding redrawn (std 0.2, the eos row doubled): the untrained
+    captioner then ends its captions at different steps instead of repeating one word."""
+    params = jax.tree_util.tree_map(np.array, variables["params"])
+    embedding = params["captioner"]["wte"]["embedding"]
+    embedding[:] = 0.2 * np.random.default_rng(0).standard_normal(embedding.shape)
+    embedding[EOS_ID] *= 2.0
+    return {**variables, "params": params}
+
+
+def test_beam_search_follows_the_official_rules(tiny):
+    """``generate(num_beams=3)`` through the KV cache equals a plain reading of Vote2Cap-DETR's
+    ``beam_search_decode`` on teacher-forced logits (no cache), for every prefix, with captions that end after
+    one word for some prefixes and are forced to end at the last step for others."""
+    model, variables, _, out, _ = tiny
+    variables = _varied_captioner(variables)
+    prefix, max_len = out["prefix"][:2, :4], 8
+    beams = np.asarray(fast_jit(lambda v, p: model.apply(v, p, max_len, 3, method="generate"))(variables, prefix))
+    assert beams.shape == (2, 4, max_len)
+    flat = np.asarray(prefix).reshape((8,) + prefix.shape[2:])
+    for row, got in enumerate(beams.reshape(8, max_len)):
+        want = _beam_reference(_next_word_logits(model, variables, flat[row], max_len), 3, max_len)
+        np.testing.assert_array_equal(got, want)
+    assert {int(np.argmax(b == EOS_ID)) for b in beams.reshape(8, max_len)} == {1, max_len - 1}
+    with pytest.raises(ValueError, match="num_beams"):
+        model.apply(variables, prefix, max_len, 0, method="generate")
+
+
+def test_beam_search_equals_the_official_code(tiny):
+    """Against Vote2Cap-DETR's own ``beam_search_decode`` (PyTorch), driven by our captioner's logits."""
+    torch = pytest.importorskip("torch")
+    official = load_official("ch3cook-fdu+Vote2Cap-DETR", "models/captioner_dcc/generation_utils.py",
+                             "vote2cap_generation_utils")
+    model, variables, _, out, _ = tiny
+    variables = _varied_captioner(variables)
+    prefix, max_len = out["prefix"][:2, :4].reshape(8, 1, -1), 8
+    logits_fn = fast_jit(lambda v, p, t: model.apply(v, p, t, method="caption_logits"))
+    wte = torch.nn.Embedding.from_pretrained(torch.from_numpy(np.asarray(
+        variables["params"]["captioner"]["wte"]["embedding"])))
+
+    class Transformer:  # the Hugging Face GPT-2 surface the official function calls
+        transformer = type("GPT2", (), {"wte": wte})
+
+        def __call__(self, inputs_embeds, encoder_hidden_states=None):
+            embeds = jnp.asarray(inputs_embeds.numpy())  # (R, L, D): the whole sequence as the prefix
+            logits = logits_fn(variables, embeds, jnp.zeros((embeds.shape[0], 1), jnp.int32))
+            return type("Output", (), {"logits": torch.from_numpy(np.asarray(logits))})
+
+    ids = []
+    for row in np.asarray(prefix):
+        res = official.beam_search_decode(Transformer(), inputs_embeds=torch.from_numpy(row[None]), max_length=max_len,
+                                          num_beams=3, eos_token_id=EOS_ID, encoder_hidden_states=None)
+        seq = res["output_ids"][0].numpy()
+        end = int(np.argmax(seq == EOS_ID)) + 1
+        ids.append(np.concatenate([seq[:end], np.zeros(max_len - end, np.int64)]))
+    got = fast_jit(lambda v, p: model.apply(v, p, max_len, 3, method="generate"))(variables, prefix)
+    np.testing.assert_array_equal(np.asarray(got), np.stack(ids))
+    assert {int(np.argmax(seq == EOS_ID)) for seq in ids} == {1, max_len - 1}
 
 
 def test_bica_module_direction_and_formula():
@@ -171,7 +269,8 @@ def test_trains_on_generated_rooms(tiny):
     """jit + grad of the whole objective (Hungarian matching inside), 25 Adam steps on fresh
     rooms: every parameter has moved (Adam without weight decay moves exactly the entries that got a non-zero
     gradient) but the angle-class head (one angle bin: its cross-entropy is identically 0, as in the official
-    code on ScanNet), and the total, box (GIoU) and caption losses fall."""
+    code on ScanNet), and the total, box (GIoU) and caption losses fall; the m@kIoU evaluation runs on the
+    trained model with beam-search captions."""
     model, variables, _, _, _ = tiny
     trained, history = fit(model, variables, ROOMS, steps=25, batch=4, tx=optax.adam(3e-3), jit=fast_jit)
     moved = jax.tree_util.tree_map(lambda a, b: a - b, trained["params"], variables["params"])
@@ -180,6 +279,8 @@ def test_trains_on_generated_rooms(tiny):
     first, last = history[:4], history[-4:]
     for term in ("loss", "giou", "caption"):
         assert np.mean([h[term] for h in last]) < np.mean([h[term] for h in first]), term
+    scores = evaluate(model, trained, ROOMS.batch(2, seed=7), threshold=0.0, num_beams=2)  # every query kept
+    assert scores["kept_per_scene"] == 12 and 0 <= scores["mean_best_iou"] <= 1 and "cider@0.5" in scores
 
 
 def test_generated_rooms():
