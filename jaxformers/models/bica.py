@@ -681,8 +681,8 @@ def layer_set_loss(outputs: dict, scene_min: jax.Array, scene_max: jax.Array, gt
     logits = outputs["sem_cls_logits"].astype(jnp.float32)
     b, q, k1 = logits.shape
     prob = jax.nn.softmax(logits, -1)
-    cls_cost = -jnp.take_along_axis(prob, jnp.broadcast_to(jnp.maximum(gt_class, 0)[:, None], (b, q) + gt_class.shape[1:]),
-                                    -1)
+    gt_index = jnp.broadcast_to(jnp.maximum(gt_class, 0)[:, None], (b, q) + gt_class.shape[1:])
+    cls_cost = -jnp.take_along_axis(prob, gt_index, -1)
     giou = pairwise_iou_3d(outputs["center"], outputs["size"], gt_center, gt_size, generalized=True)
     cost = MATCH_COST["cls"] * cls_cost + MATCH_COST["giou"] * -giou
     assign = hungarian_match(cost, gt_valid)
