@@ -420,7 +420,7 @@ class CaptionHead(nn.Module):
     def beam_search(self, prefix: jax.Array, max_len: int, num_beams: int) -> jax.Array:
         """Vote2Cap-DETR's ``beam_search_decode`` (``models/captioner_dcc/generation_utils.py``, the
         evaluation's ``--use_beam_search``, 5 beams) through the KV cache: (R, P, D) -> (R, max_len) int32,
-        padded with 0 after the first eos. Its rules, quirks included: the first word's ``num_beams`` beams
+        padded with 0 after the first eos (where the official tokenizer's ``decode`` stops reading). Its rules, quirks included: the first word's ``num_beams`` beams
         are the top logits, scored by a log-softmax over those ``num_beams`` logits only; later steps keep the
         ``num_beams`` best (beam, word) pairs by summed log-probability; a beam that picks eos at step t
         (t >= 1; an eos as the first word is not a finished caption) is finished with the score (its summed
