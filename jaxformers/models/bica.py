@@ -116,6 +116,7 @@ import numpy as np
 
 from jaxformers.layers.attention import MultiHeadAttention, init_kv_cache
 from jaxformers.layers.linear import Dense, logical
+from jaxformers.layers.mlp import Mlp
 from jaxformers.layers.norm import BatchNorm, LayerNorm
 from jaxformers.layers.pointnet import SetAbstraction, farthest_point_sample
 from jaxformers.registry import ModelInfo, register_model
@@ -194,21 +195,6 @@ class GenericMLP(nn.Module):
         return nn.relu(x) if self.out_act else x
 
 
-class FFN(nn.Module):
-    hidden: int
-    dropout: float = 0.0
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        dim = x.shape[-1]
-        h = nn.relu(Dense(self.hidden, axes=("embed", "mlp"), name="fc1", **kw)(x))
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        return Dense(dim, axes=("mlp", "embed"), name="fc2", **kw)(h)
-
-
 class EncoderLayer(nn.Module):
     """3DETR's pre-norm ``TransformerEncoderLayer`` (no position embedding in the masked encoder)."""
 
@@ -226,7 +212,7 @@ class EncoderLayer(nn.Module):
         x = x + drop(MultiHeadAttention(self.num_heads, attention_dropout=self.dropout, name="self_attn", **kw)(
             y, mask=mask, train=train))
         y = LayerNorm(1e-5, name="norm2", **kw)(x)
-        return x + drop(FFN(self.ffn_dim, self.dropout, name="ffn", **kw)(y, train))
+        return x + Mlp(self.ffn_dim, activation=nn.relu, dropout=self.dropout, name="ffn", **kw)(y, train=train)
 
 
 class DecoderLayer(nn.Module):
@@ -250,7 +236,7 @@ class DecoderLayer(nn.Module):
         x = x + drop(MultiHeadAttention(self.num_heads, name="cross_attn", **attn)(
             y + pos, memory + memory_pos, value=memory, train=train))
         y = LayerNorm(1e-5, name="norm3", **kw)(x)
-        return x + drop(FFN(self.ffn_dim, self.dropout, name="ffn", **kw)(y, train))
+        return x + Mlp(self.ffn_dim, activation=nn.relu, dropout=self.dropout, name="ffn", **kw)(y, train=train)
 
 
 class TransformerDecoder(nn.Module):
