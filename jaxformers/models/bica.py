@@ -119,6 +119,7 @@ from jaxformers.layers.linear import Dense, logical
 from jaxformers.layers.mlp import Mlp
 from jaxformers.layers.norm import BatchNorm, LayerNorm
 from jaxformers.layers.pointnet import SetAbstraction, farthest_point_sample
+from jaxformers.models.gpt import DecoderLayer as GPT2Block
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
 
@@ -309,30 +310,6 @@ def sinusoid_table(length: int, dim: int) -> np.ndarray:
     return table
 
 
-class CaptionBlock(nn.Module):
-    """GPT-2 block: x + causal attention(LN(x)), x + MLP(LN(x)) (4x, tanh-GELU); one cached decoding step
-    when ``cache`` is given."""
-
-    num_heads: int
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, cache=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = MultiHeadAttention(self.num_heads, causal=True, name="attn", **kw)
-        y = LayerNorm(1e-5, name="ln_1", **kw)(x)
-        if cache is None:
-            x = x + attn(y)
-        else:
-            y, cache = attn(y, cache=cache)
-            x = x + y
-        y = LayerNorm(1e-5, name="ln_2", **kw)(x)
-        h = nn.gelu(Dense(4 * x.shape[-1], axes=("embed", "mlp"), name="fc", **kw)(y), approximate=True)
-        x = x + Dense(x.shape[-1], axes=("mlp", "embed"), name="proj", **kw)(h)
-        return x, cache
-
-
 class CaptionHead(nn.Module):
     """Vote2Cap-DETR's GPT-2 captioner on a prefix of visual tokens (tied input / output embedding)."""
 
@@ -348,7 +325,8 @@ class CaptionHead(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.wte = nn.Embed(self.vocab_size, self.dim, embedding_init=logical(nn.initializers.normal(0.02),
                                                                                ("vocab", "embed")), **kw)
-        self.blocks = [CaptionBlock(self.num_heads, **kw) for _ in range(self.depth)]
+        # GPT-2 blocks (pre-LN, causal attention, 4x tanh-GELU MLP), without GPT-2's dropout (see Deviations)
+        self.blocks = [GPT2Block(self.num_heads, 4 * self.dim, dropout=0.0, **kw) for _ in range(self.depth)]
         self.ln_f = LayerNorm(1e-5, **kw)
 
     def _positions(self, start, length):
@@ -368,7 +346,7 @@ class CaptionHead(nn.Module):
         x = jnp.concatenate([prefix.astype(jnp.float32), self.wte(tokens[:, :-1]).astype(jnp.float32)], 1)
         x = x + self._positions(0, p + length - 1)
         for block in self.blocks:
-            x, _ = block(x)
+            x = block(x)
         return self._logits(x[:, p - 1:])
 
     def _step(self, x, start, caches):
@@ -376,7 +354,7 @@ class CaptionHead(nn.Module):
         x = x.astype(jnp.float32) + self._positions(start, x.shape[1])
         new = []
         for block, cache in zip(self.blocks, caches):
-            x, cache = block(x, cache)
+            x, cache = block(x, cache=cache)
             new.append(cache)
         return self._logits(x[:, -1]), new
 

@@ -128,8 +128,8 @@ def _varied_captioner(variables):
 
 def test_beam_search_follows_the_official_rules(tiny):
     """``generate(num_beams=3)`` through the KV cache equals a plain reading of Vote2Cap-DETR's
-    ``beam_search_decode`` on teacher-forced logits (no cache), for every prefix, with captions that end after
-    one word for some prefixes and are forced to end at the last step for others."""
+    ``beam_search_decode`` on teacher-forced logits (no cache), for every prefix, with captions that end on
+    their own (eos chosen at step 6) for some prefixes and are forced to end at the last step for others."""
     model, variables, _, out, _ = tiny
     variables = _varied_captioner(variables)
     prefix, max_len = out["prefix"][:2, :4], 8
@@ -139,7 +139,7 @@ def test_beam_search_follows_the_official_rules(tiny):
     for row, got in enumerate(beams.reshape(8, max_len)):
         want = _beam_reference(_next_word_logits(model, variables, flat[row], max_len), 3, max_len)
         np.testing.assert_array_equal(got, want)
-    assert {int(np.argmax(b == EOS_ID)) for b in beams.reshape(8, max_len)} == {1, max_len - 1}
+    assert {int(np.argmax(b == EOS_ID)) for b in beams.reshape(8, max_len)} == {6, max_len - 1}
     with pytest.raises(ValueError, match="num_beams"):
         model.apply(variables, prefix, max_len, 0, method="generate")
 
@@ -173,7 +173,7 @@ def test_beam_search_equals_the_official_code(tiny):
         ids.append(np.concatenate([seq[:end], np.zeros(max_len - end, np.int64)]))
     got = fast_jit(lambda v, p: model.apply(v, p, max_len, 3, method="generate"))(variables, prefix)
     np.testing.assert_array_equal(np.asarray(got), np.stack(ids))
-    assert {int(np.argmax(seq == EOS_ID)) for seq in ids} == {1, max_len - 1}
+    assert {int(np.argmax(seq == EOS_ID)) for seq in ids} == {6, max_len - 1}
 
 
 def test_bica_module_direction_and_formula():
