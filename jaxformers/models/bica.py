@@ -119,6 +119,7 @@ from jaxformers.layers.linear import Dense, logical
 from jaxformers.layers.mlp import Mlp
 from jaxformers.layers.norm import BatchNorm, LayerNorm
 from jaxformers.layers.pointnet import SetAbstraction, farthest_point_sample
+from jaxformers.layers.pos_embed import sincos_1d
 from jaxformers.models.gpt import DecoderLayer as GPT2Block
 from jaxformers.registry import ModelInfo, register_model
 from jaxformers.sharding import constrain
@@ -302,12 +303,10 @@ class BiCAModule(nn.Module):
 
 
 def sinusoid_table(length: int, dim: int) -> np.ndarray:
-    """Vote2Cap-DETR's ``position_embedding``: sin on even, cos on odd channels (frozen)."""
-    pos = np.arange(length)[:, None]
-    div = np.exp(np.arange(0, dim, 2) * -(np.log(10000.0) / dim))
-    table = np.zeros((length, dim), np.float32)
-    table[:, 0::2], table[:, 1::2] = np.sin(pos * div), np.cos(pos * div)
-    return table
+    """Vote2Cap-DETR's ``position_embedding``: the Transformer sinusoids (``sincos_1d``) with sin on even and cos
+    on odd channels (frozen)."""
+    sin, cos = np.split(sincos_1d(length, dim), 2, axis=1)
+    return np.stack([sin, cos], -1).reshape(length, dim)
 
 
 class CaptionHead(nn.Module):
