@@ -7,9 +7,9 @@ and the teacher-forced caption cross-entropy of the queries the last layer match
 Vote2Cap-DETR's captioner), AdamW with global-norm clipping (Vote2Cap-DETR: lr 5e-4 cosine, weight decay
 0.1, clip 0.1 on its 1080-epoch schedule; the defaults here suit a few hundred steps on a CPU).
 
-``evaluate`` decodes greedy captions for the queries with objectness > 0.5 and scores them with the
-m@kIoU protocol (``jaxformers.metrics.captioning.dense_caption_scores``), plus the mean best IoU of the
-annotated objects.
+``evaluate`` decodes captions (greedy, or beam search with ``num_beams``) for the queries with objectness
+> 0.5 and scores them with the m@kIoU protocol (``jaxformers.metrics.captioning.dense_caption_scores``), plus
+the mean best IoU of the annotated objects.
 
 Run: ``PYTHONPATH=. python -m train.dense_captioning --steps 300`` (prints the losses and the metrics of
 the untrained and trained model on the same held-out rooms; ``--no-context``: the "V_o only" ablation
